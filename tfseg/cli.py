@@ -48,6 +48,17 @@ def cli(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+# --- sample/convert commands (owned by the sample/convert stage) ---
+
+# --- fit commands (owned by the fit stage) ---
+
+# --- evaluate commands (owned by the evaluate stage) ---
+
+# --- export/predict commands (owned by the export/predict stage) ---
+
+# --- run/demo commands (owned by the run/demo stage) ---
+
+
 def main() -> None:
     cli(prog_name="tfseg")
 

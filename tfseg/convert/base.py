@@ -125,6 +125,12 @@ class Layout:
         """Loads one case as Loaded2D or Loaded3D; raises BadCase for unreadable inputs."""
         raise NotImplementedError
 
+    @classmethod
+    def make_sample(cls, output: str, count: int, seed: int = 0) -> None:
+        """Writes ``count`` synthetic cases in this layout's original file formats to ``output``,
+        with shapes a model can learn (``tfseg sample``; used by tests and the demo)."""
+        raise NotImplementedError
+
 
 def hash_fraction(key: str) -> float:
     """A stable number in [0, 1) from a string: the same on every machine, Python and run."""
@@ -164,3 +170,8 @@ def assign_split(case: Case, spec: list[tuple[str, float]]) -> str:
         if x < acc:
             return name
     return spec[-1][0]
+
+
+def make_sample_for(layout_cls, output: str, count: int, seed: int = 0) -> None:
+    """Writes a small synthetic dataset in ``layout_cls``'s original layout (see Layout.make_sample)."""
+    layout_cls.make_sample(output, count=count, seed=seed)

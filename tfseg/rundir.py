@@ -1,0 +1,58 @@
+"""The fit stage's output directory (RUN_DIR): the contract read by evaluate, export and predict.
+
+    RUN_DIR/
+      run.json               the resolved fit config plus the dataset facts a model needs
+                             (ndim, channels, num_classes, class_names, ignore_index, regions,
+                             image_size or patch_size, binary); written before training starts
+      model.keras            the final model (best by validation metric when there is one);
+                             its presence means the fit is complete
+      checkpoints/best.keras, checkpoints/last.keras
+      backup/                Keras BackupAndRestore state (resume after a crash)
+      history.csv            one row per finished epoch
+      logs/                  TensorBoard
+
+Model contract (every tfseg model): input float32 images in the source value range (2D: 0..255
+RGB/gray, 3D: the z-scored volume from conversion), normalization inside the model; output
+float32 probabilities, (B, H, W, 1) sigmoid for binary tasks or (B, H, W, K) softmax
+(3D: (B, D, H, W, ...)).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tfseg.errors import TfsegError
+
+RUN_JSON = "run.json"
+MODEL_FILE = "model.keras"
+HISTORY_CSV = "history.csv"
+
+
+def load_run_config(run_dir: str) -> dict:
+    """Reads RUN_DIR/run.json.
+
+    Raises:
+      TfsegError: not a tfseg run directory.
+    """
+    path = os.path.join(run_dir, RUN_JSON)
+    if not os.path.isfile(path):
+        raise TfsegError(f"{run_dir}: no {RUN_JSON}; is this a `tfseg fit` output directory?")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_model(run_dir: str, which: str = MODEL_FILE):
+    """Loads the trained Keras model of a run (TensorFlow imported here).
+
+    Raises:
+      TfsegError: the run has no finished model.
+    """
+    path = os.path.join(run_dir, which)
+    if not os.path.isfile(path):
+        raise TfsegError(f"{run_dir}: no {which}; the fit did not finish (re-run `tfseg fit` to resume)")
+    import keras
+
+    import tfseg.models  # noqa: F401  registers tfseg's custom layers and losses for deserialization
+
+    return keras.saving.load_model(path, compile=False)
