@@ -171,7 +171,3 @@ def assign_split(case: Case, spec: list[tuple[str, float]]) -> str:
             return name
     return spec[-1][0]
 
-
-def make_sample_for(layout_cls, output: str, count: int, seed: int = 0) -> None:
-    """Writes a small synthetic dataset in ``layout_cls``'s original layout (see Layout.make_sample)."""
-    layout_cls.make_sample(output, count=count, seed=seed)
