@@ -59,6 +59,54 @@ def cli(verbose: bool) -> None:
 # --- run/demo commands (owned by the run/demo stage) ---
 
 
+def _echo_stage(stage: str, skipped: bool) -> None:
+    click.secho(f"==> {stage}" + (" (complete output exists, skipped)" if skipped else ""), bold=True)
+
+
+def _echo_summary(summary: dict) -> None:
+    """The end of `tfseg run` / `tfseg demo`: headline metrics, where the report and the model are."""
+    metrics = summary.get("metrics") or {}
+    headline = metrics.get("headline") or {}
+    if headline:
+        click.echo("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in headline.items()
+                                           if isinstance(v, (int, float))))
+    if summary.get("report"):
+        click.echo(f"report:  {summary['report']}")
+    if summary.get("export"):
+        click.echo(f"export:  {summary['export']}  (serve it with tensorflow/serving; see its README.md)")
+
+
+@cli.command("run")
+@click.argument("pipeline")
+@click.option("--input", "input_dir", required=True, type=click.Path(), help="Raw dataset in its original layout.")
+@click.option("--workdir", required=True, type=click.Path(), help="Where every stage writes; re-running resumes.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a pipeline key, e.g. fit.epochs=5.")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(["convert", "fit", "evaluate", "export"]),
+              help="Run only these stages (default: all, in order).")
+def run_cmd(pipeline, input_dir, workdir, overrides, stages):
+    """Run PIPELINE (a shipped name like `carvana`, or a YAML file): convert -> fit -> evaluate -> export."""
+    from tfseg.pipeline import STAGES, load_pipeline, run_pipeline
+
+    cfg = load_pipeline(pipeline, overrides)
+    if not os.path.isdir(input_dir):
+        raise TfsegError(f"{input_dir}: input directory not found")
+    summary = run_pipeline(cfg, input_dir, workdir, stages=stages or STAGES, on_stage=_echo_stage)
+    _echo_summary(summary)
+
+
+@cli.command("demo")
+@click.option("--workdir", default="tfseg-demo", show_default=True, type=click.Path(),
+              help="Where the generated data and every stage's output go; re-running resumes.")
+@click.option("--pipeline", default="carvana", show_default=True, help="Which pipeline to demo.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a pipeline key.")
+def demo_cmd(workdir, pipeline, overrides):
+    """Generate Carvana-layout sample data and run the carvana pipeline end to end on the CPU."""
+    from tfseg.pipeline import run_demo
+
+    summary = run_demo(workdir, pipeline=pipeline, overrides=overrides, on_stage=_echo_stage)
+    _echo_summary(summary)
+
+
 def main() -> None:
     cli(prog_name="tfseg")
 

@@ -56,3 +56,141 @@ def per_class_dice(cm: np.ndarray) -> np.ndarray:
 def nanmean(x) -> float:
     x = np.asarray(x, dtype=np.float64)
     return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-image means (the seeds' definition), binary and region scores, surface distances.
+# --------------------------------------------------------------------------------------------
+
+
+def images_with_class(cms: np.ndarray) -> np.ndarray:
+    """(K,) int64: how many images contain each class in their truth.
+
+    Args:
+      cms: (N, K, K) per-image confusion matrices.
+    """
+    cms = np.asarray(cms)
+    return (cms.sum(axis=2) > 0).sum(axis=0).astype(np.int64)
+
+
+def per_image_class_mean(cms: np.ndarray, metric) -> np.ndarray:
+    """The seeds' per-image mean of a per-class metric.
+
+    For each class: the sum of the per-image metric over the images whose truth contains the
+    class, divided by the number of such images. Images without the class in their truth are
+    skipped (as the seeds do), so a false positive on such an image costs nothing here; the
+    dataset-level scores do count it. Where an image contains the class but the metric is
+    undefined (precision when the class is never predicted), it counts as 0.
+
+    Args:
+      cms: (N, K, K) per-image confusion matrices.
+      metric: a per-class function of one confusion matrix, e.g. :func:`per_class_iou`.
+
+    Returns:
+      (K,) float64; NaN for classes no image contains.
+    """
+    cms = np.asarray(cms)
+    k = cms.shape[-1]
+    total = np.zeros(k)
+    for cm in cms:
+        present = cm.sum(axis=1) > 0
+        total += np.where(present, np.nan_to_num(metric(cm), nan=0.0), 0.0)
+    return _ratio(total, images_with_class(cms))
+
+
+def binary_jaccard(cm: np.ndarray) -> float:
+    """Foreground (class 1) Jaccard of one image's 2x2 confusion matrix; 1.0 when truth and
+    prediction are both empty (nothing to find, nothing found)."""
+    tp, fp, fn = cm[1, 1], cm[0, 1], cm[1, 0]
+    union = tp + fp + fn
+    return 1.0 if union == 0 else float(tp / union)
+
+
+def binary_dice(cm: np.ndarray) -> float:
+    """Foreground Dice of one image's 2x2 confusion matrix; 1.0 when both are empty."""
+    tp, fp, fn = cm[1, 1], cm[0, 1], cm[1, 0]
+    den = 2 * tp + fp + fn
+    return 1.0 if den == 0 else float(2 * tp / den)
+
+
+def thresholded_jaccard(jaccards, threshold: float = 0.65) -> float:
+    """ISIC 2018's score: the mean of per-image Jaccard indices, each below ``threshold`` set to 0."""
+    j = np.asarray(jaccards, dtype=np.float64)
+    if j.size == 0:
+        return float("nan")
+    return float(np.mean(np.where(j < threshold, 0.0, j)))
+
+
+def mask_dice(truth, pred) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty."""
+    t, p = np.asarray(truth, bool), np.asarray(pred, bool)
+    den = t.sum() + p.sum()
+    return 1.0 if den == 0 else float(2 * np.logical_and(t, p).sum() / den)
+
+
+def surface(mask) -> np.ndarray:
+    """The voxels of a boolean mask that touch its outside (6-connectivity in 3D, 4 in 2D).
+
+    Voxels on the array's border count as surface: outside the array is outside the mask.
+    """
+    from scipy import ndimage
+
+    m = np.asarray(mask, bool)
+    structure = ndimage.generate_binary_structure(m.ndim, 1)
+    return m & ~ndimage.binary_erosion(m, structure=structure, border_value=0)
+
+
+def _directed_surface_distances(src: np.ndarray, dst: np.ndarray, spacing) -> np.ndarray:
+    """Distances in mm from every voxel of surface ``src`` to the nearest voxel of surface ``dst``."""
+    from scipy import ndimage
+
+    # The EDT of "not dst" gives, at every voxel, the exact Euclidean distance to the nearest
+    # dst voxel, in physical units through `sampling`.
+    dist = ndimage.distance_transform_edt(~dst, sampling=spacing)
+    return dist[src]
+
+
+def hausdorff_distance(truth, pred, spacing=None, percentile: float = 95.0) -> float:
+    """Symmetric percentile Hausdorff distance between the surfaces of two boolean masks, in mm.
+
+    The larger of the two directed ``percentile``-th percentiles of surface-to-surface
+    distances (truth -> prediction and prediction -> truth), as MONAI and medpy compute HD95.
+    ``percentile=100`` gives the classic Hausdorff distance.
+
+    Empty-set conventions (the BraTS challenge's):
+      - both masks empty: 0.0 (nothing to find and nothing found);
+      - exactly one empty: the diagonal of the whole array in mm (the largest distance
+        possible inside it; 373.13 mm for BraTS's 240x240x155 volumes at 1 mm).
+
+    Args:
+      truth, pred: boolean masks of equal shape (D, H, W) or (H, W).
+      spacing: voxel size in mm per axis; 1 mm when None.
+      percentile: 0..100.
+
+    Returns:
+      float, in the units of ``spacing``.
+    """
+    t, p = np.asarray(truth, bool), np.asarray(pred, bool)
+    if t.shape != p.shape:
+        raise ValueError(f"truth shape {t.shape} != prediction shape {p.shape}")
+    spacing = np.ones(t.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    t_any, p_any = t.any(), p.any()
+    if not t_any and not p_any:
+        return 0.0
+    if not t_any or not p_any:
+        return float(np.sqrt(np.sum((np.array(t.shape) * spacing) ** 2)))
+    # Crop to the union's bounding box plus one voxel: the surfaces and the distances between
+    # them are unchanged, and the distance transforms shrink from the whole volume to the tumour.
+    union = np.argwhere(t | p)
+    lo = np.maximum(union.min(0) - 1, 0)
+    hi = np.minimum(union.max(0) + 2, t.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    st, sp = surface(t[box]), surface(p[box])
+    d_tp = _directed_surface_distances(st, sp, spacing)
+    d_pt = _directed_surface_distances(sp, st, spacing)
+    return float(max(np.percentile(d_tp, percentile), np.percentile(d_pt, percentile)))
+
+
+def hd95(truth, pred, spacing=None) -> float:
+    """95th-percentile Hausdorff distance in mm; see :func:`hausdorff_distance` for conventions."""
+    return hausdorff_distance(truth, pred, spacing, percentile=95.0)

@@ -1,0 +1,209 @@
+"""``tfseg run``: convert -> fit -> evaluate -> export for one pipeline, resumable stage by stage.
+
+A pipeline is a YAML file (``pipelines/NAME.yaml``, installed as ``tfseg.pipelines``) with a
+``dataset`` layout name and one section per stage. Each stage writes to a fixed place under the
+work directory and is skipped when its complete output is already there, so re-running an
+interrupted pipeline picks up where it stopped::
+
+    WORKDIR/data/     convert   complete when dataset.json exists
+    WORKDIR/run/      fit       complete when model.keras exists (an unfinished fit resumes)
+    WORKDIR/eval/     evaluate  complete when metrics.json exists
+    WORKDIR/export/   export    complete when export/NAME/ holds a version
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import logging
+import os
+from typing import Callable, Iterable
+
+from tfseg import config as config_lib
+from tfseg.errors import TfsegError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("convert", "fit", "evaluate", "export")
+_CONVERT_KEYS = {"split", "image_size", "num_shards", "compression", "strict"}
+
+
+def pipeline_names() -> list[str]:
+    """Names of the pipelines shipped with tfseg."""
+    files = importlib.resources.files("tfseg.pipelines")
+    return sorted(p.name[: -len(".yaml")] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_pipeline(name_or_path: str, overrides: Iterable[str] = ()) -> dict:
+    """Loads a shipped pipeline by name, or a YAML file by path, and applies ``--set`` overrides.
+
+    Raises:
+      TfsegError: unknown name, unreadable file, or a file without ``dataset``.
+    """
+    if os.path.isfile(name_or_path):
+        cfg = config_lib.load_config(name_or_path)
+        source = os.path.abspath(name_or_path)
+    else:
+        if name_or_path not in pipeline_names():
+            raise TfsegError(
+                f"{name_or_path}: neither a pipeline file nor a shipped pipeline "
+                f"({', '.join(pipeline_names())})"
+            )
+        resource = importlib.resources.files("tfseg.pipelines") / f"{name_or_path}.yaml"
+        with importlib.resources.as_file(resource) as path:
+            cfg = config_lib.load_config(str(path))
+        source = f"tfseg.pipelines/{name_or_path}.yaml"
+    cfg = config_lib.apply_overrides(cfg, overrides)
+    if not cfg.get("dataset"):
+        raise TfsegError(f"{source}: a pipeline needs a `dataset:` layout name")
+    cfg["source"] = source
+    return cfg
+
+
+def stage_paths(workdir: str, cfg: dict) -> dict[str, str]:
+    export_name = (cfg.get("export") or {}).get("name") or cfg["dataset"]
+    return {
+        "data": os.path.join(workdir, "data"),
+        "run": os.path.join(workdir, "run"),
+        "eval": os.path.join(workdir, "eval"),
+        "export": os.path.join(workdir, "export"),
+        "export_model": os.path.join(workdir, "export", export_name),
+    }
+
+
+def _stage_done(stage: str, paths: dict[str, str]) -> bool:
+    if stage == "convert":
+        return os.path.isfile(os.path.join(paths["data"], "dataset.json"))
+    if stage == "fit":
+        return os.path.isfile(os.path.join(paths["run"], "model.keras"))
+    if stage == "evaluate":
+        return os.path.isfile(os.path.join(paths["eval"], "metrics.json"))
+    if stage == "export":
+        d = paths["export_model"]
+        return os.path.isdir(d) and any(v.isdigit() for v in os.listdir(d))
+    raise ValueError(stage)
+
+
+def run_pipeline(
+    cfg: dict,
+    input_dir: str,
+    workdir: str,
+    *,
+    stages: Iterable[str] = STAGES,
+    on_stage: Callable[[str, bool], None] | None = None,
+) -> dict:
+    """Runs the pipeline's stages in order, skipping those whose complete output exists.
+
+    Args:
+      cfg: a loaded pipeline (:func:`load_pipeline`).
+      input_dir: the raw dataset in its original layout.
+      workdir: where every stage writes (see the module docstring).
+      stages: the stages to run, in pipeline order.
+      on_stage: called as ``on_stage(stage, skipped)`` before each stage (the CLI prints it).
+
+    Returns:
+      A summary: the stage paths, the evaluation metrics and the export version directory.
+    """
+    workdir = os.path.abspath(workdir)
+    paths = stage_paths(workdir, cfg)
+    wanted = [s for s in STAGES if s in set(stages)]
+    summary: dict = {"workdir": workdir, "paths": paths, "skipped": []}
+    for stage in wanted:
+        done = _stage_done(stage, paths)
+        if on_stage:
+            on_stage(stage, done)
+        if done:
+            log.info("%s: complete output exists, skipping", stage)
+            summary["skipped"].append(stage)
+            continue
+        getattr(_Stages, stage)(cfg, input_dir, paths)
+    if os.path.isfile(os.path.join(paths["eval"], "metrics.json")):
+        import json
+
+        with open(os.path.join(paths["eval"], "metrics.json")) as f:
+            summary["metrics"] = json.load(f)
+        summary["report"] = os.path.join(paths["eval"], "report.md")
+    if os.path.isdir(paths["export_model"]):
+        versions = sorted((v for v in os.listdir(paths["export_model"]) if v.isdigit()), key=int)
+        if versions:
+            summary["export"] = os.path.join(paths["export_model"], versions[-1])
+    return summary
+
+
+class _Stages:
+    """One static method per stage: translate the pipeline section into the stage's call."""
+
+    @staticmethod
+    def convert(cfg: dict, input_dir: str, paths: dict) -> None:
+        from tfseg.convert.pipeline import run_convert
+
+        section = dict(cfg.get("convert") or {})
+        kwargs = {k: section.pop(k) for k in list(section) if k in _CONVERT_KEYS}
+        if kwargs.get("image_size") is not None:
+            kwargs["image_size"] = config_lib.parse_size(kwargs["image_size"])
+        run_convert(
+            cfg["dataset"], input_dir, paths["data"], layout_options=section,
+            beam_args=list(cfg.get("beam_args") or []), **kwargs,
+        )
+
+    @staticmethod
+    def fit(cfg: dict, input_dir: str, paths: dict) -> None:
+        from tfseg.train import run_fit
+
+        fit_cfg = copy.deepcopy(cfg.get("fit") or {})
+        fit_cfg.update(data=paths["data"], output=paths["run"])
+        run_fit(fit_cfg)
+
+    @staticmethod
+    def evaluate(cfg: dict, input_dir: str, paths: dict) -> None:
+        from tfseg.evaluate import run_evaluate
+
+        section = cfg.get("evaluate") or {}
+        run_evaluate(
+            paths["run"], paths["data"], split=section.get("split", "test"), output=paths["eval"],
+            num_samples=int(section.get("samples", 8)), tile=bool(section.get("tile", False)),
+        )
+
+    @staticmethod
+    def export(cfg: dict, input_dir: str, paths: dict) -> None:
+        from tfseg.export import run_export
+
+        section = cfg.get("export") or {}
+        run_export(paths["run"], paths["export"], section.get("name") or cfg["dataset"])
+
+
+def demo_overrides(cfg: dict) -> list[str]:
+    """The pipeline's ``demo.set`` entries as ``key=value`` overrides."""
+    import yaml
+
+    sets = (cfg.get("demo") or {}).get("set") or {}
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in sets.items()]
+
+
+def run_demo(
+    workdir: str,
+    *,
+    pipeline: str = "carvana",
+    overrides: Iterable[str] = (),
+    on_stage: Callable[[str, bool], None] | None = None,
+) -> dict:
+    """Generates sample data for ``pipeline`` and runs it end to end at the demo size.
+
+    Everything lands under ``workdir`` (``raw/`` for the generated dataset, then the stage
+    directories). Re-running resumes.
+    """
+    from tfseg.convert import get_layout_class
+
+    base = load_pipeline(pipeline)
+    cfg = load_pipeline(pipeline, [*demo_overrides(base), *overrides])
+    raw = os.path.join(os.path.abspath(workdir), "raw")
+    count = int((cfg.get("demo") or {}).get("sample_count", 32))
+    if not os.path.isfile(os.path.join(raw, ".complete")):
+        if on_stage:
+            on_stage("sample", False)
+        get_layout_class(cfg["dataset"]).make_sample(raw, count=count, seed=0)
+        open(os.path.join(raw, ".complete"), "w").close()
+    elif on_stage:
+        on_stage("sample", True)
+    return run_pipeline(cfg, raw, workdir, on_stage=on_stage)
