@@ -141,3 +141,12 @@ def test_scoring_hand_computed():
     cm = scoring.confusion_matrix([[0, 255]], [[2, 1]], num_classes=3, ignore_index=255)
     assert cm.sum() == 1 and cm[0, 2] == 1
     assert np.isnan(scoring.per_class_iou(cm)[1])
+
+
+def test_published_outputs_get_normal_permissions(tmp_path):
+    with io_utils.atomic_output_dir(str(tmp_path / "o")) as tmp:
+        io_utils.atomic_write_text(os.path.join(tmp, "a.json"), "{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (os.stat(tmp_path / "o").st_mode & 0o777) == 0o777 & ~mask
+    assert (os.stat(tmp_path / "o" / "a.json").st_mode & 0o777) == 0o666 & ~mask

@@ -36,6 +36,7 @@ def atomic_output_dir(final: str, *, overwrite: bool = False, complete_marker: s
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
     try:
         yield tmp
     except BaseException:
@@ -50,6 +51,12 @@ def atomic_output_dir(final: str, *, overwrite: bool = False, complete_marker: s
         os.rename(tmp, final)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file and an atomic rename."""
     d = os.path.dirname(os.path.abspath(path))
@@ -58,6 +65,7 @@ def atomic_write_text(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

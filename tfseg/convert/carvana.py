@@ -1,0 +1,186 @@
+"""Kaggle Carvana Image Masking: ``train/*.jpg`` + ``train_masks/*_mask.gif`` (1918x1280, binary).
+
+When the GIFs are absent, masks come from ``train_masks.csv`` (``img,rle_mask``; run-length
+pairs ``start length``, 1-based, over the row-major flattened 1280x1918 mask, as in the
+competition's own file). Each car has 16 views ``<car id>_01.jpg`` .. ``_16.jpg``; the car id is
+the split group, so no car straddles train and validation.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+import os
+
+import numpy as np
+
+from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, read_binary_mask, read_image
+from tfseg.errors import TfsegError
+
+log = logging.getLogger(__name__)
+
+IMAGE_DIRS = ("train", "train_hq")
+MASK_DIR = "train_masks"
+MASK_CSV = "train_masks.csv"
+
+
+def rle_encode(mask: np.ndarray) -> str:
+    """(H, W) {0, 1} -> ``"start length ..."`` (1-based, row-major), Carvana's format."""
+    flat = np.concatenate([[0], (np.asarray(mask).reshape(-1) > 0).astype(np.int8), [0]])
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts, ends = edges[::2], edges[1::2]
+    return " ".join(f"{s} {e - s}" for s, e in zip(starts, ends))
+
+
+def rle_decode(rle: str, shape: tuple[int, int], path: str = "") -> np.ndarray:
+    """Inverse of :func:`rle_encode`: -> (H, W) uint8 {0, 1}.
+
+    Raises:
+      BadCase: malformed run-length string or runs outside the image.
+    """
+    size = shape[0] * shape[1]
+    out = np.zeros(size, np.uint8)
+    try:
+        nums = np.asarray(rle.split(), dtype=np.int64)
+    except ValueError:
+        raise BadCase(path, "malformed run-length mask (non-integer values)") from None
+    if len(nums) % 2:
+        raise BadCase(path, "malformed run-length mask (odd number of values)")
+    starts, lengths = nums[0::2] - 1, nums[1::2]
+    if len(nums) and (starts.min() < 0 or lengths.min() < 0 or (starts + lengths).max() > size):
+        raise BadCase(path, f"run-length mask runs outside a {shape[1]}x{shape[0]} image")
+    for s, n in zip(starts, lengths):
+        out[s:s + n] = 1
+    return out.reshape(shape)
+
+
+def car_id(stem: str) -> str:
+    """``00087a6bd4dc_01`` -> ``00087a6bd4dc``."""
+    return stem.rsplit("_", 1)[0] if "_" in stem else stem
+
+
+class CarvanaLayout(Layout):
+    """Carvana's Kaggle layout (no options)."""
+
+    name = "carvana"
+
+    def __init__(self):
+        self._rle: dict[str, str] | None = None
+
+    def __getstate__(self):
+        # The parsed CSV is not shipped to workers; each loads it once on first use.
+        return {**self.__dict__, "_rle": None}
+
+    def info(self) -> LayoutInfo:
+        return LayoutInfo(name=self.name, ndim=2, channels=3, class_names=("background", "car"))
+
+    def list_cases(self, root: str) -> list[Case]:
+        image_dir = next((os.path.join(root, d) for d in IMAGE_DIRS if os.path.isdir(os.path.join(root, d))), None)
+        if image_dir is None:
+            raise TfsegError(
+                f"{root}: not a Carvana layout (expected train/*.jpg with train_masks/*_mask.gif or {MASK_CSV})")
+        images = sorted(glob.glob(os.path.join(image_dir, "*.jpg")))
+        if not images:
+            raise TfsegError(f"{image_dir}: no .jpg images")
+        mask_dir = os.path.join(root, MASK_DIR)
+        csv_path = os.path.join(root, MASK_CSV)
+        has_csv = os.path.isfile(csv_path)
+        if not os.path.isdir(mask_dir) and not has_csv:
+            raise TfsegError(f"{root}: no masks (expected {MASK_DIR}/*_mask.gif or {MASK_CSV})")
+        cases = []
+        for path in images:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            gif = os.path.join(mask_dir, f"{stem}_mask.gif")
+            files = [("image", path)]
+            if os.path.isfile(gif):
+                files.append(("mask", gif))
+            elif has_csv:
+                files.append(("rle", csv_path))
+            cases.append(Case(case_id=stem, files=tuple(files), group=car_id(stem)))
+        return cases
+
+    def _rle_table(self, csv_path: str) -> dict[str, str]:
+        if self._rle is None:
+            try:
+                with open(csv_path, newline="") as f:
+                    rows = csv.DictReader(f)
+                    self._rle = {os.path.splitext(r["img"])[0]: r["rle_mask"] for r in rows}
+            except (OSError, KeyError, csv.Error) as e:
+                raise BadCase(csv_path, f"cannot read run-length masks ({e})") from None
+        return self._rle
+
+    def load_case(self, case: Case) -> Loaded2D:
+        paths = case.paths
+        loaded = read_image(paths["image"], 3)
+        if "mask" in paths:
+            mask = read_binary_mask(paths["mask"])
+        elif "rle" in paths:
+            rle = self._rle_table(paths["rle"]).get(case.case_id)
+            if rle is None:
+                raise BadCase(paths["image"],
+                              f"no mask ({MASK_DIR}/{case.case_id}_mask.gif absent, no row in {MASK_CSV})")
+            mask = rle_decode(rle, loaded.shape[:2], paths["rle"])
+        else:
+            raise BadCase(paths["image"], f"no mask ({MASK_DIR}/{case.case_id}_mask.gif absent)")
+        loaded.mask = mask
+        return loaded
+
+    @classmethod
+    def make_sample(cls, output: str, count: int, seed: int = 0, *, image_size: tuple[int, int] = (128, 192),
+                    rle: bool = False, noise: float = 4.0) -> None:
+        """Writes ``count`` car photos (JPEG) with GIF masks (or ``train_masks.csv`` if ``rle``).
+
+        Cars have 16 views each (4 for fewer than 48 images, so small samples still split):
+        a bright car-like body of random colour on a gray studio background with a floor
+        shadow, its position and length changing with the view. ``noise`` is the pixel noise's
+        standard deviation (lower gives smaller JPEGs, like Carvana's studio photos).
+        """
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        h, w = image_size
+        os.makedirs(os.path.join(output, "train"), exist_ok=True)
+        if not rle:
+            os.makedirs(os.path.join(output, MASK_DIR), exist_ok=True)
+        views = 16 if count >= 48 else 4
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        rows = []
+        for i in range(count):
+            if i % views == 0:
+                cid = "".join(rng.choice(list("0123456789abcdef"), 12))
+                colour = rng.uniform(120, 255, 3)
+                scale = rng.uniform(0.8, 1.0)
+            view = i % views + 1
+            angle = 2 * np.pi * (view - 1) / views
+            length = (0.3 + 0.12 * abs(np.cos(angle))) * w * scale
+            cx = w / 2 + rng.uniform(-0.05, 0.05) * w
+            cy = h * 0.58
+            body = ((xx - cx) / length) ** 2 + ((yy - cy) / (0.16 * h * scale)) ** 2 < 1
+            cabin = ((xx - cx - 0.1 * length * np.sin(angle)) / (0.55 * length)) ** 2 + (
+                (yy - cy + 0.15 * h * scale) / (0.12 * h * scale)) ** 2 < 1
+            wheels = np.zeros_like(body)
+            for dx in (-0.6, 0.6):
+                wheels |= (xx - cx - dx * length) ** 2 + (yy - cy - 0.12 * h * scale) ** 2 < (0.07 * h * scale) ** 2
+            car = body | (cabin & (yy < cy)) | wheels
+            background = 90 + 60 * yy / h + rng.normal(0, 0.75 * noise, (h, w))
+            shadow = ((xx - cx) / (1.1 * length)) ** 2 + ((yy - cy - 0.2 * h * scale) / (0.05 * h)) ** 2 < 1
+            img = np.repeat((background - 40 * shadow)[..., None], 3, -1)
+            img[car] = colour * (0.85 + 0.15 * np.sin(xx[car] / 7.0))[:, None]
+            img[wheels] = 30
+            img = np.clip(img + rng.normal(0, noise, img.shape), 0, 255).astype(np.uint8)
+            stem = f"{cid}_{view:02d}"
+            Image.fromarray(img).save(os.path.join(output, "train", f"{stem}.jpg"), quality=92)
+            mask = car.astype(np.uint8)
+            if rle:
+                rows.append((f"{stem}.jpg", rle_encode(mask)))
+            else:
+                gif = Image.frombytes("P", (w, h), mask.tobytes())
+                gif.putpalette([0, 0, 0, 255, 255, 255] + [0, 0, 0] * 254)
+                gif.save(os.path.join(output, MASK_DIR, f"{stem}_mask.gif"))
+        if rle:
+            with open(os.path.join(output, MASK_CSV), "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["img", "rle_mask"])
+                writer.writerows(rows)
+        log.info("wrote %d Carvana-layout samples to %s", count, output)

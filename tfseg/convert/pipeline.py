@@ -1,0 +1,823 @@
+"""The convert stage as an Apache Beam job: a dataset layout -> sharded TFRecords + dataset.json.
+
+Everything that is the same for every layout lives here: validation (size mismatch, labels out
+of range, undecodable files), optional resizing, encoding, class pixel counts and size
+statistics (Beam combiners, in the same pass), deterministic sharding and atomic publication.
+Layouts (:mod:`tfseg.convert.base`) only list and load cases.
+
+Graph (all named, typed PTransforms)::
+
+    Create(split, shard, Case) -> ConvertCases (LoadAndEncode DoFn; tagged 'rejected' output)
+      examples -> WriteShards:  key (split, shard) -> GroupByKey -> write each shard sorted by id
+      examples -> SummarizeSplits: CombinePerKey(SplitStatsFn) per split -> _stats.json
+      rejected -> WriteRejected: sorted -> rejected.jsonl
+
+Shard keys come from a stable hash of the case id and each shard's records are sorted by case
+id, so converting the same input twice gives byte-identical shards whatever the runner's
+bundling (Beam's WriteToTFRecord starts bundles at random shards, hence not used).
+
+Run embedded (DirectRunner, in-memory: measured fastest on a 2-core machine, see
+tools/bench_convert.py)::
+
+    tfseg convert --dataset carvana --input data/carvana --output out/carvana
+
+Beam options after the tfseg ones go to PipelineOptions, e.g.::
+
+    tfseg convert ... --direct_running_mode=multi_threading --direct_num_workers=4
+    tfseg convert ... --runner=DataflowRunner --project=P --region=R --temp_location=gs://b/tmp
+
+(A cluster runner needs ``--output`` on a filesystem its workers share.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import json
+import logging
+import math
+import os
+import struct
+import time
+import zlib
+from typing import Any, Iterable, NamedTuple
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.typehints import Dict, Tuple
+
+from tfseg import schema
+from tfseg.convert.base import (
+    BadCase,
+    Case,
+    Layout,
+    LayoutInfo,
+    Loaded2D,
+    Loaded3D,
+    assign_split,
+    hash_fraction,
+    parse_split_spec,
+)
+from tfseg.errors import TfsegError
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "tfseg.convert"
+SHARD_TARGET_BYTES = 150 * 2**20
+STATS_FILE = "_stats.json"
+SHARDS_FILE = "_shards.json"
+# zlib level 3: ~4 ms for a 1918x1280 binary mask vs ~10 ms at 6, for a mask ~2x larger
+# (still ~2% of the JPEG beside it).
+_MASK_ZLIB_LEVEL = 3
+
+
+# --------------------------------------------------------------------------------------------
+# Per-case work (pure functions, run in the Beam workers; tested without Beam).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+    """What a worker needs besides the layout.
+
+    Attributes:
+      ndim: 2 or 3.
+      channels: image channels the records hold.
+      num_classes: labels must be in [0, num_classes) or equal ``ignore_index``.
+      ignore_index: the ignore label, or None.
+      image_size: (H, W) to resize 2D cases to, or None to keep the originals.
+    """
+
+    ndim: int
+    channels: int
+    num_classes: int
+    ignore_index: int | None = None
+    image_size: tuple[int, int] | None = None
+
+
+class CaseStats(NamedTuple):
+    """Statistics of one converted case, combined per split.
+
+    Attributes:
+      class_counts: pixels (voxels) per class id, ignore excluded; None if unlabelled.
+      shape: (H, W) or (D, H, W) as stored.
+      image_format: ``"jpeg"``/``"png"`` for 2D, None for 3D.
+    """
+
+    class_counts: tuple[int, ...] | None
+    shape: tuple[int, ...]
+    image_format: str | None
+
+
+class Encoded(NamedTuple):
+    """One converted case on its way to a shard."""
+
+    split: str
+    shard: int
+    case_id: str
+    record: bytes
+    stats: CaseStats
+
+
+def encode_png_gray(array: np.ndarray, level: int = _MASK_ZLIB_LEVEL) -> bytes:
+    """Encodes (H, W) uint8 as an 8-bit grayscale PNG.
+
+    Written directly (filter type 0 + zlib) because PIL's adaptive row filtering makes it ~4x
+    slower on large masks, where filtering gains nothing.
+    """
+    a = np.ascontiguousarray(array, dtype=np.uint8)
+    h, w = a.shape
+    rows = np.empty((h, w + 1), np.uint8)
+    rows[:, 0] = 0
+    rows[:, 1:] = a
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), level)) + chunk(b"IEND", b""))
+
+
+def _label_file(case: Case) -> str:
+    paths = case.paths
+    for key in ("mask", "label", "labels", "seg", "annotation"):
+        if key in paths:
+            return paths[key]
+    return case.main_path
+
+
+def count_classes(labels: np.ndarray, opts: EncodeOptions, path: str) -> tuple[int, ...]:
+    """Pixels per class id, validating the label range.
+
+    Args:
+      labels: integer array of any shape.
+      path: the label file, named in the error.
+
+    Returns:
+      ``num_classes`` counts (ignore pixels excluded).
+
+    Raises:
+      BadCase: values outside [0, num_classes) other than the ignore index.
+    """
+    k = opts.num_classes
+    if labels.dtype != np.uint8:
+        lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise BadCase(path, f"label values {lo}..{hi} outside 0..{k - 1}")
+        labels = labels.astype(np.uint8)
+    # For few classes, per-class count_nonzero is ~8x faster than bincount (which widens to intp).
+    if k <= 16:
+        counts = [int(np.count_nonzero(labels == c)) for c in range(k)]
+    else:
+        counts = np.bincount(labels.reshape(-1), minlength=256)[:k].tolist()
+    n_ignore = 0
+    if opts.ignore_index is not None and opts.ignore_index >= k:
+        n_ignore = int(np.count_nonzero(labels == opts.ignore_index))
+    if sum(counts) + n_ignore != labels.size:
+        bad = [int(v) for v in np.unique(labels) if v >= k and v != opts.ignore_index]
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        extra = f" or {opts.ignore_index}" if opts.ignore_index is not None else ""
+        raise BadCase(path, f"label values [{shown}] outside 0..{k - 1}{extra}")
+    return tuple(counts)
+
+
+def _resize_2d(loaded: Loaded2D, size: tuple[int, int], path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    from PIL import Image
+
+    image = loaded.image
+    if image is None:
+        try:
+            img = Image.open(io.BytesIO(loaded.image_bytes))
+            img.load()
+        except (OSError, ValueError, SyntaxError) as e:
+            raise BadCase(path, f"undecodable or truncated image ({e})") from None
+        image = np.asarray(img.convert("RGB" if loaded.shape[2] == 3 else "L"))
+    h, w = size
+    resized = [
+        np.asarray(Image.fromarray(image[..., c]).resize((w, h), Image.BILINEAR)) for c in range(image.shape[-1])
+    ] if image.ndim == 3 else [np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))]
+    out = np.stack(resized, -1)
+    mask = loaded.mask
+    if mask is not None:
+        mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
+    return out, mask
+
+
+def _encode_image(image: np.ndarray, fmt: str) -> bytes:
+    from PIL import Image
+
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        pil.save(buf, "JPEG", quality=95)
+    else:
+        pil.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def encode_case(loaded: Any, case: Case, opts: EncodeOptions) -> tuple[bytes, CaseStats]:
+    """Validates, optionally resizes, and serializes one loaded case.
+
+    Args:
+      loaded: the layout's Loaded2D or Loaded3D.
+      case: the case it came from (its files are named in errors).
+
+    Returns:
+      (serialized tf.train.Example, its CaseStats).
+
+    Raises:
+      BadCase: the case cannot be converted.
+    """
+    if isinstance(loaded, Loaded3D):
+        return _encode_3d(loaded, case, opts)
+    if not isinstance(loaded, Loaded2D):
+        raise TypeError(f"load_case returned {type(loaded).__name__}, expected Loaded2D or Loaded3D")
+    path = case.paths.get("image", case.main_path)
+    mask_path = _label_file(case)
+    height, width, channels = loaded.shape
+    if channels != opts.channels:
+        raise BadCase(path, f"image has {channels} channels, dataset has {opts.channels}")
+    mask = loaded.mask
+    if mask is not None:
+        if mask.ndim == 3 and mask.shape[-1] == 1:
+            mask = mask[..., 0]
+        if mask.shape != (height, width):
+            mh, mw = mask.shape[:2]
+            raise BadCase(mask_path, f"mask {mw}x{mh} != image {width}x{height}")
+        counts = count_classes(mask, opts, mask_path)
+        mask = mask.astype(np.uint8, copy=False)
+    if opts.image_size is not None and opts.image_size != (height, width):
+        fmt = loaded.image_format or "png"
+        image, mask = _resize_2d(dataclasses.replace(loaded, mask=mask), opts.image_size, path)
+        if mask is not None:
+            counts = count_classes(mask, opts, mask_path)
+        image_bytes = _encode_image(image, fmt)
+        height, width = opts.image_size
+    elif loaded.image_bytes is not None:
+        fmt, image_bytes = loaded.image_format, loaded.image_bytes
+    else:
+        fmt, image_bytes = "png", _encode_image(loaded.image, "png")
+    record = schema.encode_example_2d(
+        image_bytes=image_bytes,
+        image_format=fmt,
+        height=height,
+        width=width,
+        channels=channels,
+        mask_png=None if mask is None else encode_png_gray(mask),
+        source_id=case.case_id,
+    )
+    return record, CaseStats(counts if mask is not None else None, (height, width), fmt)
+
+
+def _encode_3d(loaded: Loaded3D, case: Case, opts: EncodeOptions) -> tuple[bytes, CaseStats]:
+    path = case.main_path
+    vol = loaded.volume
+    if vol.ndim != 4 or vol.shape[-1] != opts.channels:
+        raise BadCase(path, f"volume shape {vol.shape} is not (D, H, W, {opts.channels})")
+    if not np.all(np.isfinite(vol)):
+        raise BadCase(path, "volume has NaN or infinite values")
+    counts = None
+    label = loaded.label
+    if label is not None:
+        if label.shape != vol.shape[:3]:
+            raise BadCase(_label_file(case), f"label shape {label.shape} != volume {vol.shape[:3]}")
+        counts = count_classes(label, opts, _label_file(case))
+    try:
+        record = schema.encode_example_3d(volume=vol, label=label, spacing=loaded.spacing, source_id=case.case_id)
+    except ValueError as e:
+        raise BadCase(path, str(e)) from None
+    return record, CaseStats(counts, tuple(vol.shape[:3]), None)
+
+
+def shard_of(case_id: str, num_shards: int) -> int:
+    """The shard a case goes to: a stable hash of its id (same on every machine and run)."""
+    return min(num_shards - 1, int(hash_fraction("shard:" + case_id) * num_shards))
+
+
+def shard_name(split: str, index: int, num_shards: int, compression: str = "") -> str:
+    suffix = ".tfrecord.gz" if compression == "GZIP" else ".tfrecord"
+    return f"{split}-{index:05d}-of-{num_shards:05d}{suffix}"
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Beam transforms.
+# --------------------------------------------------------------------------------------------
+
+REJECTED = "rejected"
+
+
+def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Case]):
+    """Loads and encodes one case: ``("ok", Encoded, msec)`` or ``("rejected", row, msec)``.
+
+    Thread-safe (layouts load with PIL/scipy/nibabel, which release the GIL while decoding).
+    """
+    split, shard, case = element
+    t0 = time.perf_counter()
+    try:
+        record, stats = encode_case(layout.load_case(case), case, opts)
+    except BadCase as e:
+        return "rejected", {"file": e.path, "reason": e.reason, "case_id": case.case_id, "split": split}, 0
+    except Exception as e:  # noqa: BLE001 - one bad file must not kill a many-hour job
+        log.warning("%s: unexpected error, rejected", case.main_path, exc_info=True)
+        return "rejected", {"file": case.main_path, "reason": _one_line(e), "case_id": case.case_id, "split": split}, 0
+    msec = int((time.perf_counter() - t0) * 1000)
+    return "ok", Encoded(split, shard, case.case_id, record, stats), msec
+
+
+class LoadAndEncodeFn(beam.DoFn):
+    """[(split, shard, Case), ...] (a batch) -> Encoded each; unconvertible cases -> the
+    'rejected' output as ``{"file", "reason", "case_id", "split"}``, counted in Beam Metrics.
+
+    A batch is converted by a small thread pool: decoding (PIL) and compression (zlib) release
+    the GIL, so one worker process keeps several cores busy without Beam's multi-process
+    pickling of every record (see tools/bench_convert.py).
+    """
+
+    def __init__(self, layout: Layout, opts: EncodeOptions, threads: int = 1):
+        self.layout = layout
+        self.opts = opts
+        self.threads = max(1, threads)
+        self.converted = Metrics.counter(NAMESPACE, "cases_converted")
+        self.rejected = Metrics.counter(NAMESPACE, "cases_rejected")
+        self.msec = Metrics.distribution(NAMESPACE, "case_msec")
+        self._pool = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_pool": None}
+
+    def setup(self):
+        if self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tfseg-convert")
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def process(self, batch: list[tuple[str, int, Case]]):
+        run = self._pool.map if self._pool is not None and len(batch) > 1 else map
+        # Metrics are updated here, in the bundle's thread: Beam ignores updates from others.
+        for kind, value, msec in run(lambda e: convert_one(self.layout, self.opts, e), batch):
+            if kind == "ok":
+                self.converted.inc()
+                self.msec.update(msec)
+                yield value
+            else:
+                self.rejected.inc()
+                yield beam.pvalue.TaggedOutput(REJECTED, value)
+
+
+def default_threads() -> int:
+    """Threads per worker for LoadAndEncode: the machine's cores, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@beam.typehints.with_input_types(Tuple[str, int, Case])
+class ConvertCases(beam.PTransform):
+    """Loads and encodes cases; returns a DoOutputsTuple with ``examples`` and ``rejected``.
+
+    Args:
+      layout: the dataset layout (pickled to the workers).
+      opts: validation/encoding options.
+      threads: conversion threads per worker (default :func:`default_threads`).
+    """
+
+    def __init__(self, layout: Layout, opts: EncodeOptions, threads: int | None = None, label: str | None = None):
+        super().__init__(label)
+        self.layout = layout
+        self.opts = opts
+        self.threads = threads or default_threads()
+
+    def expand(self, cases):
+        return (
+            cases
+            | "Batch" >> beam.BatchElements(min_batch_size=self.threads, max_batch_size=4 * self.threads)
+            | "LoadAndEncode" >> beam.ParDo(LoadAndEncodeFn(self.layout, self.opts, self.threads)).with_outputs(
+                REJECTED, main="examples")
+        )
+
+
+class WriteShardFn(beam.DoFn):
+    """((split, shard), [(case_id, record) | None, ...]) -> (split, file name, count), writing the
+    shard with its records sorted by case id."""
+
+    def __init__(self, output_dir: str, compression: str, num_shards: dict[str, int]):
+        self.output_dir = output_dir
+        self.compression = compression
+        self.num_shards = num_shards
+        self.records = Metrics.counter(NAMESPACE, "records_written")
+
+    def process(self, element):
+        import tensorflow as tf
+
+        (split, shard), values = element
+        records = sorted((v for v in values if v is not None), key=lambda v: v[0])
+        name = shard_name(split, shard, self.num_shards[split], self.compression)
+        options = tf.io.TFRecordOptions(compression_type=self.compression or None)
+        with tf.io.TFRecordWriter(os.path.join(self.output_dir, name), options=options) as writer:
+            for _, record in records:
+                writer.write(record)
+        self.records.inc(len(records))
+        yield split, name, len(records)
+
+
+@beam.typehints.with_input_types(Encoded)
+@beam.typehints.with_output_types(Tuple[str, str, int])
+class WriteShards(beam.PTransform):
+    """Writes every shard of every split (empty ones too, so dataset.json's list is complete)."""
+
+    def __init__(self, output_dir: str, compression: str, num_shards: dict[str, int], label: str | None = None):
+        super().__init__(label)
+        self.output_dir = output_dir
+        self.compression = compression
+        self.num_shards = num_shards
+
+    def expand(self, examples):
+        keyed = examples | "KeyByShard" >> beam.Map(lambda e: ((e.split, e.shard), (e.case_id, e.record)))
+        slots = examples.pipeline | "ShardSlots" >> beam.Create(
+            [((s, i), None) for s, n in sorted(self.num_shards.items()) for i in range(n)])
+        return (
+            (keyed, slots)
+            | "Flatten" >> beam.Flatten()
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard" >> beam.ParDo(WriteShardFn(self.output_dir, self.compression, self.num_shards))
+        )
+
+
+class SplitStatsFn(beam.CombineFn):
+    """Combines CaseStats into one split's summary: count, class pixel counts, size min/max/mean
+    per axis and the image formats seen."""
+
+    def create_accumulator(self):
+        return {"count": 0, "labelled": 0, "class_counts": None, "dims": None, "formats": set()}
+
+    def add_input(self, acc, stats: CaseStats):
+        acc["count"] += 1
+        if stats.class_counts is not None:
+            acc["labelled"] += 1
+            c = np.asarray(stats.class_counts, np.int64)
+            acc["class_counts"] = c if acc["class_counts"] is None else acc["class_counts"] + c
+        shape = np.asarray(stats.shape, np.int64)
+        if acc["dims"] is None:
+            acc["dims"] = [shape.copy(), shape.copy(), shape.copy()]
+        else:
+            lo, hi, total = acc["dims"]
+            acc["dims"] = [np.minimum(lo, shape), np.maximum(hi, shape), total + shape]
+        if stats.image_format:
+            acc["formats"].add(stats.image_format)
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        out = self.create_accumulator()
+        for acc in accumulators:
+            out["count"] += acc["count"]
+            out["labelled"] += acc["labelled"]
+            if acc["class_counts"] is not None:
+                out["class_counts"] = (acc["class_counts"] if out["class_counts"] is None
+                                       else out["class_counts"] + acc["class_counts"])
+            if acc["dims"] is not None:
+                if out["dims"] is None:
+                    out["dims"] = [d.copy() for d in acc["dims"]]
+                else:
+                    lo, hi, total = out["dims"]
+                    a_lo, a_hi, a_total = acc["dims"]
+                    out["dims"] = [np.minimum(lo, a_lo), np.maximum(hi, a_hi), total + a_total]
+            out["formats"] |= acc["formats"]
+        return out
+
+    def extract_output(self, acc):
+        size = {}
+        if acc["dims"] is not None:
+            lo, hi, total = acc["dims"]
+            names = ["height", "width"] if len(lo) == 2 else ["depth", "height", "width"]
+            for i, name in enumerate(names):
+                size[name] = {"min": int(lo[i]), "max": int(hi[i]), "mean": round(float(total[i]) / acc["count"], 2)}
+        return {
+            "count": acc["count"],
+            "labelled": acc["labelled"],
+            "class_pixel_counts": None if acc["class_counts"] is None else [int(x) for x in acc["class_counts"]],
+            "size": size,
+            "image_formats": sorted(acc["formats"]),
+        }
+
+
+@beam.typehints.with_input_types(Encoded)
+class SummarizeSplits(beam.PTransform):
+    """Encoded -> one dict {split: SplitStatsFn output}."""
+
+    def expand(self, examples):
+        return (
+            examples
+            | "KeyBySplit" >> beam.Map(lambda e: (e.split, e.stats))
+            | "CombinePerSplit" >> beam.CombinePerKey(SplitStatsFn())
+            | "ToDict" >> beam.combiners.ToDict()
+        )
+
+
+class _WriteJson(beam.DoFn):
+    def __init__(self, path: str, jsonl: bool = False):
+        self.path = path
+        self.jsonl = jsonl
+
+    def process(self, obj):
+        with open(self.path, "w") as f:
+            if self.jsonl:
+                for row in obj:
+                    f.write(json.dumps(row, sort_keys=True) + "\n")
+            else:
+                json.dump(obj, f, sort_keys=True)
+
+
+@beam.typehints.with_input_types(Dict[str, Any])
+class WriteRejected(beam.PTransform):
+    """Rejections -> rejected.jsonl, sorted by file so reruns give the same file."""
+
+    def __init__(self, path: str, label: str | None = None):
+        super().__init__(label)
+        self.path = path
+
+    def expand(self, rejected):
+        return (
+            rejected
+            | "ToList" >> beam.combiners.ToList()
+            | "Sort" >> beam.Map(lambda rows: sorted(rows, key=lambda r: (r["file"], r["case_id"], r["reason"])))
+            | "Write" >> beam.ParDo(_WriteJson(self.path, jsonl=True))
+        )
+
+
+def build_pipeline(p, layout: Layout, keyed_cases: list[tuple[str, int, Case]], opts: EncodeOptions,
+                   output_dir: str, num_shards: dict[str, int], compression: str, threads: int | None = None) -> None:
+    """Adds the conversion graph to pipeline ``p`` (outputs land in ``output_dir``)."""
+    outputs = (
+        p
+        | "CreateCases" >> beam.Create(keyed_cases)
+        | "ConvertCases" >> ConvertCases(layout, opts, threads)
+    )
+    examples = outputs.examples
+    shards = examples | "WriteShards" >> WriteShards(output_dir, compression, num_shards)
+    (shards | "ShardsToList" >> beam.combiners.ToList()
+     | "WriteShardList" >> beam.ParDo(_WriteJson(os.path.join(output_dir, SHARDS_FILE))))
+    (examples | "SummarizeSplits" >> SummarizeSplits()
+     | "WriteStats" >> beam.ParDo(_WriteJson(os.path.join(output_dir, STATS_FILE))))
+    outputs[REJECTED] | "WriteRejected" >> WriteRejected(os.path.join(output_dir, schema.REJECTED_JSONL))
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher.
+# --------------------------------------------------------------------------------------------
+
+
+def make_layout(layout_name: str, layout_options: dict | None = None) -> Layout:
+    """Instantiates a layout with the options it accepts.
+
+    Raises:
+      TfsegError: unknown layout, or an option the layout does not take.
+    """
+    from tfseg.convert import get_layout_class
+
+    cls = get_layout_class(layout_name)
+    options = {k: v for k, v in (layout_options or {}).items() if v is not None}
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key in options:
+        if key not in params and not takes_any:
+            raise TfsegError(f"--{key.replace('_', '-')} does not apply to --dataset {layout_name}")
+    return cls(**options)
+
+
+def _pipeline_options(beam_args: Iterable[str]):
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+    args = list(beam_args)
+    options = PipelineOptions(args)
+    given = " ".join(args)
+    if "--runner" not in given:
+        options.view_as(StandardOptions).runner = "DirectRunner"
+    if "--direct_running_mode" not in given:
+        # In-memory (one worker, which converts with its own thread pool) measured fastest on
+        # 2 cores (tools/bench_convert.py); multi_processing pays for pickling every record
+        # between processes.
+        options.view_as(DirectOptions).direct_running_mode = "in_memory"
+    return options
+
+
+def _workers(options) -> int:
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, WorkerOptions
+
+    runner = str(options.view_as(StandardOptions).runner or "")
+    if "Direct" in runner:
+        return max(1, options.view_as(DirectOptions).direct_num_workers or 1)
+    w = options.view_as(WorkerOptions)
+    return max(1, w.num_workers or 0, w.max_num_workers or 0)
+
+
+def _count_shards(case_bytes: int, n_cases: int, workers: int, requested: int | None) -> int:
+    if requested:
+        return requested
+    n = max(1, math.ceil(case_bytes / SHARD_TARGET_BYTES), min(workers, n_cases))
+    return min(n, max(1, n_cases))
+
+
+def _file_bytes(case: Case) -> int:
+    total = 0
+    for _, path in case.files:
+        try:
+            total += os.path.getsize(path)
+        except OSError:
+            pass
+    return total
+
+
+def _check_input(input_dir: str) -> None:
+    if not os.path.exists(input_dir):
+        raise TfsegError(f"{input_dir}: input directory not found")
+    if not os.path.isdir(input_dir):
+        raise TfsegError(f"{input_dir}: --input must be a directory")
+    if not os.listdir(input_dir):
+        raise TfsegError(f"{input_dir}: input directory is empty")
+
+
+def run_convert(
+    layout_name: str,
+    input_dir: str,
+    output_dir: str,
+    *,
+    layout_options: dict | None = None,
+    split: str = "train=0.8,val=0.1,test=0.1",
+    image_size: tuple[int, int] | None = None,
+    num_shards: int | None = None,
+    compression: str = "",
+    strict: bool = False,
+    overwrite: bool = False,
+    beam_args: Iterable[str] = (),
+    threads: int | None = None,
+) -> dict:
+    """Converts one dataset from its original layout into sharded TFRecords + dataset.json.
+
+    Args:
+      layout_name: a name in :data:`tfseg.convert.LAYOUTS`.
+      input_dir: the dataset's root in its original layout.
+      output_dir: where the converted dataset is published (atomically).
+      layout_options: layout constructor options (``image_dir``, ``num_classes``, ...).
+      split: ``NAME=FRACTION,...`` for layouts without an official split.
+      image_size: (H, W) to resize 2D images (bilinear) and masks (nearest) to.
+      num_shards: shards per split; default from the data size (~150 MB a shard).
+      compression: ``""`` or ``"gzip"``.
+      strict: any rejected case fails the conversion (nothing is published).
+      overwrite: replace an existing complete output.
+      beam_args: Beam PipelineOptions arguments (``--runner``, ``--direct_num_workers``, ...).
+      threads: conversion threads per Beam worker (default: the machine's cores, at most 8).
+
+    Returns:
+      ``{"output", "splits": {split: count}, "rejected", "num_shards", "seconds"}``.
+
+    Raises:
+      TfsegError: bad input directory or options, existing output, or a rejection with strict.
+    """
+    t0 = time.time()
+    input_dir = os.path.abspath(input_dir)
+    output_dir = os.path.abspath(output_dir)
+    _check_input(input_dir)
+    compression = (compression or "").upper()
+    if compression in ("NONE",):
+        compression = ""
+    if compression not in ("", "GZIP"):
+        raise TfsegError(f"--compression {compression.lower()!r}: expected gzip or none")
+    if num_shards is not None and num_shards < 1:
+        raise TfsegError(f"--num-shards {num_shards}: must be at least 1")
+    try:
+        spec = parse_split_spec(split)
+    except ValueError as e:
+        raise TfsegError(f"--split: {e}") from None
+    layout = make_layout(layout_name, layout_options)
+    if not overwrite and os.path.isfile(os.path.join(output_dir, schema.DATASET_JSON)):
+        # Checked again when publishing; failing here spares listing and converting first.
+        raise TfsegError(f"{output_dir}: a complete output already exists; pass --overwrite to replace it")
+    cases = layout.list_cases(input_dir)
+    if not cases:
+        raise TfsegError(f"{input_dir}: no {layout_name} cases found")
+    info: LayoutInfo = layout.info()
+    if image_size is not None and info.ndim != 2:
+        raise TfsegError(f"--image-size applies to 2D datasets; {layout_name} is {info.ndim}D")
+    ids = [c.case_id for c in cases]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[0]
+        raise TfsegError(f"{input_dir}: two cases share the id {dup!r}; case ids must be unique")
+
+    by_split: dict[str, list[Case]] = {}
+    for case in sorted(cases, key=lambda c: c.case_id):
+        by_split.setdefault(assign_split(case, spec), []).append(case)
+    options = _pipeline_options(beam_args)
+    workers = _workers(options)
+    shards = {
+        s: _count_shards(sum(_file_bytes(c) for c in cs), len(cs), workers, num_shards)
+        for s, cs in sorted(by_split.items())
+    }
+    keyed = [(s, shard_of(c.case_id, shards[s]), c) for s, cs in sorted(by_split.items()) for c in cs]
+    opts = EncodeOptions(info.ndim, info.channels, info.num_classes, info.ignore_index,
+                         tuple(image_size) if image_size else None)
+    log.info("%s: %d cases (%s) -> %s", layout_name, len(cases),
+             ", ".join(f"{s} {len(cs)}" for s, cs in sorted(by_split.items())), output_dir)
+
+    from tfseg.io_utils import atomic_output_dir, atomic_write_json
+
+    with atomic_output_dir(output_dir, overwrite=overwrite, complete_marker=schema.DATASET_JSON) as tmp:
+        p = beam.Pipeline(options=options)
+        build_pipeline(p, layout, keyed, opts, tmp, shards, compression, threads)
+        result = p.run()
+        result.wait_until_finish()
+        _log_metrics(result)
+
+        with open(os.path.join(tmp, STATS_FILE)) as f:
+            stats = json.load(f)
+        with open(os.path.join(tmp, SHARDS_FILE)) as f:
+            written = json.load(f)
+        os.remove(os.path.join(tmp, STATS_FILE))
+        os.remove(os.path.join(tmp, SHARDS_FILE))
+        with open(os.path.join(tmp, schema.REJECTED_JSONL)) as f:
+            rejected = [json.loads(line) for line in f if line.strip()]
+        n_written = sum(n for _, _, n in written)
+        if n_written + len(rejected) != len(keyed):
+            # Never publish a dataset the runner silently shortened.
+            raise TfsegError(f"{output_dir}: the runner returned {n_written} records + {len(rejected)} rejections "
+                             f"for {len(keyed)} cases; nothing was written (try --direct_running_mode=in_memory)")
+        if rejected and strict:
+            first = rejected[0]
+            raise TfsegError(
+                f"{len(rejected)} case(s) rejected with --strict; first: {first['file']}: {first['reason']}")
+
+        splits = {}
+        for s in sorted(shards):
+            files = sorted(name for sp, name, _ in written if sp == s)
+            splits[s] = {"count": int(sum(n for sp, _, n in written if sp == s)), "files": files}
+        formats = sorted({f for st in stats.values() for f in st["image_formats"]})
+        dataset = schema.DatasetInfo(
+            name=info.name,
+            ndim=info.ndim,
+            channels=info.channels,
+            num_classes=info.num_classes,
+            class_names=list(info.class_names),
+            ignore_index=info.ignore_index,
+            label_mapping=dict(info.label_mapping),
+            splits=splits,
+            class_pixel_counts={s: stats[s]["class_pixel_counts"] for s in sorted(stats)
+                                if stats[s]["class_pixel_counts"] is not None},
+            size_summary={s: stats[s]["size"] for s in sorted(stats)},
+            regions=dict(info.regions),
+            label_convention=info.label_convention,
+            modalities=list(info.modalities),
+            image_format=(formats[0] if len(formats) == 1 else "mixed") if info.ndim == 2 and formats else None,
+            compression=compression,
+            tfseg_version=_version(),
+            conversion_args={
+                "dataset": layout_name,
+                "input": input_dir,
+                "layout_options": {k: v for k, v in (layout_options or {}).items() if v is not None},
+                "split": split,
+                "image_size": list(image_size) if image_size else None,
+                "num_shards": num_shards,
+                "compression": compression,
+                "strict": strict,
+                "beam_args": list(beam_args),
+                "rejected": len(rejected),
+            },
+        )
+        atomic_write_json(os.path.join(tmp, schema.DATASET_JSON), json.loads(dataset.to_json()))
+    summary = {
+        "output": output_dir,
+        "splits": {s: v["count"] for s, v in splits.items()},
+        "rejected": len(rejected),
+        "num_shards": shards,
+        "seconds": round(time.time() - t0, 2),
+    }
+    log.info("converted %s", summary)
+    return summary
+
+
+def _version() -> str:
+    try:
+        from tfseg import __version__
+
+        return __version__
+    except ImportError:
+        return ""
+
+
+def _log_metrics(result) -> None:
+    try:
+        counters = result.metrics().query().get("counters", [])
+    except Exception:  # noqa: BLE001 - metrics are best effort on some runners
+        return
+    for c in counters:
+        if c.key.metric.namespace == NAMESPACE:
+            log.info("metric %s = %s", c.key.metric.name, c.committed)

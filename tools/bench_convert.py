@@ -1,0 +1,163 @@
+"""Benchmark: tfseg's Beam conversion vs the seeds' single-process loop, on Carvana-size pairs.
+
+Both sides read the same N pairs of 1918x1280 JPEG + GIF mask files (Carvana's layout) in the
+same invocation:
+
+- baseline: what the seed projects do: for each pair, PIL-decode the JPEG and the GIF, put the
+  raw pixel bytes in a tf.train.Example, write it with one tf.io.TFRecordWriter;
+- tfseg: ``run_convert("carvana", ...)`` (validation, lossless masks, class counts, sharded
+  deterministic output, dataset.json) under each DirectRunner mode asked for.
+
+Usage::
+
+    python tools/bench_convert.py        # 208 pairs; in_memory with and without worker threads
+    python tools/bench_convert.py --configs in_memory,multi_threading,multi_processing --repeats 1
+
+Rounds alternate baseline and tfseg runs and keep each side's best wall time, because the
+machine may be shared; CPU seconds are printed too.
+
+Distinct cars are generated once (16 views each) and the files repeated under new car ids, so
+generation stays short; every pair is still read and decoded separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def make_data(root: str, count: int, distinct: int) -> None:
+    from tfseg.convert.carvana import CarvanaLayout
+
+    seed_dir = os.path.join(root, "_distinct")
+    # noise=1 gives ~190 KiB JPEGs, like Carvana's train_hq photos (its train/ ones are ~80 KiB).
+    CarvanaLayout.make_sample(seed_dir, distinct, seed=0, image_size=(1280, 1918), noise=1.0)
+    os.makedirs(os.path.join(root, "train"))
+    os.makedirs(os.path.join(root, "train_masks"))
+    stems = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(seed_dir, "train")))
+    for i in range(count):
+        src = stems[i % len(stems)]
+        view = i % 16 + 1
+        stem = f"{i // 16:012x}_{view:02d}"
+        shutil.copy(os.path.join(seed_dir, "train", src + ".jpg"), os.path.join(root, "train", stem + ".jpg"))
+        shutil.copy(os.path.join(seed_dir, "train_masks", src + "_mask.gif"),
+                    os.path.join(root, "train_masks", stem + "_mask.gif"))
+    shutil.rmtree(seed_dir)
+
+
+def baseline(root: str, out: str) -> int:
+    """The seeds' loop: PIL decode both files, raw bytes into one TFRecord file."""
+    import tensorflow as tf
+    from PIL import Image
+
+    def b(v):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    def i(v):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+
+    n = 0
+    with tf.io.TFRecordWriter(os.path.join(out, "train.tfrecord")) as writer:
+        for f in sorted(os.listdir(os.path.join(root, "train"))):
+            stem = os.path.splitext(f)[0]
+            image = np.asarray(Image.open(os.path.join(root, "train", f)).convert("RGB"))
+            mask = np.asarray(Image.open(os.path.join(root, "train_masks", stem + "_mask.gif")))
+            feature = {"image_raw": b(image.tobytes()), "mask_raw": b(mask.tobytes()),
+                       "height": i(image.shape[0]), "width": i(image.shape[1])}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+            n += 1
+    return n
+
+
+def _timed(fn):
+    """(result, wall seconds, CPU seconds of this process, all threads)."""
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--count", type=int, default=208, help="pairs (>= 200 for the report)")
+    p.add_argument("--distinct", type=int, default=16, help="distinct generated pairs")
+    p.add_argument("--configs", default="in_memory,in_memory:threads=1",
+                   help="tfseg runs: MODE[:threads=N], MODE in in_memory, multi_threading, multi_processing")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="workers for the parallel modes")
+    p.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best wall time counts")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from tfseg.convert.pipeline import run_convert
+
+    work = args.workdir or tempfile.mkdtemp(prefix="bench_convert_")
+    data = os.path.join(work, "carvana")
+    try:
+        t = time.perf_counter()
+        make_data(data, args.count, args.distinct)
+        size = sum(os.path.getsize(os.path.join(data, "train", f)) for f in os.listdir(os.path.join(data, "train")))
+        print(f"generated {args.count} pairs of 1918x1280 JPEG (mean {size / args.count / 1024:.0f} KiB) + GIF "
+              f"in {time.perf_counter() - t:.1f} s; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+        import tensorflow  # noqa: F401  - import cost kept out of both timings
+
+        def run_baseline(r):
+            out = os.path.join(work, f"baseline{r}")
+            os.makedirs(out)
+            try:
+                return baseline(data, out)
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+
+        def run_tfseg(config, r):
+            mode, _, extra = config.partition(":")
+            threads = int(extra.split("=")[1]) if extra.startswith("threads=") else None
+            beam_args = [f"--direct_running_mode={mode}"]
+            if mode != "in_memory":
+                beam_args.append(f"--direct_num_workers={args.workers}")
+            out = os.path.join(work, f"tfseg{r}")
+            try:
+                summary = run_convert("carvana", data, out, beam_args=beam_args, threads=threads)
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+            n = sum(summary["splits"].values())
+            assert n == args.count and summary["rejected"] == 0, summary
+            return n
+
+        best: dict[str, tuple[float, float]] = {}
+        for r in range(args.repeats):
+            # Alternate the runs so that load from other processes hits both sides alike.
+            for name in ["baseline"] + [c for c in args.configs.split(",") if c]:
+                n, wall, cpu = _timed(lambda: run_baseline(r) if name == "baseline" else run_tfseg(name, r))
+                print(f"  round {r + 1} {name}: {wall:.2f} s wall, {cpu:.2f} s CPU")
+                if name not in best or wall < best[name][0]:
+                    best[name] = (wall, cpu)
+        base_wall, base_cpu = best["baseline"]
+        results = {}
+        for name, (wall, cpu) in best.items():
+            row = {"seconds": round(wall, 2), "images_per_s": round(args.count / wall, 2), "cpu_seconds": round(cpu, 2)}
+            if name != "baseline":
+                row["ratio"] = round(base_wall / wall, 2)
+            results[name] = row
+            label = "baseline loop (PIL decode + raw bytes + TFRecordWriter)" if name == "baseline" else f"tfseg {name}"
+            ratio = f", {base_wall / wall:.2f}x the loop" if name != "baseline" else ""
+            cpu_note = " (CPU of child processes not counted)" if name.startswith("multi_processing") else ""
+            print(f"{label}: {args.count / wall:.1f} images/s (best of {args.repeats}: {wall:.2f} s wall, "
+                  f"{cpu:.2f} s CPU{cpu_note}){ratio}")
+        print(json.dumps(results))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
