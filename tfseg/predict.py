@@ -1,0 +1,533 @@
+"""Batch prediction: a directory of images or NIfTI volumes in, a directory of masks out.
+
+The model is one of
+
+* an export version directory (EXPORT_BASE/NAME/VERSION, has saved_model.pb),
+* an export NAME directory (its highest version is used, as TF Serving would),
+* a fit RUN_DIR (run.json + model.keras; runs :mod:`tfseg.inference`, optionally tiled),
+* with ``server="HOST:PORT"``: the NAME of a model served by a running TF Serving server, called
+  over its REST API (or gRPC with ``grpc=True`` and tensorflow-serving-api installed).
+
+Images (``.jpg .jpeg .png .gif .bmp``) give ``STEM.png`` single-channel class-id masks at the
+input's size; volumes (``.nii``, ``.nii.gz``, channels last when 4D) give ``STEM.nii.gz`` uint8
+masks carrying the input's affine. Files that fail (unreadable, wrong channels, rejected by the
+model) are listed in the summary and skipped; the rest are still written. The output directory
+is published atomically with ``predict_summary.json``.
+
+``runner="DirectRunner"`` (or any Beam runner, with ``beam_args`` passed to PipelineOptions)
+runs the same job as a Beam pipeline: a DoFn loads the model once per worker in ``setup()`` and
+predicts batches of files; for a distributed runner, input and output must be on storage every
+worker can reach::
+
+    tfseg predict --model models/carvana --input photos/ --output masks/ --runner DirectRunner \
+        --beam-arg=--direct_num_workers=2
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from tfseg import rundir
+from tfseg.errors import TfsegError
+from tfseg.io_utils import atomic_output_dir
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+VOLUME_EXTS = (".nii.gz", ".nii")
+SUMMARY_JSON = "predict_summary.json"
+# serving_default's outputs minus the probabilities and padded mask, which are megabytes of JSON.
+SERVER_SIGNATURE = "predict_masks_png"
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and model resolution.
+# --------------------------------------------------------------------------------------------
+
+
+def _stem_kind(name: str) -> tuple[str, str] | None:
+    low = name.lower()
+    for ext in VOLUME_EXTS:
+        if low.endswith(ext):
+            return name[: -len(ext)], "volume"
+    for ext in IMAGE_EXTS:
+        if low.endswith(ext):
+            return name[: -len(ext)], "image"
+    return None
+
+
+def list_inputs(input_dir: str) -> list[tuple[str, str, str]]:
+    """(path, kind, stem) of the images and volumes directly in ``input_dir``, sorted by name.
+
+    Raises:
+      TfsegError: missing directory, no inputs, or two inputs that would write the same mask.
+    """
+    if not os.path.isdir(input_dir):
+        raise TfsegError(f"{input_dir}: input directory not found")
+    out, seen = [], {}
+    for name in sorted(os.listdir(input_dir)):
+        sk = _stem_kind(name)
+        if sk is None or name.startswith("."):
+            continue
+        stem, kind = sk
+        if stem in seen:
+            raise TfsegError(f"{input_dir}: {seen[stem]} and {name} would both write the mask {stem!r}")
+        seen[stem] = name
+        out.append((os.path.join(input_dir, name), kind, stem))
+    if not out:
+        raise TfsegError(f"{input_dir}: no images ({', '.join(IMAGE_EXTS)}) or volumes (.nii, .nii.gz)")
+    return out
+
+
+def resolve_model(model_path: str) -> tuple[str, str]:
+    """Classifies ``model_path`` as ``("export", version_dir)`` or ``("run", run_dir)``.
+
+    Raises:
+      TfsegError: none of an export version, an export NAME directory, or a finished run.
+    """
+    from tfseg.export import list_versions
+
+    if os.path.isfile(os.path.join(model_path, "saved_model.pb")):
+        return "export", model_path
+    versions = list_versions(model_path)
+    if versions:
+        return "export", os.path.join(model_path, str(versions[-1]))
+    if os.path.isfile(os.path.join(model_path, rundir.RUN_JSON)):
+        return "run", model_path
+    raise TfsegError(
+        f"{model_path}: not an export version (saved_model.pb), an export NAME directory or a run directory (run.json)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# File IO.
+# --------------------------------------------------------------------------------------------
+
+
+def encode_png(mask: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.array(Image.open(io.BytesIO(data)))
+
+
+def normalize_volume(volume: np.ndarray) -> np.ndarray:
+    """Per-channel z-score over the non-zero (brain) voxels, zeros kept at 0.
+
+    Args:
+      volume: (D, H, W, C) raw intensities.
+
+    Returns:
+      (D, H, W, C) float32.
+    """
+    out = np.zeros(volume.shape, np.float32)
+    for c in range(volume.shape[-1]):
+        v = volume[..., c].astype(np.float32)
+        fg = v != 0
+        if fg.any():
+            mean, std = v[fg].mean(), v[fg].std()
+            out[..., c] = np.where(fg, (v - mean) / max(std, 1e-8), 0.0)
+    return out
+
+
+def read_volume(path: str, channels: int):
+    """(normalized (D, H, W, C) float32, nibabel image) of a NIfTI file; axes as stored."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # nibabel raises many types for broken files
+        raise ValueError(f"cannot read NIfTI ({type(e).__name__}: {e})") from None
+    if data.ndim == 3:
+        data = data[..., None]
+    if data.ndim != 4 or data.shape[-1] != channels:
+        raise ValueError(f"volume shape {data.shape}: the model needs (D, H, W, {channels})")
+    return normalize_volume(data), img
+
+
+def write_volume_mask(path: str, mask: np.ndarray, like) -> None:
+    import nibabel as nib
+
+    out = nib.Nifti1Image(mask.astype(np.uint8), like.affine)
+    out.set_qform(like.affine)
+    out.set_sform(like.affine)
+    nib.save(out, path)
+
+
+# --------------------------------------------------------------------------------------------
+# REST / gRPC clients for TF Serving.
+# --------------------------------------------------------------------------------------------
+
+
+def build_rest_request(images: Sequence[bytes], signature_name: str = "serving_default") -> dict:
+    """The JSON body of a TF Serving REST predict request in the row ("instances") format.
+
+    Binary inputs are sent as ``{"b64": ...}`` objects, which TF Serving decodes to tf.string.
+    """
+    return {
+        "signature_name": signature_name,
+        "instances": [{"b64": base64.b64encode(b).decode("ascii")} for b in images],
+    }
+
+
+def parse_rest_response(body: dict, count: int) -> list[np.ndarray]:
+    """Masks from a TF Serving REST predict response of the 2D ``serving_default`` signature.
+
+    Accepts the row format (``{"predictions": [{"mask_png_bytes": {"b64": ...}, ...}, ...]}``)
+    and the columnar one (``{"outputs": {"mask_png_bytes": [{"b64": ...}, ...], ...}}``).
+
+    Raises:
+      ValueError: an error response or a response without the expected outputs.
+    """
+    if "error" in body:
+        raise ValueError(f"server error: {body['error']}")
+    if "predictions" in body:
+        pngs = [p.get("mask_png_bytes") if isinstance(p, dict) else None for p in body["predictions"]]
+    elif "outputs" in body and isinstance(body["outputs"], dict):
+        pngs = body["outputs"].get("mask_png_bytes")
+    else:
+        raise ValueError(f"unexpected response keys {sorted(body)}")
+    if not isinstance(pngs, list) or len(pngs) != count or any(not isinstance(p, dict) or "b64" not in p for p in pngs):
+        raise ValueError(f"response has no mask_png_bytes for each of the {count} images")
+    return [decode_png(base64.b64decode(p["b64"])) for p in pngs]
+
+
+class RestClient:
+    """Calls a model on a running TF Serving server over REST (urllib, no extra dependency)."""
+
+    def __init__(self, server: str, model_name: str, *, version: int | None = None,
+                 signature_name: str = SERVER_SIGNATURE, timeout: float = 60.0):
+        host = server if "://" in server else f"http://{server}"
+        path = f"/v1/models/{model_name}" + (f"/versions/{version}" if version else "") + ":predict"
+        self.url = host.rstrip("/") + path
+        self.signature_name = signature_name
+        self.timeout = timeout
+
+    def predict_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
+        data = json.dumps(build_rest_request(images, self.signature_name)).encode()
+        req = urllib.request.Request(self.url, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                body = json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            text = e.read().decode("utf-8", "replace")
+            try:
+                body = json.loads(text)
+            except json.JSONDecodeError:
+                raise ValueError(f"HTTP {e.code} from {self.url}: {text[:200]}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise TfsegError(f"--server: cannot reach {self.url} ({e})") from None
+        return parse_rest_response(body, len(images))
+
+
+class GrpcClient:
+    """Calls a model on TF Serving over gRPC (needs tensorflow-serving-api and grpcio)."""
+
+    def __init__(self, server: str, model_name: str, *, version: int | None = None,
+                 signature_name: str = SERVER_SIGNATURE, timeout: float = 60.0):
+        try:
+            import grpc
+            from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+        except ImportError:
+            raise TfsegError("--grpc needs `pip install tensorflow-serving-api grpcio`") from None
+        self._predict_pb2 = predict_pb2
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(server))
+        self.model_name, self.version, self.signature_name, self.timeout = model_name, version, signature_name, timeout
+
+    def predict_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
+        import tensorflow as tf
+
+        request = self._predict_pb2.PredictRequest()
+        request.model_spec.name = self.model_name
+        request.model_spec.signature_name = self.signature_name
+        if self.version:
+            request.model_spec.version.value = int(self.version)
+        request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(list(images), dtype=tf.string))
+        request.output_filter.append("mask_png_bytes")
+        response = self._stub.Predict(request, self.timeout)
+        return [decode_png(b) for b in response.outputs["mask_png_bytes"].string_val]
+
+
+# --------------------------------------------------------------------------------------------
+# Local predictors: one interface for the SavedModel and the Keras run.
+# --------------------------------------------------------------------------------------------
+
+
+def _graph_error_line(message: str) -> str:
+    """The informative line of a TensorFlow graph error (the assertion or the decoder's message)."""
+    skip = ("Graph execution error", "Detected at node", "<stack traces unavailable>")
+    for line in message.splitlines():
+        line = line.strip()
+        if line and not line.startswith(skip) and not line.startswith("[["):
+            return line.replace("assertion failed: ", "").split(" [Condition")[0]
+    return message.strip().splitlines()[0] if message.strip() else "invalid input"
+
+
+class SavedModelPredictor:
+    """Runs an export's signatures in-process (the same graph TF Serving runs)."""
+
+    def __init__(self, version_dir: str):
+        import tensorflow as tf
+
+        from tfseg.export import read_metadata
+
+        self.meta = read_metadata(version_dir)
+        self.channels = int(self.meta["channels"])
+        self.ndim = int(self.meta["ndim"])
+        self._loaded = tf.saved_model.load(version_dir)
+        self._serve = self._loaded.signatures["serving_default"]
+
+    def predict_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
+        import tensorflow as tf
+
+        if self.ndim != 2:
+            raise ValueError("this export is a 3D model; give it volumes")
+        try:
+            out = self._serve(image_bytes=tf.constant(list(images), dtype=tf.string))
+        except tf.errors.InvalidArgumentError as e:
+            raise ValueError(_graph_error_line(e.message)) from None
+        masks, hs, ws = out["mask"].numpy(), out["height"].numpy(), out["width"].numpy()
+        return [masks[k, : hs[k], : ws[k]] for k in range(len(images))]
+
+    def predict_volume(self, volume: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        if self.ndim != 3:
+            raise ValueError("this export is a 2D model; give it images")
+        return self._serve(volume=tf.constant(volume, tf.float32))["mask"].numpy()
+
+
+class KerasPredictor:
+    """Runs a fit run's Keras model through :mod:`tfseg.inference` (resize or tiled)."""
+
+    def __init__(self, run_dir: str, *, tile: bool = False, tta: bool = False, overlap: float | None = None,
+                 batch_size: int = 8):
+        self.cfg = rundir.load_run_config(run_dir)
+        self.model = rundir.load_model(run_dir)
+        self.channels = int(self.cfg["channels"])
+        self.ndim = int(self.cfg["ndim"])
+        self.binary = bool(self.cfg.get("binary", self.cfg.get("num_classes") == 2))
+        self.tile, self.tta, self.overlap, self.batch_size = tile, tta, overlap, batch_size
+
+    def predict_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
+        import tensorflow as tf
+
+        from tfseg import inference
+        from tfseg.export import DEFAULT_MAX_PIXELS, decode_image
+
+        if self.ndim != 2:
+            raise ValueError("this run is a 3D model; give it volumes")
+        out = []
+        for data in images:
+            # The export's decoder, run eagerly: same pixels and same input checks as serving.
+            try:
+                arr = decode_image(tf.constant(data), self.channels, DEFAULT_MAX_PIXELS).numpy()
+            except tf.errors.InvalidArgumentError as e:
+                raise ValueError(_graph_error_line(e.message)) from None
+            probs = inference.predict_image(
+                self.model, arr, size=self.cfg["image_size"], mode="tile" if self.tile else "resize",
+                overlap=0.25 if self.overlap is None else self.overlap, batch_size=self.batch_size, tta=self.tta,
+            )
+            out.append(inference.probs_to_mask(probs, self.binary))
+        return out
+
+    def predict_volume(self, volume: np.ndarray) -> np.ndarray:
+        from tfseg import inference
+
+        if self.ndim != 3:
+            raise ValueError("this run is a 2D model; give it images")
+        probs = inference.predict_volume(
+            self.model, volume, patch_size=self.cfg["patch_size"],
+            overlap=0.5 if self.overlap is None else self.overlap, batch_size=2, tta=self.tta,
+        )
+        return inference.probs_to_mask(probs, self.binary)
+
+
+def make_predictor(model_path: str, *, server: str | None = None, grpc: bool = False, tile: bool = False,
+                   tta: bool = False, overlap: float | None = None, batch_size: int = 8,
+                   model_version: int | None = None):
+    """The predictor for ``model_path`` (see the module docstring)."""
+    if server:
+        cls = GrpcClient if grpc else RestClient
+        client = cls(server, os.path.basename(os.path.normpath(model_path)), version=model_version)
+        # A served model's channels are unknown here; images are sent as their original bytes.
+        client.channels, client.ndim = None, 2
+        return client
+    kind, path = resolve_model(model_path)
+    if kind == "export":
+        if tile or tta:
+            raise TfsegError(f"{model_path}: --tile/--tta need a run directory; exports resize in the graph")
+        return SavedModelPredictor(path)
+    return KerasPredictor(path, tile=tile, tta=tta, overlap=overlap, batch_size=batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# The job.
+# --------------------------------------------------------------------------------------------
+
+
+def _predict_batch(predictor, batch: Sequence[tuple[str, str, str]], output_dir: str) -> list[dict]:
+    """Predicts and writes one batch of inputs; returns a result record per input."""
+    results = []
+    images = [item for item in batch if item[1] == "image"]
+    volumes = [item for item in batch if item[1] == "volume"]
+    if images:
+        datas = []
+        for path, _, _ in images:
+            with open(path, "rb") as f:
+                datas.append(f.read())
+        try:
+            masks = predictor.predict_images(datas)
+        except ValueError as e:
+            masks = None
+            if len(images) == 1:
+                results.append({"input": images[0][0], "error": str(e)})
+            else:
+                # One bad image fails the whole batch in the graph; find it by going one by one.
+                for item in images:
+                    results.extend(_predict_batch(predictor, [item], output_dir))
+        for (path, _, stem), mask in zip(images, masks or []):
+            with open(os.path.join(output_dir, stem + ".png"), "wb") as f:
+                f.write(encode_png(mask))
+            results.append({"input": path, "output": stem + ".png", "shape": list(mask.shape)})
+    for path, _, stem in volumes:
+        try:
+            if getattr(predictor, "ndim", 2) != 3:
+                raise ValueError("volumes need a 3D model (a local run or export directory)")
+            volume, img = read_volume(path, predictor.channels)
+            mask = predictor.predict_volume(volume)
+            write_volume_mask(os.path.join(output_dir, stem + ".nii.gz"), mask, img)
+            results.append({"input": path, "output": stem + ".nii.gz", "shape": list(mask.shape)})
+        except ValueError as e:
+            results.append({"input": path, "error": str(e)})
+    return results
+
+
+def _beam_predict(model_path, items, output_dir, *, runner, beam_args, batch_size, predictor_kwargs) -> list[dict]:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    class PredictFiles(beam.DoFn):
+        """Loads the model once per worker, predicts batches of files, writes their masks."""
+
+        def setup(self):
+            self.predictor = make_predictor(model_path, **predictor_kwargs)
+            self.written = beam.metrics.Metrics.counter("tfseg_predict", "masks_written")
+            self.failed = beam.metrics.Metrics.counter("tfseg_predict", "inputs_failed")
+
+        def process(self, batch):
+            for r in _predict_batch(self.predictor, batch, output_dir):
+                (self.failed if "error" in r else self.written).inc()
+                yield json.dumps(r)
+
+    results_prefix = os.path.join(output_dir, ".beam-results")
+    options = PipelineOptions(list(beam_args), runner=runner)
+    with beam.Pipeline(options=options) as p:
+        _ = (
+            p
+            | "ListInputs" >> beam.Create([tuple(i) for i in items])
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_size)
+            | "Predict" >> beam.ParDo(PredictFiles())
+            | "WriteResults" >> beam.io.WriteToText(results_prefix, file_name_suffix=".jsonl")
+        )
+    results = []
+    for name in sorted(os.listdir(output_dir)):
+        if name.startswith(".beam-results"):
+            path = os.path.join(output_dir, name)
+            with open(path) as f:
+                results.extend(json.loads(line) for line in f if line.strip())
+            os.unlink(path)
+    return results
+
+
+def run_predict(
+    model_path: str,
+    input_dir: str,
+    output_dir: str,
+    *,
+    batch_size: int = 8,
+    server: str | None = None,
+    grpc: bool = False,
+    model_version: int | None = None,
+    runner: str | None = None,
+    beam_args: Iterable[str] = (),
+    tile: bool = False,
+    tta: bool = False,
+    overlap: float | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Writes a mask for every image and volume in ``input_dir`` to ``output_dir``.
+
+    Args:
+      model_path: export version dir, export NAME dir, or RUN_DIR; with ``server``, the served
+        model's NAME (a path's last component is used).
+      input_dir: directory of images and/or NIfTI volumes.
+      output_dir: published atomically; refused when it exists unless ``overwrite``.
+      batch_size: images per model call (per request with ``server``).
+      server: ``HOST:PORT`` of a running TF Serving server (REST port, or gRPC port with ``grpc``).
+      model_version: the served version (default: the server's latest).
+      runner: a Beam runner name to run the job as a Beam pipeline.
+      beam_args: extra Beam pipeline options.
+      tile, tta, overlap: sliding-window / flip-TTA inference (RUN_DIR only).
+      progress: called with the number of inputs finished after each batch.
+
+    Returns:
+      Summary dict: ``written``, ``failed`` (list of {input, error}), ``output``, ``seconds``,
+      ``model``; also written as ``predict_summary.json``.
+    """
+    if batch_size < 1:
+        raise TfsegError(f"--batch-size {batch_size}: must be >= 1")
+    items = list_inputs(input_dir)
+    start = time.time()
+    predictor_kwargs = dict(server=server, grpc=grpc, tile=tile, tta=tta, overlap=overlap,
+                            batch_size=batch_size, model_version=model_version)
+    with atomic_output_dir(output_dir, overwrite=overwrite, complete_marker=SUMMARY_JSON) as tmp:
+        if runner:
+            if not server:
+                resolve_model(model_path)  # fail on a bad path before starting the pipeline
+            results = _beam_predict(model_path, items, tmp, runner=runner, beam_args=beam_args,
+                                    batch_size=batch_size, predictor_kwargs=predictor_kwargs)
+            if progress:
+                progress(len(items))
+        else:
+            predictor = make_predictor(model_path, **predictor_kwargs)
+            results = []
+            for i in range(0, len(items), batch_size):
+                batch = items[i : i + batch_size]
+                results.extend(_predict_batch(predictor, batch, tmp))
+                if progress:
+                    progress(len(batch))
+        failed = [r for r in results if "error" in r]
+        for r in failed:
+            logger.warning("%s: %s", r["input"], r["error"])
+        summary = {
+            "model": model_path if server else os.path.abspath(model_path),
+            "server": server,
+            "input": os.path.abspath(input_dir),
+            "output": os.path.abspath(output_dir),
+            "written": len(results) - len(failed),
+            "failed": failed,
+            "seconds": round(time.time() - start, 3),
+        }
+        with open(os.path.join(tmp, SUMMARY_JSON), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
