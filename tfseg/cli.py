@@ -50,11 +50,212 @@ def cli(verbose: bool) -> None:
 
 # --- sample/convert commands (owned by the sample/convert stage) ---
 
+
+@cli.command()
+@click.option("--dataset", "dataset", required=True, help="Layout: carvana, isic, voc, ccp, folder, msd-brain, brats.")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder to write the sample to.")
+@click.option("--count", default=32, show_default=True, type=click.IntRange(min=1), help="Number of cases.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
+def sample(dataset: str, output: str, count: int, seed: int) -> None:
+    """Write a small synthetic dataset in a layout's original file formats."""
+    from tfseg.convert import get_layout_class
+
+    if os.path.isdir(output) and os.listdir(output):
+        raise TfsegError(f"{output}: folder is not empty; choose a new --output")
+    get_layout_class(dataset).make_sample(output, count, seed)
+    click.echo(f"wrote {count} {dataset} sample cases to {output}")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--dataset", "dataset", required=True, help="Layout: carvana, isic, voc, ccp, folder, msd-brain, brats.")
+@click.option("--input", "input_dir", required=True, help="The dataset's root, in its original layout.")
+@click.option("--output", required=True, help="Output folder (shards + dataset.json), published atomically.")
+@click.option("--split", default="train=0.8,val=0.1,test=0.1", show_default=True,
+              help="Fractions for layouts without an official split (by stable hash of the case/group id).")
+@click.option("--image-size", default=None, help="Resize 2D images to HxW (bilinear; masks nearest).")
+@click.option("--num-shards", default=None, type=click.IntRange(min=1),
+              help="Shards per split (default: ~150 MB each).")
+@click.option("--compression", default="none", show_default=True,
+              type=click.Choice(["none", "gzip"], case_sensitive=False))
+@click.option("--strict", is_flag=True, help="Fail (nothing written) if any case is rejected.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing complete output.")
+@click.option("--image-dir", default=None, help="folder: images folder, relative to --input.")
+@click.option("--mask-dir", default=None, help="folder: masks folder, relative to --input.")
+@click.option("--mask-suffix", default=None, help="folder: mask stem = image stem + suffix (e.g. _mask).")
+@click.option("--num-classes", default=None, type=int, help="folder: classes including background.")
+@click.option("--ignore-index", default=None, type=int, help="folder: label value to ignore (e.g. 255).")
+@click.option("--palette", default=None, type=click.Path(dir_okay=False), help="folder: JSON colour -> class id.")
+@click.option("--label-set", default=None, help="ccp: 'seed' (14 classes, default) or 'full' (59).")
+@click.pass_context
+def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, compression, strict, overwrite,
+            image_dir, mask_dir, mask_suffix, num_classes, ignore_index, palette, label_set) -> None:
+    """Convert a dataset from its original layout into sharded TFRecords + dataset.json (Apache Beam).
+
+    Extra arguments go to Beam's PipelineOptions, e.g. --direct_num_workers=2 or
+    --runner=DataflowRunner ...
+    """
+    from tfseg.config import parse_size
+    from tfseg.convert.pipeline import run_convert
+
+    takes_value = False
+    for arg in ctx.args:
+        if arg.startswith("-"):
+            takes_value = "=" not in arg
+        elif takes_value:
+            takes_value = False
+        else:
+            raise TfsegError(f"unexpected argument {arg!r} (Beam options look like --name=value)")
+    layout_options = {"image_dir": image_dir, "mask_dir": mask_dir, "mask_suffix": mask_suffix,
+                      "num_classes": num_classes, "ignore_index": ignore_index, "palette": palette,
+                      "label_set": label_set}
+    summary = run_convert(
+        dataset, input_dir, output,
+        layout_options={k: v for k, v in layout_options.items() if v is not None},
+        split=split, image_size=parse_size(image_size), num_shards=num_shards,
+        compression="" if compression.lower() == "none" else compression, strict=strict,
+        overwrite=overwrite, beam_args=list(ctx.args),
+    )
+    counts = ", ".join(f"{s} {n}" for s, n in summary["splits"].items())
+    click.echo(f"converted {dataset}: {counts}; rejected {summary['rejected']}"
+               f"{' (see rejected.jsonl)' if summary['rejected'] else ''} -> {summary['output']} "
+               f"({summary['seconds']:.1f} s)")
+
 # --- fit commands (owned by the fit stage) ---
+
+
+@cli.command("fit")
+@click.option("--data", "data", help="Converted dataset directory (has dataset.json).")
+@click.option("--model", help="unet | improved_unet | mobilenetv2_unet | dense_unet.")
+@click.option("--output", help="Run directory (RUN_DIR); re-running resumes it.")
+@click.option("--epochs", type=int, help="Total epochs (larger than a finished run's: continue).")
+@click.option("--batch-size", type=int, help="Global batch size (divisible by the replicas).")
+@click.option("--image-size", help="2D training size HxW.")
+@click.option("--patch-size", help="3D training patch DxHxW.")
+@click.option("--loss", help="bce | dice | bce_dice | ce | focal | tversky | ce_dice.")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "adadelta"]))
+@click.option("--learning-rate", type=float)
+@click.option("--schedule", type=click.Choice(["none", "cosine", "plateau"]))
+@click.option(
+    "--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16", "auto"])
+)
+@click.option("--cpu-replicas", type=int, help="Mirror over N logical CPU devices.")
+@click.option("--jit-compile/--no-jit-compile", default=None, help="XLA (default: on for GPUs).")
+@click.option("--steps-per-epoch", type=int)
+@click.option("--validation-split", help="Split to validate on (default val; '' for none).")
+@click.option("--augment", help='Augmentation as JSON, e.g. \'{"hflip": 0.5}\'.')
+@click.option("--early-stopping", type=int, help="Patience in epochs (0: off).")
+@click.option("--config", "config_file", type=click.Path(), help="YAML/JSON with a fit: section.")
+@click.option("--set", "overrides", multiple=True, help="KEY=VALUE override (repeatable), applied last.")
+def fit_cmd(config_file, overrides, **options):
+    """Train a model on a converted dataset into RUN_DIR (resumable)."""
+    from tfseg.train import build_config, run_fit
+
+    cfg = build_config(config_file, options, overrides)
+    run_dir = run_fit(cfg)
+    from tfseg.rundir import load_run_config
+
+    info = load_run_config(run_dir)
+    click.echo(
+        f"fit: {run_dir} ({info.get('model')}, {info.get('completed_epochs')} epochs, "
+        f"{info.get('precision')}, {info.get('replicas')} replica(s))"
+    )
+
 
 # --- evaluate commands (owned by the evaluate stage) ---
 
+
+@cli.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A `tfseg fit` RUN_DIR.")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="A converted dataset.")
+@click.option("--split", default="test", show_default=True, help="The split to score.")
+@click.option("--output", required=True, type=click.Path(), help="Directory for metrics.json, report.md, PNGs.")
+@click.option("--samples", default=8, show_default=True, type=click.IntRange(0), help="Examples in samples.png.")
+@click.option("--tile", is_flag=True, help="2D: tile at the training size instead of resizing to it.")
+@click.option("--tta", is_flag=True, help="Flip test-time augmentation.")
+@click.option("--max-examples", type=click.IntRange(1), default=None, help="Score only the first N examples.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing complete output.")
+def evaluate(run_dir, data_dir, split, output, samples, tile, tta, max_examples, overwrite):
+    """Score a fit run on a split at the original resolution: tables and pictures."""
+    from tfseg import schema
+    from tfseg.evaluate import run_evaluate
+
+    info = schema.load_dataset_info(data_dir)
+    total = info.splits.get(split, {}).get("count") or 0
+    if max_examples:
+        total = min(total, max_examples) if total else max_examples
+    with click.progressbar(length=max(total, 1), label=f"evaluating {split}", file=sys.stderr) as bar:
+        m = run_evaluate(
+            run_dir, data_dir, split, output, num_samples=samples, tile=tile, tta=tta,
+            max_examples=max_examples, overwrite=overwrite, progress=bar.update,
+        )
+    ds, pi = m["dataset_level"], m["per_image_mean"]
+    line = f"{output}: {m['num_images']} images, mean IoU {_eval_fmt(ds['mean_iou'])} (dataset-level), "
+    line += f"{_eval_fmt(pi['mean_iou'])} (per-image mean)"
+    if "binary" in m:
+        line += f", Dice {_eval_fmt(m['binary']['foreground_dice'])}, "
+        line += f"thresholded Jaccard {_eval_fmt(m['binary']['thresholded_jaccard'])}"
+    for name, r in m.get("regions", {}).get("mean", {}).items():
+        line += f", {name} Dice {_eval_fmt(r['dice'])} HD95 {_eval_fmt(r['hd95_mm'], 2)} mm"
+    click.echo(line)
+
+
+def _eval_fmt(v, digits: int = 4) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
 # --- export/predict commands (owned by the export/predict stage) ---
+
+
+@cli.command("export")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A `tfseg fit` RUN_DIR.")
+@click.option("--output", "export_base", required=True, type=click.Path(file_okay=False),
+              help="EXPORT_BASE: holds NAME/VERSION/ and models.config.")
+@click.option("--name", required=True, help="The model name TF Serving serves it under.")
+@click.option("--version", "version", type=click.IntRange(1), default=None,
+              help="Version number (default: highest existing + 1).")
+@click.option("--max-pixels", type=click.IntRange(1), default=None,
+              help="Largest image (height x width) the 2D signatures accept [default: 40000000].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing VERSION directory.")
+def export_cmd(run_dir, export_base, name, version, max_pixels, overwrite):
+    """Export a fit run as a TF Serving SavedModel (decode, resize, threshold in the graph)."""
+    from tfseg import export
+
+    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+    path = export.run_export(run_dir, export_base, name, version, overwrite=overwrite, **kwargs)
+    click.echo(f"{path}: exported {name} version {os.path.basename(path)}; serve it with the command in "
+               f"{os.path.join(export_base, name, 'README.md')}")
+
+
+@cli.command("predict")
+@click.option("--model", "model_path", required=True,
+              help="Export version dir, export NAME dir (latest version) or RUN_DIR; with --server, the served NAME.")
+@click.option("--input", "input_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory of images (.jpg .png .gif .bmp) and/or NIfTI volumes.")
+@click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for STEM.png / STEM.nii.gz masks.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Inputs per model call.")
+@click.option("--server", default=None, metavar="HOST:PORT", help="Use a running TF Serving server (REST).")
+@click.option("--grpc", is_flag=True, help="With --server: use gRPC (needs tensorflow-serving-api).")
+@click.option("--model-version", type=click.IntRange(1), default=None, help="With --server: the served version.")
+@click.option("--runner", default=None, help="Run as a Beam pipeline on this runner (e.g. DirectRunner).")
+@click.option("--beam-arg", "beam_args", multiple=True, help="Extra Beam pipeline option (repeatable).")
+@click.option("--tile", is_flag=True, help="RUN_DIR, 2D: tile at the training size instead of resizing.")
+@click.option("--tta", is_flag=True, help="RUN_DIR: flip test-time augmentation.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing complete output.")
+def predict_cmd(model_path, input_dir, output_dir, batch_size, server, grpc, model_version, runner, beam_args,
+                tile, tta, overwrite):
+    """Write a mask for every image or volume in a directory."""
+    from tfseg.predict import list_inputs, run_predict
+
+    total = len(list_inputs(input_dir))
+    with click.progressbar(length=total, label="predicting", file=sys.stderr) as bar:
+        s = run_predict(
+            model_path, input_dir, output_dir, batch_size=batch_size, server=server, grpc=grpc,
+            model_version=model_version, runner=runner, beam_args=beam_args, tile=tile, tta=tta,
+            overwrite=overwrite, progress=bar.update,
+        )
+    click.echo(f"{output_dir}: {s['written']} masks written, {len(s['failed'])} failed, {s['seconds']:.1f} s"
+               + (f" (see {os.path.join(output_dir, 'predict_summary.json')})" if s["failed"] else ""))
 
 # --- run/demo commands (owned by the run/demo stage) ---
 

@@ -1,0 +1,470 @@
+"""Tests of the fit stage (tfseg.train, tfseg.runtime, `tfseg fit`).
+
+Tiny converted datasets are written here with tfseg.schema (the helpers below are also used by
+tests/test_multiworker.py and by the subprocess scripts). Paths that need a fresh TensorFlow
+(logical CPU devices, kill -9) run in subprocesses.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tfseg import runtime, schema
+from tfseg.errors import TfsegError
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def squares(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """One easy binary example: a bright square (mask 1) on a dark, noisy background.
+
+    Returns:
+      image (size, size, 3) uint8 and mask (size, size) uint8 in {0, 1}.
+    """
+    image = rng.integers(0, 60, size=(size, size, 3)).astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    side = int(rng.integers(size // 4, size // 2 + 1))
+    y, x = rng.integers(0, size - side + 1, size=2)
+    mask[y : y + side, x : x + side] = 1
+    image[mask == 1] = rng.integers(180, 256, size=(int(mask.sum()), 3)).astype(np.uint8)
+    return image, mask
+
+
+def write_2d_dataset(root: str, splits: dict[str, int], *, size: int = 32, seed: int = 0) -> str:
+    """Writes a binary 2D 'squares' dataset: one shard per split plus dataset.json."""
+    import tensorflow as tf
+
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    info_splits, counts = {}, {}
+    for split, n in splits.items():
+        name = f"{split}-00000-of-00001.tfrecord"
+        pix = np.zeros(2, np.int64)
+        with tf.io.TFRecordWriter(os.path.join(root, name)) as w:
+            for i in range(n):
+                image, mask = squares(rng, size)
+                pix += np.bincount(mask.ravel(), minlength=2)
+                w.write(
+                    schema.encode_example_2d(
+                        image_bytes=_png(image), image_format="png", height=size, width=size,
+                        channels=3, mask_png=_png(mask), source_id=f"{split}{i}",
+                    )
+                )
+        info_splits[split] = {"count": n, "files": [name]}
+        counts[split] = pix.tolist()
+    hw = {"min": size, "max": size, "mean": size}
+    info = schema.DatasetInfo(
+        name="squares", ndim=2, channels=3, num_classes=2, class_names=["background", "square"],
+        splits=info_splits, class_pixel_counts=counts,
+        size_summary={s: {"height": hw, "width": hw} for s in splits}, image_format="png",
+    )
+    with open(os.path.join(root, schema.DATASET_JSON), "w") as f:
+        f.write(info.to_json())
+    return root
+
+
+def write_3d_dataset(root: str, n: int = 2, *, size: int = 16, seed: int = 0) -> str:
+    """Writes a 3-class 3D dataset of ``n`` training cubes (one channel)."""
+    import tensorflow as tf
+
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    name = "train-00000-of-00001.tfrecord"
+    with tf.io.TFRecordWriter(os.path.join(root, name)) as w:
+        for i in range(n):
+            label = np.zeros((size,) * 3, np.uint8)
+            label[4:12, 4:12, 4:12] = 1
+            label[6:10, 6:10, 6:10] = 2
+            volume = (label[..., None] + rng.normal(0, 0.3, label.shape + (1,))).astype(np.float32)
+            w.write(schema.encode_example_3d(volume=volume, label=label, spacing=(1, 1, 1), source_id=f"c{i}"))
+    info = schema.DatasetInfo(
+        name="cubes", ndim=3, channels=1, num_classes=3, class_names=["bg", "outer", "inner"],
+        splits={"train": {"count": n, "files": [name]}},
+    )
+    with open(os.path.join(root, schema.DATASET_JSON), "w") as f:
+        f.write(info.to_json())
+    return root
+
+
+def read_split_numpy(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All (images float32 (N,H,W,C), masks int (N,H,W)) of a 2D split, decoded independently."""
+    import tensorflow as tf
+    from PIL import Image
+
+    info = schema.load_dataset_info(data_dir)
+    images, masks = [], []
+    for path in info.split_files(split, data_dir):
+        for rec in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            ex = tf.train.Example.FromString(rec).features.feature
+            images.append(np.asarray(Image.open(io.BytesIO(ex[schema.IMAGE_ENCODED].bytes_list.value[0]))))
+            masks.append(np.asarray(Image.open(io.BytesIO(ex[schema.MASK_ENCODED].bytes_list.value[0]))))
+    return np.stack(images).astype(np.float32), np.stack(masks).astype(np.int64)
+
+
+def tiny_fit_config(data: str, output: str, **kw) -> dict:
+    """run_fit config of a 4-filter, depth-2 U-Net at 32x32, silent."""
+    cfg = {
+        "data": data, "model": "unet", "output": output, "image_size": "32x32", "epochs": 2,
+        "batch_size": 4, "model_kwargs": {"depth": 2, "base_filters": 4}, "verbose": 0,
+        "tensorboard": False, "seed": 1,
+    }
+    cfg.update(kw)
+    return cfg
+
+
+
+
+def fit(cfg: dict, **kw) -> str:
+    from tfseg.train import run_fit
+
+    return run_fit(cfg, **kw)
+
+
+def history_rows(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "history.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_script(script: str, *, env=None, timeout=240) -> subprocess.CompletedProcess:
+    """Runs python code in a fresh interpreter (fresh TensorFlow) with tests/ importable."""
+    full_env = dict(os.environ, PYTHONPATH=TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    full_env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def numpy_binary_dice(probs: np.ndarray, masks: np.ndarray) -> float:
+    pred = probs[..., 0] > 0.5
+    true = masks == 1
+    return float(2 * (pred & true).sum() / (pred.sum() + true.sum()))
+
+
+@pytest.fixture(scope="module")
+def squares_data(tmp_path_factory):
+    return write_2d_dataset(str(tmp_path_factory.mktemp("squares")), {"train": 16, "val": 8})
+
+
+# --------------------------------------------------------------------------------------------
+# Config (no TensorFlow)
+# --------------------------------------------------------------------------------------------
+
+
+def test_fit_config_defaults_types_and_unknown_keys():
+    from tfseg.train import FitConfig
+
+    cfg = FitConfig.from_dict({"fit": {"data": "d", "model": "unet", "output": "o", "epochs": "3",
+                                       "image_size": "64x32", "jit_compile": "auto", "augment": '{"hflip": 0.5}'}})
+    assert (cfg.epochs, cfg.image_size, cfg.augment, cfg.batch_size) == (3, (64, 32), {"hflip": 0.5}, 8)
+    with pytest.raises(TfsegError, match="unknown key 'epoch'"):
+        FitConfig.from_dict({"data": "d", "model": "unet", "output": "o", "epoch": 3})
+    with pytest.raises(TfsegError, match="optimizer 'rmsprop'"):
+        FitConfig.from_dict({"data": "d", "model": "unet", "output": "o", "optimizer": "rmsprop"})
+    with pytest.raises(TfsegError, match="epochs = 'many'"):
+        FitConfig.from_dict({"data": "d", "model": "unet", "output": "o", "epochs": "many"})
+    with pytest.raises(TfsegError, match="'output' is required"):
+        FitConfig.from_dict({"data": "d", "model": "unet"})
+
+
+def test_build_config_precedence_file_then_options_then_set(tmp_path):
+    from tfseg.train import build_config
+
+    path = tmp_path / "p.yaml"
+    path.write_text("dataset: x\nfit:\n  model: unet\n  epochs: 5\n  batch_size: 4\n  model_kwargs: {depth: 3}\n")
+    cfg = build_config(str(path), {"epochs": 7, "loss": None}, ["fit.batch_size=2", "model_kwargs.base_filters=4"])
+    assert cfg == {"model": "unet", "epochs": 7, "batch_size": 2, "model_kwargs": {"depth": 3, "base_filters": 4}}
+    flat = tmp_path / "f.json"
+    flat.write_text(json.dumps({"model": "dense_unet", "epochs": 1}))
+    assert build_config(str(flat), {}, ["epochs=9"]) == {"model": "dense_unet", "epochs": 9}
+
+
+def test_precision_and_jit_selection(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_text("processor : 0\nflags : fpu sse avx2 avx512f\n")
+    amx = tmp_path / "amx"
+    amx.write_text("processor : 0\nflags : fpu avx512f amx_bf16 amx_tile\n")
+    bf16 = tmp_path / "bf16"
+    bf16.write_text("processor : 0\nflags : fpu avx512f avx512_bf16\n")
+    assert runtime.resolve_precision("auto", num_gpus=0, cpuinfo=str(plain)) == "float32"
+    assert runtime.resolve_precision("auto", num_gpus=0, cpuinfo=str(amx)) == "mixed_bfloat16"
+    assert runtime.resolve_precision("auto", num_gpus=0, cpuinfo=str(bf16)) == "mixed_bfloat16"
+    assert runtime.resolve_precision("auto", num_gpus=1, cpuinfo=str(plain)) == "mixed_float16"
+    assert runtime.resolve_precision("float32", num_gpus=1) == "float32"
+    with pytest.raises(TfsegError, match="half"):
+        runtime.resolve_precision("half", num_gpus=0)
+    assert runtime.resolve_jit_compile("auto", num_gpus=0) is False
+    assert runtime.resolve_jit_compile("auto", num_gpus=2) is True
+    assert runtime.resolve_jit_compile(True, num_gpus=0) is True
+
+
+def test_chief_selection_from_tf_config(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert runtime.is_chief()
+    cluster = {"worker": ["localhost:1", "localhost:2"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}}))
+    assert not runtime.is_chief()
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    assert runtime.is_chief()
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(TfsegError, match="TF_CONFIG"):
+        runtime.tf_config()
+
+
+def test_trim_history_keeps_one_row_per_finished_epoch(tmp_path):
+    from tfseg.train import trim_history
+
+    (tmp_path / "history.csv").write_text("epoch,loss\n0,0.9\n1,0.8\n1,0.7\n2,0.6\n")
+    rows = trim_history(str(tmp_path), 2)
+    assert [(r["epoch"], r["loss"]) for r in rows] == [("0", "0.9"), ("1", "0.7")]
+    assert (tmp_path / "history.csv").read_text() == "epoch,loss\n0,0.9\n1,0.7\n"
+    assert trim_history(str(tmp_path), 0) == [] and not (tmp_path / "history.csv").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input, reported before training
+# --------------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_one_line_error_before_training(tmp_path, squares_data):
+    out = str(tmp_path / "run")
+    cases = [
+        (tiny_fit_config(str(tmp_path), out), "no dataset.json"),
+        (tiny_fit_config(squares_data, out, patch_size="16x16x16", image_size=None), "2D dataset"),
+        (tiny_fit_config(squares_data, out, num_classes=3), "num_classes=2"),
+        (tiny_fit_config(squares_data, out, image_size="30x30"), "multiples of 4"),
+        (tiny_fit_config(squares_data, out, model="nope"), "unknown model"),
+        (tiny_fit_config(squares_data, out, batch_size=32), "fewer than one global batch"),
+        (tiny_fit_config(squares_data, out, validation_split="test"), "no split 'test'"),
+        (tiny_fit_config(squares_data, squares_data), "not a tfseg run"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(TfsegError, match=message) as e:
+            fit(cfg)
+        assert "\n" not in str(e.value)
+        assert not os.path.exists(out)
+
+
+def test_model_of_the_wrong_dimensionality_is_refused(tmp_path):
+    data = write_3d_dataset(str(tmp_path / "cubes"))
+    cfg = tiny_fit_config(data, str(tmp_path / "run"), model="mobilenetv2_unet", image_size=None, patch_size="16x16x16")
+    with pytest.raises(TfsegError, match="3D"):
+        fit(cfg)
+    assert not os.path.exists(tmp_path / "run")
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def test_fit_writes_run_dir_then_noop_then_continues(tmp_path, squares_data, caplog):
+    import logging
+
+    import keras
+
+    from tfseg import rundir
+
+    out = str(tmp_path / "run")
+    assert fit(tiny_fit_config(squares_data, out)) == out
+    info = rundir.load_run_config(out)
+    for key in ("model", "model_kwargs", "ndim", "channels", "num_classes", "binary", "class_names",
+                "ignore_index", "regions", "image_size", "data_dir", "config"):
+        assert key in info, key
+    assert info["image_size"] == [32, 32] and info["binary"] and info["completed_epochs"] == 2
+    assert info["config"]["epochs"] == 2 and info["monitor"] == "val_mean_iou"
+    assert info["precision"] == runtime.resolve_precision("auto", num_gpus=0)
+    assert [r["epoch"] for r in history_rows(out)] == ["0", "1"]
+    for name in ("model.keras", "checkpoints/best.keras", "checkpoints/last.keras"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    # model.keras is the best epoch by val_mean_iou: it scores that on the val split.
+    model = rundir.load_model(out)
+    assert model.output_shape == (None, 32, 32, 1)
+    best = max(float(r["val_mean_iou"]) for r in history_rows(out))
+    x, y = read_split_numpy(squares_data, "val")
+    cm = np.bincount((y.ravel() * 2 + (model.predict(x, verbose=0)[..., 0] > 0.5).ravel()), minlength=4).reshape(2, 2)
+    iou = np.diag(cm) / (cm.sum(0) + cm.sum(1) - np.diag(cm))
+    assert abs(np.nanmean(iou) - best) < 1e-3
+    assert keras.config.dtype_policy().name == "float32"  # the policy is restored
+
+    mtime = os.path.getmtime(os.path.join(out, "model.keras"))
+    with caplog.at_level(logging.INFO, logger="tfseg.train"):
+        fit(tiny_fit_config(squares_data, out))
+    assert "nothing to do" in caplog.text
+    assert os.path.getmtime(os.path.join(out, "model.keras")) == mtime
+
+    seen = []
+    recorder = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: seen.append(epoch))
+    fit(tiny_fit_config(squares_data, out, epochs=3), callbacks=[recorder])
+    assert seen == [2]
+    assert [r["epoch"] for r in history_rows(out)] == ["0", "1", "2"]
+    assert rundir.load_run_config(out)["completed_epochs"] == 3
+
+    with pytest.raises(TfsegError, match="model_kwargs"):
+        fit(tiny_fit_config(squares_data, out, epochs=4, model_kwargs={"depth": 1, "base_filters": 4}))
+
+
+def test_short_fit_learns_squares(tmp_path):
+    from tfseg import rundir
+
+    data = write_2d_dataset(str(tmp_path / "data"), {"train": 32, "val": 8}, seed=3)
+    out = fit(tiny_fit_config(data, str(tmp_path / "run"), epochs=8, steps_per_epoch=20, batch_size=8,
+                              learning_rate=0.01, loss="bce_dice"))
+    losses = [float(r["loss"]) for r in history_rows(out)]
+    assert losses[-1] < 0.6 * losses[0]
+    x, y = read_split_numpy(data, "val")
+    dice = numpy_binary_dice(rundir.load_model(out).predict(x, verbose=0), y)
+    assert dice > 0.9, dice
+
+
+def test_mixed_float16_wraps_the_optimizer_in_loss_scaling(tmp_path, squares_data):
+    import keras
+
+    found = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            found["optimizer"] = type(self.model.optimizer).__name__
+            found["compute"] = self.model.layers[-2].compute_dtype
+
+    out = str(tmp_path / "run")
+    fit(tiny_fit_config(squares_data, out, epochs=1, steps_per_epoch=1, precision="mixed_float16",
+                        validation_split=None), callbacks=[Probe()])
+    assert found["optimizer"] == "LossScaleOptimizer"
+    assert json.load(open(os.path.join(out, "run.json")))["precision"] == "mixed_float16"
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_resume_after_kill_9_continues_at_the_right_epoch(tmp_path, squares_data):
+    out = str(tmp_path / "run")
+    cfg = tiny_fit_config(squares_data, out, epochs=3)
+    # SIGKILL in the middle of the second epoch: epoch 0 is finished and backed up.
+    proc = run_script(f"""
+        import os, signal, keras
+        from tfseg.train import run_fit
+        class Kill(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if self.epoch == 1 and batch == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            def on_epoch_begin(self, epoch, logs=None):
+                self.epoch = epoch
+        run_fit({cfg!r}, callbacks=[Kill()])
+    """)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [r["epoch"] for r in history_rows(out)] == ["0"]
+    assert not os.path.exists(os.path.join(out, "model.keras"))
+
+    import keras
+
+    seen = []
+    fit(cfg, callbacks=[keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: seen.append(e))])
+    assert seen == [1, 2]
+    assert [r["epoch"] for r in history_rows(out)] == ["0", "1", "2"]
+    assert os.path.isfile(os.path.join(out, "model.keras"))
+
+
+@pytest.mark.slow  # ~45 s: a fresh TensorFlow with 2 logical CPUs, bf16 emulated on this CPU
+def test_mirrored_two_cpu_replicas_bf16_metrics_agree_with_one_replica(tmp_path, squares_data):
+    out = str(tmp_path / "run")
+    cfg = tiny_fit_config(squares_data, out, epochs=1, cpu_replicas=2, precision="mixed_bfloat16")
+    proc = run_script(f"""
+        import json
+        import keras, numpy as np, tensorflow as tf
+        from tfseg.errors import TfsegError
+        from tfseg.train import run_fit
+        from tfseg import rundir
+        from tfseg.data import make_dataset
+        from tfseg.metrics import default_metrics
+        cfg = {cfg!r}
+        try:
+            run_fit(dict(cfg, batch_size=3))
+        except TfsegError as e:
+            odd = str(e)
+        run_fit(cfg)
+        ds = make_dataset(cfg["data"], "val", batch_size=4, training=False, image_size=(32, 32))
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
+        def evaluate(scope):
+            with scope:
+                model = rundir.load_model(cfg["output"])
+                model.compile(loss="binary_crossentropy", metrics=default_metrics(2))
+            return model.evaluate(ds, return_dict=True, verbose=0), model
+        two, _ = evaluate(strategy.scope())
+        one, model = evaluate(tf.distribute.get_strategy().scope())
+        probs = np.concatenate([model.predict(x, verbose=0) for x, _ in ds])
+        print("RESULT", json.dumps({{"odd": odd, "two": two, "one": one, "replicas": strategy.num_replicas_in_sync,
+                                   "probs": probs[..., 0].tolist()}}))
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert "divisible by the 2 replicas" in result["odd"]
+    info = json.load(open(os.path.join(out, "run.json")))
+    assert (info["replicas"], info["strategy"], info["precision"]) == (2, "MirroredStrategy", "mixed_bfloat16")
+    assert result["replicas"] == 2
+    for key in ("mean_iou", "dice"):
+        assert abs(result["two"][key] - result["one"][key]) < 1e-6, (key, result)
+    # And both equal the numpy score of the same weights' predictions.
+    _, y = read_split_numpy(squares_data, "val")
+    pred = np.asarray(result["probs"]) > 0.5
+    cm = np.bincount((y.ravel() * 2 + pred.ravel()), minlength=4).reshape(2, 2)
+    iou = np.diag(cm) / np.maximum(cm.sum(0) + cm.sum(1) - np.diag(cm), 1)
+    assert abs(result["one"]["mean_iou"] - iou.mean()) < 1e-4
+
+
+def test_cli_fit_end_to_end(tmp_path, squares_data):
+    from click.testing import CliRunner
+
+    from tfseg.cli import cli
+
+    out = str(tmp_path / "run")
+    config = tmp_path / "fit.yaml"
+    config.write_text("fit:\n  model: dense_unet\n  epochs: 3\n  model_kwargs: {base_filters: 4}\n")
+    args = ["fit", "--data", squares_data, "--model", "unet", "--output", out, "--config", str(config),
+            "--epochs", "1", "--batch-size", "4", "--image-size", "32x32", "--optimizer", "sgd",
+            "--set", "model_kwargs.depth=2", "--set", "verbose=0", "--set", "tensorboard=false",
+            "--set", "fit.seed=2"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert f"fit: {out}" in result.output
+    info = json.load(open(os.path.join(out, "run.json")))
+    assert info["model"] == "unet" and info["model_kwargs"] == {"base_filters": 4, "depth": 2}
+    assert info["config"]["optimizer"] == "sgd" and info["config"]["epochs"] == 1 and info["config"]["seed"] == 2
+    assert len(history_rows(out)) == 1
+
+    bad = CliRunner().invoke(cli, ["fit", "--data", str(tmp_path), "--model", "unet", "--output", out])
+    assert bad.exit_code == 2 and bad.output.startswith("error: ") and "dataset.json" in bad.output
+    bad = CliRunner().invoke(cli, args + ["--set", "epoch=3"])
+    assert bad.exit_code == 2 and "unknown key 'epoch'" in bad.output
+
+
+def test_fit_3d_patches_writes_a_3d_model(tmp_path):
+    from tfseg import rundir
+
+    data = write_3d_dataset(str(tmp_path / "cubes"), n=2)
+    out = fit(tiny_fit_config(data, str(tmp_path / "run"), image_size=None, patch_size="16x16x16", epochs=1,
+                              batch_size=2, steps_per_epoch=2))
+    info = rundir.load_run_config(out)
+    assert info["patch_size"] == [16, 16, 16] and "image_size" not in info and info["loss"] == "ce_dice"
+    assert rundir.load_model(out).output_shape == (None, 16, 16, 16, 3)
+    assert [r["epoch"] for r in history_rows(out)] == ["0"]

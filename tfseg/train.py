@@ -1,0 +1,783 @@
+"""The fit stage: a converted dataset in, a trained RUN_DIR out (see :mod:`tfseg.rundir`).
+
+``run_fit(config)`` resolves a :class:`FitConfig`, checks it against the dataset's
+``dataset.json`` (dimensionality, class count, sizes the model can take, batch vs replicas) before
+anything trains, writes ``RUN_DIR/run.json``, builds and compiles the model inside the
+tf.distribute strategy's scope under the chosen precision policy, and trains with Keras
+``model.fit`` (which distributes the global batches over the replicas).
+
+Resume: the Keras ``BackupAndRestore`` state in ``RUN_DIR/backup`` (kept after training) holds
+the weights, the optimizer state and the number of finished epochs. Re-running the same command
+after a crash continues from the last finished epoch; a larger ``epochs`` continues a finished
+run; the same ``epochs`` on a finished run does nothing. ``history.csv`` is trimmed to the
+finished epochs before training resumes, so it keeps exactly one row per epoch.
+
+Command line::
+
+    tfseg fit --data DATA_DIR --model unet --output RUN_DIR --image-size 256x256 --epochs 30
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from tfseg import rundir, runtime
+from tfseg.config import parse_size
+from tfseg.errors import TfsegError
+from tfseg.io_utils import atomic_write_json, atomic_write_text
+from tfseg.schema import DatasetInfo, load_dataset_info
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "adadelta")
+SCHEDULES = ("none", "cosine", "plateau")
+BACKUP_DIR = "backup"
+CHECKPOINT_DIR = "checkpoints"
+BEST_CHECKPOINT = "best.keras"
+LAST_CHECKPOINT = "last.keras"
+LOGS_DIR = "logs"
+_TRAINING_METADATA = "training_metadata.json"  # written by keras.callbacks.BackupAndRestore
+# Preference order when choosing the validation metric to monitor (substring of the metric name).
+_MONITOR_PREFERENCE = ("mean_iou", "iou", "dice")
+# run.json keys that must match for a run directory to be continued.
+_IDENTITY_KEYS = ("model", "model_kwargs", "ndim", "channels", "num_classes", "image_size", "patch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """Every setting of the fit stage (the ``fit:`` section of a config file).
+
+    Attributes:
+      data: converted dataset directory (has dataset.json).
+      model: model name in :data:`tfseg.models.MODELS`.
+      output: the run directory to write (RUN_DIR).
+      model_kwargs: extra arguments of the model builder (depth, base_filters, ...).
+      epochs: total number of epochs (a resumed run continues up to it).
+      batch_size: global batch size, split evenly across the replicas.
+      image_size: (H, W) training size for 2D data; defaults to the dataset's size when all its
+        training images share one, else 256x256.
+      patch_size: (D, H, W) training patch size for 3D data; default 64x64x64.
+      loss: loss name for :func:`tfseg.losses.get_loss`; None picks ``bce_dice`` (binary),
+        ``ce_dice`` (3D multi-class) or ``ce`` (2D multi-class).
+      loss_kwargs: extra arguments of the loss.
+      class_weights: None, ``"auto"`` (median-frequency weights from dataset.json pixel counts)
+        or one weight per class.
+      optimizer: adam | adamw | sgd | adadelta.
+      learning_rate: initial learning rate.
+      weight_decay: AdamW's decoupled weight decay.
+      momentum: SGD momentum.
+      schedule: none | cosine (to 0 over all epochs) | plateau (ReduceLROnPlateau).
+      plateau_factor, plateau_patience, min_learning_rate: the plateau schedule's settings.
+      precision: float32 | mixed_float16 | mixed_bfloat16 | auto (see :mod:`tfseg.runtime`).
+      cpu_replicas: mirror over this many logical CPU devices (0: automatic strategy).
+      jit_compile: XLA; True, False or ``"auto"`` (on for GPUs).
+      steps_per_epoch: training steps per epoch; None for one pass over the training split.
+      validation_split: the split to validate on; None/"" for none. A missing default ``val``
+        split only disables validation, an explicitly named missing split is an error.
+      validation_steps: validation steps; None for the whole split.
+      augment: augmentation settings for :func:`tfseg.data.make_dataset`, or None.
+      early_stopping: patience in epochs of the monitored metric; 0 disables.
+      monitor: the metric that picks the best checkpoint (e.g. ``val_mean_iou``); ``"auto"``.
+      num_classes: optional check against dataset.json.
+      seed: random seed for shuffling, augmentation and weight initialization.
+      deterministic: deterministic input order (slower).
+      cache: cache decoded training examples in memory.
+      tensorboard: write TensorBoard logs to RUN_DIR/logs.
+      verbose: Keras verbosity (1 = progress bar, 2 = one line per epoch, 0 = silent).
+    """
+
+    data: str = ""
+    model: str = ""
+    output: str = ""
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 8
+    image_size: tuple | None = None
+    patch_size: tuple | None = None
+    loss: str | None = None
+    loss_kwargs: dict = dataclasses.field(default_factory=dict)
+    class_weights: Any = None
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: str = "none"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+    min_learning_rate: float = 1e-6
+    precision: str = "auto"
+    cpu_replicas: int = 0
+    jit_compile: Any = "auto"
+    steps_per_epoch: int | None = None
+    validation_split: str | None = "val"
+    validation_steps: int | None = None
+    augment: dict | None = None
+    early_stopping: int = 0
+    monitor: str = "auto"
+    num_classes: int | None = None
+    seed: int | None = None
+    deterministic: bool = False
+    cache: bool = False
+    tensorboard: bool = True
+    verbose: int = 1
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "FitConfig":
+        """Builds a FitConfig from a flat mapping or one with a ``fit`` section.
+
+        Raises:
+          TfsegError: unknown keys, missing required keys or values of the wrong type.
+        """
+        if not isinstance(config, dict):
+            raise TfsegError(f"fit config: expected a mapping, got {type(config).__name__}")
+        section = config.get("fit") if isinstance(config.get("fit"), dict) else config
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - set(names))
+        if unknown:
+            raise TfsegError(
+                f"fit config: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(names))})"
+            )
+        values = {k: _coerce(k, v, names[k].default) for k, v in section.items()}
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Checks values that need no dataset.
+
+        Raises:
+          TfsegError: the first invalid value, named by its key.
+        """
+        for key in ("data", "model", "output"):
+            if not getattr(self, key):
+                raise TfsegError(f"fit config: {key!r} is required (--{key})")
+        if self.epochs < 1:
+            raise TfsegError(f"fit config: epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise TfsegError(f"fit config: batch_size must be >= 1, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TfsegError(f"fit config: optimizer {self.optimizer!r} not in {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise TfsegError(f"fit config: schedule {self.schedule!r} not in {', '.join(SCHEDULES)}")
+        if self.precision not in runtime.PRECISIONS:
+            raise TfsegError(
+                f"fit config: precision {self.precision!r} not in {', '.join(runtime.PRECISIONS)}"
+            )
+        if self.learning_rate <= 0:
+            raise TfsegError(f"fit config: learning_rate must be > 0, got {self.learning_rate}")
+        if self.cpu_replicas < 0:
+            raise TfsegError(f"fit config: cpu_replicas must be >= 0, got {self.cpu_replicas}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise TfsegError(f"fit config: steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+        if self.jit_compile not in (True, False, "auto", None):
+            raise TfsegError(f"fit config: jit_compile must be true, false or auto, got {self.jit_compile!r}")
+        if self.augment is not None and not isinstance(self.augment, dict):
+            raise TfsegError(f"fit config: augment must be a mapping, got {self.augment!r}")
+        if not isinstance(self.model_kwargs, dict) or not isinstance(self.loss_kwargs, dict):
+            raise TfsegError("fit config: model_kwargs and loss_kwargs must be mappings")
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (sizes as lists)."""
+        d = dataclasses.asdict(self)
+        for key in ("image_size", "patch_size"):
+            if d[key] is not None:
+                d[key] = list(d[key])
+        return d
+
+
+_INT_KEYS = {
+    "epochs", "batch_size", "plateau_patience", "cpu_replicas", "steps_per_epoch",
+    "validation_steps", "early_stopping", "num_classes", "seed", "verbose",
+}
+_FLOAT_KEYS = {"learning_rate", "weight_decay", "momentum", "plateau_factor", "min_learning_rate"}
+_BOOL_KEYS = {"deterministic", "cache", "tensorboard"}
+
+
+def _coerce(key: str, value, default):
+    """Converts one config value to its field's type (YAML and --set give ints/strings)."""
+    if value is None:
+        if key in ("data", "model", "output") or key in _FLOAT_KEYS or key in _BOOL_KEYS or key in (
+            "epochs", "batch_size", "plateau_patience", "early_stopping", "cpu_replicas", "verbose"
+        ):
+            return default
+        return None
+    try:
+        if key in _INT_KEYS:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if key in _FLOAT_KEYS:
+            return float(value)
+        if key in _BOOL_KEYS:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, (bool, int)):
+                raise ValueError
+            return bool(value)
+    except (TypeError, ValueError):
+        raise TfsegError(f"fit config: {key} = {value!r} is not a valid {type(default).__name__}") from None
+    if key == "image_size":
+        return parse_size(value, 2)
+    if key == "patch_size":
+        return parse_size(value, 3)
+    if key == "jit_compile" and isinstance(value, str):
+        low = value.lower()
+        return {"true": True, "false": False, "auto": "auto"}.get(low, value)
+    if key in ("data", "model", "output", "optimizer", "schedule", "precision", "monitor"):
+        return str(value).lower() if key in ("optimizer", "schedule", "precision") else str(value)
+    if key == "validation_split":
+        return str(value) if value != "" else None
+    if key == "augment" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise TfsegError(f"fit config: augment is not valid JSON ({e})") from None
+    if key in ("model_kwargs", "loss_kwargs") and value is None:
+        return {}
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Checks against the dataset (no TensorFlow).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What the config resolves to for one dataset, decided before TensorFlow starts."""
+
+    info: DatasetInfo
+    size: tuple  # (H, W) or (D, H, W)
+    loss: str
+    class_weights: list | None
+    validation_split: str | None
+    train_steps: int  # batches in one pass over the training split
+
+
+def _plan(cfg: FitConfig, info: DatasetInfo) -> _Plan:
+    from tfseg import models
+
+    where = os.path.join(cfg.data, "dataset.json")
+    if cfg.model not in models.MODELS:
+        raise TfsegError(f"--model {cfg.model!r}: unknown model (choose from {', '.join(sorted(models.MODELS))})")
+    if cfg.num_classes is not None and cfg.num_classes != info.num_classes:
+        raise TfsegError(
+            f"{where}: the dataset has num_classes={info.num_classes}, the config asks for {cfg.num_classes}"
+        )
+    if info.ndim == 2:
+        if cfg.patch_size is not None:
+            raise TfsegError(f"{where}: 2D dataset, but a 3D --patch-size was given; use --image-size HxW")
+        size = cfg.image_size or _default_image_size(info)
+    elif info.ndim == 3:
+        if cfg.image_size is not None:
+            raise TfsegError(f"{where}: 3D dataset, but a 2D --image-size was given; use --patch-size DxHxW")
+        size = cfg.patch_size or (64, 64, 64)
+    else:
+        raise TfsegError(f"{where}: ndim must be 2 or 3, got {info.ndim}")
+    flag = "--image-size" if info.ndim == 2 else "--patch-size"
+    try:
+        models.check_input_shape(cfg.model, tuple(size) + (info.channels,), **cfg.model_kwargs)
+    except (TypeError, ValueError) as e:
+        raise TfsegError(f"{flag} {'x'.join(map(str, size))} on {where}: {e}") from None
+    if "train" not in info.splits:
+        raise TfsegError(f"{where}: no 'train' split (has {sorted(info.splits)})")
+    validation_split = cfg.validation_split
+    if validation_split and validation_split not in info.splits:
+        if validation_split == "val":
+            logger.info("%s: no 'val' split; training without validation", where)
+            validation_split = None
+        else:
+            raise TfsegError(f"{where}: no split {validation_split!r} for validation (has {sorted(info.splits)})")
+    from tfseg.data import steps_per_epoch
+
+    train_steps = steps_per_epoch(cfg.data, "train", batch_size=cfg.batch_size, training=True)
+    if train_steps < 1 and cfg.steps_per_epoch is None:
+        raise TfsegError(
+            f"{where}: the train split has {info.splits['train'].get('count', 0)} example(s), fewer than "
+            f"one global batch of {cfg.batch_size}; lower --batch-size"
+        )
+    loss = cfg.loss or ("bce_dice" if info.binary else "ce_dice" if info.ndim == 3 else "ce")
+    return _Plan(
+        info=info,
+        size=tuple(size),
+        loss=loss,
+        class_weights=_class_weights(cfg.class_weights, info, where),
+        validation_split=validation_split,
+        train_steps=train_steps,
+    )
+
+
+def _default_image_size(info: DatasetInfo) -> tuple[int, int]:
+    summary = (info.size_summary or {}).get("train") or {}
+    try:
+        h, w = summary["height"], summary["width"]
+        if h["min"] == h["max"] and w["min"] == w["max"]:
+            return int(h["min"]), int(w["min"])
+    except (KeyError, TypeError):
+        pass
+    logger.warning("training images differ in size; resizing to 256x256 (set --image-size)")
+    return 256, 256
+
+
+def _class_weights(spec, info: DatasetInfo, where: str) -> list | None:
+    """None, an explicit list, or weights from the train pixel counts ("auto" = median frequency)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        from tfseg.losses import class_weights_from_counts
+
+        counts = (info.class_pixel_counts or {}).get("train")
+        if not counts or len(counts) != info.num_classes:
+            raise TfsegError(f"{where}: class_weights={spec} needs class_pixel_counts for 'train'")
+        try:
+            return class_weights_from_counts(counts, "median_freq" if spec == "auto" else spec)
+        except ValueError as e:
+            raise TfsegError(f"class_weights {spec!r}: {e}") from None
+    if isinstance(spec, (list, tuple)) and len(spec) == info.num_classes:
+        return [float(x) for x in spec]
+    raise TfsegError(f"class_weights {spec!r}: expected 'auto' or {info.num_classes} numbers")
+
+
+# --------------------------------------------------------------------------------------------
+# RUN_DIR state: run.json, history.csv, backup.
+# --------------------------------------------------------------------------------------------
+
+
+def _run_record(cfg: FitConfig, plan: _Plan) -> dict:
+    info = plan.info
+    record = {
+        "model": cfg.model,
+        "model_kwargs": dict(cfg.model_kwargs),
+        "ndim": info.ndim,
+        "channels": info.channels,
+        "num_classes": info.num_classes,
+        "binary": info.binary,
+        "class_names": list(info.class_names),
+        "ignore_index": info.ignore_index,
+        "regions": dict(info.regions or {}),
+        "modalities": list(info.modalities or []),
+        "image_size" if info.ndim == 2 else "patch_size": list(plan.size),
+        "data_dir": os.path.abspath(cfg.data),
+        "loss": plan.loss,
+    }
+    return record
+
+
+def _check_same_run(run_dir: str, old: dict, new: dict) -> None:
+    for key in _IDENTITY_KEYS:
+        if old.get(key) != new.get(key):
+            raise TfsegError(
+                f"{run_dir}: holds a run with {key}={old.get(key)!r}, this fit has {new.get(key)!r}; "
+                "choose another --output"
+            )
+
+
+def backup_epoch(run_dir: str) -> int:
+    """The number of finished epochs recorded by BackupAndRestore in RUN_DIR (0 if none)."""
+    path = os.path.join(run_dir, BACKUP_DIR, _TRAINING_METADATA)
+    try:
+        with open(path) as f:
+            return int(json.load(f)["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def read_history(run_dir: str) -> list[dict]:
+    """The rows of RUN_DIR/history.csv as dicts (strings), [] when absent."""
+    path = os.path.join(run_dir, rundir.HISTORY_CSV)
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def trim_history(run_dir: str, finished_epochs: int) -> list[dict]:
+    """Keeps the last row of each epoch < ``finished_epochs`` in history.csv; returns the rows.
+
+    A crash between the CSV row and the backup of an epoch (or an earlier resume) can leave rows
+    for epochs that will run again; they go, so the file ends with one row per epoch.
+    """
+    path = os.path.join(run_dir, rundir.HISTORY_CSV)
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        by_epoch: dict[int, dict] = {}
+        for row in reader:
+            try:
+                epoch = int(row.get("epoch", ""))
+            except ValueError:
+                continue
+            if epoch < finished_epochs:
+                by_epoch[epoch] = row
+    rows = [by_epoch[e] for e in sorted(by_epoch)]
+    if not rows:
+        os.unlink(path)
+        return []
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, out.getvalue())
+    return rows
+
+
+def _best_so_far(rows: list[dict], monitor: str, mode: str) -> float | None:
+    values = []
+    for row in rows:
+        try:
+            v = float(row.get(monitor, "nan"))
+        except ValueError:
+            continue
+        if math.isfinite(v):
+            values.append(v)
+    if not values:
+        return None
+    return max(values) if mode == "max" else min(values)
+
+
+# --------------------------------------------------------------------------------------------
+# Keras pieces (TensorFlow imported inside).
+# --------------------------------------------------------------------------------------------
+
+
+def _make_optimizer(cfg: FitConfig, decay_steps: int):
+    import keras
+
+    lr = cfg.learning_rate
+    if cfg.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, decay_steps))
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum)
+    return keras.optimizers.Adadelta(lr)
+
+
+def _choose_monitor(cfg: FitConfig, metric_names: list[str], has_validation: bool) -> tuple[str, str]:
+    """Returns (monitor, mode) for checkpoints and early stopping."""
+    if cfg.monitor != "auto":
+        return cfg.monitor, "min" if "loss" in cfg.monitor else "max"
+    prefix = "val_" if has_validation else ""
+    for want in _MONITOR_PREFERENCE:
+        for name in metric_names:
+            if want in name:
+                return prefix + name, "max"
+    return prefix + "loss", "min"
+
+
+def _make_datasets(cfg: FitConfig, plan: _Plan, global_batch: int, multi_worker: bool):
+    import tensorflow as tf
+
+    from tfseg.data import make_dataset
+
+    size_key = "image_size" if plan.info.ndim == 2 else "patch_size"
+    common = {size_key: plan.size}
+    train = make_dataset(
+        cfg.data,
+        "train",
+        batch_size=global_batch,
+        training=True,
+        augment=cfg.augment,
+        seed=cfg.seed,
+        deterministic=cfg.deterministic,
+        cache=cfg.cache,
+        repeat=-1,
+        **common,
+    )
+    val = None
+    if plan.validation_split:
+        val = make_dataset(
+            cfg.data, plan.validation_split, batch_size=global_batch, training=False, **common
+        )
+    if multi_worker:
+        # Few shard files per split: every worker reads all files and keeps its share of batches.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        train = train.with_options(options)
+        val = val.with_options(options) if val is not None else None
+    return train, val
+
+
+def _callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, best: float | None, validation: bool):
+    import keras
+
+    ckpt = os.path.join(run_dir, CHECKPOINT_DIR)
+    os.makedirs(ckpt, exist_ok=True)
+    # Order matters for a crash between callbacks: the CSV row goes first, the backup last, so
+    # a backed-up epoch always has its row (extra rows are trimmed on resume).
+    cbs = [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.CSVLogger(os.path.join(run_dir, rundir.HISTORY_CSV), append=True),
+    ]
+    if validation:
+        cbs.append(
+            keras.callbacks.ModelCheckpoint(
+                os.path.join(ckpt, BEST_CHECKPOINT),
+                monitor=monitor,
+                mode=mode,
+                save_best_only=True,
+                initial_value_threshold=best,
+            )
+        )
+    cbs.append(keras.callbacks.ModelCheckpoint(os.path.join(ckpt, LAST_CHECKPOINT)))
+    if cfg.schedule == "plateau":
+        cbs.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=monitor,
+                mode=mode,
+                factor=cfg.plateau_factor,
+                patience=cfg.plateau_patience,
+                min_lr=cfg.min_learning_rate,
+            )
+        )
+    if cfg.early_stopping:
+        cbs.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping))
+    if cfg.tensorboard:
+        cbs.append(keras.callbacks.TensorBoard(os.path.join(run_dir, LOGS_DIR), write_graph=False))
+    cbs.append(
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, BACKUP_DIR), delete_checkpoint=False)
+    )
+    return cbs
+
+
+def _publish_model(run_dir: str, model, use_best: bool) -> None:
+    """Writes RUN_DIR/model.keras atomically (the best checkpoint when there is one)."""
+    final = os.path.join(run_dir, rundir.MODEL_FILE)
+    best = os.path.join(run_dir, CHECKPOINT_DIR, BEST_CHECKPOINT)
+    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".keras", dir=run_dir)
+    os.close(fd)
+    try:
+        if use_best and os.path.isfile(best):
+            shutil.copyfile(best, tmp)
+        else:
+            model.save(tmp)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage.
+# --------------------------------------------------------------------------------------------
+
+
+def build_config(config_file: str | None = None, options: dict | None = None, overrides=()) -> dict:
+    """Merges a config file's ``fit`` section (or flat file), command-line options and ``--set``.
+
+    Precedence, lowest first: the file, the options that are not None, then the ``key=value``
+    overrides (dotted keys for nested values, e.g. ``model_kwargs.depth=3``; a leading ``fit.``
+    is accepted).
+
+    Raises:
+      TfsegError: unreadable file or a malformed override.
+    """
+    from tfseg.config import apply_overrides, load_config
+
+    config: dict = {}
+    if config_file:
+        doc = load_config(config_file)
+        config = dict(doc["fit"]) if isinstance(doc.get("fit"), dict) else dict(doc)
+    config.update({k: v for k, v in (options or {}).items() if v is not None})
+    items = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if key.strip().startswith("fit."):
+            key = key.strip()[len("fit."):]
+        items.append(f"{key}{sep}{value}")
+    return apply_overrides(config, items)
+
+
+def resolve_config(config: dict) -> FitConfig:
+    """Public alias of :meth:`FitConfig.from_dict`."""
+    return FitConfig.from_dict(config)
+
+
+def run_fit(config: dict, *, callbacks: list | None = None) -> str:
+    """Trains a model on a converted dataset; resumable.
+
+    Args:
+      config: FitConfig keys, flat or under ``fit``.
+      callbacks: extra Keras callbacks, run after tfseg's own.
+
+    Returns:
+      The absolute run directory (``config["output"]``).
+
+    Raises:
+      TfsegError: bad config or dataset (reported before training starts), a run directory
+        of another model, or a diverged run (NaN loss).
+    """
+    cfg = FitConfig.from_dict(config)
+    info = load_dataset_info(cfg.data)
+    plan = _plan(cfg, info)
+    final_dir = os.path.abspath(cfg.output)
+    record = _run_record(cfg, plan)
+
+    chief = runtime.is_chief()
+    run_dir = final_dir
+    if not chief:
+        # Workers other than the chief train in lock-step but keep their files apart.
+        task = (runtime.tf_config() or {}).get("task", {})
+        run_dir = os.path.join(final_dir, f".worker-{task.get('type', 'worker')}-{task.get('index', 0)}")
+
+    run_json = os.path.join(run_dir, rundir.RUN_JSON)
+    previous = None
+    if os.path.exists(final_dir) and not os.path.isdir(final_dir):
+        raise TfsegError(f"--output {final_dir}: exists and is not a directory")
+    # Other workers' directories (.worker-*) may appear first in a multi-worker run.
+    foreign = [n for n in os.listdir(run_dir) if not n.startswith(".")] if os.path.isdir(run_dir) else []
+    if chief and foreign and not os.path.isfile(run_json):
+        raise TfsegError(f"--output {final_dir}: a non-empty directory that is not a tfseg run; choose another")
+    if os.path.isfile(run_json):
+        with open(run_json) as f:
+            previous = json.load(f)
+        _check_same_run(final_dir, previous, record)
+    finished = backup_epoch(run_dir)
+    model_path = os.path.join(run_dir, rundir.MODEL_FILE)
+    if chief and os.path.isfile(model_path) and previous is not None:
+        done = int(previous.get("completed_epochs") or finished)
+        if previous.get("stopped_early"):
+            logger.info("%s: stopped early after %d epoch(s); nothing to do (use a new --output to retrain)",
+                        final_dir, done)
+            return final_dir
+        if cfg.epochs <= done:
+            logger.info("%s: already trained for %d epoch(s); nothing to do (ask for more --epochs to continue)",
+                        final_dir, done)
+            return final_dir
+    if finished >= cfg.epochs and not os.path.isfile(model_path):
+        logger.info("%s: all %d epochs finished before an interruption; publishing the model", final_dir, finished)
+
+    # The strategy comes first: logical CPUs and multi-worker collectives must be configured
+    # before TensorFlow initializes.
+    strategy = runtime.make_strategy(cfg.cpu_replicas)
+    replicas = strategy.num_replicas_in_sync
+    if cfg.batch_size % replicas:
+        raise TfsegError(
+            f"--batch-size {cfg.batch_size}: the global batch must be divisible by the {replicas} replicas"
+        )
+    gpus = runtime.num_gpus()
+    precision = runtime.resolve_precision(cfg.precision, num_gpus=gpus)
+    jit = runtime.resolve_jit_compile(cfg.jit_compile, num_gpus=gpus)
+    multi_worker = runtime.tf_config() is not None
+
+    # An endless training dataset with a fixed step count: epochs are known in advance (cosine
+    # decay, progress bar) and workers of a multi-worker run agree on them.
+    steps = cfg.steps_per_epoch or plan.train_steps
+    decay_steps = cfg.epochs * steps
+
+    import keras
+
+    from tfseg.data import steps_per_epoch
+    from tfseg.losses import get_loss
+    from tfseg.metrics import default_metrics
+    from tfseg.models import build_model
+
+    if cfg.seed is not None:
+        keras.utils.set_random_seed(cfg.seed)
+    old_policy = runtime.set_precision(precision)
+    try:
+        input_shape = tuple(plan.size) + (info.channels,)
+        with strategy.scope():
+            try:
+                model = build_model(
+                    cfg.model, input_shape=input_shape, num_classes=info.num_classes, **cfg.model_kwargs
+                )
+            except (ValueError, TypeError) as e:
+                raise TfsegError(f"--model {cfg.model} on {info.ndim}D data {input_shape}: {e}") from None
+            loss = get_loss(
+                plan.loss,
+                num_classes=info.num_classes,
+                ignore_index=info.ignore_index,
+                class_weights=plan.class_weights,
+                **cfg.loss_kwargs,
+            )
+            metrics = default_metrics(info.num_classes, info.ignore_index, regions=info.regions or None)
+            model.compile(
+                optimizer=_make_optimizer(cfg, decay_steps),
+                loss=loss,
+                metrics=metrics,
+                jit_compile=jit,
+            )
+        monitor, mode = _choose_monitor(cfg, [m.name for m in metrics], plan.validation_split is not None)
+        # Everything checked: from here on the run directory changes.
+        os.makedirs(run_dir, exist_ok=True)
+        if os.path.isfile(model_path):
+            # Continuing a finished run: model.keras means "complete" until the new epochs finish.
+            os.unlink(model_path)
+        rows = trim_history(run_dir, finished)
+        record.update(
+            completed_epochs=finished,
+            stopped_early=False,
+            precision=precision,
+            jit_compile=jit,
+            strategy=runtime.strategy_name(strategy),
+            replicas=replicas,
+            monitor=monitor,
+            tfseg_version=_version(),
+            config=cfg.to_json(),
+        )
+        atomic_write_json(os.path.join(run_dir, rundir.RUN_JSON), record)
+
+        if multi_worker:
+            runtime.patch_keras_multi_worker(model, strategy)
+        train_ds, val_ds = _make_datasets(cfg, plan, cfg.batch_size, multi_worker)
+        cbs = _callbacks(
+            run_dir, cfg, monitor, mode, _best_so_far(rows, monitor, mode), val_ds is not None
+        )
+        cbs += list(callbacks or [])
+        validation_steps = cfg.validation_steps
+        if val_ds is not None and validation_steps is None:
+            # Known steps keep Keras from probing the end of the validation data each epoch.
+            validation_steps = max(1, steps_per_epoch(
+                cfg.data, plan.validation_split, batch_size=cfg.batch_size, training=False
+            ))
+        logger.info(
+            "fit %s on %s: %s, %d replica(s), global batch %d, %s, jit_compile=%s, epochs %d..%d",
+            cfg.model, cfg.data, runtime.strategy_name(strategy), replicas, cfg.batch_size, precision, jit,
+            finished + 1, cfg.epochs,
+        )
+        history = model.fit(
+            train_ds,
+            epochs=cfg.epochs,
+            steps_per_epoch=steps,
+            validation_data=val_ds,
+            validation_steps=validation_steps,
+            callbacks=cbs,
+            verbose=cfg.verbose,
+            shuffle=False,  # the tf.data pipeline shuffles
+        )
+        losses = history.history.get("loss", [])
+        if losses and not math.isfinite(float(losses[-1])):
+            raise TfsegError(
+                f"{final_dir}: training diverged (loss {losses[-1]}) in epoch {finished + len(losses)}; "
+                "try a lower --learning-rate or --precision float32"
+            )
+        completed = backup_epoch(run_dir)
+        stopped_early = completed < cfg.epochs
+        if chief:
+            _publish_model(run_dir, model, use_best=val_ds is not None)
+            record.update(completed_epochs=completed, stopped_early=stopped_early)
+            atomic_write_json(os.path.join(run_dir, rundir.RUN_JSON), record)
+    finally:
+        runtime.set_precision(old_policy)
+    logger.info("%s: trained %d epoch(s)%s", final_dir, completed, " (stopped early)" if stopped_early else "")
+    return final_dir
+
+
+def _version() -> str:
+    import tfseg
+
+    return tfseg.__version__

@@ -1,0 +1,370 @@
+"""Fit-stage benchmarks; every figure is a ratio against a baseline measured in the same run.
+
+    python tools/bench_fit.py                  # all three, ~2-3 min on 2 CPU cores
+    python tools/bench_fit.py --only pipeline  # or: unet, rss
+
+1. pipeline: steps/s of ``model.fit`` fed by tfseg's TFRecord pipeline (decode, augment, resize,
+   batch, prefetch) over steps/s of the same model fed from in-memory tensors (target >= 0.95).
+2. unet: U-Net 256x256 images/s trained the tfseg way (``run_fit`` defaults: auto precision,
+   XLA auto, TFRecord input) over a plain Keras float32 U-Net of the same architecture fed from
+   numpy arrays, as the seeds do (target >= 1.5x); plus achieved GFLOP/s (analytic count of the
+   convolutions, training = 3x forward) against the CPU's nominal peak.
+3. rss: peak RSS of a 3D fit on N and 2N cases, one subprocess each (target <= 1.1x).
+
+Throughput is timed between batch ends after a warm-up (tracing excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic converted datasets.
+# --------------------------------------------------------------------------------------------
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_2d(root: str, n: int, size: int, seed: int = 0) -> tuple[str, np.ndarray, np.ndarray]:
+    """Writes n JPEG images with a bright ellipse (binary masks) as 2 shards + dataset.json."""
+    import tensorflow as tf
+
+    from tfseg import schema
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images, masks = [], []
+    for _ in range(n):
+        cy, cx, ry, rx = rng.uniform(0.3, 0.7, 2).tolist() + rng.uniform(0.1, 0.3, 2).tolist()
+        mask = (((yy / size - cy) / ry) ** 2 + ((xx / size - cx) / rx) ** 2 < 1).astype(np.uint8)
+        image = rng.integers(0, 80, (size, size, 3)).astype(np.uint8)
+        image[mask == 1] += 120
+        images.append(image)
+        masks.append(mask)
+    os.makedirs(root, exist_ok=True)
+    files = []
+    for shard in range(2):
+        name = f"train-{shard:05d}-of-00002.tfrecord"
+        files.append(name)
+        with tf.io.TFRecordWriter(os.path.join(root, name)) as w:
+            for i in range(shard, n, 2):
+                w.write(schema.encode_example_2d(
+                    image_bytes=_jpeg(images[i]), image_format="jpeg", height=size, width=size,
+                    channels=3, mask_png=_png(masks[i]), source_id=str(i)))
+    hw = {"min": size, "max": size, "mean": size}
+    info = schema.DatasetInfo(
+        name="bench", ndim=2, channels=3, num_classes=2, class_names=["bg", "fg"],
+        splits={"train": {"count": n, "files": files}}, image_format="jpeg",
+        size_summary={"train": {"height": hw, "width": hw}},
+    )
+    with open(os.path.join(root, schema.DATASET_JSON), "w") as f:
+        f.write(info.to_json())
+    return root, np.stack(images).astype(np.float32), np.stack(masks)[..., None].astype(np.int32)
+
+
+def make_3d(root: str, n: int, size: int, channels: int = 4, seed: int = 0) -> str:
+    import tensorflow as tf
+
+    from tfseg import schema
+
+    rng = np.random.default_rng(seed)
+    name = "train-00000-of-00001.tfrecord"
+    os.makedirs(root, exist_ok=True)
+    with tf.io.TFRecordWriter(os.path.join(root, name)) as w:
+        for i in range(n):
+            label = np.zeros((size,) * 3, np.uint8)
+            a, b = size // 4, 3 * size // 4
+            label[a:b, a:b, a:b] = 1
+            label[a + 4 : b - 4, a + 4 : b - 4, a + 4 : b - 4] = 2
+            volume = rng.normal(0, 1, (size,) * 3 + (channels,)).astype(np.float32) + label[..., None]
+            w.write(schema.encode_example_3d(volume=volume, label=label, spacing=(1, 1, 1), source_id=str(i)))
+    info = schema.DatasetInfo(
+        name="bench3d", ndim=3, channels=channels, num_classes=3, class_names=["bg", "a", "b"],
+        splits={"train": {"count": n, "files": [name]}},
+    )
+    with open(os.path.join(root, schema.DATASET_JSON), "w") as f:
+        f.write(info.to_json())
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Timing.
+# --------------------------------------------------------------------------------------------
+
+
+def _timer(warmup: int):
+    import keras
+
+    class BatchTimer(keras.callbacks.Callback):
+        """Seconds per batch after ``warmup`` batches of the last epoch."""
+
+        def __init__(self):
+            super().__init__()
+            self.times = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.times = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.times.append(time.perf_counter())
+
+        def steps_per_second(self) -> float:
+            t = self.times[warmup:]
+            return (len(t) - 1) / (t[-1] - t[0])
+
+    return BatchTimer()
+
+
+def conv_flops(model) -> float:
+    """Forward FLOPs per example of the model's convolutions (2 x multiply-adds)."""
+    import keras
+
+    total = 0.0
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.Conv2DTranspose) or isinstance(layer, keras.layers.Conv3DTranspose):
+            k = np.prod(layer.kernel_size)
+            cin = layer.input.shape[-1]
+            total += 2.0 * np.prod(layer.input.shape[1:-1]) * cin * k * layer.filters
+        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv3D)):
+            k = np.prod(layer.kernel_size)
+            cin = layer.input.shape[-1]
+            total += 2.0 * np.prod(layer.output.shape[1:-1]) * layer.filters * k * cin
+    return total
+
+
+def peak_gflops() -> tuple[float, str]:
+    """Nominal FP32 peak: cores x GHz x 64 (AVX-512: 2 FMA units x 16 lanes x 2 flops)."""
+    mhz, name = 0.0, "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("cpu MHz") and not mhz:
+                mhz = float(line.split(":")[1])
+            if line.startswith("model name") and name == "?":
+                name = line.split(":")[1].strip()
+    cores = len(os.sched_getaffinity(0))
+    per_cycle = 64 if "avx512f" in open("/proc/cpuinfo").read() else 32
+    return cores * mhz / 1000 * per_cycle, f"{cores} cores x {mhz / 1000:.2f} GHz x {per_cycle} flop/cycle ({name})"
+
+
+# --------------------------------------------------------------------------------------------
+# 1. TFRecord pipeline vs in-memory tensors.
+# --------------------------------------------------------------------------------------------
+
+
+def bench_pipeline(work: str, steps: int = 15, rounds: int = 2) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from tfseg.data import make_dataset
+    from tfseg.losses import get_loss
+    from tfseg.models import build_model
+
+    size, batch = 128, 8
+    data, x, y = make_2d(os.path.join(work, "pipe"), 64, size)
+    augment = {"hflip": 0.5, "rotate": 15, "shift": 0.05, "brightness": 0.1}
+    runs = {}
+    for name in ("memory", "tfrecord", "tfrecord_noaug"):
+        keras.utils.set_random_seed(0)
+        model = build_model("unet", input_shape=(size, size, 3), num_classes=2, depth=3, base_filters=8)
+        model.compile(keras.optimizers.Adam(1e-3), get_loss("bce_dice", num_classes=2))
+        if name == "memory":
+            ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(batch, drop_remainder=True).prefetch(2)
+        else:
+            ds = make_dataset(data, "train", batch_size=batch, training=True, image_size=(size, size),
+                              augment=augment if name == "tfrecord" else None, repeat=-1)
+        model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # tracing
+        runs[name] = (model, ds)
+    # Alternate the two, best of `rounds`: the machine is shared, so load drifts over time.
+    results = {name: 0.0 for name in runs}
+    for _ in range(rounds):
+        for name, (model, ds) in runs.items():
+            timer = _timer(warmup=1)
+            model.fit(ds, steps_per_epoch=steps, epochs=1, callbacks=[timer], verbose=0)
+            results[name] = max(results[name], timer.steps_per_second())
+    return {
+        "model": f"unet depth 3, 8 filters, {size}x{size}, batch {batch}",
+        "steps_per_s_memory": round(results["memory"], 3),
+        "steps_per_s_tfrecord": round(results["tfrecord"], 3),
+        "ratio": round(results["tfrecord"] / results["memory"], 3),
+        "target": ">= 0.95",
+        "steps_per_s_tfrecord_no_augment": round(results["tfrecord_noaug"], 3),
+        "ratio_no_augment": round(results["tfrecord_noaug"] / results["memory"], 3),
+        "augment": augment,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# 2. tfseg defaults vs plain Keras float32 U-Net from numpy.
+# --------------------------------------------------------------------------------------------
+
+
+def plain_keras_unet(size: int, depth: int, base: int):
+    """The seeds' style of U-Net: Conv-BN-ReLU x2 per level, max-pool, transposed-conv decoder."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((size, size, 3))
+    x = layers.Rescaling(1.0 / 255)(inputs)
+    skips = []
+    for level in range(depth):
+        for _ in range(2):
+            x = layers.Conv2D(base * 2**level, 3, padding="same", use_bias=False)(x)
+            x = layers.ReLU()(layers.BatchNormalization()(x))
+        skips.append(x)
+        x = layers.MaxPooling2D()(x)
+    for _ in range(2):
+        x = layers.Conv2D(base * 2**depth, 3, padding="same", use_bias=False)(x)
+        x = layers.ReLU()(layers.BatchNormalization()(x))
+    for level in reversed(range(depth)):
+        x = layers.Conv2DTranspose(base * 2**level, 2, strides=2)(x)
+        x = layers.Concatenate()([x, skips[level]])
+        for _ in range(2):
+            x = layers.Conv2D(base * 2**level, 3, padding="same", use_bias=False)(x)
+            x = layers.ReLU()(layers.BatchNormalization()(x))
+    outputs = layers.Conv2D(1, 1, activation="sigmoid")(x)
+    return keras.Model(inputs, outputs)
+
+
+def bench_unet(work: str, steps: int = 8) -> dict:
+    import keras
+
+    from tfseg import rundir, runtime
+    from tfseg.train import run_fit
+
+    size, batch, depth, base = 256, 8, 4, 16
+    data, x, y = make_2d(os.path.join(work, "unet"), 32, size)
+
+    # Baseline: plain Keras, float32, numpy arrays.
+    keras.utils.set_random_seed(0)
+    plain = plain_keras_unet(size, depth, base)
+    plain.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
+    timer = _timer(warmup=2)
+    plain.fit(x, y.astype(np.float32), batch_size=batch, epochs=2, steps_per_epoch=x.shape[0] // batch,
+              callbacks=[timer], verbose=0)
+    plain_ips = timer.steps_per_second() * batch
+    plain_flops = conv_flops(plain)
+
+    # tfseg: run_fit with its defaults (auto precision, jit auto, TFRecord pipeline).
+    timer = _timer(warmup=2)
+    out = run_fit({
+        "data": data, "model": "unet", "output": os.path.join(work, "unet-run"), "image_size": [size, size],
+        "batch_size": batch, "epochs": 2, "steps_per_epoch": steps, "loss": "bce",
+        "model_kwargs": {"depth": depth, "base_filters": base}, "verbose": 0, "tensorboard": False,
+    }, callbacks=[timer])
+    tfseg_ips = timer.steps_per_second() * batch
+    # The baseline once more, best of the two: the machine is shared and load drifts.
+    timer = _timer(warmup=1)
+    plain.fit(x, y.astype(np.float32), batch_size=batch, epochs=1, steps_per_epoch=x.shape[0] // batch,
+              callbacks=[timer], verbose=0)
+    plain_ips = max(plain_ips, timer.steps_per_second() * batch)
+    info = rundir.load_run_config(out)
+    model = rundir.load_model(out)
+    tfseg_flops = conv_flops(model)
+    peak, peak_note = peak_gflops()
+    achieved = 3 * tfseg_flops * tfseg_ips / 1e9
+    return {
+        "model": f"unet depth {depth}, {base} filters, {size}x{size}, batch {batch}",
+        "tfseg_precision": info["precision"],
+        "tfseg_jit_compile": info["jit_compile"],
+        "cpu_native_bf16": runtime.cpu_has_native_bf16(),
+        "images_per_s_plain_keras_f32_numpy": round(plain_ips, 2),
+        "images_per_s_tfseg_defaults": round(tfseg_ips, 2),
+        "speedup": round(tfseg_ips / plain_ips, 3),
+        "target": ">= 1.5",
+        "forward_gflop_per_image": round(tfseg_flops / 1e9, 3),
+        "plain_forward_gflop_per_image": round(plain_flops / 1e9, 3),
+        "achieved_gflop_per_s_tfseg": round(achieved, 1),
+        "achieved_gflop_per_s_plain": round(3 * plain_flops * plain_ips / 1e9, 1),
+        "peak_gflop_per_s": round(peak, 1),
+        "peak_note": peak_note,
+        "fraction_of_peak": round(achieved / peak, 3),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# 3. 3D peak RSS with N and 2N cases.
+# --------------------------------------------------------------------------------------------
+
+
+def _rss_child(data: str, out: str) -> None:
+    from tfseg.train import run_fit
+
+    run_fit({
+        "data": data, "model": "unet", "output": out, "patch_size": [32, 32, 32], "batch_size": 2,
+        "epochs": 1, "model_kwargs": {"depth": 2, "base_filters": 4}, "verbose": 0, "tensorboard": False,
+    })
+    print("RSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def bench_rss(work: str, n: int = 12, size: int = 112) -> dict:
+    results = {}
+    for count in (n, 2 * n):
+        data = make_3d(os.path.join(work, f"vol{count}"), count, size)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--rss-child", data, os.path.join(work, f"rss-run{count}")],
+            capture_output=True, text=True, check=False,
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RSS_MB")]
+        if proc.returncode or not lines:
+            raise RuntimeError(proc.stderr[-3000:])
+        results[count] = float(lines[-1].split()[1])
+    case_mb = size**3 * 4 * 2 / 2**20
+    return {
+        "cases": f"{n} vs {2 * n} volumes of {size}^3 x 4 channels ({case_mb:.1f} MB each as float16), "
+                 "patches 32^3, one epoch",
+        "peak_rss_mb_n": round(results[n], 1),
+        "peak_rss_mb_2n": round(results[2 * n], 1),
+        "ratio": round(results[2 * n] / results[n], 3),
+        "target": "<= 1.1",
+        "extra_cases_decoded_mb": round(n * size**3 * 4 * 4 / 2**20, 1),  # what holding them would add
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["pipeline", "unet", "rss"], action="append")
+    parser.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_child:
+        _rss_child(*args.rss_child)
+        return
+    todo = args.only or ["pipeline", "unet", "rss"]
+    report = {}
+    with tempfile.TemporaryDirectory(prefix="bench_fit-") as work:
+        for name in todo:
+            start = time.perf_counter()
+            report[name] = {"pipeline": bench_pipeline, "unet": bench_unet, "rss": bench_rss}[name](work)
+            report[name]["bench_seconds"] = round(time.perf_counter() - start, 1)
+            print(name, json.dumps(report[name], indent=2), flush=True)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
