@@ -131,7 +131,7 @@ class CarvanaLayout(Layout):
                     rle: bool = False, noise: float = 4.0) -> None:
         """Writes ``count`` car photos (JPEG) with GIF masks (or ``train_masks.csv`` if ``rle``).
 
-        Cars have 16 views each (4 for fewer than 48 images, so small samples still split):
+        Cars have 16 views each (4 for fewer than 160 images, so small samples still split):
         a bright car-like body of random colour on a gray studio background with a floor
         shadow, its position and length changing with the view. ``noise`` is the pixel noise's
         standard deviation (lower gives smaller JPEGs, like Carvana's studio photos).
@@ -143,7 +143,7 @@ class CarvanaLayout(Layout):
         os.makedirs(os.path.join(output, "train"), exist_ok=True)
         if not rle:
             os.makedirs(os.path.join(output, MASK_DIR), exist_ok=True)
-        views = 16 if count >= 48 else 4
+        views = 16 if count >= 160 else 4
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         rows = []
         for i in range(count):

@@ -1,0 +1,460 @@
+"""The evaluate stage: score a fit run on a converted split, at the images' original resolution.
+
+    tfseg evaluate --run RUN_DIR --data DATASET_DIR --split test --output EVAL_DIR [--tile] [--tta]
+
+Predictions are made by :mod:`tfseg.inference` at the model's training size and brought back to
+each image's original size (resized, or tiled with ``--tile``; 3D volumes always by sliding
+window) before they are compared with the original masks, so the scores do not depend on the
+training resolution.
+
+Two definitions of the per-class scores are reported, side by side and named:
+
+  - **dataset-level**: one confusion matrix summed over every pixel of the split, then IoU,
+    precision, recall and Dice per class (Pascal VOC's and TF Model Garden's definition). Big
+    images and big objects weigh more.
+  - **per-image mean**: the seeds' definition. For each class, the metric of every image whose
+    truth contains the class, summed and divided by the number of such images. Every image
+    weighs the same; false positives on images without the class are not counted.
+
+Mean IoU is the mean over classes (NaN classes skipped) in both definitions. Binary tasks also
+get foreground Dice and IoU and ISIC's thresholded Jaccard (per-image Jaccard below 0.65 counts
+as 0). 3D tasks with ``regions`` (BraTS WT/TC/ET) get per-case region Dice and HD95 in mm from
+the voxel spacing; see :func:`tfseg.scoring.hausdorff_distance` for the empty-mask conventions.
+Pixels whose truth is the ignore index are left out of every score.
+
+Output (published atomically; metrics.json is written last and marks completion)::
+
+    EVAL_DIR/metrics.json           every number, plus the confusion matrix
+    EVAL_DIR/report.md              the tables, linking the pictures
+    EVAL_DIR/samples.png            image | truth | prediction for N examples
+    EVAL_DIR/confusion_matrix.png   row-normalized
+    EVAL_DIR/history.png            loss/val_loss and the main metric from RUN_DIR/history.csv
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Callable, Iterable
+
+import numpy as np
+
+from tfseg import io_utils, report, rundir, schema, scoring
+from tfseg.errors import TfsegError
+
+log = logging.getLogger(__name__)
+
+METRICS_JSON = "metrics.json"
+REPORT_MD = "report.md"
+SAMPLES_PNG = "samples.png"
+CONFUSION_PNG = "confusion_matrix.png"
+HISTORY_PNG = "history.png"
+
+ISIC_JACCARD_THRESHOLD = 0.65
+# Sample pictures are downsampled to this many pixels on the long side, so keeping N samples of
+# 3000x2000 ISIC photos in memory costs little.
+_SAMPLE_MAX_SIDE = 384
+
+DATASET_LEVEL_DEFINITION = (
+    "one confusion matrix over all pixels of the split (Pascal VOC / TF Model Garden); "
+    "ignore pixels excluded"
+)
+PER_IMAGE_DEFINITION = (
+    "for each class: sum of the per-image metric over the images whose truth contains the class, "
+    "divided by the number of such images (the seeds' definition); an image that contains the "
+    "class but where the metric is undefined (precision with the class never predicted) counts 0"
+)
+BINARY_DEFINITION = (
+    "foreground = class 1. per-image Jaccard and Dice are 1 when truth and prediction are both "
+    "empty; thresholded Jaccard (ISIC 2018) = mean over all images of the per-image Jaccard, "
+    f"set to 0 below {ISIC_JACCARD_THRESHOLD}"
+)
+REGION_DEFINITION = (
+    "region = union of its class ids, in truth and prediction. Dice: 1 when both are empty. "
+    "HD95: max of the two directed 95th percentiles of surface-to-surface distances in mm "
+    "(surfaces = voxels with a 6-neighbour outside the region, distances from Euclidean distance "
+    "transforms with the voxel spacing); 0 when both are empty; the volume's diagonal in mm when "
+    "exactly one is empty (BraTS's convention, 373.13 mm for 240x240x155 at 1 mm)"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring, independent of models and files.
+# --------------------------------------------------------------------------------------------
+
+
+class SegmentationScorer:
+    """Accumulates per-image confusion matrices (and region scores) and builds the tables.
+
+    Args:
+      num_classes: K, including background.
+      class_names: K names.
+      ignore_index: truth value excluded from every score, or None.
+      regions: ``{name: [class ids]}`` for region Dice/HD95 (3D BraTS), or None.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: list[str],
+        ignore_index: int | None = None,
+        regions: dict | None = None,
+    ):
+        if len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.num_classes = num_classes
+        self.class_names = list(class_names)
+        self.ignore_index = ignore_index
+        self.regions = dict(regions or {})
+        self.cms: list[np.ndarray] = []
+        self.ids: list[str] = []
+        self.region_scores: list[dict] = []
+
+    @property
+    def binary(self) -> bool:
+        return self.num_classes == 2
+
+    def add(self, truth: np.ndarray, pred: np.ndarray, source_id: str = "", spacing=None) -> np.ndarray:
+        """Scores one image or volume.
+
+        Args:
+          truth: (H, W) or (D, H, W) integer class ids, ignore pixels = ignore_index.
+          pred: the predicted class ids, same shape.
+          source_id: the case id, for per-case tables.
+          spacing: voxel size in mm per axis (3D region HD95); 1 mm when None.
+
+        Returns:
+          The image's (K, K) confusion matrix.
+        """
+        truth, pred = np.asarray(truth), np.asarray(pred)
+        if truth.shape != pred.shape:
+            raise ValueError(f"{source_id}: truth shape {truth.shape} != prediction shape {pred.shape}")
+        cm = scoring.confusion_matrix(truth, pred, self.num_classes, self.ignore_index)
+        self.cms.append(cm)
+        self.ids.append(source_id)
+        if self.regions:
+            self.region_scores.append(self._score_regions(truth, pred, spacing))
+        return cm
+
+    def _score_regions(self, truth, pred, spacing) -> dict:
+        valid = np.ones(truth.shape, bool) if self.ignore_index is None else truth != self.ignore_index
+        out = {}
+        for name, ids in self.regions.items():
+            t = np.isin(truth, ids) & valid
+            p = np.isin(pred, ids) & valid
+            out[name] = {
+                "dice": scoring.mask_dice(t, p),
+                "hd95_mm": scoring.hd95(t, p, spacing),
+                "truth_voxels": int(t.sum()),
+                "predicted_voxels": int(p.sum()),
+            }
+        return out
+
+    def _by_name(self, values) -> dict:
+        return {n: _num(v) for n, v in zip(self.class_names, values)}
+
+    def result(self) -> dict:
+        """All tables as a JSON-ready dict (NaN -> None)."""
+        if not self.cms:
+            raise ValueError("no images scored")
+        cms = np.stack(self.cms)
+        cm = cms.sum(axis=0)
+        fns = {
+            "iou": scoring.per_class_iou,
+            "precision": scoring.per_class_precision,
+            "recall": scoring.per_class_recall,
+            "dice": scoring.per_class_dice,
+        }
+        ds = {k: f(cm) for k, f in fns.items()}
+        pi = {k: scoring.per_image_class_mean(cms, f) for k, f in fns.items()}
+        total = cm.sum()
+        out = {
+            "num_images": len(self.cms),
+            "class_names": self.class_names,
+            "dataset_level": {
+                "definition": DATASET_LEVEL_DEFINITION,
+                "per_class": {k: self._by_name(v) for k, v in ds.items()},
+                "mean_iou": _num(scoring.nanmean(ds["iou"])),
+                "mean_dice": _num(scoring.nanmean(ds["dice"])),
+                "pixel_accuracy": _num(np.trace(cm) / total if total else float("nan")),
+                "truth_pixels": self._by_name(cm.sum(axis=1)),
+            },
+            "per_image_mean": {
+                "definition": PER_IMAGE_DEFINITION,
+                "per_class": {k: self._by_name(v) for k, v in pi.items()},
+                "mean_iou": _num(scoring.nanmean(pi["iou"])),
+                "mean_precision": _num(scoring.nanmean(pi["precision"])),
+                "mean_dice": _num(scoring.nanmean(pi["dice"])),
+                "images_with_class": self._by_name(scoring.images_with_class(cms)),
+            },
+            "confusion_matrix": cm.tolist(),
+        }
+        per_image = []
+        for sid, c in zip(self.ids, cms):
+            row = {"source_id": sid, "mean_iou": _num(_image_mean_iou(c))}
+            if self.binary:
+                row["jaccard"] = scoring.binary_jaccard(c)
+                row["dice"] = scoring.binary_dice(c)
+            per_image.append(row)
+        out["per_image"] = per_image
+        if self.binary:
+            jac = [r["jaccard"] for r in per_image]
+            out["binary"] = {
+                "definition": BINARY_DEFINITION,
+                "foreground_dice": _num(ds["dice"][1]),
+                "foreground_iou": _num(ds["iou"][1]),
+                "per_image_dice_mean": _num(np.mean([r["dice"] for r in per_image])),
+                "per_image_jaccard_mean": _num(np.mean(jac)),
+                "thresholded_jaccard": _num(scoring.thresholded_jaccard(jac, ISIC_JACCARD_THRESHOLD)),
+                "jaccard_threshold": ISIC_JACCARD_THRESHOLD,
+            }
+        if self.regions:
+            names = list(self.regions)
+            mean = {
+                n: {
+                    "dice": _num(np.mean([s[n]["dice"] for s in self.region_scores])),
+                    "hd95_mm": _num(np.mean([s[n]["hd95_mm"] for s in self.region_scores])),
+                    "hd95_mm_median": _num(np.median([s[n]["hd95_mm"] for s in self.region_scores])),
+                }
+                for n in names
+            }
+            out["regions"] = {
+                "definition": REGION_DEFINITION,
+                "class_ids": {n: list(map(int, self.regions[n])) for n in names},
+                "mean": mean,
+                "per_case": [{"source_id": sid, **s} for sid, s in zip(self.ids, self.region_scores)],
+            }
+        return out
+
+
+def _image_mean_iou(cm: np.ndarray) -> float:
+    """Mean IoU of one image over the classes present in its truth or prediction."""
+    return scoring.nanmean(scoring.per_class_iou(cm))
+
+
+def _num(v):
+    """A JSON-safe number: Python float/int, NaN and inf -> None."""
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return int(v)
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+# --------------------------------------------------------------------------------------------
+# The stage.
+# --------------------------------------------------------------------------------------------
+
+
+def _thumbnail(a: np.ndarray) -> np.ndarray:
+    step = max(1, math.ceil(max(a.shape[:2]) / _SAMPLE_MAX_SIDE))
+    return np.ascontiguousarray(a[::step, ::step])
+
+
+def _as_numpy(example: dict) -> dict:
+    return {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in example.items()}
+
+
+def _iter_examples(data_dir: str, split: str) -> Iterable[dict]:
+    from tfseg import data
+
+    examples = data.read_examples(data_dir, split)
+    if hasattr(examples, "as_numpy_iterator"):
+        examples = examples.as_numpy_iterator()
+    for ex in examples:
+        yield _as_numpy(ex)
+
+
+def _decode_id(v) -> str:
+    v = np.asarray(v)
+    v = v.item() if v.size == 1 else v
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _run_facts(run_cfg: dict, info: schema.DatasetInfo, run_dir: str, data_dir: str) -> dict:
+    """Cross-checks the run against the dataset and gathers what evaluation needs."""
+    ndim = int(run_cfg.get("ndim", info.ndim))
+    if ndim != info.ndim:
+        raise TfsegError(f"{run_dir}/run.json: a {ndim}D model cannot be scored on {data_dir} ({info.ndim}D)")
+    num_classes = int(run_cfg.get("num_classes", info.num_classes))
+    if num_classes != info.num_classes:
+        raise TfsegError(
+            f"{run_dir}/run.json: model has {num_classes} classes, {data_dir}/dataset.json {info.num_classes}"
+        )
+    channels = int(run_cfg.get("channels", info.channels))
+    if channels != info.channels:
+        raise TfsegError(
+            f"{run_dir}/run.json: model takes {channels} channels, {data_dir}/dataset.json has {info.channels}"
+        )
+    size_key = "image_size" if ndim == 2 else "patch_size"
+    size = run_cfg.get(size_key)
+    if not size or len(size) != ndim:
+        raise TfsegError(f"{run_dir}/run.json: missing or bad {size_key!r} ({size!r})")
+    class_names = list(info.class_names or run_cfg.get("class_names") or [])
+    if len(class_names) != num_classes:
+        class_names = [f"class_{i}" for i in range(num_classes)]
+    ignore_index = info.ignore_index if info.ignore_index is not None else run_cfg.get("ignore_index")
+    regions = info.regions or run_cfg.get("regions") or {}
+    return {
+        "ndim": ndim,
+        "num_classes": num_classes,
+        "binary": num_classes == 2,
+        "size": tuple(int(s) for s in size),
+        "class_names": class_names,
+        "ignore_index": ignore_index,
+        "regions": regions if ndim == 3 else {},
+        "model": run_cfg.get("model"),
+    }
+
+
+def _find_monitor(cfg) -> str | None:
+    """The fit's monitored quantity (a ``monitor`` key anywhere in the resolved config)."""
+    if isinstance(cfg, dict):
+        if isinstance(cfg.get("monitor"), str):
+            return cfg["monitor"]
+        for v in cfg.values():
+            found = _find_monitor(v)
+            if found:
+                return found
+    return None
+
+
+def run_evaluate(
+    run_dir: str,
+    data_dir: str,
+    split: str = "test",
+    output: str = "eval",
+    num_samples: int = 8,
+    tile: bool = False,
+    tta: bool = False,
+    max_examples: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Scores a fit run on a converted split and writes tables and pictures.
+
+    Args:
+      run_dir: a completed `tfseg fit` output (run.json, model.keras, history.csv).
+      data_dir: a converted dataset (dataset.json + shards).
+      split: the split to score.
+      output: the directory to publish (EVAL_DIR).
+      num_samples: examples drawn in samples.png (the first N labelled ones, in record order).
+      tile: 2D only: predict with overlapping tiles at the training size instead of resizing
+        the whole image to it.
+      tta: flip test-time augmentation.
+      max_examples: score only the first N labelled examples (quick looks).
+      overwrite: replace an existing complete EVAL_DIR.
+      progress: called with 1 after each example (the CLI's progress bar).
+
+    Returns:
+      The metrics dict written to metrics.json.
+
+    Raises:
+      TfsegError: the run, the dataset or the split is missing or they do not match, the
+        split has no labelled examples, or a complete output exists and overwrite is False.
+    """
+    run_cfg = rundir.load_run_config(run_dir)
+    info = schema.load_dataset_info(data_dir)
+    if split not in info.splits:
+        raise TfsegError(
+            f"{os.path.join(data_dir, schema.DATASET_JSON)}: no split {split!r}; "
+            f"available: {', '.join(sorted(info.splits)) or 'none'}"
+        )
+    facts = _run_facts(run_cfg, info, run_dir, data_dir)
+    output = os.path.abspath(output)
+    # Fail on an existing output before the (long) scoring, not after it.
+    if os.path.isfile(os.path.join(output, METRICS_JSON)) and not overwrite:
+        raise TfsegError(f"{output}: a complete evaluation already exists; pass --overwrite to replace it")
+
+    from tfseg import inference
+
+    model = rundir.load_model(run_dir)
+    mode = "sliding_window" if facts["ndim"] == 3 else ("tile" if tile else "resize")
+    log.info("evaluating %s on %s/%s (%s, tta=%s)", run_dir, data_dir, split, mode, tta)
+
+    scorer = SegmentationScorer(
+        facts["num_classes"], facts["class_names"], facts["ignore_index"], facts["regions"]
+    )
+    samples: list[dict] = []
+    unlabelled = 0
+    for ex in _iter_examples(data_dir, split):
+        if max_examples is not None and len(scorer.cms) >= max_examples:
+            break
+        sid = _decode_id(ex.get("source_id", ""))
+        if not bool(np.asarray(ex.get("has_mask", True))):
+            unlabelled += 1
+            if progress is not None:
+                progress(1)
+            continue
+        image, truth = ex["image"], ex["mask"]
+        if truth.ndim == image.ndim:
+            truth = truth[..., 0]
+        if facts["ndim"] == 2:
+            probs = inference.predict_image(model, image, size=facts["size"], mode=mode, tta=tta)
+        else:
+            probs = inference.predict_volume(model, image, patch_size=facts["size"], tta=tta)
+        pred = np.asarray(inference.probs_to_mask(probs, facts["binary"]))
+        if pred.shape != truth.shape:
+            raise RuntimeError(
+                f"{sid}: inference returned a {pred.shape} mask for a {truth.shape} truth; "
+                "predictions must come back at the original size"
+            )
+        spacing = ex.get("spacing")
+        scorer.add(truth, pred, sid, None if spacing is None else np.asarray(spacing, np.float64))
+        if len(samples) < num_samples:
+            if facts["ndim"] == 3:
+                # The middle axial slice (axis 0 is depth), first modality.
+                mid = image.shape[0] // 2
+                image, truth, pred = image[mid, ..., :1], truth[mid], pred[mid]
+            samples.append({
+                "image": _thumbnail(image),
+                "truth": _thumbnail(truth),
+                "prediction": _thumbnail(pred),
+                "title": sid,
+            })
+        if progress is not None:
+            progress(1)
+    if not scorer.cms:
+        raise TfsegError(
+            f"{data_dir}: split {split!r} has no labelled examples to score "
+            f"({unlabelled} unlabelled)"
+        )
+
+    metrics = {
+        "run_dir": os.path.abspath(run_dir),
+        "data_dir": os.path.abspath(data_dir),
+        "split": split,
+        "model": facts["model"],
+        "inference": {"mode": mode, "size": list(facts["size"]), "tta": bool(tta)},
+        "num_classes": facts["num_classes"],
+        "ignore_index": facts["ignore_index"],
+        "unlabelled_skipped": unlabelled,
+        **scorer.result(),
+    }
+
+    with io_utils.atomic_output_dir(output, overwrite=overwrite, complete_marker=METRICS_JSON) as tmp:
+        pictures = {}
+        if samples:
+            report.plot_samples(
+                samples, facts["class_names"], os.path.join(tmp, SAMPLES_PNG),
+                ignore_index=facts["ignore_index"],
+            )
+            pictures["samples"] = SAMPLES_PNG
+        report.plot_confusion_matrix(
+            np.asarray(metrics["confusion_matrix"]), facts["class_names"], os.path.join(tmp, CONFUSION_PNG)
+        )
+        pictures["confusion_matrix"] = CONFUSION_PNG
+        if report.plot_history(
+            os.path.join(run_dir, rundir.HISTORY_CSV), os.path.join(tmp, HISTORY_PNG),
+            monitor=_find_monitor(run_cfg.get("config", run_cfg)),
+        ):
+            pictures["history"] = HISTORY_PNG
+        metrics["pictures"] = pictures
+        io_utils.atomic_write_text(os.path.join(tmp, REPORT_MD), report.render_markdown(metrics))
+        io_utils.atomic_write_json(os.path.join(tmp, METRICS_JSON), metrics)
+    log.info(
+        "%s: mean IoU %.4f (dataset-level), %.4f (per-image mean) over %d images",
+        output, metrics["dataset_level"]["mean_iou"] or float("nan"),
+        metrics["per_image_mean"]["mean_iou"] or float("nan"), metrics["num_images"],
+    )
+    return metrics
