@@ -118,7 +118,11 @@ def test_volumes_keep_affine(tmp_path):
     for c in range(2):
         v = data[..., c]
         z[..., c] = np.where(fg, (v - v[fg].mean()) / v[fg].std(), 0)
-    expected = inference.probs_to_mask(inference.predict_volume(model, z, patch_size=(8, 8, 8)), False)
+    # The affine is already RAS+, so only the converter's axis order applies (tfseg.convert.brats).
+    from tfseg.convert.brats import model_axes_to_ras, ras_to_model_axes
+
+    probs = inference.predict_volume(model, np.ascontiguousarray(ras_to_model_axes(z)), patch_size=(8, 8, 8))
+    expected = model_axes_to_ras(inference.probs_to_mask(probs, False))
     for model_path in (run, base + "/vol"):
         out = tmp_path / ("out_" + os.path.basename(model_path))
         summary = predict.run_predict(model_path, str(inp), str(out))
@@ -263,3 +267,28 @@ def test_real_isic_jpegs_through_export(setup2d, shared_data, tmp_path):
         mask = Image.open(out / name.replace(".jpg", ".png"))
         assert mask.size == size and mask.mode == "L"
         assert set(np.unique(np.array(mask))) <= {0, 1, 2}
+
+
+def test_volume_axes_round_trip_in_the_inputs_orientation(tmp_path):
+    """A voxelwise 'model' on read_volume's output, written back, lines up with the input voxels."""
+    import nibabel as nib
+
+    from tfseg.predict import read_volume, write_volume_mask
+
+    rng = np.random.default_rng(0)
+    data = rng.uniform(1, 10, (6, 7, 5, 2)).astype(np.float32)
+    data[0] = 0  # background
+    affine = np.diag([-1.2, -1.0, 2.0, 1.0])  # LPS-like: not the canonical orientation
+    affine[:3, 3] = [5, 6, -7]
+    path = str(tmp_path / "v.nii.gz")
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+    volume, img = read_volume(path, channels=2)
+    assert volume.shape == (5, 7, 6, 2)  # (z, y, x)
+    write_volume_mask(str(tmp_path / "m.nii.gz"), (volume[..., 0] > 0).astype(np.uint8), img)
+
+    out = nib.load(str(tmp_path / "m.nii.gz"))
+    np.testing.assert_allclose(out.affine, affine)
+    brain = data[..., 0] != 0
+    expected = brain & (data[..., 0] > data[..., 0][brain].mean())
+    np.testing.assert_array_equal(np.asarray(out.dataobj).astype(bool), expected)

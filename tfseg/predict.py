@@ -128,45 +128,46 @@ def decode_png(data: bytes) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(data)))
 
 
-def normalize_volume(volume: np.ndarray) -> np.ndarray:
-    """Per-channel z-score over the non-zero (brain) voxels, zeros kept at 0.
+def read_volume(path: str, channels: int):
+    """A 4D (or 3D single-channel) NIfTI as the model sees it, and what is needed to write back.
 
-    Args:
-      volume: (D, H, W, C) raw intensities.
+    The volume is reoriented and transposed exactly as the converter does
+    (:mod:`tfseg.convert.brats`: RAS+, then (D, H, W, C)) and z-scored per channel over the
+    brain, but not cropped.
 
     Returns:
-      (D, H, W, C) float32.
+      ((D, H, W, C) float32, the nibabel image as loaded).
+
+    Raises:
+      ValueError: unreadable file or a shape the model cannot take.
     """
-    out = np.zeros(volume.shape, np.float32)
-    for c in range(volume.shape[-1]):
-        v = volume[..., c].astype(np.float32)
-        fg = v != 0
-        if fg.any():
-            mean, std = v[fg].mean(), v[fg].std()
-            out[..., c] = np.where(fg, (v - mean) / max(std, 1e-8), 0.0)
-    return out
-
-
-def read_volume(path: str, channels: int):
-    """(normalized (D, H, W, C) float32, nibabel image) of a NIfTI file; axes as stored."""
     import nibabel as nib
+
+    from tfseg.convert.brats import ras_to_model_axes, zscore_brain
 
     try:
         img = nib.load(path)
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        data = np.asarray(nib.as_closest_canonical(img).dataobj, dtype=np.float32)
     except Exception as e:  # nibabel raises many types for broken files
         raise ValueError(f"cannot read NIfTI ({type(e).__name__}: {e})") from None
     if data.ndim == 3:
         data = data[..., None]
     if data.ndim != 4 or data.shape[-1] != channels:
-        raise ValueError(f"volume shape {data.shape}: the model needs (D, H, W, {channels})")
-    return normalize_volume(data), img
+        raise ValueError(f"volume shape {data.shape}: the model needs (X, Y, Z, {channels})")
+    return zscore_brain(np.ascontiguousarray(ras_to_model_axes(data))), img
 
 
 def write_volume_mask(path: str, mask: np.ndarray, like) -> None:
+    """Writes a (D, H, W) mask in model axes as NIfTI in ``like``'s orientation and affine."""
     import nibabel as nib
+    from nibabel import orientations as ornt
 
-    out = nib.Nifti1Image(mask.astype(np.uint8), like.affine)
+    from tfseg.convert.brats import model_axes_to_ras
+
+    canonical = nib.as_closest_canonical(like)
+    out = nib.Nifti1Image(np.ascontiguousarray(model_axes_to_ras(mask.astype(np.uint8))), canonical.affine)
+    out = out.as_reoriented(ornt.ornt_transform(ornt.io_orientation(canonical.affine), ornt.io_orientation(like.affine)))
+    out = nib.Nifti1Image(np.asarray(out.dataobj), like.affine)
     out.set_qform(like.affine)
     out.set_sform(like.affine)
     nib.save(out, path)
