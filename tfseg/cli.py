@@ -34,6 +34,10 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("apache_beam", "absl", "tensorflow", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Beam's GCP IO warns on the root logger when its optional GCP clients are absent; tfseg
+    # does not use them (install apache-beam[gcp] for Dataflow and the warning goes away).
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: "apitools not found" not in record.getMessage())
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
