@@ -192,19 +192,8 @@ def evaluate(run_dir, data_dir, split, output, samples, tile, tta, max_examples,
             run_dir, data_dir, split, output, num_samples=samples, tile=tile, tta=tta,
             max_examples=max_examples, overwrite=overwrite, progress=bar.update,
         )
-    ds, pi = m["dataset_level"], m["per_image_mean"]
-    line = f"{output}: {m['num_images']} images, mean IoU {_eval_fmt(ds['mean_iou'])} (dataset-level), "
-    line += f"{_eval_fmt(pi['mean_iou'])} (per-image mean)"
-    if "binary" in m:
-        line += f", Dice {_eval_fmt(m['binary']['foreground_dice'])}, "
-        line += f"thresholded Jaccard {_eval_fmt(m['binary']['thresholded_jaccard'])}"
-    for name, r in m.get("regions", {}).get("mean", {}).items():
-        line += f", {name} Dice {_eval_fmt(r['dice'])} HD95 {_eval_fmt(r['hd95_mm'], 2)} mm"
-    click.echo(line)
-
-
-def _eval_fmt(v, digits: int = 4) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
+    click.echo(_metric_table(m))
+    click.echo(f"report:  {os.path.join(output, 'report.md')}")
 
 
 # --- export/predict commands (owned by the export/predict stage) ---
