@@ -58,3 +58,14 @@ def test_demo_command_end_to_end(tmp_path):
 def test_run_reports_bad_pipeline_in_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["run", "nope", "--input", str(tmp_path), "--workdir", str(tmp_path)])
     assert result.exit_code == 2 and "error: nope:" in result.output
+
+
+@pytest.mark.slow
+def test_demo_learns_the_generated_cars(tmp_path):
+    """The README's main job at its real settings: the model must learn, not just run."""
+    summary = CliRunner().invoke(cli, ["demo", "--workdir", str(tmp_path / "demo")])
+    assert summary.exit_code == 0, summary.output
+    with open(tmp_path / "demo" / "eval" / "metrics.json") as f:
+        metrics = json.load(f)
+    assert metrics["dataset_level"]["per_class"]["iou"]["car"] > 0.6, metrics["dataset_level"]
+    assert metrics["binary"]["foreground_dice"] > 0.75, metrics["binary"]
