@@ -119,6 +119,43 @@ def test_tta_averages_flips():
     np.testing.assert_allclose(tta, 3.5)
 
 
+def test_tta_flips_only_the_named_axes():
+    # A model that outputs the input's row index plus 100 x its column index, read from the
+    # input itself: every view it sees comes back flipped, so averaging views shows which flips ran.
+    def coords(batch):
+        return batch.copy()
+
+    h, w = 4, 6
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    x = (rows + 100 * cols).astype(np.float32)[None, ..., None]
+    calls = []
+
+    def counting(batch):
+        calls.append(batch.copy())
+        return coords(batch)
+
+    out = inference._with_tta(counting, x, (1,))
+    assert len(calls) == 2  # as is + left-right
+    np.testing.assert_array_equal(calls[1][0, :, :, 0], x[0, :, ::-1, 0])  # width flipped, rows kept
+    np.testing.assert_allclose(out, x)  # each view flipped back before averaging
+    assert inference.flip_combinations(2, (1,)) == [(), (1,)]
+    assert inference.flip_combinations(2, True) == [(), (0,), (1,), (0, 1)]
+    assert inference.flip_combinations(3, False) == [()]
+    assert len(inference.flip_combinations(3, True)) == 8
+    with pytest.raises(ValueError, match="outside"):
+        inference.flip_combinations(2, (2,))
+
+
+def test_training_flip_axes_follow_the_run_augmentation():
+    from tfseg.rundir import training_flip_axes
+
+    assert training_flip_axes({"ndim": 2, "config": {"augment": {"hflip": 0.5}}}) == (1,)
+    assert training_flip_axes({"ndim": 2, "config": {"augment": {"hflip": 0.5, "vflip": 0.5}}}) == (0, 1)
+    assert training_flip_axes({"ndim": 2, "config": {"augment": {"rotate": 10}}}) == ()
+    assert training_flip_axes({"ndim": 2, "config": {"augment": None}}) == ()
+    assert training_flip_axes({"ndim": 3, "config": {"augment": {"flip3d": 0.5}}}) == (0, 1, 2)
+
+
 def test_tta_keeps_flip_equivariant_model_unchanged():
     model = pointwise_model(2, 3, 2)
     image = np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)

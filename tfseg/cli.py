@@ -175,7 +175,7 @@ def fit_cmd(config_file, overrides, **options):
 @click.option("--output", required=True, type=click.Path(), help="Directory for metrics.json, report.md, PNGs.")
 @click.option("--samples", default=8, show_default=True, type=click.IntRange(0), help="Examples in samples.png.")
 @click.option("--tile", is_flag=True, help="2D: tile at the training size instead of resizing to it.")
-@click.option("--tta", is_flag=True, help="Flip test-time augmentation.")
+@click.option("--tta", is_flag=True, help="Average over the flips the model was trained with.")
 @click.option("--max-examples", type=click.IntRange(1), default=None, help="Score only the first N examples.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing complete output.")
 def evaluate(run_dir, data_dir, split, output, samples, tile, tta, max_examples, overwrite):
@@ -233,7 +233,7 @@ def export_cmd(run_dir, export_base, name, version, max_pixels, overwrite):
 @click.option("--runner", default=None, help="Run as a Beam pipeline on this runner (e.g. DirectRunner).")
 @click.option("--beam-arg", "beam_args", multiple=True, help="Extra Beam pipeline option (repeatable).")
 @click.option("--tile", is_flag=True, help="RUN_DIR, 2D: tile at the training size instead of resizing.")
-@click.option("--tta", is_flag=True, help="RUN_DIR: flip test-time augmentation.")
+@click.option("--tta", is_flag=True, help="RUN_DIR: average over the flips the model was trained with.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing complete output.")
 def predict_cmd(model_path, input_dir, output_dir, batch_size, server, grpc, model_version, runner, beam_args,
                 tile, tta, overwrite):

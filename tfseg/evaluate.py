@@ -341,7 +341,9 @@ def run_evaluate(
       num_samples: examples drawn in samples.png (the first N labelled ones, in record order).
       tile: 2D only: predict with overlapping tiles at the training size instead of resizing
         the whole image to it.
-      tta: flip test-time augmentation.
+      tta: flip test-time augmentation over the flips the model was trained with
+        (:func:`tfseg.rundir.training_flip_axes`); a model trained without flips is scored
+        as is, with a warning.
       max_examples: score only the first N labelled examples (quick looks).
       overwrite: replace an existing complete EVAL_DIR.
       progress: called with 1 after each example (the CLI's progress bar).
@@ -370,7 +372,10 @@ def run_evaluate(
 
     model = rundir.load_model(run_dir)
     mode = "sliding_window" if facts["ndim"] == 3 else ("tile" if tile else "resize")
-    log.info("evaluating %s on %s/%s (%s, tta=%s)", run_dir, data_dir, split, mode, tta)
+    flips = rundir.training_flip_axes(run_cfg) if tta else ()
+    if tta and not flips:
+        log.warning("%s: trained without flips, so --tta has no flips to average; scoring as is", run_dir)
+    log.info("evaluating %s on %s/%s (%s, tta flips over spatial axes %s)", run_dir, data_dir, split, mode, flips)
 
     scorer = SegmentationScorer(
         facts["num_classes"], facts["class_names"], facts["ignore_index"], facts["regions"]
@@ -390,9 +395,9 @@ def run_evaluate(
         if truth.ndim == image.ndim:
             truth = truth[..., 0]
         if facts["ndim"] == 2:
-            probs = inference.predict_image(model, image, size=facts["size"], mode=mode, tta=tta)
+            probs = inference.predict_image(model, image, size=facts["size"], mode=mode, tta=flips)
         else:
-            probs = inference.predict_volume(model, image, patch_size=facts["size"], tta=tta)
+            probs = inference.predict_volume(model, image, patch_size=facts["size"], tta=flips)
         pred = np.asarray(inference.probs_to_mask(probs, facts["binary"]))
         if pred.shape != truth.shape:
             raise RuntimeError(
@@ -425,7 +430,7 @@ def run_evaluate(
         "data_dir": os.path.abspath(data_dir),
         "split": split,
         "model": facts["model"],
-        "inference": {"mode": mode, "size": list(facts["size"]), "tta": bool(tta)},
+        "inference": {"mode": mode, "size": list(facts["size"]), "tta_flip_axes": list(flips)},
         "num_classes": facts["num_classes"],
         "ignore_index": facts["ignore_index"],
         "unlabelled_skipped": unlabelled,

@@ -14,8 +14,11 @@ Two ways to run a 2D model on an image of any size:
 ``batch_size`` patches at a time and the only full-size buffers are the accumulated probabilities
 and weights, so memory is bounded by the patch batch, not by the image or volume.
 
-Flip test-time augmentation (``tta=True``) averages the predictions over every combination of
-flips along the spatial axes (4 in 2D, 8 in 3D), each flipped back before averaging.
+Flip test-time augmentation averages the predictions over combinations of flips, each flipped
+back before averaging. ``tta=True`` uses every spatial axis (4 views in 2D, 8 in 3D); a tuple of
+spatial axes (0 = first spatial axis: H in 2D, D in 3D) uses only those, which is what evaluation
+and prediction pass: the flips the model was trained with (:func:`tfseg.rundir.training_flip_axes`),
+since a flip the model never saw (an upside-down person) makes the average worse, not better.
 """
 
 from __future__ import annotations
@@ -83,13 +86,30 @@ def _forward(model, batch: np.ndarray) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
 
 
-def _with_tta(model, batch: np.ndarray, tta: bool) -> np.ndarray:
-    """Model probabilities for a (B, *spatial, C) batch, averaged over flips when ``tta``."""
-    if not tta:
+def flip_combinations(spatial_rank: int, tta) -> list[tuple[int, ...]]:
+    """The flips averaged by test-time augmentation, as tuples of spatial axes (``()`` = as is).
+
+    Args:
+      spatial_rank: 2 or 3.
+      tta: False (no flips), True (every spatial axis) or a sequence of spatial axes.
+
+    Raises:
+      ValueError: an axis outside ``range(spatial_rank)``.
+    """
+    if tta is False or tta is None:
+        return [()]
+    axes = tuple(range(spatial_rank)) if tta is True else tuple(sorted(set(int(a) for a in tta)))
+    if any(a < 0 or a >= spatial_rank for a in axes):
+        raise ValueError(f"tta axes {axes} outside the {spatial_rank} spatial axes")
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def _with_tta(model, batch: np.ndarray, tta) -> np.ndarray:
+    """Model probabilities for a (B, *spatial, C) batch, averaged over the flips ``tta`` names."""
+    combos = [tuple(a + 1 for a in c) for c in flip_combinations(batch.ndim - 2, tta)]
+    if combos == [()]:
         return _forward(model, batch)
-    spatial = range(1, batch.ndim - 1)
     total = None
-    combos = [c for r in range(len(spatial) + 1) for c in itertools.combinations(spatial, r)]
     for axes in combos:
         x = np.flip(batch, axis=axes) if axes else batch
         y = _forward(model, np.ascontiguousarray(x))
@@ -105,7 +125,7 @@ def sliding_window(
     *,
     overlap: float,
     batch_size: int,
-    tta: bool = False,
+    tta=False,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Gaussian-blended sliding-window prediction over the spatial axes of one image or volume.
@@ -116,7 +136,7 @@ def sliding_window(
       patch_size: the window's spatial size.
       overlap: fraction of a window shared with its neighbour, in [0, 1).
       batch_size: patches per model call; bounds the memory of the model calls.
-      tta: average over flips.
+      tta: flips to average over (see :func:`flip_combinations`).
       progress: optional callback receiving the number of patches done after each call.
 
     Returns:
@@ -167,7 +187,7 @@ def predict_image(
     mode: str = "resize",
     overlap: float = 0.25,
     batch_size: int = 8,
-    tta: bool = False,
+    tta=False,
 ) -> np.ndarray:
     """Class probabilities for one 2D image at its original size.
 
@@ -178,7 +198,7 @@ def predict_image(
       mode: ``"resize"`` or ``"tile"`` (see the module docstring).
       overlap: tile overlap, ``mode="tile"`` only.
       batch_size: tiles per model call, ``mode="tile"`` only.
-      tta: average over horizontal/vertical flips.
+      tta: flips to average over: True for both axes, or spatial axes (1 = left-right).
 
     Returns:
       (H, W, K) float32 probabilities; K = 1 (the foreground probability) for binary models.
@@ -210,7 +230,7 @@ def predict_volume(
     patch_size: Sequence[int],
     overlap: float = 0.5,
     batch_size: int = 2,
-    tta: bool = False,
+    tta=False,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Sliding-window class probabilities for one 3D volume.
@@ -221,7 +241,7 @@ def predict_volume(
       patch_size: (d, h, w), the training patch size.
       overlap: fraction of a patch shared with its neighbour.
       batch_size: patches per model call.
-      tta: average over the 8 flip combinations.
+      tta: flips to average over: True for all 8 combinations, or spatial axes.
 
     Returns:
       (D, H, W, K) float32 probabilities.

@@ -162,6 +162,7 @@ class _Stages:
         run_evaluate(
             paths["run"], paths["data"], split=section.get("split", "test"), output=paths["eval"],
             num_samples=int(section.get("samples", 8)), tile=bool(section.get("tile", False)),
+            tta=bool(section.get("tta", False)),
         )
 
     @staticmethod

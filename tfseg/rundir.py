@@ -42,6 +42,18 @@ def load_run_config(run_dir: str) -> dict:
         return json.load(f)
 
 
+def training_flip_axes(run_cfg: dict) -> tuple[int, ...]:
+    """Spatial axes the run's training augmentation flipped (0 = H in 2D, D in 3D).
+
+    2D: ``vflip`` -> 0, ``hflip`` -> 1; 3D: ``flip3d`` -> 0, 1, 2. Test-time augmentation
+    averages over these flips only.
+    """
+    augment = (run_cfg.get("config") or {}).get("augment") or {}
+    if int(run_cfg.get("ndim", 2)) == 3:
+        return (0, 1, 2) if augment.get("flip3d") else ()
+    return tuple(axis for axis, key in ((0, "vflip"), (1, "hflip")) if augment.get(key))
+
+
 def load_model(run_dir: str, which: str = MODEL_FILE):
     """Loads the trained Keras model of a run (TensorFlow imported here).
 
