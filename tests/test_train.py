@@ -243,6 +243,58 @@ def test_trim_history_keeps_one_row_per_finished_epoch(tmp_path):
     assert trim_history(str(tmp_path), 0) == [] and not (tmp_path / "history.csv").exists()
 
 
+def _tiny_compiled_model():
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("mode,values", [
+    ("max", [0.1, 0.3, 0.2, 0.25, 0.31, 0.3, 0.29, 0.1, 0.5, 0.4]),
+    ("min", [1.0, 0.8, 0.9, 0.85, 0.7, 0.7, 0.75, 0.9, 0.95, 0.6]),
+])
+def test_replay_patience_counts_like_keras(mode, values):
+    import keras
+
+    from tfseg.train import replay_patience
+
+    model = _tiny_compiled_model()
+    stop = keras.callbacks.EarlyStopping(monitor="m", mode=mode, patience=100)
+    plateau = keras.callbacks.ReduceLROnPlateau(monitor="m", mode=mode, patience=2, factor=0.5, verbose=0)
+    for cb in (stop, plateau):
+        cb.set_model(model)
+        cb.on_train_begin()
+    for epoch, v in enumerate(values):
+        stop.on_epoch_end(epoch, {"m": v})
+        plateau.on_epoch_end(epoch, {"m": v})
+        assert replay_patience(values[: epoch + 1], mode, 0) == (stop.best, stop.wait), epoch
+        assert replay_patience(values[: epoch + 1], mode, 2) == (plateau.best, plateau.wait), epoch
+
+
+def test_resumed_early_stopping_keeps_its_patience(tmp_path):
+    from tfseg.train import FitConfig, _callbacks
+
+    # Two epochs logged without improvement since the best (0.5): with patience 3, the first
+    # non-improving epoch after the resume stops, as it would have without the restart.
+    rows = [{"epoch": str(e), "val_iou": str(v)} for e, v in enumerate([0.2, 0.5, 0.4, 0.45])]
+    cfg = FitConfig(early_stopping=3, tensorboard=False)
+    cbs = _callbacks(str(tmp_path), cfg, "val_iou", "max", rows, validation=True)
+    stop = next(cb for cb in cbs if "EarlyStopping" in type(cb).__name__)
+    model = _tiny_compiled_model()
+    stop.set_model(model)
+    stop.on_train_begin()
+    assert (stop.best, stop.wait) == (0.5, 2)
+    stop.on_epoch_end(4, {"val_iou": 0.49})
+    assert model.stop_training
+    # An improvement instead resets the count.
+    model.stop_training = False
+    stop.on_train_begin()
+    stop.on_epoch_end(4, {"val_iou": 0.6})
+    assert not model.stop_training and (stop.best, stop.wait) == (0.6, 0)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input, reported before training
 # --------------------------------------------------------------------------------------------

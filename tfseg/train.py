@@ -10,7 +10,9 @@ Resume: the Keras ``BackupAndRestore`` state in ``RUN_DIR/backup`` (kept after t
 the weights, the optimizer state and the number of finished epochs. Re-running the same command
 after a crash continues from the last finished epoch; a larger ``epochs`` continues a finished
 run; the same ``epochs`` on a finished run does nothing. ``history.csv`` is trimmed to the
-finished epochs before training resumes, so it keeps exactly one row per epoch.
+finished epochs before training resumes, so it keeps exactly one row per epoch. Early stopping
+and the plateau schedule pick up their patience counters where they were (replayed from
+history.csv by :func:`replay_patience`), so a restart does not grant a fresh patience.
 
 Command line::
 
@@ -432,18 +434,46 @@ def trim_history(run_dir: str, finished_epochs: int) -> list[dict]:
     return rows
 
 
-def _best_so_far(rows: list[dict], monitor: str, mode: str) -> float | None:
+def _monitored_values(rows: list[dict], monitor: str) -> list[float | None]:
+    """The monitored value of each history row, None where it is missing or not finite."""
     values = []
     for row in rows:
         try:
             v = float(row.get(monitor, "nan"))
         except ValueError:
-            continue
-        if math.isfinite(v):
-            values.append(v)
+            v = float("nan")
+        values.append(v if math.isfinite(v) else None)
+    return values
+
+
+def _best_so_far(rows: list[dict], monitor: str, mode: str) -> float | None:
+    values = [v for v in _monitored_values(rows, monitor) if v is not None]
     if not values:
         return None
     return max(values) if mode == "max" else min(values)
+
+
+def replay_patience(values, mode: str, patience: int, min_delta: float = 0.0) -> tuple[float | None, int]:
+    """(best, wait) of a patience counter after the epochs in ``values``, as Keras counts them.
+
+    Keras's rule (``EarlyStopping``, ``ReduceLROnPlateau`` without cooldown): an epoch that beats
+    the best by more than ``min_delta`` resets ``wait`` to 0, any other epoch adds 1 (None values,
+    epochs without the metric, are skipped). ``patience`` > 0 is the plateau schedule, where
+    reaching it reduced the learning rate (restored with the optimizer from the backup) and reset
+    ``wait``; early stopping passes 0, since reaching its patience ended the run.
+    """
+    best, wait = None, 0
+    for v in values:
+        if v is None:
+            continue
+        improved = best is None or (v - min_delta > best if mode == "max" else v + min_delta < best)
+        if improved:
+            best, wait = v, 0
+        else:
+            wait += 1
+            if patience and wait >= patience:
+                wait = 0
+    return best, wait
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,8 +541,31 @@ def _make_datasets(cfg: FitConfig, plan: _Plan, global_batch: int, multi_worker:
     return train, val
 
 
-def _callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, best: float | None, validation: bool):
+def _resumable(callback_cls):
+    """``callback_cls`` (EarlyStopping or ReduceLROnPlateau) that resumes its patience counter.
+
+    Keras resets ``best`` and ``wait`` in ``on_train_begin``, so a resumed run would otherwise
+    wait a whole new patience; these start from the state replayed from history.csv.
+    """
+
+    class Resumable(callback_cls):
+        def __init__(self, *, state: tuple[float | None, int], **kwargs):
+            super().__init__(**kwargs)
+            self._resume_state = state
+
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            self.best, self.wait = self._resume_state  # Keras starts from (None, 0)
+
+    Resumable.__name__ = f"Resumable{callback_cls.__name__}"
+    return Resumable
+
+
+def _callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, rows: list[dict], validation: bool):
     import keras
+
+    best = _best_so_far(rows, monitor, mode)
+    values = _monitored_values(rows, monitor)
 
     ckpt = os.path.join(run_dir, CHECKPOINT_DIR)
     os.makedirs(ckpt, exist_ok=True)
@@ -535,7 +588,8 @@ def _callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, best: floa
     cbs.append(keras.callbacks.ModelCheckpoint(os.path.join(ckpt, LAST_CHECKPOINT)))
     if cfg.schedule == "plateau":
         cbs.append(
-            keras.callbacks.ReduceLROnPlateau(
+            _resumable(keras.callbacks.ReduceLROnPlateau)(
+                state=replay_patience(values, mode, cfg.plateau_patience),
                 monitor=monitor,
                 mode=mode,
                 factor=cfg.plateau_factor,
@@ -544,7 +598,11 @@ def _callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, best: floa
             )
         )
     if cfg.early_stopping:
-        cbs.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping))
+        cbs.append(
+            _resumable(keras.callbacks.EarlyStopping)(
+                state=replay_patience(values, mode, 0), monitor=monitor, mode=mode, patience=cfg.early_stopping
+            )
+        )
     if cfg.tensorboard:
         cbs.append(keras.callbacks.TensorBoard(os.path.join(run_dir, LOGS_DIR), write_graph=False))
     cbs.append(
@@ -735,7 +793,7 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
             runtime.patch_keras_multi_worker(model, strategy)
         train_ds, val_ds = _make_datasets(cfg, plan, cfg.batch_size, multi_worker)
         cbs = _callbacks(
-            run_dir, cfg, monitor, mode, _best_so_far(rows, monitor, mode), val_ds is not None
+            run_dir, cfg, monitor, mode, rows, val_ds is not None
         )
         cbs += list(callbacks or [])
         validation_steps = cfg.validation_steps
