@@ -372,9 +372,7 @@ def run_evaluate(
 
     model = rundir.load_model(run_dir)
     mode = "sliding_window" if facts["ndim"] == 3 else ("tile" if tile else "resize")
-    flips = rundir.training_flip_axes(run_cfg) if tta else ()
-    if tta and not flips:
-        log.warning("%s: trained without flips, so --tta has no flips to average; scoring as is", run_dir)
+    flips = rundir.test_time_flips(run_dir, run_cfg, tta)
     log.info("evaluating %s on %s/%s (%s, tta flips over spatial axes %s)", run_dir, data_dir, split, mode, flips)
 
     scorer = SegmentationScorer(

@@ -326,8 +326,7 @@ class KerasPredictor:
         self.channels = int(self.cfg["channels"])
         self.ndim = int(self.cfg["ndim"])
         self.binary = bool(self.cfg.get("binary", self.cfg.get("num_classes") == 2))
-        # Test-time flips: only those the model was trained with (rundir.training_flip_axes).
-        self.tta = rundir.training_flip_axes(self.cfg) if tta else ()
+        self.tta = rundir.test_time_flips(run_dir, self.cfg, tta)
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
 
     def predict_images(self, images: Sequence[bytes]) -> list[np.ndarray]:

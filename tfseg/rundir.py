@@ -20,9 +20,12 @@ float32 probabilities, (B, H, W, 1) sigmoid for binary tasks or (B, H, W, K) sof
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from tfseg.errors import TfsegError
+
+logger = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
 MODEL_FILE = "model.keras"
@@ -52,6 +55,19 @@ def training_flip_axes(run_cfg: dict) -> tuple[int, ...]:
     if int(run_cfg.get("ndim", 2)) == 3:
         return (0, 1, 2) if augment.get("flip3d") else ()
     return tuple(axis for axis, key in ((0, "vflip"), (1, "hflip")) if augment.get(key))
+
+
+def test_time_flips(run_dir: str, run_cfg: dict, tta: bool) -> tuple[int, ...]:
+    """The flips ``--tta`` averages for this run: its training flips, () without ``tta``.
+
+    A run trained without flips gets () and a warning: there is nothing it was trained to see.
+    """
+    if not tta:
+        return ()
+    flips = training_flip_axes(run_cfg)
+    if not flips:
+        logger.warning("%s: trained without flips, so --tta has no flips to average; predicting as is", run_dir)
+    return flips
 
 
 def load_model(run_dir: str, which: str = MODEL_FILE):

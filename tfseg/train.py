@@ -446,18 +446,11 @@ def _monitored_values(rows: list[dict], monitor: str) -> list[float | None]:
     return values
 
 
-def _best_so_far(rows: list[dict], monitor: str, mode: str) -> float | None:
-    values = [v for v in _monitored_values(rows, monitor) if v is not None]
-    if not values:
-        return None
-    return max(values) if mode == "max" else min(values)
-
-
-def replay_patience(values, mode: str, patience: int, min_delta: float = 0.0) -> tuple[float | None, int]:
+def replay_patience(values, mode: str, patience: int) -> tuple[float | None, int]:
     """(best, wait) of a patience counter after the epochs in ``values``, as Keras counts them.
 
-    Keras's rule (``EarlyStopping``, ``ReduceLROnPlateau`` without cooldown): an epoch that beats
-    the best by more than ``min_delta`` resets ``wait`` to 0, any other epoch adds 1 (None values,
+    Keras's rule (``EarlyStopping``, ``ReduceLROnPlateau`` without cooldown, ``min_delta`` 0): an
+    epoch that beats the best resets ``wait`` to 0, any other epoch adds 1 (None values,
     epochs without the metric, are skipped). ``patience`` > 0 is the plateau schedule, where
     reaching it reduced the learning rate (restored with the optimizer from the backup) and reset
     ``wait``; early stopping passes 0, since reaching its patience ended the run.
@@ -466,8 +459,7 @@ def replay_patience(values, mode: str, patience: int, min_delta: float = 0.0) ->
     for v in values:
         if v is None:
             continue
-        improved = best is None or (v - min_delta > best if mode == "max" else v + min_delta < best)
-        if improved:
+        if best is None or (v > best if mode == "max" else v < best):
             best, wait = v, 0
         else:
             wait += 1
@@ -564,8 +556,9 @@ def _resumable(callback_cls):
 def _callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, rows: list[dict], validation: bool):
     import keras
 
-    best = _best_so_far(rows, monitor, mode)
     values = _monitored_values(rows, monitor)
+    stop_state = replay_patience(values, mode, 0)  # (best so far, epochs since it)
+    best = stop_state[0]
 
     ckpt = os.path.join(run_dir, CHECKPOINT_DIR)
     os.makedirs(ckpt, exist_ok=True)
@@ -600,7 +593,7 @@ def _callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, rows: list
     if cfg.early_stopping:
         cbs.append(
             _resumable(keras.callbacks.EarlyStopping)(
-                state=replay_patience(values, mode, 0), monitor=monitor, mode=mode, patience=cfg.early_stopping
+                state=stop_state, monitor=monitor, mode=mode, patience=cfg.early_stopping
             )
         )
     if cfg.tensorboard:
