@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from tfseg.visualize import IGNORE_COLOR, colorize, overlay, to_display, voc_colormap  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 # Matplotlib would otherwise try a GUI backend on machines with a display; the evaluate stage
@@ -38,86 +40,13 @@ def _pyplot():
 
 
 # --------------------------------------------------------------------------------------------
-# Colours
+# Colours (defined in tfseg.visualize, shared with predict, export and TensorBoard)
 # --------------------------------------------------------------------------------------------
 
 
 def palette(num_classes: int) -> np.ndarray:
-    """Pascal VOC's colour map: (num_classes, 3) uint8, class 0 black, distinct colours after.
-
-    VOC spreads the bits of the class id over the high bits of R, G and B, so neighbouring ids
-    get very different colours and the VOC classes get their familiar colours.
-    """
-    out = np.zeros((num_classes, 3), np.uint8)
-    for c in range(num_classes):
-        r = g = b = 0
-        cid = c
-        for shift in range(7, -1, -1):
-            r |= ((cid >> 0) & 1) << shift
-            g |= ((cid >> 1) & 1) << shift
-            b |= ((cid >> 2) & 1) << shift
-            cid >>= 3
-        out[c] = (r, g, b)
-    return out
-
-
-IGNORE_COLOR = np.array([255, 255, 255], np.uint8)
-
-
-def colorize(mask: np.ndarray, colors: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
-    """Class ids (H, W) -> (H, W, 3) uint8 RGB; ignore pixels white, unknown ids black."""
-    mask = np.asarray(mask)
-    out = np.zeros(mask.shape + (3,), np.uint8)
-    valid = mask < len(colors)
-    out[valid] = colors[mask[valid].astype(np.int64)]
-    if ignore_index is not None:
-        out[mask == ignore_index] = IGNORE_COLOR
-    return out
-
-
-def to_display(image: np.ndarray) -> np.ndarray:
-    """Any (H, W), (H, W, 1) or (H, W, C) image -> (H, W, 3) uint8 for display.
-
-    uint8 images are shown as they are (first three channels, gray repeated); float images (3D
-    z-scored slices) are stretched between their 1st and 99th percentiles.
-    """
-    img = np.asarray(image)
-    if img.ndim == 3 and img.shape[-1] not in (1, 3):
-        img = img[..., :1]
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.dtype != np.uint8:
-        lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
-        scale = hi - lo if hi > lo else 1.0
-        img = (np.clip((img.astype(np.float64) - lo) / scale, 0, 1) * 255).astype(np.uint8)
-    if img.shape[-1] == 1:
-        img = np.repeat(img, 3, axis=-1)
-    return img
-
-
-def overlay(
-    image: np.ndarray,
-    mask: np.ndarray,
-    colors: np.ndarray,
-    *,
-    alpha: float = 0.5,
-    ignore_index: int | None = None,
-) -> np.ndarray:
-    """Blends a colourized mask over an image; background (class 0) leaves the image as it is.
-
-    Args:
-      image: (H, W[, C]) image (any dtype, see :func:`to_display`).
-      mask: (H, W) class ids of the same size.
-
-    Returns:
-      (H, W, 3) uint8.
-    """
-    base = to_display(image).astype(np.float64)
-    color = colorize(mask, colors, ignore_index).astype(np.float64)
-    painted = np.asarray(mask) != 0
-    out = base.copy()
-    out[painted] = (1 - alpha) * base[painted] + alpha * color[painted]
-    return np.clip(out, 0, 255).astype(np.uint8)
+    """Pascal VOC's colour map: (num_classes, 3) uint8 (see :func:`tfseg.visualize.voc_colormap`)."""
+    return voc_colormap(num_classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,6 +60,7 @@ def plot_samples(
     path: str,
     *,
     ignore_index: int | None = None,
+    colors: np.ndarray | None = None,
 ) -> str:
     """Writes an image | truth | prediction grid, one row per sample.
 
@@ -139,6 +69,8 @@ def plot_samples(
         and ``title`` (str).
       class_names: one name per class id, for the legend.
       path: the PNG to write.
+      colors: (K, 3) uint8 class colours (:func:`tfseg.visualize.dataset_colors`); default the
+        fixed map of :func:`tfseg.visualize.default_colors`.
 
     Returns:
       ``path``.
@@ -146,7 +78,10 @@ def plot_samples(
     plt = _pyplot()
     from matplotlib.patches import Patch
 
-    colors = palette(len(class_names))
+    from tfseg.visualize import default_colors, is_background
+
+    colors = default_colors(len(class_names)) if colors is None else np.asarray(colors, np.uint8)
+    paint0 = not is_background(class_names)
     n = max(len(samples), 1)
     # Rows as tall as the samples' aspect ratio needs, so wide photos leave no blank bands.
     aspects = [np.asarray(s["truth"]).shape[0] / max(np.asarray(s["truth"]).shape[1], 1) for s in samples]
@@ -155,8 +90,9 @@ def plot_samples(
     for row, s in enumerate(samples):
         panels = (
             (to_display(s["image"]), s.get("title", "")),
-            (overlay(s["image"], s["truth"], colors, ignore_index=ignore_index), "truth"),
-            (overlay(s["image"], s["prediction"], colors, ignore_index=ignore_index), "prediction"),
+            (overlay(s["image"], s["truth"], colors, ignore_index=ignore_index, paint_background=paint0), "truth"),
+            (overlay(s["image"], s["prediction"], colors, ignore_index=ignore_index, paint_background=paint0),
+             "prediction"),
         )
         for col, (img, title) in enumerate(panels):
             axes[row, col].imshow(img, interpolation="nearest")
