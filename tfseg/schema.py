@@ -79,6 +79,15 @@ def _features():
     return tf, b, i, f
 
 
+def _serialize(tf, feature: dict) -> bytes:
+    """A tf.train.Example's bytes, the same in every process and on every machine.
+
+    ``Features.feature`` is a protobuf map, which serializes in hash-table order (it changes with
+    the process) unless asked for deterministic output, which sorts the keys.
+    """
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
+
+
 def encode_example_2d(
     *,
     image_bytes: bytes,
@@ -113,7 +122,7 @@ def encode_example_2d(
     if mask_png is not None:
         feature[MASK_ENCODED] = b(mask_png)
         feature[MASK_FORMAT] = b(b"png")
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    return _serialize(tf, feature)
 
 
 def encode_example_3d(
@@ -147,7 +156,7 @@ def encode_example_3d(
         LABEL_ENCODED: b(lab),
         VOLUME_SOURCE_ID: b(source_id.encode()),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    return _serialize(tf, feature)
 
 
 # --------------------------------------------------------------------------------------------
