@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tfseg.models import MODELS, build_model, min_divisor
+from tfseg.models.norm import FusedBatchNorm, batch_norm_layers
 
 TINY = {
     "unet": dict(depth=2, base_filters=4),
@@ -216,7 +217,9 @@ def test_builder_options_change_the_graph():
     )
     names = {layer.name for layer in unet.layers}
     assert {"enc1_dropout", "bottleneck_dropout", "dec0_upsample"} <= names
-    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in unet.layers)
+    assert not batch_norm_layers(unet)
+    with_bn = build_model("unet", input_shape=(16, 16, 16, 1), num_classes=3, depth=2, base_filters=4)
+    assert len(batch_norm_layers(with_bn)) == 10  # 2 per level, 2 levels down + bottleneck + 2 up
     assert unet.get_layer("enc1_conv1").filters == 8 and unet.get_layer("bottleneck_conv1").filters == 16
 
     dense = build_model(
@@ -229,3 +232,11 @@ def test_builder_options_change_the_graph():
     assert "enc0_dropout1" in {layer.name for layer in dense.layers}
     with pytest.raises(ValueError, match="upsampling"):
         build_model("unet", input_shape=(32, 32, 3), num_classes=2, upsampling="bilinear", **TINY["unet"])
+
+
+@pytest.mark.parametrize("name", ["unet", "dense_unet", "mobilenetv2_unet"])
+def test_batch_norm_is_the_fused_layer_everywhere(name):
+    shape = (32, 32, 3)
+    model = build_model(name, input_shape=shape, num_classes=3, **TINY[name])
+    layers = batch_norm_layers(model)
+    assert layers and all(isinstance(layer, FusedBatchNorm) for layer in layers)

@@ -14,6 +14,8 @@ from typing import Callable
 
 import keras
 
+from tfseg.models.norm import FusedBatchNorm
+
 # Layers that must run in float32 under a mixed precision policy: the logits and everything after
 # them, so probabilities (and the losses computed from them) keep full precision.
 HEAD_DTYPE = "float32"
@@ -112,11 +114,15 @@ def conv_norm_act(
 
 
 def normalization(x, norm: str | None, *, name: str):
-    """Batch norm, instance norm (GroupNormalization with one group per channel) or identity."""
+    """Batch norm, instance norm (GroupNormalization with one group per channel) or identity.
+
+    Batch norm is :class:`tfseg.models.norm.FusedBatchNorm`: Keras's BatchNormalization rule
+    (momentum 0.99, epsilon 1e-3, same weights) through the fused kernel in the compute dtype.
+    """
     if norm is None:
         return x
     if norm == "batch":
-        return keras.layers.BatchNormalization(name=name)(x)
+        return FusedBatchNorm(name=name)(x)
     if norm == "instance":
         return keras.layers.GroupNormalization(groups=-1, epsilon=1e-5, name=name)(x)
     raise ValueError(f"unknown normalization {norm!r}; expected 'batch', 'instance' or None")

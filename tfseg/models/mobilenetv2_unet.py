@@ -14,6 +14,7 @@ import os
 import keras
 
 from tfseg.models import layers as L
+from tfseg.models.norm import FusedBatchNorm, fuse_batch_norm
 
 NDIMS = (2,)
 SKIP_LAYERS = (
@@ -70,6 +71,8 @@ def build_mobilenetv2_unet(
     base = keras.applications.MobileNetV2(
         input_shape=input_shape, alpha=alpha, include_top=False, weights=weights
     )
+    # The encoder's Keras BatchNormalization layers become FusedBatchNorm (same weights, same rule).
+    base = fuse_batch_norm(base)
     encoder = keras.Model(
         base.input, [base.get_layer(n).output for n in SKIP_LAYERS], name="mobilenetv2_encoder"
     )
@@ -83,7 +86,7 @@ def build_mobilenetv2_unet(
         x = keras.layers.Conv2DTranspose(
             filters, 3, strides=2, padding="same", use_bias=False, name=f"dec{step}_up"
         )(x)
-        x = keras.layers.BatchNormalization(name=f"dec{step}_bn")(x)
+        x = FusedBatchNorm(name=f"dec{step}_bn")(x)
         x = keras.layers.ReLU(name=f"dec{step}_relu")(x)
         x = keras.layers.Concatenate(name=f"dec{step}_concat")([x, skip])
 
