@@ -49,6 +49,11 @@ def expected_mask(model, array):
     return inference.probs_to_mask(inference.predict_image(model, rgb, size=(16, 16)), False)
 
 
+def listing(folder):
+    """The files predict wrote, without the output-ownership marker (a dot file)."""
+    return sorted(n for n in os.listdir(folder) if not n.startswith("."))
+
+
 def read_png(path):
     return np.array(Image.open(path))
 
@@ -58,7 +63,7 @@ def test_run_dir_and_export_dir_write_same_masks(setup2d, tmp_path):
     out_run = str(tmp_path / "from_run")
     summary = predict.run_predict(s["run"], s["images"], out_run, batch_size=2)
     assert summary["written"] == 3 and summary["failed"] == []
-    assert sorted(os.listdir(out_run)) == ["a.png", "b.png", "c.png", predict.SUMMARY_JSON]
+    assert listing(out_run) == ["a.png", "b.png", "c.png", predict.SUMMARY_JSON]
     for stem, array in s["arrays"].items():
         np.testing.assert_array_equal(read_png(os.path.join(out_run, stem + ".png")), expected_mask(s["model"], array))
     # The export NAME directory resolves to its latest version and runs the SavedModel.
@@ -70,7 +75,7 @@ def test_run_dir_and_export_dir_write_same_masks(setup2d, tmp_path):
         got = read_png(os.path.join(out_exp, stem + ".png"))
         assert got.shape == array.shape[:2]
         np.testing.assert_array_equal(got, expected_mask(s["model"], array))
-    with pytest.raises(TfsegError, match="already exists"):
+    with pytest.raises(TfsegError, match="exists"):
         predict.run_predict(s["run"], s["images"], out_run)
 
 
@@ -86,7 +91,7 @@ def test_bad_file_is_reported_and_others_written(setup2d, tmp_path):
         summary = predict.run_predict(model_path, str(inp), str(out), batch_size=8)
         assert summary["written"] == 2
         assert [os.path.basename(f["input"]) for f in summary["failed"]] == ["broken.jpg"]
-        assert sorted(os.listdir(out)) == ["good1.png", "good2.png", predict.SUMMARY_JSON]
+        assert listing(out) == ["good1.png", "good2.png", predict.SUMMARY_JSON]
 
 
 def test_inputs_and_model_resolution_errors(setup2d, tmp_path):
@@ -216,8 +221,9 @@ def test_server_mode_posts_to_rest_stub(setup2d, rest_stub, tmp_path):
     inp = tmp_path / "in"
     inp.mkdir()
     (inp / "bad.png").write_bytes(b"boom")
-    summary = predict.run_predict("tiny", str(inp), str(tmp_path / "out2"), server=rest_stub)
-    assert summary["written"] == 0 and "not a JPEG" in summary["failed"][0]["error"]
+    write_image(inp / "good.png", s["arrays"]["a"])
+    summary = predict.run_predict("tiny", str(inp), str(tmp_path / "out2"), server=rest_stub, batch_size=1)
+    assert summary["written"] == 1 and "not a JPEG" in summary["failed"][0]["error"]
     with pytest.raises(TfsegError, match="cannot reach"):
         predict.run_predict("tiny", str(inp), str(tmp_path / "out3"), server="127.0.0.1:1")
 
@@ -245,7 +251,9 @@ def test_cli_export_and_predict(setup2d, tmp_path):
     out = str(tmp_path / "masks")
     r = runner.invoke(cli, ["predict", "--model", os.path.join(base, "m"), "--input", s["images"], "--output", out])
     assert r.exit_code == 0, r.output
-    assert "3 masks written, 0 failed" in r.output
+    assert "3 masks written (" in r.output and "0 failed" in r.output
+    assert "predicting: 3/3 inputs" in r.output  # one plain progress line: CliRunner is no terminal
+    assert "\r" not in r.output
     r = runner.invoke(cli, ["export", "--run", str(tmp_path), "--output", base, "--name", "m"])
     assert r.exit_code == 2 and "error:" in r.output and "run.json" in r.output
 
@@ -265,7 +273,7 @@ def test_real_isic_jpegs_through_export(setup2d, shared_data, tmp_path):
         with Image.open(os.path.join(images, name)) as im:
             size = im.size
         mask = Image.open(out / name.replace(".jpg", ".png"))
-        assert mask.size == size and mask.mode == "L"
+        assert mask.size == size and mask.mode == "P"
         assert set(np.unique(np.array(mask))) <= {0, 1, 2}
 
 
@@ -292,3 +300,42 @@ def test_volume_axes_round_trip_in_the_inputs_orientation(tmp_path):
     brain = data[..., 0] != 0
     expected = brain & (data[..., 0] > data[..., 0][brain].mean())
     np.testing.assert_array_equal(np.asarray(out.dataobj).astype(bool), expected)
+
+
+def test_masks_are_palette_pngs_and_overlays_keep_the_input_size(setup2d, tmp_path):
+    s = setup2d
+    inp = tmp_path / "photos"
+    inp.mkdir()
+    rng = np.random.default_rng(5)
+    arrays = {"big": rng.integers(0, 256, (96, 128, 3), dtype=np.uint8),
+              "gray": rng.integers(0, 256, (80, 90), dtype=np.uint8)}
+    Image.fromarray(arrays["big"]).save(inp / "big.jpg", quality=95)
+    write_image(inp / "gray.png", arrays["gray"])
+    import tensorflow as tf
+
+    # The model sees TensorFlow's JPEG decoding (the export's decoder), which differs from PIL's.
+    decoded = {"big": tf.io.decode_jpeg((inp / "big.jpg").read_bytes()).numpy(), "gray": arrays["gray"]}
+    out = tmp_path / "masks"
+    summary = predict.run_predict(s["run"], str(inp), str(out), overlay=True)
+    assert summary["written"] == 2
+    # Kelly's colours after black: make_run's dataset is not VOC and records none.
+    kelly = [[0, 0, 0], [243, 195, 0], [135, 86, 146]]
+    for stem, array in decoded.items():
+        want = expected_mask(s["model"], array)
+        with Image.open(out / f"{stem}.png") as im:
+            assert im.mode == "P"
+            np.testing.assert_array_equal(np.array(im), want)  # loaders read the class ids
+            assert np.array(im.getpalette()[:9]).reshape(3, 3).tolist() == kelly
+        ext = ".jpg" if stem == "big" else ".png"
+        with Image.open(out / "overlays" / f"{stem}{ext}") as ov:
+            assert ov.size == (array.shape[1], array.shape[0]) and ov.mode == "RGB"
+            ov = np.array(ov).astype(int)
+        # Away from the legend (top-left), each pixel is half image, half class colour; run.json's
+        # class 0 is "c0", not background, so it is painted too. JPEG: within its error.
+        rgb = np.repeat(array[..., None], 3, -1) if array.ndim == 2 else array
+        blend = (rgb.astype(int) + np.array(kelly)[want]) // 2
+        region = (slice(array.shape[0] // 2, None), slice(array.shape[1] // 2, None))
+        err = np.abs(ov[region] - blend[region]).mean()
+        assert err < (12 if ext == ".jpg" else 0.01), err  # random noise pixels: JPEG's worst case
+        assert np.abs(ov[region] - rgb[region]).mean() > 3 * max(err, 5)  # the mask is visible
+    assert sorted(os.listdir(out / "overlays")) == ["big.jpg", "gray.png"]

@@ -182,12 +182,13 @@ def evaluate(run_dir, data_dir, split, output, samples, tile, tta, max_examples,
     """Score a fit run on a split at the original resolution: tables and pictures."""
     from tfseg import schema
     from tfseg.evaluate import run_evaluate
+    from tfseg.progress import Progress
 
     info = schema.load_dataset_info(data_dir)
     total = info.splits.get(split, {}).get("count") or 0
     if max_examples:
         total = min(total, max_examples) if total else max_examples
-    with click.progressbar(length=max(total, 1), label=f"evaluating {split}", file=sys.stderr) as bar:
+    with Progress(total, f"evaluating {split}", unit="images") as bar:
         m = run_evaluate(
             run_dir, data_dir, split, output, num_samples=samples, tile=tile, tta=tta,
             max_examples=max_examples, overwrite=overwrite, progress=bar.update,
@@ -234,20 +235,25 @@ def export_cmd(run_dir, export_base, name, version, max_pixels, overwrite):
 @click.option("--beam-arg", "beam_args", multiple=True, help="Extra Beam pipeline option (repeatable).")
 @click.option("--tile", is_flag=True, help="RUN_DIR, 2D: tile at the training size instead of resizing.")
 @click.option("--tta", is_flag=True, help="RUN_DIR: average over the flips the model was trained with.")
+@click.option("--overlay", is_flag=True,
+              help="Also write overlays/STEM.jpg|png: the input with the coloured mask and a class legend.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing complete output.")
 def predict_cmd(model_path, input_dir, output_dir, batch_size, server, grpc, model_version, runner, beam_args,
-                tile, tta, overwrite):
-    """Write a mask for every image or volume in a directory."""
+                tile, tta, overlay, overwrite):
+    """Write a mask (palette PNG of class ids, or NIfTI) for every image or volume in a directory."""
     from tfseg.predict import list_inputs, run_predict
+    from tfseg.progress import Progress
 
     total = len(list_inputs(input_dir))
-    with click.progressbar(length=total, label="predicting", file=sys.stderr) as bar:
+    with Progress(total, "predicting", unit="inputs") as bar:
         s = run_predict(
             model_path, input_dir, output_dir, batch_size=batch_size, server=server, grpc=grpc,
             model_version=model_version, runner=runner, beam_args=beam_args, tile=tile, tta=tta,
-            overwrite=overwrite, progress=bar.update,
+            overlay=overlay, overwrite=overwrite, progress=bar.update,
         )
-    click.echo(f"{output_dir}: {s['written']} masks written, {len(s['failed'])} failed, {s['seconds']:.1f} s"
+    rate = s["written"] / s["seconds"] if s["seconds"] else 0.0
+    click.echo(f"{output_dir}: {s['written']} masks written ({rate:.2f}/s), {len(s['failed'])} failed, "
+               f"{s['seconds']:.1f} s" + (" + overlays/" if overlay and s["written"] else "")
                + (f" (see {os.path.join(output_dir, 'predict_summary.json')})" if s["failed"] else ""))
 
 # --- run/demo commands (owned by the run/demo stage) ---

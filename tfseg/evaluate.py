@@ -438,9 +438,11 @@ def run_evaluate(
     with io_utils.atomic_output_dir(output, overwrite=overwrite, complete_marker=METRICS_JSON) as tmp:
         pictures = {}
         if samples:
+            from tfseg.visualize import dataset_colors
+
             report.plot_samples(
                 samples, facts["class_names"], os.path.join(tmp, SAMPLES_PNG),
-                ignore_index=facts["ignore_index"],
+                ignore_index=facts["ignore_index"], colors=dataset_colors(info),
             )
             pictures["samples"] = SAMPLES_PNG
         report.plot_confusion_matrix(

@@ -426,6 +426,23 @@ def _update_models_config(export_base: str, name: str) -> None:
     )
 
 
+def _class_colors(cfg: dict) -> list[list[int]]:
+    """The run's class colours (:func:`tfseg.visualize.run_colors`) as JSON-ready lists."""
+    from tfseg.visualize import run_colors
+
+    return run_colors(cfg).tolist()
+
+
+def _colour_table(cfg: dict) -> str:
+    from tfseg.visualize import class_names_or_default, hex_color
+
+    colors = _class_colors(cfg)
+    names = class_names_or_default(cfg.get("class_names"), len(colors))
+    rows = "".join(f"| {c} | {n} | `{hex_color(rgb)}` | {', '.join(map(str, rgb))} |\n"
+                   for c, (n, rgb) in enumerate(zip(names, colors)))
+    return "| id | class | colour | R, G, B |\n|---|---|---|---|\n" + rows
+
+
 def _readme(name: str, export_base: str, cfg: dict, max_pixels: int) -> str:
     base = os.path.abspath(export_base)
     if int(cfg["ndim"]) == 2:
@@ -461,6 +478,12 @@ def _readme(name: str, export_base: str, cfg: dict, max_pixels: int) -> str:
 Exported by `tfseg export` from a `{cfg.get('model', '?')}` run; classes: {cfg.get('class_names')}.
 Each numbered directory is a version; TF Serving serves the highest.
 
+## Classes
+
+`mask` holds the class ids; `tfseg predict` writes them as palette PNGs in these colours (also in
+`assets.extra/tfseg.json` as `class_colors`):
+
+{_colour_table(cfg)}
 ## Signatures
 
 {sig}
@@ -559,7 +582,7 @@ def run_export(
                     "regions", "image_size", "patch_size")
     }
     meta.update({"max_pixels": int(max_pixels), "run_dir": os.path.abspath(run_dir), "name": name,
-                 "version": int(version)})
+                 "version": int(version), "class_colors": _class_colors(cfg)})
     # TF Serving watches NAME/ and would load a half-written version: write beside it (a
     # dot-prefixed, non-numeric name it ignores) and rename.
     with atomic_output_dir(final, overwrite=overwrite) as tmp:

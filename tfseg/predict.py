@@ -8,8 +8,13 @@ The model is one of
 * with ``server="HOST:PORT"``: the NAME of a model served by a running TF Serving server, called
   over its REST API (or gRPC with ``grpc=True`` and tensorflow-serving-api installed).
 
-Images (``.jpg .jpeg .png .gif .bmp``) give ``STEM.png`` single-channel class-id masks at the
-input's size; volumes (``.nii``, ``.nii.gz``, channels last when 4D) give ``STEM.nii.gz`` uint8
+Images (``.jpg .jpeg .png .gif .bmp``) give ``STEM.png`` masks at the input's size: palette PNGs
+(mode ``P``) whose pixel values are the class ids, so loaders read the ids unchanged
+(``np.array(Image.open(path))``) and image viewers show each class in its colour (the dataset's:
+VOC's colour map, the folder layout's ``--palette``, else a fixed distinct map; see
+:mod:`tfseg.visualize`). With ``overlay=True`` each input also gets ``overlays/STEM.jpg`` (``.png``
+for non-JPEG inputs): the input with the mask blended over it and a legend naming the classes
+present (3D: the middle axial slice). Volumes (``.nii``, ``.nii.gz``, channels last when 4D) give ``STEM.nii.gz`` uint8
 masks carrying the input's affine. Files that fail (unreadable, wrong channels, rejected by the
 model) are listed in the summary and skipped; the rest are still written. The output directory
 is published atomically with ``predict_summary.json``.
@@ -288,11 +293,16 @@ class SavedModelPredictor:
     def __init__(self, version_dir: str):
         import tensorflow as tf
 
+        from tfseg import visualize
         from tfseg.export import read_metadata
 
         self.meta = read_metadata(version_dir)
         self.channels = int(self.meta["channels"])
         self.ndim = int(self.meta["ndim"])
+        k = int(self.meta.get("num_classes") or len(self.meta.get("class_names") or []))
+        self.class_names = visualize.class_names_or_default(self.meta.get("class_names"), k)
+        self.colors = visualize.dataset_colors({"num_classes": k, "class_colors": self.meta.get("class_colors")})
+        self.ignore_index = self.meta.get("ignore_index")
         self._loaded = tf.saved_model.load(version_dir)
         self._serve = self._loaded.signatures["serving_default"]
 
@@ -321,10 +331,16 @@ class KerasPredictor:
 
     def __init__(self, run_dir: str, *, tile: bool = False, tta: bool = False, overlap: float | None = None,
                  batch_size: int = 8):
+        from tfseg import visualize
+
         self.cfg = rundir.load_run_config(run_dir)
         self.model = rundir.load_model(run_dir)
         self.channels = int(self.cfg["channels"])
         self.ndim = int(self.cfg["ndim"])
+        k = int(self.cfg.get("num_classes") or len(self.cfg.get("class_names") or []))
+        self.class_names = visualize.class_names_or_default(self.cfg.get("class_names"), k)
+        self.colors = visualize.run_colors(self.cfg)
+        self.ignore_index = self.cfg.get("ignore_index")
         self.binary = bool(self.cfg.get("binary", self.cfg.get("num_classes") == 2))
         self.tta = rundir.test_time_flips(run_dir, self.cfg, tta)
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
@@ -386,7 +402,62 @@ def make_predictor(model_path: str, *, server: str | None = None, grpc: bool = F
 # --------------------------------------------------------------------------------------------
 
 
-def _predict_batch(predictor, batch: Sequence[tuple[str, str, str]], output_dir: str) -> list[dict]:
+OVERLAY_DIR = "overlays"
+
+
+def _class_facts(predictor) -> tuple[list[str] | None, np.ndarray, int | None]:
+    """(class names or None, colours, ignore index) of a predictor; a served model's are unknown."""
+    from tfseg import visualize
+
+    colors = getattr(predictor, "colors", None)
+    if colors is None:
+        colors = visualize.default_colors(256)
+    return getattr(predictor, "class_names", None), colors, getattr(predictor, "ignore_index", None)
+
+
+def _legend_names(names: list[str] | None, colors: np.ndarray) -> list[str]:
+    return list(names) if names else [f"class_{c}" for c in range(len(colors))]
+
+
+def _write_image_outputs(predictor, path: str, data: bytes, stem: str, mask: np.ndarray, output_dir: str,
+                         overlay: bool) -> dict:
+    """Writes STEM.png (palette PNG of class ids) and, with ``overlay``, overlays/STEM.(jpg|png)."""
+    from PIL import Image
+
+    from tfseg import visualize
+
+    names, colors, ignore = _class_facts(predictor)
+    with open(os.path.join(output_dir, stem + ".png"), "wb") as f:
+        f.write(visualize.encode_palette_png(mask, colors, ignore))
+    record = {"input": path, "output": stem + ".png", "shape": list(mask.shape)}
+    if overlay:
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        ext = ".jpg" if path.lower().endswith((".jpg", ".jpeg")) else ".png"
+        rel = os.path.join(OVERLAY_DIR, stem + ext)
+        os.makedirs(os.path.join(output_dir, OVERLAY_DIR), exist_ok=True)
+        picture = visualize.overlay_with_legend(rgb, mask, _legend_names(names, colors), colors, ignore_index=ignore)
+        visualize.write_image(os.path.join(output_dir, rel), picture)
+        record["overlay"] = rel
+    return record
+
+
+def _write_volume_overlay(predictor, volume: np.ndarray, mask: np.ndarray, stem: str, output_dir: str) -> str:
+    """overlays/STEM.png: the middle axial slice (first channel) with the mask over it."""
+    from tfseg import visualize
+
+    names, colors, ignore = _class_facts(predictor)
+    mid = mask.shape[0] // 2
+    picture = visualize.overlay_with_legend(volume[mid, ..., :1], mask[mid], _legend_names(names, colors), colors,
+                                            ignore_index=ignore)
+    rel = os.path.join(OVERLAY_DIR, stem + ".png")
+    os.makedirs(os.path.join(output_dir, OVERLAY_DIR), exist_ok=True)
+    visualize.write_image(os.path.join(output_dir, rel), picture)
+    return rel
+
+
+def _predict_batch(predictor, batch: Sequence[tuple[str, str, str]], output_dir: str,
+                   overlay: bool = False) -> list[dict]:
     """Predicts and writes one batch of inputs; returns a result record per input."""
     results = []
     images = [item for item in batch if item[1] == "image"]
@@ -405,11 +476,9 @@ def _predict_batch(predictor, batch: Sequence[tuple[str, str, str]], output_dir:
             else:
                 # One bad image fails the whole batch in the graph; find it by going one by one.
                 for item in images:
-                    results.extend(_predict_batch(predictor, [item], output_dir))
-        for (path, _, stem), mask in zip(images, masks or []):
-            with open(os.path.join(output_dir, stem + ".png"), "wb") as f:
-                f.write(encode_png(mask))
-            results.append({"input": path, "output": stem + ".png", "shape": list(mask.shape)})
+                    results.extend(_predict_batch(predictor, [item], output_dir, overlay))
+        for (path, _, stem), data, mask in zip(images, datas, masks or []):
+            results.append(_write_image_outputs(predictor, path, data, stem, mask, output_dir, overlay))
     for path, _, stem in volumes:
         try:
             if getattr(predictor, "ndim", 2) != 3:
@@ -417,13 +486,17 @@ def _predict_batch(predictor, batch: Sequence[tuple[str, str, str]], output_dir:
             volume, img = read_volume(path, predictor.channels)
             mask = predictor.predict_volume(volume)
             write_volume_mask(os.path.join(output_dir, stem + ".nii.gz"), mask, img)
-            results.append({"input": path, "output": stem + ".nii.gz", "shape": list(mask.shape)})
+            record = {"input": path, "output": stem + ".nii.gz", "shape": list(mask.shape)}
+            if overlay:
+                record["overlay"] = _write_volume_overlay(predictor, volume, mask, stem, output_dir)
+            results.append(record)
         except ValueError as e:
             results.append({"input": path, "error": str(e)})
     return results
 
 
-def _beam_predict(model_path, items, output_dir, *, runner, beam_args, batch_size, predictor_kwargs) -> list[dict]:
+def _beam_predict(model_path, items, output_dir, *, runner, beam_args, batch_size, predictor_kwargs,
+                  overlay: bool = False) -> list[dict]:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -436,7 +509,7 @@ def _beam_predict(model_path, items, output_dir, *, runner, beam_args, batch_siz
             self.failed = beam.metrics.Metrics.counter("tfseg_predict", "inputs_failed")
 
         def process(self, batch):
-            for r in _predict_batch(self.predictor, batch, output_dir):
+            for r in _predict_batch(self.predictor, batch, output_dir, overlay):
                 (self.failed if "error" in r else self.written).inc()
                 yield json.dumps(r)
 
@@ -475,6 +548,7 @@ def run_predict(
     tta: bool = False,
     overlap: float | None = None,
     overwrite: bool = False,
+    overlay: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Writes a mask for every image and volume in ``input_dir`` to ``output_dir``.
@@ -490,6 +564,8 @@ def run_predict(
       runner: a Beam runner name to run the job as a Beam pipeline.
       beam_args: extra Beam pipeline options.
       tile, tta, overlap: sliding-window / flip-TTA inference (RUN_DIR only).
+      overlay: also write ``overlays/STEM.jpg|png``: the input with its mask blended over it and a
+        legend of the classes present (volumes: the middle axial slice).
       progress: called with the number of inputs finished after each batch.
 
     Returns:
@@ -507,7 +583,7 @@ def run_predict(
             if not server:
                 resolve_model(model_path)  # fail on a bad path before starting the pipeline
             results = _beam_predict(model_path, items, tmp, runner=runner, beam_args=beam_args,
-                                    batch_size=batch_size, predictor_kwargs=predictor_kwargs)
+                                    batch_size=batch_size, predictor_kwargs=predictor_kwargs, overlay=overlay)
             if progress:
                 progress(len(items))
         else:
@@ -515,7 +591,7 @@ def run_predict(
             results = []
             for i in range(0, len(items), batch_size):
                 batch = items[i : i + batch_size]
-                results.extend(_predict_batch(predictor, batch, tmp))
+                results.extend(_predict_batch(predictor, batch, tmp, overlay))
                 if progress:
                     progress(len(batch))
         failed = [r for r in results if "error" in r]

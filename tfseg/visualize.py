@@ -286,6 +286,8 @@ def draw_legend(image: np.ndarray, entries: Sequence[tuple[str, Sequence[int]]],
                 corner: str = "top-left") -> np.ndarray:
     """Draws a legend box (colour swatch + name per entry) inside an image; the size is unchanged.
 
+    An image too small for the box (it would cover more than half of it) is returned as it is.
+
     Args:
       image: (H, W, 3) uint8.
       entries: (name, RGB) pairs, drawn top to bottom.
@@ -307,6 +309,9 @@ def draw_legend(image: np.ndarray, entries: Sequence[tuple[str, Sequence[int]]],
     pad, row = max(2, size // 3), int(size * 1.35)
     text_w = max(_text_width(draw, name, font) for name, _ in entries)
     box_w, box_h = pad * 3 + size + text_w, pad * 2 + row * len(entries)
+    if box_w * box_h > 0.5 * w * h:
+        log.debug("%dx%d image: no room for a %dx%d legend", w, h, box_w, box_h)
+        return np.asarray(base.convert("RGB"))
     x0 = pad if corner.endswith("left") else max(0, w - box_w - pad)
     y0 = pad if corner.startswith("top") else max(0, h - box_h - pad)
     draw.rectangle([x0, y0, x0 + box_w, y0 + box_h], fill=(0, 0, 0, 150))
