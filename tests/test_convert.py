@@ -164,7 +164,7 @@ def test_bad_inputs_are_rejected_and_listed(folder_sample, tmp_path):
         f.write(b"this is not an image")
     os.remove(os.path.join(root, "masks", images[2]))
     m = Image.open(os.path.join(root, "masks", images[3]))
-    m.resize((m.width + 2, m.height)).save(os.path.join(root, "masks", images[3]))
+    m.resize((m.width + 2, m.height), Image.NEAREST).save(os.path.join(root, "masks", images[3]))
 
     out = str(tmp_path / "out")
     summary = run_convert("folder", root, out, split="train=1")
@@ -179,11 +179,14 @@ def test_bad_inputs_are_rejected_and_listed(folder_sample, tmp_path):
     assert sorted(records) == sorted(os.path.splitext(f)[0] for f in images[4:])
     assert info.conversion_args["rejected"] == 4
 
-    # Labels out of range: a 3-class run over {0, 255} masks rejects every masked case.
+    # Labels out of range: a 3-class run over {0, 255} masks rejects every masked case, so no case
+    # is converted: the conversion fails (exit 1 in the CLI) naming the value, nothing published.
     out3 = str(tmp_path / "out3")
-    summary = run_convert("folder", root, out3, layout_options={"num_classes": 3}, split="train=1")
-    assert summary["splits"]["train"] == 0
-    assert any("label values [255] outside 0..2" in r["reason"] for r in rejected_rows(out3))
+    with pytest.raises(pipeline.NothingConverted,
+                       match=r"no case converted, all 8 rejected.*masks/vein_\d+.png: label values \[255\] outside "
+                             r"0..2 \(and 3 alike\)"):
+        run_convert("folder", root, out3, layout_options={"num_classes": 3}, split="train=1")
+    assert not os.path.exists(out3)
 
 
 def test_strict_fails_without_output(folder_sample, tmp_path):
@@ -233,7 +236,7 @@ def test_deterministic_shards_and_existing_output(folder_sample, tmp_path):
         ids = [schema.decode_2d(r, 1)["source_id"].numpy() for r in tf.data.TFRecordDataset(f, "GZIP")]
         assert ids == sorted(ids)
 
-    with pytest.raises(TfsegError, match="already exists; pass --overwrite"):
+    with pytest.raises(TfsegError, match="output (already )?exists; pass --overwrite"):
         run_convert("folder", folder_sample, outs[0])
     summary = run_convert("folder", folder_sample, outs[0], split="train=1", overwrite=True)
     assert summary["num_shards"] == {"train": 1}

@@ -76,7 +76,8 @@ def sample(dataset: str, output: str, count: int, seed: int) -> None:
 @click.option("--output", required=True, help="Output folder (shards + dataset.json), published atomically.")
 @click.option("--split", default="train=0.8,val=0.1,test=0.1", show_default=True,
               help="Fractions for layouts without an official split (by stable hash of the case/group id).")
-@click.option("--image-size", default=None, help="Resize 2D images to HxW (bilinear; masks nearest).")
+@click.option("--image-size", default=None,
+              help="Resize 2D images to HxW (bilinear; masks nearest); at most 2**26 pixels.")
 @click.option("--num-shards", default=None, type=click.IntRange(min=1),
               help="Shards per split (default: ~150 MB each).")
 @click.option("--compression", default="none", show_default=True,
@@ -86,20 +87,28 @@ def sample(dataset: str, output: str, count: int, seed: int) -> None:
 @click.option("--image-dir", default=None, help="folder: images folder, relative to --input.")
 @click.option("--mask-dir", default=None, help="folder: masks folder, relative to --input.")
 @click.option("--mask-suffix", default=None, help="folder: mask stem = image stem + suffix (e.g. _mask).")
-@click.option("--num-classes", default=None, type=int, help="folder: classes including background.")
+@click.option("--num-classes", default=None, type=int,
+              help="folder: classes including background (default: from the mask values found).")
 @click.option("--ignore-index", default=None, type=int, help="folder: label value to ignore (e.g. 255).")
-@click.option("--palette", default=None, type=click.Path(dir_okay=False), help="folder: JSON colour -> class id.")
+@click.option("--palette", default=None, type=click.Path(dir_okay=False),
+              help='folder: JSON colour -> class id, or -> {"id": N, "name": "road"}.')
+@click.option("--class-names", default=None, type=click.Path(dir_okay=False),
+              help="folder: class names, one per line or a JSON list (written to dataset.json).")
+@click.option("--mask-threshold", default=None, type=int,
+              help="folder: binarize masks, value >= T is class 1 (for lossily saved masks).")
 @click.option("--label-set", default=None, help="ccp: 'seed' (14 classes, default) or 'full' (59).")
 @click.pass_context
 def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, compression, strict, overwrite,
-            image_dir, mask_dir, mask_suffix, num_classes, ignore_index, palette, label_set) -> None:
+            image_dir, mask_dir, mask_suffix, num_classes, ignore_index, palette, class_names, mask_threshold,
+            label_set) -> None:
     """Convert a dataset from its original layout into sharded TFRecords + dataset.json (Apache Beam).
 
     Extra arguments go to Beam's PipelineOptions, e.g. --direct_num_workers=2 or
-    --runner=DataflowRunner ...
+    --runner=DataflowRunner ... (short names: --runner dask, direct, dataflow, flink, spark).
+    An option neither tfseg nor Beam knows is an error. Exit 1 when every case was rejected.
     """
     from tfseg.config import parse_size
-    from tfseg.convert.pipeline import run_convert
+    from tfseg.convert.pipeline import NothingConverted, check_beam_args, run_convert
 
     takes_value = False
     for arg in ctx.args:
@@ -109,16 +118,25 @@ def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, comp
             takes_value = False
         else:
             raise TfsegError(f"unexpected argument {arg!r} (Beam options look like --name=value)")
+    check_beam_args(ctx.args, [o for p in ctx.command.params for o in p.opts if o.startswith("--")])
+    try:
+        image_size = parse_size(image_size)
+    except TfsegError as e:
+        raise TfsegError(f"--image-size: {e}") from None
     layout_options = {"image_dir": image_dir, "mask_dir": mask_dir, "mask_suffix": mask_suffix,
                       "num_classes": num_classes, "ignore_index": ignore_index, "palette": palette,
-                      "label_set": label_set}
-    summary = run_convert(
-        dataset, input_dir, output,
-        layout_options={k: v for k, v in layout_options.items() if v is not None},
-        split=split, image_size=parse_size(image_size), num_shards=num_shards,
-        compression="" if compression.lower() == "none" else compression, strict=strict,
-        overwrite=overwrite, beam_args=list(ctx.args),
-    )
+                      "class_names": class_names, "mask_threshold": mask_threshold, "label_set": label_set}
+    try:
+        summary = run_convert(
+            dataset, input_dir, output,
+            layout_options={k: v for k, v in layout_options.items() if v is not None},
+            split=split, image_size=image_size, num_shards=num_shards,
+            compression="" if compression.lower() == "none" else compression, strict=strict,
+            overwrite=overwrite, beam_args=list(ctx.args),
+        )
+    except NothingConverted as e:  # a data failure, not a misuse: exit 1
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
     counts = ", ".join(f"{s} {n}" for s, n in summary["splits"].items())
     click.echo(f"converted {dataset}: {counts}; rejected {summary['rejected']}"
                f"{' (see rejected.jsonl)' if summary['rejected'] else ''} -> {summary['output']} "

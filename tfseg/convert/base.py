@@ -153,21 +153,35 @@ def hash_fraction(key: str) -> float:
 def parse_split_spec(spec: str) -> list[tuple[str, float]]:
     """Parses ``"train=0.8,val=0.1,test=0.1"`` into normalized (name, fraction) pairs.
 
+    Names are letters, digits, ``_`` and ``-`` (they name shard files), each once; fractions are
+    finite numbers >= 0 (any scale: they are normalized), not all zero.
+
     Raises:
-      ValueError: malformed, negative or all-zero fractions.
+      ValueError: malformed, repeated, non-finite, negative or all-zero fractions.
     """
+    import math
+    import re
+
     parts = []
-    for item in spec.split(","):
+    for item in str(spec).split(","):
         name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"split spec {spec!r}: expected NAME=FRACTION,... got {item!r}")
-        frac = float(value)
-        if frac < 0:
-            raise ValueError(f"split spec {spec!r}: negative fraction for {name!r}")
-        parts.append((name.strip(), frac))
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"{spec!r}: expected NAME=FRACTION,... got {item!r}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+            raise ValueError(f"{spec!r}: split name {name!r} must be letters, digits, '_' or '-'")
+        if any(n == name for n, _ in parts):
+            raise ValueError(f"{spec!r}: split {name!r} given twice")
+        try:
+            frac = float(value)
+        except ValueError:
+            raise ValueError(f"{spec!r}: fraction {value.strip()!r} of {name!r} is not a number") from None
+        if not math.isfinite(frac) or frac < 0:
+            raise ValueError(f"{spec!r}: fraction {value.strip()!r} of {name!r} must be a finite number >= 0")
+        parts.append((name, frac))
     total = sum(f for _, f in parts)
     if total <= 0:
-        raise ValueError(f"split spec {spec!r}: fractions sum to 0")
+        raise ValueError(f"{spec!r}: fractions sum to 0")
     return [(n, f / total) for n, f in parts]
 
 
@@ -194,9 +208,28 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".
 _PIL_FORMATS = {"JPEG": "jpeg", "PNG": "png"}
 
 
+# The largest image (height x width) convert decodes, and the largest --image-size: 2**26 =
+# 67,108,864 pixels (8192 x 8192). Decoding, validating and encoding one RGB case of that size
+# peaks at about 10 bytes a pixel (~0.7 GB); the conversion job also bounds how many pixels its
+# threads hold at once (tfseg.convert.pipeline), so a conversion stays under ~4 GB of memory.
+MAX_PIXELS = 2**26
+
+
+def check_pixels(width: int, height: int, path: str, what: str = "image") -> None:
+    """Rejects images over :data:`MAX_PIXELS` before any pixel is decoded.
+
+    Raises:
+      BadCase: ``width * height`` exceeds the limit.
+    """
+    if width * height > MAX_PIXELS:
+        raise BadCase(path, f"{what} {width}x{height} = {width * height} pixels exceeds tfseg's limit of "
+                            f"{MAX_PIXELS} pixels (2**26; a decompression bomb or an image to tile first)")
+
+
 def _open_image(path: str):
     from PIL import Image, UnidentifiedImageError
 
+    _quiet_pil_bomb_warning()
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -205,17 +238,90 @@ def _open_image(path: str):
     if not data:
         raise BadCase(path, "empty file")
     try:
-        return Image.open(io.BytesIO(data)), data
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadCase(path, f"decompression bomb rejected ({_pil_reason(e)})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadCase(path, f"not a decodable image ({e})") from None
+        raise BadCase(path, f"not a decodable image ({_pil_reason(e)})") from None
+    width, height = img.size
+    check_pixels(width, height, path)
+    return img, data
+
+
+def _pil_reason(e: BaseException) -> str:
+    """PIL's message without the object reprs it puts in some (``<_io.BytesIO object at 0x..>``)."""
+    import re
+
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", text)
+    return text
+
+
+_BOMB_WARNING_QUIET = False
+
+
+def _quiet_pil_bomb_warning() -> None:
+    # tfseg checks the pixel count itself (check_pixels, below PIL's warning threshold), so PIL's
+    # DecompressionBombWarning would only add a second, multi-line message for the same file.
+    global _BOMB_WARNING_QUIET
+    if not _BOMB_WARNING_QUIET:
+        import warnings
+
+        from PIL import Image
+
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _BOMB_WARNING_QUIET = True
+
+
+def pixels_to_uint8(img, path: str) -> np.ndarray:
+    """The one rule for images that are not 8 bits a channel (grayscale ``I;16``, ``I``, ``F``).
+
+    - 16-bit (``I;16*``): scaled by the type's own range, ``round(v / 257)`` (65535 -> 255, and an
+      8-bit image widened by ``v * 257`` comes back exactly);
+    - 32-bit float (``F``): values in [0, 1] become ``round(v * 255)``; values outside [0, 1] or
+      not finite are rejected (their range is unknown: tfseg will not guess a scale);
+    - 32-bit integer (``I``): rejected (save it as 8- or 16-bit).
+
+    Never saturates or zeroes: a value is either mapped by the rule or the case is rejected.
+
+    Returns:
+      (H, W) uint8.
+
+    Raises:
+      BadCase: a float image outside [0, 1], a 32-bit integer image, or an unsupported mode.
+    """
+    mode = img.mode
+    if mode.startswith("I;16"):
+        a = np.asarray(img).astype(np.uint32)
+        return ((a + 128) // 257).astype(np.uint8)
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        if not np.all(np.isfinite(a)):
+            raise BadCase(path, "float image has NaN or infinite pixels")
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo < 0 or hi > 1:
+            raise BadCase(path, f"float image values {lo:g}..{hi:g} are outside [0, 1]; scale them to [0, 1] "
+                                "or save 8- or 16-bit")
+        return np.rint(a * 255).astype(np.uint8)
+    if mode == "I":
+        raise BadCase(path, "32-bit integer image: save it as 8- or 16-bit")
+    raise BadCase(path, f"unsupported image mode {mode}")
+
+
+def _is_wide(img) -> bool:
+    return img.mode in ("I", "F") or img.mode.startswith("I;16")
 
 
 def _load_pixels(img, path: str) -> None:
+    from PIL import Image
+
     try:
         img.load()
+    except Image.DecompressionBombError as e:
+        raise BadCase(path, f"decompression bomb rejected ({_pil_reason(e)})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # PIL says "image file is truncated (N bytes not processed)" for cut-off files.
-        raise BadCase(path, f"undecodable or truncated image ({e})") from None
+        raise BadCase(path, f"undecodable or truncated image ({_pil_reason(e)})") from None
 
 
 def read_image(path: str, channels: int = 3, *, keep_pixels: bool = False) -> Loaded2D:
@@ -225,7 +331,7 @@ def read_image(path: str, channels: int = 3, *, keep_pixels: bool = False) -> Lo
     (``image_bytes``, ``image_shape``) without keeping pixels: the file is still fully decoded to
     catch truncation, JPEGs at 1/8 scale (libjpeg's DCT scaling still reads every entropy-coded
     block, so a cut-off file fails, at a fraction of the cost). Other formats and modes are
-    decoded and converted to ``channels``.
+    decoded and converted to ``channels``; 16-bit and float images by :func:`pixels_to_uint8`.
 
     Args:
       path: image file.
@@ -236,7 +342,8 @@ def read_image(path: str, channels: int = 3, *, keep_pixels: bool = False) -> Lo
       Loaded2D with ``mask=None``; ``image`` (H, W, channels) uint8 when decoded.
 
     Raises:
-      BadCase: unreadable, undecodable or truncated file.
+      BadCase: unreadable, undecodable or truncated file, over :data:`MAX_PIXELS`, or pixels
+        :func:`pixels_to_uint8` rejects.
     """
     img, data = _open_image(path)
     fmt = _PIL_FORMATS.get(img.format or "")
@@ -252,10 +359,14 @@ def read_image(path: str, channels: int = 3, *, keep_pixels: bool = False) -> Lo
                         image_shape=(height, width, channels))
     _load_pixels(img, path)
     want = "RGB" if channels == 3 else "L"
+    if _is_wide(img):
+        gray = pixels_to_uint8(img, path)
+        pixels = np.repeat(gray[..., None], channels, axis=-1)
+        return Loaded2D(image=pixels, mask=None)
     try:
         pixels = np.asarray(img if img.mode == want else img.convert(want))
     except (OSError, ValueError) as e:
-        raise BadCase(path, f"cannot convert {img.mode} image to {want} ({e})") from None
+        raise BadCase(path, f"cannot convert {img.mode} image to {want} ({_pil_reason(e)})") from None
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     if passthrough:
@@ -282,10 +393,18 @@ def read_label_image(path: str) -> np.ndarray:
         return np.asarray(img).astype(np.uint8)
     if img.mode in ("RGB", "RGBA"):
         return np.asarray(img.convert("RGB"))
-    if img.mode in ("I", "I;16", "I;16B", "I;16L"):
+    if img.mode == "I" or img.mode.startswith("I;16"):
         arr = np.asarray(img)
         if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise BadCase(path, f"label values {int(arr.min())}..{int(arr.max())} do not fit in uint8")
+            raise BadCase(path, f"label values {int(arr.min())}..{int(arr.max())} do not fit in 0..255")
+        return arr.astype(np.uint8)
+    if img.mode == "F":
+        # Labels are class ids, never scaled: a float mask must hold whole numbers in 0..255.
+        arr = np.asarray(img)
+        if arr.size and not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
+                             and arr.min() >= 0 and arr.max() <= 255):
+            raise BadCase(path, f"float label values {float(np.nanmin(arr)):g}..{float(np.nanmax(arr)):g} "
+                                "are not class ids (whole numbers in 0..255)")
         return arr.astype(np.uint8)
     raise BadCase(path, f"unsupported label image mode {img.mode}")
 

@@ -50,14 +50,24 @@ upstream's 1004 annotations give 704 / 100 / 200, and a subset keeps each id's s
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
 
 import numpy as np
 
-from tfseg.convert.base import BadCase, Case, Layout, Loaded2D, LayoutInfo
+from tfseg.convert.base import (
+    BadCase,
+    Case,
+    Layout,
+    LayoutInfo,
+    Loaded2D,
+    _is_wide,
+    _load_pixels,
+    _open_image,
+    _pil_reason,
+    pixels_to_uint8,
+)
 from tfseg.errors import TfsegError
 
 log = logging.getLogger(__name__)
@@ -229,21 +239,21 @@ class CcpLayout(Layout):
           BadCase: missing or undecodable photo, unreadable .mat or no ``groundtruth`` in it,
             tag values outside label_list, annotation size != photo size.
         """
-        from PIL import Image
-
         paths = case.paths
         image_path, mask_path = paths["image"], paths["mask"]
         if not os.path.isfile(image_path):
             raise BadCase(image_path, "missing photo for annotation " + os.path.basename(mask_path))
-        with open(image_path, "rb") as f:
-            data = f.read()
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                fmt = (im.format or "").lower()
-                rgb = im.mode == "RGB"
-                image = np.asarray(im.convert("RGB"))
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad files
-            raise BadCase(image_path, f"undecodable image ({type(e).__name__}: {e})") from None
+        img, data = _open_image(image_path)
+        _load_pixels(img, image_path)
+        fmt = (img.format or "").lower()
+        rgb = img.mode == "RGB"
+        if _is_wide(img):
+            image = np.repeat(pixels_to_uint8(img, image_path)[..., None], 3, axis=-1)
+        else:
+            try:
+                image = np.asarray(img.convert("RGB"))
+            except (OSError, ValueError) as e:
+                raise BadCase(image_path, f"cannot convert {img.mode} image to RGB ({_pil_reason(e)})") from None
         groundtruth = _read_groundtruth(mask_path)
         if groundtruth.shape != image.shape[:2]:
             h, w = groundtruth.shape

@@ -48,7 +48,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.typehints import Dict, Tuple
 
-from tfseg import schema
+from tfseg import outputs, schema
 from tfseg.convert.base import (
     BadCase,
     Case,
@@ -56,6 +56,8 @@ from tfseg.convert.base import (
     LayoutInfo,
     Loaded2D,
     Loaded3D,
+    MAX_PIXELS,
+    _pil_reason,
     assign_split,
     hash_fraction,
     parse_split_spec,
@@ -193,7 +195,7 @@ def _resize_2d(loaded: Loaded2D, size: tuple[int, int], path: str) -> tuple[np.n
             img = Image.open(io.BytesIO(loaded.image_bytes))
             img.load()
         except (OSError, ValueError, SyntaxError) as e:
-            raise BadCase(path, f"undecodable or truncated image ({e})") from None
+            raise BadCase(path, f"undecodable or truncated image ({_pil_reason(e)})") from None
         image = np.asarray(img.convert("RGB" if loaded.shape[2] == 3 else "L"))
     h, w = size
     resized = [
@@ -303,8 +305,8 @@ def shard_name(split: str, index: int, num_shards: int, compression: str = "") -
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+    text = _pil_reason(e) if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +328,9 @@ def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Ca
     except BadCase as e:
         return "rejected", {"file": e.path, "reason": e.reason, "case_id": case.case_id, "split": split}, 0
     except Exception as e:  # noqa: BLE001 - one bad file must not kill a many-hour job
-        log.warning("%s: unexpected error, rejected", case.main_path, exc_info=True)
+        # One line in the log (the reason is also in rejected.jsonl); the traceback with -v.
+        log.warning("%s: rejected after an unexpected error: %s", case.main_path, _one_line(e))
+        log.debug("%s: traceback", case.main_path, exc_info=True)
         return "rejected", {"file": case.main_path, "reason": _one_line(e), "case_id": case.case_id, "split": split}, 0
     msec = int((time.perf_counter() - t0) * 1000)
     return "ok", Encoded(split, shard, case.case_id, record, stats), msec
@@ -595,10 +599,117 @@ def make_layout(layout_name: str, layout_options: dict | None = None) -> Layout:
     return cls(**options)
 
 
+# Short runner names (case-insensitive) beside Beam's own table, which lacks the DaskRunner.
+_EXTRA_RUNNERS = {"daskrunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
+_SHOWN_RUNNERS = "direct, dask, dataflow, flink, spark, prism, portable"
+
+
+def resolve_runner(name: str) -> str:
+    """A ``--runner`` value -> the name Beam's create_runner accepts, checked now.
+
+    ``dask``, ``direct``, ``dataflow``, ``flink``, ``spark`` (any case, with or without
+    ``Runner``), Beam's own names, or a fully qualified PipelineRunner class.
+
+    Raises:
+      TfsegError: an unknown runner, or one whose module does not import (its extra is missing).
+    """
+    import importlib
+
+    from apache_beam.runners.runner import _RUNNER_MAP
+
+    table = {**_RUNNER_MAP, **_EXTRA_RUNNERS}
+    key = name.strip().lower()
+    qualified = table.get(key) or table.get(key + "runner")
+    if qualified is None:
+        if "." not in name:
+            raise TfsegError(f"--runner {name}: unknown Beam runner; known: {_SHOWN_RUNNERS} "
+                             "(any case), or a fully qualified PipelineRunner class")
+        qualified = name.strip()
+    module, _, cls = qualified.rpartition(".")
+    try:
+        runner_cls = getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        extra = {"dask": ' (pip install "dask[distributed]")', "dataflow": " (pip install 'apache-beam[gcp]')",
+                 "interactive": " (pip install 'apache-beam[interactive]')"}
+        hint = next((h for k, h in extra.items() if k in qualified.lower()), "")
+        raise TfsegError(f"--runner {name}: cannot load {qualified}: {_one_line(e)}{hint}") from None
+    except AttributeError:
+        raise TfsegError(f"--runner {name}: {module} has no {cls}") from None
+    from apache_beam.runners.runner import PipelineRunner
+
+    if not (isinstance(runner_cls, type) and issubclass(runner_cls, PipelineRunner)):
+        raise TfsegError(f"--runner {name}: {qualified} is not a Beam PipelineRunner")
+    # Beam's own names stay as its table spells them; the others are passed fully qualified.
+    return cls if (key in _RUNNER_MAP or key + "runner" in _RUNNER_MAP) else qualified
+
+
+def _option_parser():
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    class Parser(_BeamArgumentParser):
+        def error(self, message):  # argparse would print usage and exit
+            raise TfsegError(f"Beam option: {message}")
+
+    parser = Parser(allow_abbrev=False, add_help=False)
+    seen = {}
+    for cls in PipelineOptions.__subclasses__():
+        seen.setdefault(str(cls), cls)
+    for cls in seen.values():
+        cls._add_argparse_args(parser)  # what PipelineOptions.get_all_options parses with
+    return parser
+
+
+def check_beam_args(beam_args: Iterable[str], tfseg_options: Iterable[str] = ()) -> list[str]:
+    """Validates the arguments tfseg passes to Beam and normalizes ``--runner``.
+
+    Every option must be one Beam's PipelineOptions knows (Beam itself only warns and drops the
+    rest, so a misspelled tfseg flag would be ignored).
+
+    Args:
+      beam_args: the arguments tfseg did not recognize.
+      tfseg_options: the command's own option names, for a "did you mean" hint.
+
+    Returns:
+      The arguments with the runner name resolved (:func:`resolve_runner`).
+
+    Raises:
+      TfsegError: an option neither tfseg nor Beam knows, a bad value, or an unknown runner.
+    """
+    import difflib
+
+    args = list(beam_args)
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--runner" and i + 1 < len(args):
+            out += ["--runner", resolve_runner(args[i + 1])]
+            i += 2
+            continue
+        if a.startswith("--runner="):
+            out.append("--runner=" + resolve_runner(a.split("=", 1)[1]))
+        else:
+            out.append(a)
+        i += 1
+    parser = _option_parser()
+    _, unknown = parser.parse_known_args(out)
+    flags = [u for u in unknown if u.startswith("-")]
+    if flags or unknown:
+        bad = (flags or unknown)[0]
+        name = bad.split("=", 1)[0]
+        known = list(tfseg_options) + list(parser._option_string_actions)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        norm = name.replace("_", "-")
+        close = close or [k for k in tfseg_options if k.replace("_", "-") == norm]
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        what = "unknown option" if bad.startswith("-") else "unexpected argument"
+        raise TfsegError(f"{what} {bad!r}: neither tfseg nor Beam's PipelineOptions knows it{hint}")
+    return out
+
+
 def _pipeline_options(beam_args: Iterable[str]):
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-    args = list(beam_args)
+    args = check_beam_args(beam_args)
     options = PipelineOptions(args)
     given = " ".join(args)
     if "--runner" not in given:
@@ -647,6 +758,44 @@ def _check_input(input_dir: str) -> None:
         raise TfsegError(f"{input_dir}: input directory is empty")
 
 
+class NothingConverted(TfsegError):
+    """Every case was rejected: nothing is published. The CLI exits 1 for it (a data failure,
+    not a misuse; ``exit_code``), with the commonest reasons in the one-line message."""
+
+    exit_code = 1
+
+
+def _no_case_message(input_dir: str, rejected: list[dict]) -> str:
+    if not rejected:
+        return f"{input_dir}: no case converted; nothing was published"
+    reasons: dict[str, list[dict]] = {}
+    for row in rejected:
+        reasons.setdefault(row["reason"], []).append(row)
+    top = sorted(reasons.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    first = "; ".join(f"{rows[0]['file']}: {reason}" + (f" (and {len(rows) - 1} alike)" if len(rows) > 1 else "")
+                      for reason, rows in top[:2])
+    more = f"; {len(top) - 2} other reasons" if len(top) > 2 else ""
+    return (f"{input_dir}: no case converted, all {len(rejected)} rejected, nothing was published: "
+            f"{first}{more}")
+
+
+def check_image_size(image_size) -> tuple[int, int] | None:
+    """Validates ``--image-size`` (H, W): positive, at most :data:`MAX_PIXELS` pixels.
+
+    Raises:
+      TfsegError: a non-positive side or too many pixels.
+    """
+    if image_size is None:
+        return None
+    h, w = (int(x) for x in image_size)
+    if h < 1 or w < 1:
+        raise TfsegError(f"--image-size {h}x{w}: sides must be positive")
+    if h * w > MAX_PIXELS:
+        raise TfsegError(f"--image-size {h}x{w}: {h * w} pixels exceeds the limit of {MAX_PIXELS} (2**26, "
+                         "e.g. 8192x8192)")
+    return h, w
+
+
 def run_convert(
     layout_name: str,
     input_dir: str,
@@ -683,6 +832,7 @@ def run_convert(
 
     Raises:
       TfsegError: bad input directory or options, existing output, or a rejection with strict.
+      NothingConverted: every case was rejected (nothing is published; an older output stays).
     """
     t0 = time.time()
     input_dir = os.path.abspath(input_dir)
@@ -699,10 +849,12 @@ def run_convert(
         spec = parse_split_spec(split)
     except ValueError as e:
         raise TfsegError(f"--split: {e}") from None
+    image_size = check_image_size(image_size)
+    options = _pipeline_options(beam_args)
     layout = make_layout(layout_name, layout_options)
-    if not overwrite and os.path.isfile(os.path.join(output_dir, schema.DATASET_JSON)):
-        # Checked again when publishing; failing here spares listing and converting first.
-        raise TfsegError(f"{output_dir}: a complete output already exists; pass --overwrite to replace it")
+    # Checked again when publishing; failing here spares listing and converting first.
+    outputs.claim(output_dir, "convert", complete_marker=schema.DATASET_JSON, overwrite=overwrite,
+                  inputs=[("--input", input_dir)])
     cases = layout.list_cases(input_dir)
     if not cases:
         raise TfsegError(f"{input_dir}: no {layout_name} cases found")
@@ -717,7 +869,6 @@ def run_convert(
     by_split: dict[str, list[Case]] = {}
     for case in sorted(cases, key=lambda c: c.case_id):
         by_split.setdefault(assign_split(case, spec), []).append(case)
-    options = _pipeline_options(beam_args)
     workers = _workers(options)
     shards = {
         s: _count_shards(sum(_file_bytes(c) for c in cs), len(cs), workers, num_shards)
@@ -729,9 +880,10 @@ def run_convert(
     log.info("%s: %d cases (%s) -> %s", layout_name, len(cases),
              ", ".join(f"{s} {len(cs)}" for s, cs in sorted(by_split.items())), output_dir)
 
-    from tfseg.io_utils import atomic_output_dir, atomic_write_json
+    from tfseg.outputs import atomic_write_json
 
-    with atomic_output_dir(output_dir, overwrite=overwrite, complete_marker=schema.DATASET_JSON) as tmp:
+    with outputs.publish_dir(output_dir, "convert", complete_marker=schema.DATASET_JSON, overwrite=overwrite,
+                             inputs=[("--input", input_dir)]) as tmp:
         p = beam.Pipeline(options=options)
         build_pipeline(p, layout, keyed, opts, tmp, shards, compression, threads)
         result = p.run()
@@ -751,6 +903,11 @@ def run_convert(
             # Never publish a dataset the runner silently shortened.
             raise TfsegError(f"{output_dir}: the runner returned {n_written} records + {len(rejected)} rejections "
                              f"for {len(keyed)} cases; nothing was written (try --direct_running_mode=in_memory)")
+        if n_written == 0:
+            for row in rejected[:20]:
+                log.warning("rejected %s: %s", row["file"], row["reason"])
+            # Raised inside the publishing block: nothing is published, an older output stays.
+            raise NothingConverted(_no_case_message(input_dir, rejected))
         if rejected and strict:
             first = rejected[0]
             raise TfsegError(
