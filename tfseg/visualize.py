@@ -222,6 +222,9 @@ def to_display(image: np.ndarray) -> np.ndarray:
         img = img[..., :1]
     if img.ndim == 2:
         img = img[..., None]
+    if img.dtype != np.uint8 and img.size and np.issubdtype(img.dtype, np.floating) and img.min() >= 0 \
+            and 1.5 < img.max() <= 255:
+        img = np.clip(np.round(img), 0, 255).astype(np.uint8)  # a 2D model input: 0..255 floats
     if img.dtype != np.uint8:
         lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
         scale = hi - lo if hi > lo else 1.0
