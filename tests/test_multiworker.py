@@ -60,5 +60,5 @@ def test_two_workers_on_loopback_complete_a_multi_worker_run(tmp_path):
     assert os.path.isfile(os.path.join(out, "model.keras"))
     assert [r["epoch"] for r in history_rows(out)] == ["0", "1"]
     # The second worker kept its files apart and wrote no model.
-    worker_dir = os.path.join(out, ".worker-worker-1")
+    worker_dir = os.path.join(out, ".tfseg-worker-worker-1")
     assert os.path.isdir(worker_dir) and not os.path.exists(os.path.join(worker_dir, "model.keras"))

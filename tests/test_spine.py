@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfseg import config, io_utils, schema, scoring
+from tfseg import config, schema, scoring
 from tfseg.convert.base import Case, assign_split, hash_fraction, parse_split_spec
 from tfseg.errors import TfsegError
 
@@ -97,25 +97,6 @@ def test_overrides_and_sizes(tmp_path):
         config.load_config(str(p))
 
 
-def test_atomic_output_dir(tmp_path):
-    final = tmp_path / "out"
-    with io_utils.atomic_output_dir(str(final), complete_marker="done") as tmp:
-        open(os.path.join(tmp, "done"), "w").close()
-        assert not final.exists()
-    assert (final / "done").exists()
-    with pytest.raises(TfsegError, match="--overwrite"):
-        with io_utils.atomic_output_dir(str(final), complete_marker="done"):
-            pass
-    with pytest.raises(RuntimeError):
-        with io_utils.atomic_output_dir(str(final), overwrite=True, complete_marker="done") as tmp:
-            open(os.path.join(tmp, "partial"), "w").close()
-            raise RuntimeError("boom")
-    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(final) == ["done"]
-    with io_utils.atomic_output_dir(str(final), overwrite=True) as tmp:
-        open(os.path.join(tmp, "new"), "w").close()
-    assert os.listdir(final) == ["new"]
-
-
 def test_splits_are_stable_and_grouped():
     spec = parse_split_spec("train=8,val=1,test=1")
     assert [n for n, _ in spec] == ["train", "val", "test"]
@@ -141,12 +122,3 @@ def test_scoring_hand_computed():
     cm = scoring.confusion_matrix([[0, 255]], [[2, 1]], num_classes=3, ignore_index=255)
     assert cm.sum() == 1 and cm[0, 2] == 1
     assert np.isnan(scoring.per_class_iou(cm)[1])
-
-
-def test_published_outputs_get_normal_permissions(tmp_path):
-    with io_utils.atomic_output_dir(str(tmp_path / "o")) as tmp:
-        io_utils.atomic_write_text(os.path.join(tmp, "a.json"), "{}")
-    mask = os.umask(0)
-    os.umask(mask)
-    assert (os.stat(tmp_path / "o").st_mode & 0o777) == 0o777 & ~mask
-    assert (os.stat(tmp_path / "o" / "a.json").st_mode & 0o777) == 0o666 & ~mask

@@ -310,7 +310,7 @@ def test_bad_input_is_one_line_error_before_training(tmp_path, squares_data):
         (tiny_fit_config(squares_data, out, model="nope"), "unknown model"),
         (tiny_fit_config(squares_data, out, batch_size=32), "fewer than one global batch"),
         (tiny_fit_config(squares_data, out, validation_split="test"), "no split 'test'"),
-        (tiny_fit_config(squares_data, squares_data), "not a tfseg run"),
+        (tiny_fit_config(squares_data, squares_data), "same folder as --data"),
     ]
     for cfg, message in cases:
         with pytest.raises(TfsegError, match=message) as e:
@@ -520,3 +520,69 @@ def test_fit_3d_patches_writes_a_3d_model(tmp_path):
     assert info["patch_size"] == [16, 16, 16] and "image_size" not in info and info["loss"] == "ce_dice"
     assert rundir.load_model(out).output_shape == (None, 16, 16, 16, 3)
     assert [r["epoch"] for r in history_rows(out)] == ["0"]
+
+
+class _PoisonAt:
+    """Sets one weight to NaN at the start of ``epoch`` (0-based): a divergence on cue."""
+
+    def __new__(cls, epoch: int):
+        import keras
+
+        class Poison(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                if self._epoch == epoch and batch == 0:
+                    w = self.model.trainable_weights[0]
+                    w.assign(np.full(w.shape, np.nan, dtype=np.float32))
+
+            def on_epoch_begin(self, e, logs=None):
+                self._epoch = e
+
+        return Poison()
+
+
+def test_divergence_is_not_kept_and_a_rerun_resumes_from_the_last_finite_epoch(tmp_path, squares_data):
+    from tfseg import rundir
+    from tfseg.train import backup_epoch
+
+    out = str(tmp_path / "run")
+    cfg = tiny_fit_config(squares_data, out, epochs=4)
+    with pytest.raises(TfsegError, match="diverged") as e:
+        fit(cfg, callbacks=[_PoisonAt(2)])
+    msg = str(e.value)
+    assert "\n" not in msg and "after epoch 2" in msg and "nothing was published" in msg
+    # Nothing marks epoch 3 as finished: two history rows, backup at 2, no model.
+    assert len(history_rows(out)) == 2 and backup_epoch(out) == 2
+    assert not os.path.exists(os.path.join(out, rundir.MODEL_FILE))
+    for name in os.listdir(os.path.join(out, "checkpoints")):
+        model = keras_load(os.path.join(out, "checkpoints", name))
+        rundir.check_finite_weights(model, name)  # raises if a checkpoint kept NaN weights
+    # The re-run (the poison gone: e.g. a lower learning rate) resumes after epoch 2 and publishes.
+    fit(tiny_fit_config(squares_data, out, epochs=4, learning_rate=5e-4))
+    assert [int(r["epoch"]) for r in history_rows(out)] == [0, 1, 2, 3]
+    rundir.load_model(out)  # finite
+
+
+def test_a_model_with_nan_weights_is_refused_by_evaluate_and_export(tmp_path, squares_data):
+    from tfseg import export, rundir
+
+    out = str(tmp_path / "run")
+    fit(tiny_fit_config(squares_data, out, epochs=1))
+    model = rundir.load_model(out)
+    w = model.trainable_weights[-1]
+    w.assign(np.full(w.shape, np.inf, dtype=np.float32))
+    model.save(os.path.join(out, rundir.MODEL_FILE))
+    with pytest.raises(TfsegError, match="NaN or infinite"):
+        export.run_export(out, str(tmp_path / "exports"), "m")
+    assert not os.path.exists(tmp_path / "exports" / "m")
+    from tfseg.evaluate import run_evaluate
+
+    with pytest.raises(TfsegError, match="NaN or infinite"):
+        run_evaluate(out, squares_data, "val", str(tmp_path / "eval"))
+
+
+def keras_load(path):
+    import keras
+
+    import tfseg.models  # noqa: F401
+
+    return keras.saving.load_model(path, compile=False)

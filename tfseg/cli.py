@@ -63,10 +63,10 @@ def cli(verbose: bool) -> None:
 def sample(dataset: str, output: str, count: int, seed: int) -> None:
     """Write a small synthetic dataset in a layout's original file formats."""
     from tfseg.convert import get_layout_class
+    from tfseg.pipeline import write_sample
 
-    if os.path.isdir(output) and os.listdir(output):
-        raise TfsegError(f"{output}: folder is not empty; choose a new --output")
-    get_layout_class(dataset).make_sample(output, count, seed)
+    get_layout_class(dataset)  # an unknown layout fails before anything is written
+    write_sample(dataset, output, count=count, seed=seed)
     click.echo(f"wrote {count} {dataset} sample cases to {output}")
 
 

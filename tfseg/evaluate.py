@@ -40,7 +40,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from tfseg import io_utils, report, rundir, schema, scoring
+from tfseg import outputs, report, rundir, schema, scoring
 from tfseg.errors import TfsegError
 
 log = logging.getLogger(__name__)
@@ -364,9 +364,10 @@ def run_evaluate(
         )
     facts = _run_facts(run_cfg, info, run_dir, data_dir)
     output = os.path.abspath(output)
-    # Fail on an existing output before the (long) scoring, not after it.
-    if os.path.isfile(os.path.join(output, METRICS_JSON)) and not overwrite:
-        raise TfsegError(f"{output}: a complete evaluation already exists; pass --overwrite to replace it")
+    owned = dict(complete_marker=METRICS_JSON, overwrite=overwrite,
+                 inputs=[("--run", run_dir), ("--data", data_dir)])
+    # Fail on a refused output before the (long) scoring, not after it.
+    outputs.claim(output, "evaluate", **owned)
 
     from tfseg import inference
 
@@ -435,7 +436,7 @@ def run_evaluate(
         **scorer.result(),
     }
 
-    with io_utils.atomic_output_dir(output, overwrite=overwrite, complete_marker=METRICS_JSON) as tmp:
+    with outputs.publish_dir(output, "evaluate", **owned) as tmp:
         pictures = {}
         if samples:
             from tfseg.visualize import dataset_colors
@@ -455,8 +456,8 @@ def run_evaluate(
         ):
             pictures["history"] = HISTORY_PNG
         metrics["pictures"] = pictures
-        io_utils.atomic_write_text(os.path.join(tmp, REPORT_MD), report.render_markdown(metrics))
-        io_utils.atomic_write_json(os.path.join(tmp, METRICS_JSON), metrics)
+        outputs.atomic_write_text(os.path.join(tmp, REPORT_MD), report.render_markdown(metrics))
+        outputs.atomic_write_json(os.path.join(tmp, METRICS_JSON), metrics)
     log.info(
         "%s: mean IoU %.4f (dataset-level), %.4f (per-image mean) over %d images",
         output, metrics["dataset_level"]["mean_iou"] or float("nan"),

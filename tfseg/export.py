@@ -51,9 +51,9 @@ import re
 
 import numpy as np
 
-from tfseg import rundir
+from tfseg import outputs, rundir
 from tfseg.errors import TfsegError
-from tfseg.io_utils import atomic_output_dir, atomic_write_text
+from tfseg.outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -565,6 +565,9 @@ def run_export(
     size_key = "image_size" if int(cfg["ndim"]) == 2 else "patch_size"
     if not cfg.get(size_key):
         raise TfsegError(f"{os.path.join(run_dir, rundir.RUN_JSON)}: missing {size_key!r}")
+    # EXPORT_BASE collects every export (NAME/VERSION/ + models.config): it must be new, empty,
+    # or an earlier `tfseg export` output; it never overlaps the run it exports.
+    outputs.claim(export_base, "export", complete_marker=None, overwrite=True, inputs=[("--run", run_dir)])
     model_dir = os.path.join(export_base, name)
     if version is None:
         existing = list_versions(model_dir)
@@ -585,7 +588,9 @@ def run_export(
                  "version": int(version), "class_colors": _class_colors(cfg)})
     # TF Serving watches NAME/ and would load a half-written version: write beside it (a
     # dot-prefixed, non-numeric name it ignores) and rename.
-    with atomic_output_dir(final, overwrite=overwrite) as tmp:
+    outputs.claim_container(export_base, "export", inputs=[("--run", run_dir)])
+    with outputs.publish_dir(final, "export", complete_marker="saved_model.pb", overwrite=overwrite,
+                             option="--version") as tmp:
         archive.write_out(tmp, verbose=False)
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
         with open(os.path.join(tmp, METADATA), "w") as f:

@@ -20,6 +20,7 @@ import os
 from typing import Callable, Iterable
 
 from tfseg import config as config_lib
+from tfseg import outputs
 from tfseg.errors import TfsegError
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,10 @@ def run_pipeline(
       A summary: the stage paths, the evaluation metrics and the export version directory.
     """
     workdir = os.path.abspath(workdir)
+    if not _inside_demo_workdir(input_dir, workdir):
+        outputs.claim_container(workdir, "run", inputs=[("--input", input_dir)], option="--workdir")
+    else:
+        outputs.claim_container(workdir, "run", option="--workdir")
     paths = stage_paths(workdir, cfg)
     wanted = [s for s in STAGES if s in set(stages)]
     summary: dict = {"workdir": workdir, "paths": paths, "skipped": []}
@@ -194,17 +199,34 @@ def run_demo(
     Everything lands under ``workdir`` (``raw/`` for the generated dataset, then the stage
     directories). Re-running resumes.
     """
-    from tfseg.convert import get_layout_class
-
     base = load_pipeline(pipeline)
     cfg = load_pipeline(pipeline, [*demo_overrides(base), *overrides])
-    raw = os.path.join(os.path.abspath(workdir), "raw")
+    workdir = os.path.abspath(workdir)
+    outputs.claim_container(workdir, "run", option="--workdir")
+    raw = os.path.join(workdir, DEMO_RAW)
     count = int((cfg.get("demo") or {}).get("sample_count", 32))
-    if not os.path.isfile(os.path.join(raw, ".complete")):
+    if outputs.owner(raw) != "sample":
         if on_stage:
             on_stage("sample", False)
-        get_layout_class(cfg["dataset"]).make_sample(raw, count=count, seed=0)
-        open(os.path.join(raw, ".complete"), "w").close()
+        write_sample(cfg["dataset"], raw, count=count, seed=0)
     elif on_stage:
         on_stage("sample", True)
     return run_pipeline(cfg, raw, workdir, on_stage=on_stage)
+
+
+DEMO_RAW = "raw"
+
+
+def _inside_demo_workdir(input_dir: str, workdir: str) -> bool:
+    """The demo's generated data, WORKDIR/raw written by `tfseg sample`, is the one input a
+    workdir may hold."""
+    return (outputs.normalize(input_dir) == outputs.normalize(os.path.join(workdir, DEMO_RAW))
+            and outputs.owner(input_dir) == "sample")
+
+
+def write_sample(layout: str, output: str, *, count: int, seed: int) -> None:
+    """`tfseg sample`: a layout's synthetic dataset, published as a whole or not at all."""
+    from tfseg.convert import get_layout_class
+
+    with outputs.publish_dir(output, "sample", complete_marker=None) as tmp:
+        get_layout_class(layout).make_sample(tmp, count=count, seed=seed)

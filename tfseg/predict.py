@@ -20,9 +20,9 @@ model) are listed in the summary and skipped; the rest are still written. The ou
 is published atomically with ``predict_summary.json``.
 
 ``runner="DirectRunner"`` (or any Beam runner, with ``beam_args`` passed to PipelineOptions)
-runs the same job as a Beam pipeline: a DoFn loads the model once per worker in ``setup()`` and
-predicts batches of files; for a distributed runner, input and output must be on storage every
-worker can reach::
+runs the same job as a Beam pipeline built on Beam's ``RunInference`` with its TensorFlow model
+handler on the exported SavedModel (:mod:`tfseg.beam_inference`); it writes the same files as the
+local job. For a distributed runner, input and output must be on storage every worker can reach::
 
     tfseg predict --model models/carvana --input photos/ --output masks/ --runner DirectRunner \
         --beam-arg=--direct_num_workers=2
@@ -42,9 +42,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from tfseg import rundir
+from tfseg import outputs, rundir
 from tfseg.errors import TfsegError
-from tfseg.io_utils import atomic_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +84,13 @@ def list_inputs(input_dir: str) -> list[tuple[str, str, str]]:
         if sk is None or name.startswith("."):
             continue
         stem, kind = sk
+        path = os.path.join(input_dir, name)
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            # A dangling link, a folder named like an image, an unreadable file: skip, say so.
+            why = "a dangling link" if os.path.islink(path) and not os.path.exists(path) else (
+                "a folder" if os.path.isdir(path) else "not a readable file")
+            logger.warning("%s: skipped, %s", path, why)
+            continue
         if stem in seen:
             raise TfsegError(f"{input_dir}: {seen[stem]} and {name} would both write the mask {stem!r}")
         seen[stem] = name
@@ -495,42 +501,41 @@ def _predict_batch(predictor, batch: Sequence[tuple[str, str, str]], output_dir:
     return results
 
 
+def model_facts(model_path: str, server: str | None = None):
+    """What writing a model's masks needs, without loading it: ``class_names`` (None for a served
+    model), ``colors``, ``ignore_index``, ``ndim`` and ``channels`` (None for a served model)."""
+    from types import SimpleNamespace
+
+    from tfseg import visualize
+
+    if server:
+        return SimpleNamespace(class_names=None, colors=visualize.default_colors(256), ignore_index=None,
+                               ndim=2, channels=None)
+    kind, path = resolve_model(model_path)
+    if kind == "export":
+        from tfseg.export import read_metadata
+
+        meta = read_metadata(path)
+        k = int(meta.get("num_classes") or len(meta.get("class_names") or []))
+        colors = visualize.dataset_colors({"num_classes": k, "class_colors": meta.get("class_colors")})
+    else:
+        meta = rundir.load_run_config(path)
+        k = int(meta.get("num_classes") or len(meta.get("class_names") or []))
+        colors = visualize.run_colors(meta)
+    return SimpleNamespace(class_names=visualize.class_names_or_default(meta.get("class_names"), k), colors=colors,
+                           ignore_index=meta.get("ignore_index"), ndim=int(meta["ndim"]),
+                           channels=int(meta["channels"]))
+
+
 def _beam_predict(model_path, items, output_dir, *, runner, beam_args, batch_size, predictor_kwargs,
                   overlay: bool = False) -> list[dict]:
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
+    """The job as a Beam pipeline with RunInference (:mod:`tfseg.beam_inference`)."""
+    from tfseg import beam_inference
 
-    class PredictFiles(beam.DoFn):
-        """Loads the model once per worker, predicts batches of files, writes their masks."""
-
-        def setup(self):
-            self.predictor = make_predictor(model_path, **predictor_kwargs)
-            self.written = beam.metrics.Metrics.counter("tfseg_predict", "masks_written")
-            self.failed = beam.metrics.Metrics.counter("tfseg_predict", "inputs_failed")
-
-        def process(self, batch):
-            for r in _predict_batch(self.predictor, batch, output_dir, overlay):
-                (self.failed if "error" in r else self.written).inc()
-                yield json.dumps(r)
-
-    results_prefix = os.path.join(output_dir, ".beam-results")
-    options = PipelineOptions(list(beam_args), runner=runner)
-    with beam.Pipeline(options=options) as p:
-        _ = (
-            p
-            | "ListInputs" >> beam.Create([tuple(i) for i in items])
-            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch_size)
-            | "Predict" >> beam.ParDo(PredictFiles())
-            | "WriteResults" >> beam.io.WriteToText(results_prefix, file_name_suffix=".jsonl")
-        )
-    results = []
-    for name in sorted(os.listdir(output_dir)):
-        if name.startswith(".beam-results"):
-            path = os.path.join(output_dir, name)
-            with open(path) as f:
-                results.extend(json.loads(line) for line in f if line.strip())
-            os.unlink(path)
-    return results
+    facts = model_facts(model_path, predictor_kwargs.get("server"))
+    return beam_inference.run_pipeline(model_path, items, output_dir, runner=runner, beam_args=beam_args,
+                                       batch_size=batch_size, predictor_kwargs=predictor_kwargs, facts=facts,
+                                       overlay=overlay)
 
 
 def run_predict(
@@ -578,7 +583,10 @@ def run_predict(
     start = time.time()
     predictor_kwargs = dict(server=server, grpc=grpc, tile=tile, tta=tta, overlap=overlap,
                             batch_size=batch_size, model_version=model_version)
-    with atomic_output_dir(output_dir, overwrite=overwrite, complete_marker=SUMMARY_JSON) as tmp:
+    owned = dict(complete_marker=SUMMARY_JSON, overwrite=overwrite,
+                 inputs=[("--input", input_dir)] + ([] if server else [("--model", model_path)]))
+    outputs.claim(output_dir, "predict", **owned)
+    with outputs.publish_dir(output_dir, "predict", **owned) as tmp:
         if runner:
             if not server:
                 resolve_model(model_path)  # fail on a bad path before starting the pipeline
@@ -606,6 +614,9 @@ def run_predict(
             "failed": failed,
             "seconds": round(time.time() - start, 3),
         }
+        if not summary["written"]:
+            raise TfsegError(f"{input_dir}: none of the {len(results)} inputs could be predicted; "
+                             f"first: {failed[0]['input']}: {failed[0]['error']}")
         with open(os.path.join(tmp, SUMMARY_JSON), "w") as f:
             json.dump(summary, f, indent=2)
     return summary

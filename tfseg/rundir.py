@@ -83,4 +83,21 @@ def load_model(run_dir: str, which: str = MODEL_FILE):
 
     import tfseg.models  # noqa: F401  registers tfseg's custom layers and losses for deserialization
 
-    return keras.saving.load_model(path, compile=False)
+    model = keras.saving.load_model(path, compile=False)
+    check_finite_weights(model, path)
+    return model
+
+
+def check_finite_weights(model, where: str) -> None:
+    """Refuses a model with NaN or infinite weights (a diverged run must never be served).
+
+    Raises:
+      TfsegError: naming the file and the first non-finite weight.
+    """
+    import keras
+    import numpy as np
+
+    for w in model.weights:
+        if not np.all(np.isfinite(np.asarray(keras.ops.convert_to_numpy(w.value), np.float32))):
+            raise TfsegError(f"{where}: weight {w.path} holds NaN or infinite values; "
+                             "the run diverged and cannot be evaluated or exported")

@@ -32,10 +32,10 @@ import shutil
 import tempfile
 from typing import Any
 
-from tfseg import rundir, runtime
+from tfseg import outputs, rundir, runtime
 from tfseg.config import parse_size
 from tfseg.errors import TfsegError
-from tfseg.io_utils import atomic_write_json, atomic_write_text
+from tfseg.outputs import atomic_write_json, atomic_write_text
 from tfseg.schema import DatasetInfo, load_dataset_info
 
 logger = logging.getLogger(__name__)
@@ -174,8 +174,14 @@ class FitConfig:
             raise TfsegError(
                 f"fit config: precision {self.precision!r} not in {', '.join(runtime.PRECISIONS)}"
             )
-        if self.learning_rate <= 0:
-            raise TfsegError(f"fit config: learning_rate must be > 0, got {self.learning_rate}")
+        for key in sorted(_FLOAT_KEYS):
+            value = getattr(self, key)
+            if not math.isfinite(value):
+                raise TfsegError(f"fit config: {key} must be a finite number, got {value}")
+        for key, low, high, what in _RANGES:
+            value = getattr(self, key)
+            if value is not None and not (low(value) and high(value)):
+                raise TfsegError(f"fit config: {key} must be {what}, got {value}")
         if self.cpu_replicas < 0:
             raise TfsegError(f"fit config: cpu_replicas must be >= 0, got {self.cpu_replicas}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
@@ -202,6 +208,21 @@ _INT_KEYS = {
 }
 _FLOAT_KEYS = {"learning_rate", "weight_decay", "momentum", "plateau_factor", "min_learning_rate"}
 _BOOL_KEYS = {"deterministic", "cache", "tensorboard"}
+_ANY = lambda v: True  # noqa: E731
+# (key, lower check, upper check, wording) for numbers whose sign or range matters.
+_RANGES = (
+    ("learning_rate", lambda v: v > 0, _ANY, "> 0"),
+    ("weight_decay", lambda v: v >= 0, _ANY, ">= 0"),
+    ("momentum", lambda v: v >= 0, lambda v: v < 1, "in [0, 1)"),
+    ("plateau_factor", lambda v: v > 0, lambda v: v < 1, "in (0, 1)"),
+    ("min_learning_rate", lambda v: v >= 0, _ANY, ">= 0"),
+    ("plateau_patience", lambda v: v >= 0, _ANY, ">= 0"),
+    ("early_stopping", lambda v: v >= 0, _ANY, ">= 0 (0 turns it off)"),
+    ("validation_steps", lambda v: v >= 1, _ANY, ">= 1"),
+    ("verbose", lambda v: v >= 0, lambda v: v <= 2, "0, 1 or 2"),
+    ("epochs", _ANY, lambda v: v <= 100_000, "<= 100000"),
+    ("batch_size", _ANY, lambda v: v <= 65_536, "<= 65536"),
+)
 
 
 def _coerce(key: str, value, default):
@@ -521,9 +542,12 @@ def _make_datasets(cfg: FitConfig, plan: _Plan, global_batch: int, multi_worker:
     )
     val = None
     if plan.validation_split:
+        # Repeated after batching, with validation_steps = one pass: Keras keeps one validation
+        # iterator for the whole fit, and a finite one ran dry at the third epoch on several
+        # replicas (StopIteration from input_lib). Each epoch now validates on exactly one pass.
         val = make_dataset(
             cfg.data, plan.validation_split, batch_size=global_batch, training=False, **common
-        )
+        ).repeat()
     if multi_worker:
         # Few shard files per split: every worker reads all files and keeps its share of batches.
         options = tf.data.Options()
@@ -553,6 +577,53 @@ def _resumable(callback_cls):
     return Resumable
 
 
+class TrainingDiverged(TfsegError):
+    """A non-finite loss, metric or weight: the epoch it happened in is not kept."""
+
+
+def _health_guard():
+    """A callback, first in the list, that stops training on the first non-finite value.
+
+    It raises (instead of asking Keras to stop, as TerminateOnNaN does) so that no later
+    callback runs for the broken epoch: no history row, checkpoint or backup ever records
+    non-finite weights, and a re-run resumes from the last finite epoch.
+    """
+    import keras
+    import numpy as np
+
+    class HealthGuard(keras.callbacks.Callback):
+        epoch = 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                raise TrainingDiverged(f"loss {float(loss)} at step {batch + 1} of epoch {self.epoch + 1}")
+
+        def on_epoch_end(self, epoch, logs=None):
+            for key, value in (logs or {}).items():
+                if key.endswith("loss") and not math.isfinite(float(value)):
+                    raise TrainingDiverged(f"{key} {float(value)} at the end of epoch {epoch + 1}")
+            for w in self.model.weights:
+                if not np.all(np.isfinite(np.asarray(keras.ops.convert_to_numpy(w.value), np.float32))):
+                    raise TrainingDiverged(f"non-finite weights in {w.path} after epoch {epoch + 1}")
+
+    return HealthGuard()
+
+
+def _set_learning_rate(value: float):
+    """A callback that sets the optimizer's learning rate after BackupAndRestore restored it."""
+    import keras
+
+    class SetLearningRate(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.model.optimizer.learning_rate.assign(value)
+
+    return SetLearningRate()
+
+
 def _callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, rows: list[dict], validation: bool):
     import keras
 
@@ -565,7 +636,7 @@ def _callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, rows: list
     # Order matters for a crash between callbacks: the CSV row goes first, the backup last, so
     # a backed-up epoch always has its row (extra rows are trimmed on resume).
     cbs = [
-        keras.callbacks.TerminateOnNaN(),
+        _health_guard(),
         keras.callbacks.CSVLogger(os.path.join(run_dir, rundir.HISTORY_CSV), append=True),
     ]
     if validation:
@@ -687,16 +758,14 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
     if not chief:
         # Workers other than the chief train in lock-step but keep their files apart.
         task = (runtime.tf_config() or {}).get("task", {})
-        run_dir = os.path.join(final_dir, f".worker-{task.get('type', 'worker')}-{task.get('index', 0)}")
+        run_dir = os.path.join(final_dir, f"{outputs.INTERNAL_PREFIX}worker-{task.get('type', 'worker')}-"
+                                          f"{task.get('index', 0)}")
 
     run_json = os.path.join(run_dir, rundir.RUN_JSON)
     previous = None
-    if os.path.exists(final_dir) and not os.path.isdir(final_dir):
-        raise TfsegError(f"--output {final_dir}: exists and is not a directory")
-    # Other workers' directories (.worker-*) may appear first in a multi-worker run.
-    foreign = [n for n in os.listdir(run_dir) if not n.startswith(".")] if os.path.isdir(run_dir) else []
-    if chief and foreign and not os.path.isfile(run_json):
-        raise TfsegError(f"--output {final_dir}: a non-empty directory that is not a tfseg run; choose another")
+    # A new folder or an earlier fit (continued or resumed); never another stage's or a user's
+    # folder, never the dataset. Other workers' folders (.tfseg-worker-*) may appear first.
+    outputs.claim(final_dir, "fit", complete_marker=None, overwrite=True, inputs=[("--data", cfg.data)])
     if os.path.isfile(run_json):
         with open(run_json) as f:
             previous = json.load(f)
@@ -769,6 +838,8 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
             )
         monitor, mode = _choose_monitor(cfg, [m.name for m in metrics], plan.validation_split is not None)
         # Everything checked: from here on the run directory changes.
+        if chief:
+            outputs.mark_owned(final_dir, "fit")
         os.makedirs(run_dir, exist_ok=True)
         if os.path.isfile(model_path):
             # Continuing a finished run: model.keras means "complete" until the new epochs finish.
@@ -793,6 +864,13 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
         cbs = _callbacks(
             run_dir, cfg, monitor, mode, rows, val_ds is not None
         )
+        old_lr = ((previous or {}).get("config") or {}).get("learning_rate")
+        if finished and old_lr is not None and old_lr != cfg.learning_rate and cfg.schedule != "cosine":
+            # BackupAndRestore brings back the old run's learning-rate variable; a user who
+            # lowers --learning-rate (after a divergence, say) means the new one.
+            logger.info("%s: resuming after epoch %d with learning rate %g (was %g)", final_dir, finished,
+                        cfg.learning_rate, old_lr)
+            cbs.append(_set_learning_rate(cfg.learning_rate))
         cbs += list(callbacks or [])
         validation_steps = cfg.validation_steps
         if val_ds is not None and validation_steps is None:
@@ -805,22 +883,25 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
             cfg.model, cfg.data, runtime.strategy_name(strategy), replicas, cfg.batch_size, precision, jit,
             finished + 1, cfg.epochs,
         )
-        history = model.fit(
-            train_ds,
-            epochs=cfg.epochs,
-            steps_per_epoch=steps,
-            validation_data=val_ds,
-            validation_steps=validation_steps,
-            callbacks=cbs,
-            verbose=cfg.verbose,
-            shuffle=False,  # the tf.data pipeline shuffles
-        )
-        losses = history.history.get("loss", [])
-        if losses and not math.isfinite(float(losses[-1])):
-            raise TfsegError(
-                f"{final_dir}: training diverged (loss {losses[-1]}) in epoch {finished + len(losses)}; "
-                "try a lower --learning-rate or --precision float32"
+        try:
+            model.fit(
+                train_ds,
+                epochs=cfg.epochs,
+                steps_per_epoch=steps,
+                validation_data=val_ds,
+                validation_steps=validation_steps,
+                callbacks=cbs,
+                verbose=cfg.verbose,
+                shuffle=False,  # the tf.data pipeline shuffles
             )
+        except TrainingDiverged as e:
+            kept = backup_epoch(run_dir)
+            resume = (f"a re-run resumes after epoch {kept}, the last finite one" if kept
+                      else "no epoch finished, so a re-run starts over")
+            raise TfsegError(
+                f"{final_dir}: training diverged ({e}); nothing was published and {resume}; "
+                "try a lower --learning-rate or --precision float32"
+            ) from None
         completed = backup_epoch(run_dir)
         stopped_early = completed < cfg.epochs
         if chief:

@@ -1,0 +1,418 @@
+"""Who owns an output folder, and how a stage publishes one: the one rule every stage follows.
+
+tfseg never deletes, moves or overwrites anything it did not write. Every output folder a stage
+creates holds an ownership record, ``.tfseg-output.json`` (``{"stage": "convert", ...}``), written
+before anything else. A stage writes only into
+
+- an absent folder, or an empty one (nothing in it can be lost), or
+- an earlier output of the *same* stage: complete (its completion marker is present; replaced
+  only with ``--overwrite``) or unfinished (the ownership record without the completion marker;
+  resumed or replaced).
+
+Anything else is refused before any work starts (:func:`claim`), and so is an output that equals,
+contains or lies inside one of the command's inputs.
+
+Publishing (:func:`publish_dir`) stages the new output in a fresh sibling folder; the stage writes
+its completion marker last. On local disks the staged folder then replaces the old output with two
+renames; on object stores (gs://, s3://, which have no rename) the old completion marker is
+removed first, the files are copied and the completion marker is copied last, so a reader that
+trusts only folders with a completion marker never sees a half-written output either way. A
+failure inside the ``with`` block publishes nothing and leaves an older output as it was. Staging
+folders of killed runs on this host are removed by the next run.
+
+Paths with a scheme (``gs://``, ``s3://``, ``ram://`` ...) go through ``tf.io.gfile``; plain
+paths through ``os`` (faster, and atomic renames).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from typing import Iterable, Iterator
+
+from tfseg.errors import TfsegError
+
+logger = logging.getLogger(__name__)
+
+OWNER_FILE = ".tfseg-output.json"
+# Names starting with this are tfseg's own bookkeeping (staging folders, other workers' files).
+INTERNAL_PREFIX = ".tfseg-"
+STAGING_PREFIX = INTERNAL_PREFIX + "staging-"
+
+STAGES = ("sample", "convert", "fit", "evaluate", "export", "predict", "run")
+
+
+# --------------------------------------------------------------------------------------------
+# Paths on any filesystem.
+# --------------------------------------------------------------------------------------------
+
+
+def is_remote(path: str) -> bool:
+    """True for ``scheme://`` paths (gs://, s3://, hdfs://, ram://): no os calls on these."""
+    return "://" in str(path)
+
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def join(path: str, *parts: str) -> str:
+    if is_remote(path):
+        return "/".join([str(path).rstrip("/"), *parts])
+    return os.path.join(path, *parts)
+
+
+def normalize(path: str) -> str:
+    """Absolute local path (symlinks resolved), or the remote path without a trailing slash."""
+    if is_remote(path):
+        return str(path).rstrip("/")
+    return os.path.realpath(os.path.abspath(os.path.expanduser(str(path))))
+
+
+def dirname(path: str) -> str:
+    if is_remote(path):
+        scheme, _, rest = str(path).rstrip("/").partition("://")
+        head = rest.rsplit("/", 1)[0] if "/" in rest else rest
+        return f"{scheme}://{head}"
+    return os.path.dirname(path)
+
+
+def basename(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1] if is_remote(path) else os.path.basename(path)
+
+
+def exists(path: str) -> bool:
+    return _gfile().exists(path) if is_remote(path) else os.path.lexists(path)
+
+
+def isdir(path: str) -> bool:
+    return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
+
+
+def isfile(path: str) -> bool:
+    if is_remote(path):
+        g = _gfile()
+        return g.exists(path) and not g.isdir(path)
+    return os.path.isfile(path)
+
+
+def listdir(path: str) -> list[str]:
+    if is_remote(path):
+        return sorted(name.rstrip("/") for name in _gfile().listdir(path))
+    return sorted(os.listdir(path))
+
+
+def makedirs(path: str) -> None:
+    if is_remote(path):
+        _gfile().makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def rmtree(path: str) -> None:
+    if is_remote(path):
+        if _gfile().exists(path):
+            _gfile().rmtree(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove(path: str) -> None:
+    if is_remote(path):
+        if _gfile().exists(path):
+            _gfile().remove(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def read_text(path: str) -> str:
+    if is_remote(path):
+        with _gfile().GFile(path, "r") as f:
+            return f.read()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def copy_file(src: str, dst: str) -> None:
+    if is_remote(src) or is_remote(dst):
+        _gfile().copy(src, dst, overwrite=True)
+    else:
+        shutil.copyfile(src, dst)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes ``text`` to ``path``: temporary file + rename locally, one object write remotely."""
+    if is_remote(path):
+        with _gfile().GFile(path, "w") as f:
+            f.write(text)
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# Ownership.
+# --------------------------------------------------------------------------------------------
+
+
+def owner(path: str) -> str | None:
+    """The stage that wrote folder ``path`` (its ownership record), or None."""
+    record = join(path, OWNER_FILE)
+    try:
+        if not isfile(record):
+            return None
+        stage = json.loads(read_text(record)).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stage if isinstance(stage, str) else None
+
+
+def mark_owned(path: str, stage: str) -> None:
+    """Creates folder ``path`` (if needed) and writes its ownership record."""
+    from tfseg import __version__
+
+    makedirs(path)
+    atomic_write_json(join(path, OWNER_FILE), {"stage": stage, "tfseg_version": __version__})
+
+
+def _visible_entries(path: str) -> list[str]:
+    return [n for n in listdir(path) if not n.startswith(INTERNAL_PREFIX)]
+
+
+def _inside(child: str, parent: str) -> bool:
+    if child == parent:
+        return True
+    sep = "/" if is_remote(parent) else os.sep
+    return child.startswith(parent.rstrip(sep) + sep)
+
+
+def check_not_overlapping(output: str, inputs: Iterable[tuple[str, str]], *, option: str = "--output") -> None:
+    """Refuses an output that equals, contains or lies inside an input.
+
+    Args:
+      output: the output path.
+      inputs: ``(option, path)`` pairs, e.g. ``("--input", "raw/")``; None paths are skipped.
+
+    Raises:
+      TfsegError: naming both options and paths.
+    """
+    out = normalize(output)
+    for name, path in inputs:
+        if not path:
+            continue
+        src = normalize(path)
+        if out == src:
+            raise TfsegError(f"{option} {output}: is the same folder as {name} {path}; choose another {option}")
+        if _inside(out, src):
+            raise TfsegError(f"{option} {output}: lies inside {name} {path}; choose a folder outside it")
+        if _inside(src, out):
+            raise TfsegError(f"{option} {output}: contains {name} {path}; choose a folder that does not")
+
+
+def _check_writable_location(path: str, option: str) -> None:
+    """Local paths: a file in the way, or a folder we may not write into, fails now."""
+    if is_remote(path):
+        return
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.islink(probe) and not os.path.exists(probe):
+        raise TfsegError(f"{option} {path}: {probe} is a dangling symbolic link")
+    if not os.path.isdir(probe):
+        raise TfsegError(f"{option} {path}: {probe} is a file, not a folder")
+    target = probe if probe == os.path.abspath(path) else probe
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise TfsegError(f"{option} {path}: no permission to write in {target}")
+
+
+def claim(path: str, stage: str, *, complete_marker: str | None, overwrite: bool = False,
+          inputs: Iterable[tuple[str, str]] = (), option: str = "--output") -> str:
+    """Checks, before any work, that ``stage`` may write its output at ``path``.
+
+    Args:
+      path: the output folder.
+      stage: the stage that writes it (one of :data:`STAGES`).
+      complete_marker: the file whose presence means "complete" (None: the stage has no
+        completion marker, every earlier output counts as complete).
+      overwrite: the user asked to replace an earlier complete output of the same stage.
+      inputs: ``(option, path)`` pairs the output must not equal, contain or lie inside.
+      option: the option name used in messages.
+
+    Returns:
+      ``"absent"`` (or an empty folder), ``"unfinished"`` (an earlier output of this stage
+      without its completion marker) or ``"complete"`` (only with ``overwrite``).
+
+    Raises:
+      TfsegError: the output is refused; nothing was touched.
+    """
+    assert stage in STAGES, stage
+    check_not_overlapping(path, inputs, option=option)
+    _check_writable_location(path, option)
+    if not exists(path):
+        return "absent"
+    if not isdir(path):
+        raise TfsegError(f"{option} {path}: exists and is not a folder")
+    entries = _visible_entries(path)
+    written_by = owner(path)
+    if not entries and written_by in (None, stage):
+        return "absent"
+    if written_by != stage:
+        what = f"an output of `tfseg {written_by}`" if written_by else f"a folder tfseg did not write ({len(entries)} entries)"
+        raise TfsegError(
+            f"{option} {path}: is {what}; tfseg {stage} writes only into a new folder or its own earlier "
+            "output, so choose another"
+        )
+    if complete_marker is None or isfile(join(path, complete_marker)):
+        if not overwrite:
+            raise TfsegError(f"{option} {path}: a complete `tfseg {stage}` output already exists; pass --overwrite to replace it")
+        return "complete"
+    return "unfinished"
+
+
+# --------------------------------------------------------------------------------------------
+# Publishing.
+# --------------------------------------------------------------------------------------------
+
+
+def _staging_name(final: str) -> str:
+    return f"{STAGING_PREFIX}{basename(final)}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_staging(final: str) -> None:
+    """Removes staging folders that killed runs of this host left beside ``final``.
+
+    Only folders named ``.tfseg-staging-NAME-HOST-PID-*`` holding tfseg's ownership record, whose
+    process is gone, are removed: nothing else is touched.
+    """
+    if is_remote(final):
+        return  # no process table to consult for other hosts' writers: left to the bucket's lifecycle
+    parent, name = os.path.dirname(os.path.abspath(final)), os.path.basename(os.path.abspath(final))
+    prefix = f"{STAGING_PREFIX}{name}-{socket.gethostname()}-"
+    if not os.path.isdir(parent):
+        return
+    for entry in os.listdir(parent):
+        if not entry.startswith(prefix):
+            continue
+        pid = entry[len(prefix):].split("-", 1)[0]
+        full = os.path.join(parent, entry)
+        if pid.isdigit() and not _pid_alive(int(pid)) and owner(full) is not None:
+            logger.info("removing %s, left by an interrupted run", full)
+            shutil.rmtree(full, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def publish_dir(final: str, stage: str, *, complete_marker: str | None, overwrite: bool = False,
+                inputs: Iterable[tuple[str, str]] = (), option: str = "--output") -> Iterator[str]:
+    """Yields a fresh staging folder; on success its content becomes ``final``.
+
+    The stage writes its completion marker last inside the staging folder. The ownership rule
+    is checked again here (the folder may have changed since :func:`claim`).
+
+    Raises:
+      TfsegError: the output is refused (see :func:`claim`).
+    """
+    state = claim(final, stage, complete_marker=complete_marker, overwrite=overwrite, inputs=inputs,
+                  option=option)
+    parent = dirname(normalize(final)) if not is_remote(final) else dirname(final)
+    makedirs(parent)
+    clean_stale_staging(final)
+    staging = join(parent, _staging_name(final))
+    mark_owned(staging, stage)
+    if not is_remote(staging):
+        os.chmod(staging, 0o777 & ~_umask())
+    try:
+        yield staging
+    except BaseException:
+        rmtree(staging)
+        raise
+    if complete_marker is not None and not isfile(join(staging, complete_marker)):
+        rmtree(staging)
+        raise RuntimeError(f"tfseg {stage} did not write its completion marker {complete_marker}")
+    if is_remote(final):
+        _publish_by_copy(staging, final, complete_marker, replace=state != "absent")
+        rmtree(staging)
+        return
+    final = os.path.abspath(final)
+    if os.path.isdir(final):
+        # An empty folder, or our own earlier output (claim() checked): swap it out.
+        old = os.path.join(parent, _staging_name(final) + "-old")
+        os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, final)
+
+
+def _publish_by_copy(staging: str, final: str, complete_marker: str | None, *, replace: bool) -> None:
+    """Object stores: drop the old completion marker, replace the files, write the marker last."""
+    if replace:
+        if complete_marker:
+            remove(join(final, complete_marker))
+        rmtree(final)
+    g = _gfile()
+    files = []
+    for root, _, names in g.walk(staging):
+        for n in names:
+            files.append(join(root, n))
+    marker = join(staging, complete_marker) if complete_marker else None
+    for src in sorted(files, key=lambda f: f == marker):  # the completion marker last
+        rel = src[len(staging.rstrip("/")) + 1:]
+        dst = join(final, rel)
+        g.makedirs(dirname(dst))
+        g.copy(src, dst, overwrite=True)
+
+
+def claim_container(path: str, stage: str, *, inputs: Iterable[tuple[str, str]] = (),
+                    option: str = "--output") -> None:
+    """Takes ``path`` as a long-lived folder that ``stage`` adds to (an export base, a workdir).
+
+    An absent or empty folder is created and marked; an earlier one of the same stage is reused;
+    anything else, or an overlap with an input, is refused.
+
+    Raises:
+      TfsegError: the folder is refused; nothing was touched.
+    """
+    if claim(path, stage, complete_marker=None, overwrite=True, inputs=inputs, option=option) == "absent":
+        mark_owned(path, stage)
