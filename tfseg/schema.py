@@ -324,12 +324,63 @@ class DatasetInfo:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _type_errors(d: dict) -> tuple[str, str, Any] | None:
+    """The first key of a dataset.json dict with a wrong type: (key, expected, value), or None."""
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_str_list(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    checks = [
+        ("name", "a string", lambda v: isinstance(v, str)),
+        ("ndim", "2 or 3", lambda v: is_int(v) and v in (2, 3)),
+        ("channels", "a positive integer", lambda v: is_int(v) and v >= 1),
+        ("num_classes", "an integer from 1 to 256", lambda v: is_int(v) and 1 <= v <= 256),
+        ("class_names", "a list of strings", is_str_list),
+    ]
+    for key, what, ok in checks:
+        if key not in d:
+            return key, what + " (missing)", None
+        if not ok(d[key]):
+            return key, what, d[key]
+    optional = [
+        ("ignore_index", "an integer 0..255 or null", lambda v: v is None or (is_int(v) and 0 <= v <= 255)),
+        ("label_mapping", "an object", lambda v: isinstance(v, dict)),
+        ("splits", "an object", lambda v: isinstance(v, dict)),
+        ("class_pixel_counts", "an object", lambda v: isinstance(v, dict)),
+        ("size_summary", "an object", lambda v: isinstance(v, dict)),
+        ("regions", "an object", lambda v: isinstance(v, dict)),
+        ("label_convention", "a string or null", lambda v: v is None or isinstance(v, str)),
+        ("modalities", "a list of strings", is_str_list),
+        ("image_format", "a string or null", lambda v: v is None or isinstance(v, str)),
+        ("compression", '"" or "GZIP"', lambda v: v in ("", "GZIP")),
+        ("tfseg_version", "a string", lambda v: isinstance(v, str)),
+        ("conversion_args", "an object", lambda v: isinstance(v, dict)),
+        ("schema_version", f"an integer up to {SCHEMA_VERSION}", lambda v: is_int(v) and 1 <= v <= SCHEMA_VERSION),
+    ]
+    for key, what, ok in optional:
+        if key in d and not ok(d[key]):
+            return key, what, d[key]
+    if len(d["class_names"]) != d["num_classes"]:
+        return "class_names", f"{d['num_classes']} names (num_classes)", d["class_names"]
+    for split, entry in d.get("splits", {}).items():
+        if not (isinstance(entry, dict) and is_int(entry.get("count")) and entry["count"] >= 0
+                and is_str_list(entry.get("files"))):
+            return f"splits.{split}", 'an object {"count": int >= 0, "files": [str, ...]}', entry
+        for name in entry["files"]:
+            if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+                return f"splits.{split}.files", "file names relative to dataset.json, inside its folder", name
+    return None
+
+
 def load_dataset_info(data_dir: str) -> DatasetInfo:
-    """Reads ``DATA_DIR/dataset.json``.
+    """Reads and validates ``DATA_DIR/dataset.json``.
 
     Raises:
-      TfsegError: the directory has no dataset.json (the conversion did not complete) or it is
-        not valid.
+      TfsegError: the directory has no dataset.json (the conversion did not complete), it is not
+        valid JSON, or a key has the wrong type (one line naming the file and the key).
     """
     from tfseg.errors import TfsegError
 
@@ -339,7 +390,20 @@ def load_dataset_info(data_dir: str) -> DatasetInfo:
             f"{data_dir}: no {DATASET_JSON} here; is this the output of a completed `tfseg convert`?"
         )
     try:
-        with open(path) as f:
-            return DatasetInfo.from_dict(json.load(f))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise TfsegError(f"{path}: not a valid tfseg dataset.json ({e})") from None
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f", line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise TfsegError(f"{path}: not a valid tfseg dataset.json ({getattr(e, 'msg', 'not UTF-8')}{where})") from None
+    except OSError as e:
+        raise TfsegError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(d, dict):
+        raise TfsegError(f"{path}: not a valid tfseg dataset.json (expected a JSON object, got {type(d).__name__})")
+    bad = _type_errors(d)
+    if bad is not None:
+        key, what, value = bad
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        got = "" if value is None and "missing" in what else f", got {shown}"
+        raise TfsegError(f"{path}: key {key!r} must be {what}{got}")
+    return DatasetInfo.from_dict(d)

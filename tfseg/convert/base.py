@@ -215,6 +215,66 @@ _PIL_FORMATS = {"JPEG": "jpeg", "PNG": "png"}
 MAX_PIXELS = 2**26
 
 
+# Pixels the conversion threads of one worker process may hold decoded at once: two cases of
+# MAX_PIXELS. A thread waits for the budget before decoding a case's image (read_image) and
+# gives it back when the case is encoded (release_pixels, called by the pipeline), so memory does
+# not grow with the thread count.
+PIXEL_BUDGET = 2 * MAX_PIXELS
+
+
+class _PixelBudget:
+    def __init__(self, total: int):
+        import threading
+
+        self.total = total
+        self.used = 0
+        self.cond = threading.Condition()
+        self.local = threading.local()
+
+    def reserve(self, n: int) -> None:
+        if not getattr(self.local, "active", False):
+            return  # outside a conversion case (tests, tools): nothing to give back later
+        n = min(int(n), self.total)
+        held = getattr(self.local, "held", 0)
+        with self.cond:
+            # A thread that already holds pixels never waits (no deadlock between two cases).
+            while not held and self.used and self.used + n > self.total:
+                self.cond.wait()
+            self.used += n
+        self.local.held = held + n
+
+    def begin(self) -> None:
+        self.release()
+        self.local.active = True
+
+    def release(self) -> None:
+        self.local.active = False
+        held = getattr(self.local, "held", 0)
+        if held:
+            with self.cond:
+                self.used -= held
+                self.cond.notify_all()
+            self.local.held = 0
+
+
+_BUDGET = _PixelBudget(PIXEL_BUDGET)
+
+
+def begin_case() -> None:
+    """Starts counting the calling thread's pixels against the budget (one conversion case)."""
+    _BUDGET.begin()
+
+
+def reserve_pixels(n: int) -> None:
+    """Waits until ``n`` pixels fit the worker's budget (immediately if this thread holds some)."""
+    _BUDGET.reserve(n)
+
+
+def release_pixels() -> None:
+    """Gives back the pixels the calling thread reserved (end of a case)."""
+    _BUDGET.release()
+
+
 def check_pixels(width: int, height: int, path: str, what: str = "image") -> None:
     """Rejects images over :data:`MAX_PIXELS` before any pixel is decoded.
 
@@ -346,6 +406,7 @@ def read_image(path: str, channels: int = 3, *, keep_pixels: bool = False) -> Lo
         :func:`pixels_to_uint8` rejects.
     """
     img, data = _open_image(path)
+    reserve_pixels(img.size[0] * img.size[1])
     fmt = _PIL_FORMATS.get(img.format or "")
     # A grayscale file in an RGB dataset stays as-is: decode_image(channels=3) replicates it.
     passthrough = fmt is not None and (img.mode == ("RGB" if channels == 3 else "L") or (

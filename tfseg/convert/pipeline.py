@@ -31,6 +31,7 @@ Beam options after the tfseg ones go to PipelineOptions, e.g.::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import io
@@ -114,13 +115,15 @@ class CaseStats(NamedTuple):
 
 
 class Encoded(NamedTuple):
-    """One converted case on its way to a shard."""
+    """One converted case on its way to a shard: its serialized record, or (when the job spills
+    records to disk, the default) the file holding it, so no PCollection carries pixel data."""
 
     split: str
     shard: int
     case_id: str
     record: bytes
     stats: CaseStats
+    record_path: str = ""
 
 
 def encode_png_gray(array: np.ndarray, level: int = _MASK_ZLIB_LEVEL) -> bytes:
@@ -316,15 +319,48 @@ def _one_line(e: BaseException) -> str:
 REJECTED = "rejected"
 
 
-def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Case]):
+def spill_path(spill_dir: str, split: str, shard: int, case_id: str) -> str:
+    """Where a spilled record lives until its shard is written."""
+    import hashlib
+
+    name = hashlib.sha1(case_id.encode("utf-8")).hexdigest() + ".rec"
+    return "/".join([spill_dir.rstrip("/"), f"{split}-{shard:05d}", name])
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path) as f:
+        f.write(data)
+
+
+def _read_bytes(path: str) -> bytes:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path) as f:
+        return f.read()
+
+
+def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Case], spill_dir: str | None = None):
     """Loads and encodes one case: ``("ok", Encoded, msec)`` or ``("rejected", row, msec)``.
 
     Thread-safe (layouts load with PIL/scipy/nibabel, which release the GIL while decoding).
+    With ``spill_dir`` the record is written to :func:`spill_path` and Encoded carries the path.
+    The case's pixels count against the worker's pixel budget (:mod:`tfseg.convert.base`) until
+    it is encoded.
     """
+    from tfseg.convert.base import begin_case, release_pixels, reserve_pixels
+
     split, shard, case = element
     t0 = time.perf_counter()
     try:
-        record, stats = encode_case(layout.load_case(case), case, opts)
+        begin_case()
+        try:
+            if opts.image_size is not None:  # the resized copy counts too (reserved before decoding)
+                reserve_pixels(opts.image_size[0] * opts.image_size[1])
+            record, stats = encode_case(layout.load_case(case), case, opts)
+        finally:
+            release_pixels()
     except BadCase as e:
         return "rejected", {"file": e.path, "reason": e.reason, "case_id": case.case_id, "split": split}, 0
     except Exception as e:  # noqa: BLE001 - one bad file must not kill a many-hour job
@@ -332,6 +368,11 @@ def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Ca
         log.warning("%s: rejected after an unexpected error: %s", case.main_path, _one_line(e))
         log.debug("%s: traceback", case.main_path, exc_info=True)
         return "rejected", {"file": case.main_path, "reason": _one_line(e), "case_id": case.case_id, "split": split}, 0
+    if spill_dir:  # outside the try: a failing output filesystem fails the job, rejects nothing
+        path = spill_path(spill_dir, split, shard, case.case_id)
+        _write_bytes(path, record)
+        msec = int((time.perf_counter() - t0) * 1000)
+        return "ok", Encoded(split, shard, case.case_id, b"", stats, path), msec
     msec = int((time.perf_counter() - t0) * 1000)
     return "ok", Encoded(split, shard, case.case_id, record, stats), msec
 
@@ -345,10 +386,11 @@ class LoadAndEncodeFn(beam.DoFn):
     pickling of every record (see tools/bench_convert.py).
     """
 
-    def __init__(self, layout: Layout, opts: EncodeOptions, threads: int = 1):
+    def __init__(self, layout: Layout, opts: EncodeOptions, threads: int = 1, spill_dir: str | None = None):
         self.layout = layout
         self.opts = opts
         self.threads = max(1, threads)
+        self.spill_dir = spill_dir
         self.converted = Metrics.counter(NAMESPACE, "cases_converted")
         self.rejected = Metrics.counter(NAMESPACE, "cases_rejected")
         self.msec = Metrics.distribution(NAMESPACE, "case_msec")
@@ -371,13 +413,15 @@ class LoadAndEncodeFn(beam.DoFn):
     def process(self, batch: list[tuple[str, int, Case]]):
         run = self._pool.map if self._pool is not None and len(batch) > 1 else map
         # Metrics are updated here, in the bundle's thread: Beam ignores updates from others.
-        for kind, value, msec in run(lambda e: convert_one(self.layout, self.opts, e), batch):
+        for kind, value, msec in run(lambda e: convert_one(self.layout, self.opts, e, self.spill_dir), batch):
             if kind == "ok":
                 self.converted.inc()
                 self.msec.update(msec)
                 yield value
             else:
                 self.rejected.inc()
+                # One line per rejection (the full list goes to rejected.jsonl).
+                log.warning("rejected %s: %s", value["file"], value["reason"])
                 yield beam.pvalue.TaggedOutput(REJECTED, value)
 
 
@@ -394,26 +438,31 @@ class ConvertCases(beam.PTransform):
       layout: the dataset layout (pickled to the workers).
       opts: validation/encoding options.
       threads: conversion threads per worker (default :func:`default_threads`).
+      spill_dir: write each record there (Encoded.record_path) instead of passing its bytes on.
     """
 
-    def __init__(self, layout: Layout, opts: EncodeOptions, threads: int | None = None, label: str | None = None):
+    def __init__(self, layout: Layout, opts: EncodeOptions, threads: int | None = None, label: str | None = None,
+                 spill_dir: str | None = None):
         super().__init__(label)
         self.layout = layout
         self.opts = opts
         self.threads = threads or default_threads()
+        self.spill_dir = spill_dir
 
     def expand(self, cases):
         return (
             cases
             | "Batch" >> beam.BatchElements(min_batch_size=self.threads, max_batch_size=4 * self.threads)
-            | "LoadAndEncode" >> beam.ParDo(LoadAndEncodeFn(self.layout, self.opts, self.threads)).with_outputs(
+            | "LoadAndEncode" >> beam.ParDo(LoadAndEncodeFn(self.layout, self.opts, self.threads,
+                                                           self.spill_dir)).with_outputs(
                 REJECTED, main="examples")
         )
 
 
 class WriteShardFn(beam.DoFn):
-    """((split, shard), [(case_id, record) | None, ...]) -> (split, file name, count), writing the
-    shard with its records sorted by case id."""
+    """((split, shard), [(case_id, record, record_path) | None, ...]) -> (split, file name, count),
+    writing the shard with its records sorted by case id; spilled records are read one at a time
+    and deleted once the shard is written."""
 
     def __init__(self, output_dir: str, compression: str, num_shards: dict[str, int]):
         self.output_dir = output_dir
@@ -429,8 +478,13 @@ class WriteShardFn(beam.DoFn):
         name = shard_name(split, shard, self.num_shards[split], self.compression)
         options = tf.io.TFRecordOptions(compression_type=self.compression or None)
         with tf.io.TFRecordWriter(os.path.join(self.output_dir, name), options=options) as writer:
-            for _, record in records:
-                writer.write(record)
+            for _, record, path in records:
+                writer.write(_read_bytes(path) if path else record)
+        spilled = [path for _, _, path in records if path]
+        if spilled:
+            from apache_beam.io.filesystems import FileSystems
+
+            FileSystems.delete(spilled)
         self.records.inc(len(records))
         yield split, name, len(records)
 
@@ -447,7 +501,8 @@ class WriteShards(beam.PTransform):
         self.num_shards = num_shards
 
     def expand(self, examples):
-        keyed = examples | "KeyByShard" >> beam.Map(lambda e: ((e.split, e.shard), (e.case_id, e.record)))
+        keyed = examples | "KeyByShard" >> beam.Map(
+            lambda e: ((e.split, e.shard), (e.case_id, e.record, e.record_path)))
         slots = examples.pipeline | "ShardSlots" >> beam.Create(
             [((s, i), None) for s, n in sorted(self.num_shards.items()) for i in range(n)])
         return (
@@ -559,13 +614,23 @@ class WriteRejected(beam.PTransform):
         )
 
 
+SPILL_DIR = "_records"
+
+
 def build_pipeline(p, layout: Layout, keyed_cases: list[tuple[str, int, Case]], opts: EncodeOptions,
-                   output_dir: str, num_shards: dict[str, int], compression: str, threads: int | None = None) -> None:
-    """Adds the conversion graph to pipeline ``p`` (outputs land in ``output_dir``)."""
+                   output_dir: str, num_shards: dict[str, int], compression: str, threads: int | None = None,
+                   spill: bool = True) -> None:
+    """Adds the conversion graph to pipeline ``p`` (outputs land in ``output_dir``).
+
+    With ``spill`` (the default) each record goes to a file under ``output_dir/_records`` and only
+    its path travels through the shuffle, so memory does not grow with the dataset (the
+    DirectRunner keeps whole PCollections in memory); the files are deleted as shards are written.
+    """
+    spill_dir = os.path.join(output_dir, SPILL_DIR) if spill else None
     outputs = (
         p
         | "CreateCases" >> beam.Create(keyed_cases)
-        | "ConvertCases" >> ConvertCases(layout, opts, threads)
+        | "ConvertCases" >> ConvertCases(layout, opts, threads, spill_dir=spill_dir)
     )
     examples = outputs.examples
     shards = examples | "WriteShards" >> WriteShards(output_dir, compression, num_shards)
@@ -796,6 +861,50 @@ def check_image_size(image_size) -> tuple[int, int] | None:
     return h, w
 
 
+_SCRATCH_PREFIX = "tfseg-beam-"
+
+
+@contextlib.contextmanager
+def beam_scratch_dir():
+    """Points ``tempfile`` (and ``$TMPDIR`` for worker processes) at a private folder while the
+    Beam job runs, and removes it afterwards: Beam's runners leave empty ``beam-temp*``,
+    ``beam-requirements-cache`` and ``tmp*`` folders in the temp dir otherwise. Folders of
+    killed runs (their process id no longer alive) are removed by the next run.
+    """
+    import shutil
+    import tempfile
+
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        if name.startswith(_SCRATCH_PREFIX):
+            pid = name[len(_SCRATCH_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    scratch = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-", dir=base)
+    old_tempdir, old_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = scratch
+    os.environ["TMPDIR"] = scratch
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = old_tempdir
+        if old_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old_env
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_convert(
     layout_name: str,
     input_dir: str,
@@ -884,11 +993,12 @@ def run_convert(
 
     with outputs.publish_dir(output_dir, "convert", complete_marker=schema.DATASET_JSON, overwrite=overwrite,
                              inputs=[("--input", input_dir)]) as tmp:
-        p = beam.Pipeline(options=options)
-        build_pipeline(p, layout, keyed, opts, tmp, shards, compression, threads)
-        result = p.run()
-        result.wait_until_finish()
-        _log_metrics(result)
+        with beam_scratch_dir():
+            p = beam.Pipeline(options=options)
+            build_pipeline(p, layout, keyed, opts, tmp, shards, compression, threads)
+            result = p.run()
+            result.wait_until_finish()
+            _log_metrics(result)
 
         with open(os.path.join(tmp, STATS_FILE)) as f:
             stats = json.load(f)
@@ -896,6 +1006,9 @@ def run_convert(
             written = json.load(f)
         os.remove(os.path.join(tmp, STATS_FILE))
         os.remove(os.path.join(tmp, SHARDS_FILE))
+        import shutil
+
+        shutil.rmtree(os.path.join(tmp, SPILL_DIR), ignore_errors=True)
         with open(os.path.join(tmp, schema.REJECTED_JSONL)) as f:
             rejected = [json.loads(line) for line in f if line.strip()]
         n_written = sum(n for _, _, n in written)
