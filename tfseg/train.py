@@ -32,7 +32,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from tfseg import outputs, rundir, runtime
+from tfseg import bnstats, outputs, rundir, runtime
 from tfseg.config import parse_size
 from tfseg.errors import TfsegError
 from tfseg.outputs import atomic_write_json, atomic_write_text
@@ -864,6 +864,13 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
         cbs = _callbacks(
             run_dir, cfg, monitor, mode, rows, val_ds is not None
         )
+        # Batch-norm statistics re-estimated for the weights before each validation (tfseg.bnstats).
+        bn_callback = bnstats.make_callback(
+            model, bnstats.stats_dataset(cfg, plan, multi_worker=multi_worker),
+            bnstats.num_batches(cfg.batch_size, steps),
+        )
+        if bn_callback is not None:
+            cbs.insert(0, bn_callback)
         old_lr = ((previous or {}).get("config") or {}).get("learning_rate")
         if finished and old_lr is not None and old_lr != cfg.learning_rate and cfg.schedule != "cosine":
             # BackupAndRestore brings back the old run's learning-rate variable; a user who
@@ -906,6 +913,7 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
         stopped_early = completed < cfg.epochs
         if chief:
             _publish_model(run_dir, model, use_best=val_ds is not None)
+            record.update(health=bnstats.fit_health(run_dir, cfg, plan))
             record.update(completed_epochs=completed, stopped_early=stopped_early)
             atomic_write_json(os.path.join(run_dir, rundir.RUN_JSON), record)
     finally:

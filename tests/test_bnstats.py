@@ -1,0 +1,285 @@
+"""Batch-norm statistics on short runs (tfseg.bnstats, issue 13).
+
+The thin-structure tests train about 90 steps, as the issue's electron-microscopy run, and check
+that the published model predicts its own training images in inference mode (stored statistics)
+as well as in training mode (batch statistics). IoU is computed here with numpy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tfseg import schema
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def membranes_2d(rng, size: int = 32):
+    """Grey cells separated by thin dark membranes (1-2 px, about 20% of pixels): image, mask."""
+    mask = np.zeros((size, size), np.uint8)
+    for axis in (0, 1):
+        for pos in rng.choice(np.arange(2, size - 2), size=3, replace=False):
+            width = int(rng.integers(1, 3))
+            tilt = rng.uniform(-0.3, 0.3)
+            for t in range(size):
+                p = int(round(pos + tilt * (t - size / 2))) % size
+                sl = (slice(p, p + width), t) if axis == 0 else (t, slice(p, p + width))
+                mask[sl] = 1
+    image = rng.normal(170, 25, (size, size))
+    image[mask == 1] = rng.normal(90, 25, int(mask.sum()))
+    return np.clip(image, 0, 255).astype(np.uint8)[..., None], mask
+
+
+def write_membranes(root: str, n_train: int = 24, n_val: int = 8, size: int = 32, seed: int = 0) -> str:
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    splits, counts, examples = {}, {}, {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        name = f"{split}-00000-of-00001.tfrecord"
+        pix = np.zeros(2, np.int64)
+        examples[split] = []
+        with tf.io.TFRecordWriter(os.path.join(root, name)) as w:
+            for i in range(n):
+                image, mask = membranes_2d(rng, size)
+                examples[split].append((image, mask))
+                pix += np.bincount(mask.ravel(), minlength=2)
+                w.write(schema.encode_example_2d(
+                    image_bytes=_png(image[..., 0]), image_format="png", height=size, width=size,
+                    channels=1, mask_png=_png(mask), source_id=f"{split}{i}"))
+        splits[split] = {"count": n, "files": [name]}
+        counts[split] = pix.tolist()
+    hw = {"min": size, "max": size, "mean": size}
+    info = schema.DatasetInfo(
+        name="membranes", ndim=2, channels=1, num_classes=2, class_names=["cell", "membrane"],
+        splits=splits, class_pixel_counts=counts, image_format="png",
+        size_summary={s: {"height": hw, "width": hw} for s in splits},
+    )
+    with open(os.path.join(root, schema.DATASET_JSON), "w") as f:
+        f.write(info.to_json())
+    return root, examples
+
+
+def mean_iou(pred: np.ndarray, label: np.ndarray, k: int = 2) -> float:
+    ious = []
+    for c in range(k):
+        union = np.sum((pred == c) | (label == c))
+        if union:
+            ious.append(np.sum((pred == c) & (label == c)) / union)
+    return float(np.mean(ious))
+
+
+def modes_iou(model, images: np.ndarray, masks: np.ndarray, batch: int) -> tuple[float, float]:
+    """Mean IoU of training-mode and inference-mode predictions (threshold 0.5) over batches."""
+    train, infer = [], []
+    for i in range(0, len(images) - batch + 1, batch):
+        x = images[i : i + batch].astype("float32")
+        train.append(model(x, training=True).numpy()[..., 0] > 0.5)
+        infer.append(model(x, training=False).numpy()[..., 0] > 0.5)
+    n = len(train) * batch
+    label = masks[:n]
+    return mean_iou(np.concatenate(train), label), mean_iou(np.concatenate(infer), label)
+
+
+def membranes_3d(rng, size: int = 16):
+    """A volume with three thin bright sheets (about 20% of voxels): volume, label."""
+    label = np.zeros((size,) * 3, np.uint8)
+    for axis in range(3):
+        for pos in rng.choice(np.arange(2, size - 2), size=1, replace=False):
+            sl = [slice(None)] * 3
+            sl[axis] = slice(pos, pos + 1)
+            label[tuple(sl)] = 1
+    # Not centred (as after a per-case z-score the foreground shifts the mean): the first batch
+    # norm's statistics are far from the moving averages' initial (0, 1).
+    volume = 3.0 + 2.0 * (rng.normal(0, 1, label.shape) + 1.5 * label)
+    return volume.astype(np.float32)[..., None], label
+
+
+def write_membranes_3d(root: str, n: int = 8, size: int = 16, seed: int = 0):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    name = "train-00000-of-00001.tfrecord"
+    cases = []
+    with tf.io.TFRecordWriter(os.path.join(root, name)) as w:
+        for i in range(n):
+            volume, label = membranes_3d(rng, size)
+            cases.append((volume, label))
+            w.write(schema.encode_example_3d(volume=volume, label=label, spacing=(1, 1, 1), source_id=str(i)))
+    info = schema.DatasetInfo(
+        name="sheets", ndim=3, channels=1, num_classes=2, class_names=["bg", "sheet"],
+        splits={"train": {"count": n, "files": [name]}},
+    )
+    with open(os.path.join(root, schema.DATASET_JSON), "w") as f:
+        f.write(info.to_json())
+    return root, cases
+
+
+# --------------------------------------------------------------------------------------------
+# The estimator, exactly.
+# --------------------------------------------------------------------------------------------
+
+
+def _conv_bn(shape, seed=0):
+    import keras
+
+    from tfseg.models.norm import FusedBatchNorm
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input(shape)
+    conv = keras.layers.Conv2D(3, 3, padding="same", name="conv")
+    bn = FusedBatchNorm(name="bn")
+    x = bn(conv(inp))
+    x = keras.layers.BatchNormalization(name="keras_bn")(keras.layers.ReLU()(x))
+    return keras.Model(inp, x), conv
+
+
+def test_estimator_gives_the_population_statistics_of_the_batches():
+    import tensorflow as tf
+
+    from tfseg.bnstats import Estimator
+
+    model, conv = _conv_bn((8, 8, 2))
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(i, 1 + i, (3, 8, 8, 2)).astype("float32") for i in range(4)]
+    ds = tf.data.Dataset.from_tensor_slices(np.stack(batches)).map(lambda x: (x, x)).repeat()
+    est = Estimator(model, ds, batches=4)
+    assert [layer.name for layer in est.layers] == ["bn", "keras_bn"]
+    est()
+    feats = np.concatenate([conv(b).numpy() for b in batches]).reshape(-1, 3).astype(np.float64)
+    bn = model.get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), feats.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), feats.var(0), rtol=1e-4)
+    assert bn.momentum == 0.99 and model.get_layer("keras_bn").momentum == 0.99  # restored
+    # The second layer's statistics are those of its training-mode input, also exactly.
+    second = np.concatenate([
+        np.maximum(bn(conv(b), training=True).numpy(), 0) for b in batches]).reshape(-1, 3)
+    np.testing.assert_allclose(model.get_layer("keras_bn").moving_mean.numpy(), second.mean(0), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(model.get_layer("keras_bn").moving_variance.numpy(), second.var(0), rtol=1e-3)
+
+
+def test_num_batches():
+    from tfseg.bnstats import num_batches
+
+    assert num_batches(8) == 16 and num_batches(2) == 32 and num_batches(64) == 4
+    assert num_batches(4, steps_per_epoch=6) == 6 and num_batches(4, steps_per_epoch=2) == 4
+
+
+# --------------------------------------------------------------------------------------------
+# A short 2D run on thin structures (the issue's electron-microscopy case, tiny).
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def thin_run(tmp_path_factory):
+    """24 training images, batch 4, 15 epochs: 90 steps. Returns (run_dir, data, examples)."""
+    from tfseg.train import run_fit
+
+    root = tmp_path_factory.mktemp("membranes")
+    data, examples = write_membranes(str(root / "data"))
+    out = run_fit({
+        "data": data, "model": "unet", "output": str(root / "run"), "epochs": 15, "batch_size": 4,
+        "model_kwargs": {"depth": 2, "base_filters": 8}, "loss": "bce_dice", "verbose": 0,
+        "tensorboard": False, "seed": 1,
+    })
+    return out, data, examples
+
+
+def _stack(examples):
+    return np.stack([e[0] for e in examples]), np.stack([e[1] for e in examples])
+
+
+def test_published_model_works_in_inference_mode(thin_run):
+    """Fails before issue 13 (measured: training mode 0.882, inference mode 0.381)."""
+    from tfseg import rundir
+
+    out, _, examples = thin_run
+    model = rundir.load_model(out)
+    images, masks = _stack(examples["train"])
+    train_iou, infer_iou = modes_iou(model, images, masks, batch=4)
+    assert train_iou > 0.7, train_iou  # the model learned the membranes
+    assert abs(train_iou - infer_iou) <= 0.05, (train_iou, infer_iou)
+    with open(os.path.join(out, "run.json")) as f:
+        health = json.load(f)["health"]
+    assert health["ok"] and health["batches"] == 4
+    assert abs(health["inference_mode_mean_iou"] - infer_iou) < 0.05
+    assert abs(health["train_mode_mean_iou"] - train_iou) < 0.05
+
+
+def test_validation_metrics_are_the_published_models(thin_run):
+    """The best epoch's val_mean_iou is what the published model (best.keras) scores on val."""
+    import csv
+
+    from tfseg import rundir
+    from tfseg.data import make_dataset
+    from tfseg.metrics import default_metrics
+
+    out, data, _ = thin_run
+    with open(os.path.join(out, "history.csv"), newline="") as f:
+        best = max(float(r["val_mean_iou"]) for r in csv.DictReader(f))
+    model = rundir.load_model(out)
+    model.compile(metrics=default_metrics(2, None), loss="binary_crossentropy")
+    ds = make_dataset(data, "val", batch_size=4, training=False, image_size=(32, 32))
+    got = model.evaluate(ds, return_dict=True, verbose=0)["mean_iou"]
+    assert abs(got - best) < 2e-3, (got, best)
+
+
+def test_health_check_flags_statistics_that_do_not_fit(thin_run):
+    from tfseg import rundir
+    from tfseg.bnstats import Estimator, health_check
+    from tfseg.data import make_dataset
+    from tfseg.models.norm import batch_norm_layers
+
+    out, data, _ = thin_run
+    model = rundir.load_model(out)
+    ds = make_dataset(data, "train", batch_size=4, training=True, image_size=(32, 32), repeat=-1, seed=0)
+    for layer in batch_norm_layers(model):  # the moving averages' initial values
+        layer.moving_mean.assign(np.zeros_like(layer.moving_mean.numpy()))
+        layer.moving_variance.assign(np.ones_like(layer.moving_variance.numpy()))
+    bad = health_check(model, ds, num_classes=2)
+    assert not bad["ok"] and bad["difference"] > 0.1, bad
+    assert np.all(batch_norm_layers(model)[0].moving_mean.numpy() == 0)  # the check changed nothing
+    Estimator(model, ds, batches=6)()
+    good = health_check(model, ds, num_classes=2)
+    assert good["ok"] and abs(good["difference"]) < 0.05, good
+
+
+# --------------------------------------------------------------------------------------------
+# 3D, batch 2.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # ~25 s
+def test_3d_batch_2_published_model_works_in_inference_mode(tmp_path):
+    """8 volumes x 4 patches, batch 2, 6 epochs: 96 steps. Fails before issue 13 (measured:
+    training mode 0.999, inference mode 0.473)."""
+    from tfseg import rundir
+    from tfseg.train import run_fit
+
+    data, cases = write_membranes_3d(str(tmp_path / "data"))
+    out = run_fit({
+        "data": data, "model": "unet", "output": str(tmp_path / "run"), "epochs": 6, "batch_size": 2,
+        "patch_size": [16, 16, 16], "model_kwargs": {"depth": 2, "base_filters": 8}, "loss": "bce_dice",
+        "learning_rate": 3e-3, "verbose": 0, "tensorboard": False, "seed": 1,
+    })
+    model = rundir.load_model(out)
+    volumes, labels = np.stack([c[0] for c in cases]), np.stack([c[1] for c in cases])
+    train_iou, infer_iou = modes_iou(model, volumes, labels, batch=2)
+    assert train_iou > 0.8, train_iou
+    assert abs(train_iou - infer_iou) <= 0.05, (train_iou, infer_iou)
+    with open(os.path.join(out, "run.json")) as f:
+        assert json.load(f)["health"]["ok"]
