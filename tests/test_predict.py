@@ -137,6 +137,17 @@ def test_volumes_keep_affine(tmp_path):
         got = np.asarray(img.dataobj)
         assert got.dtype == np.uint8 and got.shape == (9, 10, 11)
         assert (got == expected).mean() > 0.99
+    # Beam's RunInference on the export writes the same volume.
+    pytest.importorskip("apache_beam")
+    out = tmp_path / "beam_vol"
+    summary = predict.run_predict(base + "/vol", str(inp), str(out), runner="DirectRunner", overlay=True)
+    assert summary["written"] == 1, summary
+    img = nib.load(str(out / "case1.nii.gz"))
+    np.testing.assert_allclose(img.affine, affine)
+    local = nib.load(str(tmp_path / "out_vol" / "case1.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(img.dataobj), np.asarray(local.dataobj))
+    with Image.open(out / "overlays" / "case1.png") as ov:  # the middle axial slice (model axes D, H, W)
+        assert ov.size == (9, 10)  # (D, H, W) = (Z, Y, X): an axial slice is Y rows by X columns
 
 
 class RestStub(http.server.BaseHTTPRequestHandler):
@@ -228,17 +239,35 @@ def test_server_mode_posts_to_rest_stub(setup2d, rest_stub, tmp_path):
         predict.run_predict("tiny", str(inp), str(tmp_path / "out3"), server="127.0.0.1:1")
 
 
-def test_beam_direct_runner_matches_local(setup2d, tmp_path):
+def test_beam_run_inference_writes_what_the_local_predictor_writes(setup2d, tmp_path, monkeypatch):
     pytest.importorskip("apache_beam")
+    from tfseg import beam_inference
+
     s = setup2d
-    out_local, out_beam = tmp_path / "local", tmp_path / "beam"
-    predict.run_predict(s["base"] + "/tiny", s["images"], str(out_local))
-    summary = predict.run_predict(s["base"] + "/tiny", s["images"], str(out_beam), runner="DirectRunner",
-                                  batch_size=2)
-    assert summary["written"] == 3
-    assert sorted(os.listdir(out_beam)) == sorted(os.listdir(out_local))
-    for stem in s["arrays"]:
-        np.testing.assert_array_equal(read_png(out_beam / f"{stem}.png"), read_png(out_local / f"{stem}.png"))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for stem, array in s["arrays"].items():
+        write_image(inp / f"{stem}.png", array)
+    (inp / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    loaded = []
+    for cls in (beam_inference.SavedModelHandler, beam_inference.PredictorHandler):
+        real = cls.load_model
+        monkeypatch.setattr(cls, "load_model", lambda self, real=real, cls=cls: loaded.append(cls.__name__) or real(self))
+    for model_path, handler in ((s["base"] + "/tiny", "SavedModelHandler"), (s["run"], "PredictorHandler")):
+        name = os.path.basename(model_path)
+        out_local, out_beam = tmp_path / f"local_{name}", tmp_path / f"beam_{name}"
+        local = predict.run_predict(model_path, str(inp), str(out_local), batch_size=2, overlay=True)
+        loaded.clear()
+        beam = predict.run_predict(model_path, str(inp), str(out_beam), runner="DirectRunner", batch_size=2,
+                                   overlay=True)
+        assert loaded and set(loaded) == {handler}  # Beam's RunInference loaded the model
+        assert beam["written"] == local["written"] == 3
+        assert beam["failed"] == local["failed"] and [os.path.basename(f["input"]) for f in beam["failed"]] == [
+            "broken.jpg"]
+        assert listing(out_beam) == listing(out_local)
+        assert sorted(os.listdir(out_beam / "overlays")) == sorted(os.listdir(out_local / "overlays"))
+        for rel in [f"{stem}.png" for stem in s["arrays"]] + [f"overlays/{stem}.png" for stem in s["arrays"]]:
+            assert (out_beam / rel).read_bytes() == (out_local / rel).read_bytes(), rel
 
 
 def test_cli_export_and_predict(setup2d, tmp_path):
@@ -251,7 +280,7 @@ def test_cli_export_and_predict(setup2d, tmp_path):
     out = str(tmp_path / "masks")
     r = runner.invoke(cli, ["predict", "--model", os.path.join(base, "m"), "--input", s["images"], "--output", out])
     assert r.exit_code == 0, r.output
-    assert "3 masks written (" in r.output and "0 failed" in r.output
+    assert "3 masks written, 0 failed" in r.output
     assert "predicting: 3/3 inputs" in r.output  # one plain progress line: CliRunner is no terminal
     assert "\r" not in r.output
     r = runner.invoke(cli, ["export", "--run", str(tmp_path), "--output", base, "--name", "m"])

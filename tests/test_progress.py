@@ -32,14 +32,17 @@ def test_log_lines_every_n_items_with_rate_and_no_redraws():
 
 def test_log_line_after_interval_and_final_line_for_partial_counts():
     out, clock = io.StringIO(), Clock()
-    bar = Progress(1000, "evaluating test", stream=out, clock=clock, interval=30.0)
-    bar.update(1)
+    bar = Progress(1000, "evaluating test", stream=out, clock=clock, interval=30.0, every=1)
+    bar.update(1)  # the first line: no rate yet (it would count the model loading)
+    bar.every = 50
     clock.t = 31.0
     bar.update(1)  # 2 < 50 items, but 31 s since the last line
     bar.update(1)
     bar.close()
     lines = out.getvalue().splitlines()
-    assert [ln.split(",")[0] for ln in lines] == ["evaluating test: 2/1000 images", "evaluating test: 3/1000 images"]
+    assert lines[0] == "evaluating test: 1/1000 images"
+    assert [ln.split(",")[0] for ln in lines[1:]] == ["evaluating test: 2/1000 images", "evaluating test: 3/1000 images"]
+    assert lines[2].startswith("evaluating test: 3/1000 images, 0.06 images/s")  # 2 images in 31 s
 
 
 def test_terminal_redraws_one_line():

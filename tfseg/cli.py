@@ -269,9 +269,8 @@ def predict_cmd(model_path, input_dir, output_dir, batch_size, server, grpc, mod
             model_version=model_version, runner=runner, beam_args=beam_args, tile=tile, tta=tta,
             overlay=overlay, overwrite=overwrite, progress=bar.update,
         )
-    rate = s["written"] / s["seconds"] if s["seconds"] else 0.0
-    click.echo(f"{output_dir}: {s['written']} masks written ({rate:.2f}/s), {len(s['failed'])} failed, "
-               f"{s['seconds']:.1f} s" + (" + overlays/" if overlay and s["written"] else "")
+    click.echo(f"{output_dir}: {s['written']} masks written, {len(s['failed'])} failed, {s['seconds']:.1f} s"
+               + (" (+ overlays/)" if overlay and s["written"] else "")
                + (f" (see {os.path.join(output_dir, 'predict_summary.json')})" if s["failed"] else ""))
 
 # --- run/demo commands (owned by the run/demo stage) ---

@@ -50,20 +50,20 @@ class Progress:
         self._last_time = self._start
         self._closed = False
 
-    def rate(self) -> float:
-        """Items per second since the first update (model loading and other setup excluded)."""
+    def rate(self) -> float | None:
+        """Items per second since the first update (model loading and other setup excluded);
+        None before the second update."""
         now = self.clock()
         if self._first is not None and self.done > self._first[1] and now > self._first[0]:
             return (self.done - self._first[1]) / (now - self._first[0])
-        elapsed = now - self._start
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return None
 
     def line(self) -> str:
         rate = self.rate()
         head = f"{self.label}: {self.done}/{self.total} {self.unit}" if self.total else \
             f"{self.label}: {self.done} {self.unit}"
-        parts = [head, f"{rate:.2f} {self.unit}/s"]
-        if self.total and 0 < self.done < self.total and rate > 0:
+        parts = [head] if rate is None else [head, f"{rate:.2f} {self.unit}/s"]
+        if self.total and 0 < self.done < self.total and rate:
             parts.append(f"{_duration((self.total - self.done) / rate)} left")
         elif self._closed or (self.total and self.done >= self.total):
             parts.append(f"{_duration(self.clock() - self._start)} in all")
