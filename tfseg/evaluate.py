@@ -258,11 +258,18 @@ def _as_numpy(example: dict) -> dict:
 def _iter_examples(data_dir: str, split: str) -> Iterable[dict]:
     from tfseg import data
 
+    import tensorflow as tf
+
     examples = data.read_examples(data_dir, split)
     if hasattr(examples, "as_numpy_iterator"):
         examples = examples.as_numpy_iterator()
-    for ex in examples:
-        yield _as_numpy(ex)
+    try:
+        for ex in examples:
+            yield _as_numpy(ex)
+    except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
+        from tfseg.data.input import find_bad_shard
+
+        raise find_bad_shard(data_dir, (split,)) or e from None
 
 
 def _decode_id(v) -> str:

@@ -126,14 +126,16 @@ def _header_check(data, max_pixels: int):
     is_gif = tf.equal(tf.strings.substr(data, 0, 3), b"GIF")
     is_bmp = tf.equal(tf.strings.substr(data, 0, 2), b"BM")
     is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
-    known = tf.debugging.Assert(
-        is_png | is_gif | is_bmp | is_jpeg,
-        ["input is not a JPEG, PNG, GIF or BMP image; first bytes:", tf.strings.substr(data, 0, 8)],
-    )
     # Zero-padding to 32 bytes keeps the header slices in range for truncated files, whose
     # decoding then fails on its own.
     padded = tf.strings.substr(tf.strings.join([data, tf.constant(b"\0" * 32)]), 0, 32)
     head = tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
+    # The first bytes go into the error as numbers: raw bytes (WebP, binary junk) would make the
+    # message undecodable for clients (a UnicodeDecodeError instead of InvalidArgument).
+    known = tf.debugging.Assert(
+        is_png | is_gif | is_bmp | is_jpeg,
+        ["input is not a JPEG, PNG, GIF or BMP image; its first bytes are", head[:8]],
+    )
 
     def jpeg_hw():
         shape = tf.io.extract_jpeg_shape(data, output_type=tf.int32)

@@ -47,6 +47,9 @@ CHECKPOINT_DIR = "checkpoints"
 BEST_CHECKPOINT = "best.keras"
 LAST_CHECKPOINT = "last.keras"
 LOGS_DIR = "logs"
+# The largest training input (pixels or voxels per example): a typo such as 100000x100000 fails
+# at once instead of running until the kernel kills it.
+MAX_INPUT_PIXELS = 1 << 24
 _TRAINING_METADATA = "training_metadata.json"  # written by keras.callbacks.BackupAndRestore
 # Preference order when choosing the validation metric to monitor (substring of the metric name).
 _MONITOR_PREFERENCE = ("mean_iou", "iou", "dice")
@@ -307,6 +310,9 @@ def _plan(cfg: FitConfig, info: DatasetInfo) -> _Plan:
     else:
         raise TfsegError(f"{where}: ndim must be 2 or 3, got {info.ndim}")
     flag = "--image-size" if info.ndim == 2 else "--patch-size"
+    if math.prod(size) > MAX_INPUT_PIXELS:
+        raise TfsegError(f"{flag} {'x'.join(map(str, size))}: {math.prod(size):,} pixels per example, more than "
+                         f"tfseg trains on ({MAX_INPUT_PIXELS:,}, e.g. 4096x4096 or 256x256x256)")
     try:
         models.check_input_shape(cfg.model, tuple(size) + (info.channels,), **cfg.model_kwargs)
     except (TypeError, ValueError) as e:
@@ -804,6 +810,7 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
     decay_steps = cfg.epochs * steps
 
     import keras
+    import tensorflow as tf
 
     from tfseg.data import steps_per_epoch
     from tfseg.losses import get_loss
@@ -822,13 +829,16 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
                 )
             except (ValueError, TypeError) as e:
                 raise TfsegError(f"--model {cfg.model} on {info.ndim}D data {input_shape}: {e}") from None
-            loss = get_loss(
-                plan.loss,
-                num_classes=info.num_classes,
-                ignore_index=info.ignore_index,
-                class_weights=plan.class_weights,
-                **cfg.loss_kwargs,
-            )
+            try:
+                loss = get_loss(
+                    plan.loss,
+                    num_classes=info.num_classes,
+                    ignore_index=info.ignore_index,
+                    class_weights=plan.class_weights,
+                    **cfg.loss_kwargs,
+                )
+            except ValueError as e:
+                raise TfsegError(f"--loss {plan.loss} on {cfg.data}: {e}") from None
             metrics = default_metrics(info.num_classes, info.ignore_index, regions=info.regions or None)
             model.compile(
                 optimizer=_make_optimizer(cfg, decay_steps),
@@ -901,6 +911,10 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
                 verbose=cfg.verbose,
                 shuffle=False,  # the tf.data pipeline shuffles
             )
+        except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
+            from tfseg.data.input import find_bad_shard
+
+            raise find_bad_shard(cfg.data, ("train", plan.validation_split)) or e from None
         except TrainingDiverged as e:
             kept = backup_epoch(run_dir)
             resume = (f"a re-run resumes after epoch {kept}, the last finite one" if kept

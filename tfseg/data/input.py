@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import tensorflow as tf
 
@@ -318,3 +319,25 @@ def steps_per_epoch(
     if training and info.ndim == 3:
         n *= patches_per_volume
     return n // batch_size if training else -(-n // batch_size)
+
+
+def find_bad_shard(data_dir: str, splits) -> TfsegError | None:
+    """Reads every record of the splits' shards and names the first one that cannot be read.
+
+    Called after a read error (tf.errors.DataLossError and friends name no file): the error the
+    user sees then names the shard and what is wrong with it.
+    """
+    info = schema.load_dataset_info(data_dir)
+    for split in splits:
+        if not split or split not in info.splits:
+            continue
+        for path in info.split_files(split, data_dir):
+            try:
+                for _ in tf.data.TFRecordDataset(path, compression_type=info.compression or ""):
+                    pass
+            except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+                found = re.search(r"(truncated|corrupted) record at (\d+)", e.message or "")
+                reason = (f"{found.group(1)} record at byte {found.group(2)}" if found
+                          else re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message or type(e).__name__).strip()[:120])
+                return TfsegError(f"{path}: corrupt or truncated TFRecord shard ({reason}); re-run `tfseg convert`")
+    return None
