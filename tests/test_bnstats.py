@@ -172,6 +172,49 @@ def test_estimator_gives_the_population_statistics_of_the_batches():
     np.testing.assert_allclose(model.get_layer("keras_bn").moving_variance.numpy(), second.var(0), rtol=1e-3)
 
 
+def test_estimator_on_two_replicas_matches_one():
+    """MirroredStrategy over 2 logical CPUs (a fresh TensorFlow): each replica takes half of each
+    batch; the estimate equals the one-replica estimate and is the same on both replicas."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import json, sys
+        import numpy as np, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        sys.path.insert(0, %r)
+        from test_bnstats import _conv_bn
+        from tfseg.bnstats import Estimator
+        rng = np.random.default_rng(0)
+        batches = np.stack([rng.normal(i, 1 + i, (4, 8, 8, 2)).astype("float32") for i in range(4)])
+        ds = tf.data.Dataset.from_tensor_slices(batches).repeat()
+        out = {}
+        for name, strategy in (("one", tf.distribute.get_strategy()), ("two", tf.distribute.MirroredStrategy(
+                ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()))):
+            with strategy.scope():
+                model, conv = _conv_bn((8, 8, 2))
+            Estimator(model, ds, batches=4, strategy=strategy)()
+            v = model.get_layer("bn").moving_mean._value
+            copies = getattr(v, "values", (v,))
+            out[name] = [c.numpy().tolist() for c in copies]
+            out[name + "_var"] = model.get_layer("bn").moving_variance.numpy().tolist()
+        print("RESULT", json.dumps(out))
+    """ % os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=180)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert line, proc.stderr[-3000:]
+    out = json.loads(line[0][len("RESULT"):])
+    assert len(out["two"]) == 2
+    np.testing.assert_allclose(out["two"][0], out["two"][1])
+    # Per-replica halves: the within-batch variance loses the halves' mean difference, so only
+    # the means must agree exactly; the variances agree to the spread of the half-batch means.
+    np.testing.assert_allclose(out["two"][0], out["one"][0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["two_var"], out["one_var"], rtol=0.05)
+
+
 def test_num_batches():
     from tfseg.bnstats import num_batches
 

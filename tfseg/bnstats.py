@@ -71,9 +71,12 @@ def stats_dataset(cfg, plan, *, multi_worker: bool = False):
     from tfseg.data import make_dataset
 
     size_key = "image_size" if plan.info.ndim == 2 else "patch_size"
+    # A small shuffle buffer: this second pipeline must not double fit's memory (3D patches are
+    # megabytes each); the iterator lives across epochs, so each estimate sees new batches.
     ds = make_dataset(
         cfg.data, "train", batch_size=cfg.batch_size, training=True, augment=None,
-        seed=None if cfg.seed is None else cfg.seed + 1, repeat=-1, **{size_key: plan.size},
+        seed=None if cfg.seed is None else cfg.seed + 1, repeat=-1, shuffle_buffer=max(8, 2 * cfg.batch_size),
+        **{size_key: plan.size},
     )
     if multi_worker:
         options = tf.data.Options()
