@@ -289,7 +289,7 @@ def claim(path: str, stage: str, *, complete_marker: str | None, overwrite: bool
     if not entries and written_by in (None, stage):
         return "absent"
     if written_by != stage:
-        what = f"an output of `tfseg {written_by}`" if written_by else f"a folder tfseg did not write ({len(entries)} entries)"
+        what = f"an output of `tfseg {written_by}`" if written_by else f"a folder tfseg did not write ({len(entries)} entr{'y' if len(entries) == 1 else 'ies'})"
         raise TfsegError(
             f"{option} {path}: is {what}; tfseg {stage} writes only into a new folder or its own earlier "
             "output, so choose another"
