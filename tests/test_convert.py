@@ -119,9 +119,9 @@ def test_convert_cases_transform_tags_rejections(folder_sample, tmp_path):
     bad = Case("ghost", (("image", str(tmp_path / "ghost.png")),))
     opts = EncodeOptions(ndim=2, channels=layout.channels, num_classes=2)
     with TestPipeline() as p:
-        out = (p | beam.Create([("train", 0, c) for c in cases + [bad]])
+        out = (p | beam.Create(pipeline.batch_cases([("train", 0, c) for c in cases + [bad]], 3))
                | pipeline.ConvertCases(layout, opts))
-        assert_that(out.examples | "Ids" >> beam.Map(lambda e: e.case_id),
+        assert_that(out["examples"] | "Ids" >> beam.Map(lambda e: e.case_id),
                     equal_to([c.case_id for c in cases]), label="examples")
         assert_that(out[pipeline.REJECTED] | "Files" >> beam.Map(lambda r: (r["case_id"], r["reason"])),
                     equal_to([("ghost", "no mask (masks/ghost.* absent)")]), label="rejected")

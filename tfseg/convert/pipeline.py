@@ -378,8 +378,12 @@ def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Ca
 
 
 class LoadAndEncodeFn(beam.DoFn):
-    """[(split, shard, Case), ...] (a batch) -> Encoded each; unconvertible cases -> the
-    'rejected' output as ``{"file", "reason", "case_id", "split"}``, counted in Beam Metrics.
+    """[(split, shard, Case), ...] (a batch) -> ``("ok", Encoded)`` each, or for unconvertible
+    cases ``("rejected", {"file", "reason", "case_id", "split"})``; counted in Beam Metrics.
+
+    One output, tagged by value rather than with Beam's TaggedOutput: the DaskRunner puts every
+    output of a multi-output ParDo into one bag, so a consumer of the rejections would also get
+    the examples.
 
     A batch is converted by a small thread pool: decoding (PIL) and compression (zlib) release
     the GIL, so one worker process keeps several cores busy without Beam's multi-process
@@ -417,12 +421,11 @@ class LoadAndEncodeFn(beam.DoFn):
             if kind == "ok":
                 self.converted.inc()
                 self.msec.update(msec)
-                yield value
             else:
                 self.rejected.inc()
                 # One line per rejection (the full list goes to rejected.jsonl).
                 log.warning("rejected %s: %s", value["file"], value["reason"])
-                yield beam.pvalue.TaggedOutput(REJECTED, value)
+            yield kind, value
 
 
 def default_threads() -> int:
@@ -430,9 +433,18 @@ def default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-@beam.typehints.with_input_types(Tuple[str, int, Case])
+def batch_cases(keyed_cases: list[tuple[str, int, Case]], size: int) -> list[list[tuple[str, int, Case]]]:
+    """Cuts the case list into batches of ``size`` on the launcher (in order, so every run and
+    runner sees the same batches; Beam's BatchElements emits its last batch from finish_bundle,
+    which the DaskRunner drops)."""
+    size = max(1, size)
+    return [list(keyed_cases[i:i + size]) for i in range(0, len(keyed_cases), size)]
+
+
 class ConvertCases(beam.PTransform):
-    """Loads and encodes cases; returns a DoOutputsTuple with ``examples`` and ``rejected``.
+    """Loads and encodes batches of cases (lists of (split, shard, Case), see
+    :func:`batch_cases`); returns ``{"examples": PCollection[Encoded], "rejected":
+    PCollection[dict]}``.
 
     Args:
       layout: the dataset layout (pickled to the workers).
@@ -449,14 +461,27 @@ class ConvertCases(beam.PTransform):
         self.threads = threads or default_threads()
         self.spill_dir = spill_dir
 
-    def expand(self, cases):
-        return (
-            cases
-            | "Batch" >> beam.BatchElements(min_batch_size=self.threads, max_batch_size=4 * self.threads)
-            | "LoadAndEncode" >> beam.ParDo(LoadAndEncodeFn(self.layout, self.opts, self.threads,
-                                                           self.spill_dir)).with_outputs(
-                REJECTED, main="examples")
-        )
+    def expand(self, batches):
+        results = batches | "LoadAndEncode" >> beam.ParDo(
+            LoadAndEncodeFn(self.layout, self.opts, self.threads, self.spill_dir))
+        return {
+            "examples": results | "Examples" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "ok" else []),
+            REJECTED: results | "Rejections" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == REJECTED else []),
+        }
+
+
+class GatherAll(beam.PTransform):
+    """A PCollection -> one list of all its elements (nothing for an empty PCollection).
+
+    A GroupByKey on one key rather than ``combiners.ToList``: CombineGlobally adds a side input
+    for its default value, which the DaskRunner evaluates inside a task.
+    """
+
+    def expand(self, pcoll):
+        return (pcoll
+                | "KeyOne" >> beam.Map(lambda x: (0, x))
+                | "GroupOne" >> beam.GroupByKey()
+                | "Values" >> beam.Map(lambda kv: list(kv[1])))
 
 
 class WriteShardFn(beam.DoFn):
@@ -570,16 +595,28 @@ class SplitStatsFn(beam.CombineFn):
         }
 
 
+def _combine_splits(pairs: list[tuple[str, CaseStats]]) -> dict:
+    fn = SplitStatsFn()
+    accs: dict[str, Any] = {}
+    for split, stats in pairs:
+        accs[split] = fn.add_input(accs.get(split) or fn.create_accumulator(), stats)
+    return {split: fn.extract_output(acc) for split, acc in sorted(accs.items())}
+
+
 @beam.typehints.with_input_types(Encoded)
 class SummarizeSplits(beam.PTransform):
-    """Encoded -> one dict {split: SplitStatsFn output}."""
+    """Encoded -> one dict {split: SplitStatsFn output}.
+
+    Gathered on one key and combined in one call rather than with CombinePerKey (per-case
+    statistics are a few numbers): the DaskRunner produced no output for CombinePerKey.
+    """
 
     def expand(self, examples):
         return (
             examples
             | "KeyBySplit" >> beam.Map(lambda e: (e.split, e.stats))
-            | "CombinePerSplit" >> beam.CombinePerKey(SplitStatsFn())
-            | "ToDict" >> beam.combiners.ToDict()
+            | "Gather" >> GatherAll()
+            | "CombinePerSplit" >> beam.Map(_combine_splits)
         )
 
 
@@ -595,6 +632,7 @@ class _WriteJson(beam.DoFn):
                     f.write(json.dumps(row, sort_keys=True) + "\n")
             else:
                 json.dump(obj, f, sort_keys=True)
+        yield self.path
 
 
 @beam.typehints.with_input_types(Dict[str, Any])
@@ -608,7 +646,7 @@ class WriteRejected(beam.PTransform):
     def expand(self, rejected):
         return (
             rejected
-            | "ToList" >> beam.combiners.ToList()
+            | "ToList" >> GatherAll()
             | "Sort" >> beam.Map(lambda rows: sorted(rows, key=lambda r: (r["file"], r["case_id"], r["reason"])))
             | "Write" >> beam.ParDo(_WriteJson(self.path, jsonl=True))
         )
@@ -629,16 +667,20 @@ def build_pipeline(p, layout: Layout, keyed_cases: list[tuple[str, int, Case]], 
     spill_dir = os.path.join(output_dir, SPILL_DIR) if spill else None
     outputs = (
         p
-        | "CreateCases" >> beam.Create(keyed_cases)
+        | "CreateBatches" >> beam.Create(batch_cases(keyed_cases, 2 * (threads or default_threads())))
         | "ConvertCases" >> ConvertCases(layout, opts, threads, spill_dir=spill_dir)
     )
-    examples = outputs.examples
+    examples = outputs["examples"]
     shards = examples | "WriteShards" >> WriteShards(output_dir, compression, num_shards)
-    (shards | "ShardsToList" >> beam.combiners.ToList()
-     | "WriteShardList" >> beam.ParDo(_WriteJson(os.path.join(output_dir, SHARDS_FILE))))
-    (examples | "SummarizeSplits" >> SummarizeSplits()
-     | "WriteStats" >> beam.ParDo(_WriteJson(os.path.join(output_dir, STATS_FILE))))
-    outputs[REJECTED] | "WriteRejected" >> WriteRejected(os.path.join(output_dir, schema.REJECTED_JSONL))
+    shard_list = (shards | "ShardsToList" >> GatherAll()
+                  | "WriteShardList" >> beam.ParDo(_WriteJson(os.path.join(output_dir, SHARDS_FILE))))
+    stats = (examples | "SummarizeSplits" >> SummarizeSplits()
+             | "WriteStats" >> beam.ParDo(_WriteJson(os.path.join(output_dir, STATS_FILE))))
+    rejected = outputs[REJECTED] | "WriteRejected" >> WriteRejected(os.path.join(output_dir, schema.REJECTED_JSONL))
+    # One sink that depends on every branch, applied last: the DaskRunner computes only the last
+    # transform's graph, so a branch no later transform reads would never run there.
+    ((shard_list, stats, rejected) | "AllWritten" >> beam.Flatten()
+     | "Done" >> beam.Map(lambda path: os.path.basename(path)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -787,20 +829,27 @@ def _pipeline_options(beam_args: Iterable[str]):
     return options
 
 
-def _workers(options) -> int:
-    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, WorkerOptions
+def _dask_partitions(options, n_batches: int) -> None:
+    """On the DaskRunner, one dask partition per batch of cases (at most 256) unless the user set
+    ``--dask_npartitions`` / ``--dask_partition_size``: Beam's default of 128 elements a
+    partition would convert every batch in one task, on one worker."""
+    from apache_beam.options.pipeline_options import StandardOptions
 
-    runner = str(options.view_as(StandardOptions).runner or "")
-    if "Direct" in runner:
-        return max(1, options.view_as(DirectOptions).direct_num_workers or 1)
-    w = options.view_as(WorkerOptions)
-    return max(1, w.num_workers or 0, w.max_num_workers or 0)
+    if "dask" not in str(options.view_as(StandardOptions).runner or "").lower():
+        return
+    from apache_beam.runners.dask.dask_runner import DaskOptions
+
+    dask = options.view_as(DaskOptions)
+    if not dask.npartitions and not dask.partition_size:
+        dask.npartitions = max(1, min(256, n_batches))
 
 
-def _count_shards(case_bytes: int, n_cases: int, workers: int, requested: int | None) -> int:
+def _count_shards(case_bytes: int, n_cases: int, requested: int | None) -> int:
+    """Shards of a split: ``--num-shards``, else one per ~150 MB of input. Never from the
+    runner's worker count, so every runner writes the same shards (byte-identical output)."""
     if requested:
         return requested
-    n = max(1, math.ceil(case_bytes / SHARD_TARGET_BYTES), min(workers, n_cases))
+    n = max(1, math.ceil(case_bytes / SHARD_TARGET_BYTES))
     return min(n, max(1, n_cases))
 
 
@@ -978,9 +1027,8 @@ def run_convert(
     by_split: dict[str, list[Case]] = {}
     for case in sorted(cases, key=lambda c: c.case_id):
         by_split.setdefault(assign_split(case, spec), []).append(case)
-    workers = _workers(options)
     shards = {
-        s: _count_shards(sum(_file_bytes(c) for c in cs), len(cs), workers, num_shards)
+        s: _count_shards(sum(_file_bytes(c) for c in cs), len(cs), num_shards)
         for s, cs in sorted(by_split.items())
     }
     keyed = [(s, shard_of(c.case_id, shards[s]), c) for s, cs in sorted(by_split.items()) for c in cs]
@@ -994,22 +1042,31 @@ def run_convert(
     with outputs.publish_dir(output_dir, "convert", complete_marker=schema.DATASET_JSON, overwrite=overwrite,
                              inputs=[("--input", input_dir)]) as tmp:
         with beam_scratch_dir():
+            _dask_partitions(options, len(batch_cases(keyed, 2 * (threads or default_threads()))))
             p = beam.Pipeline(options=options)
             build_pipeline(p, layout, keyed, opts, tmp, shards, compression, threads)
             result = p.run()
             result.wait_until_finish()
             _log_metrics(result)
 
-        with open(os.path.join(tmp, STATS_FILE)) as f:
-            stats = json.load(f)
-        with open(os.path.join(tmp, SHARDS_FILE)) as f:
-            written = json.load(f)
-        os.remove(os.path.join(tmp, STATS_FILE))
-        os.remove(os.path.join(tmp, SHARDS_FILE))
         import shutil
 
+        def read_json(name, default):
+            path = os.path.join(tmp, name)
+            if not os.path.exists(path):  # GatherAll of an empty PCollection writes nothing
+                return default
+            with open(path) as f:
+                obj = json.load(f)
+            os.remove(path)
+            return obj
+
+        stats = read_json(STATS_FILE, {})
+        written = read_json(SHARDS_FILE, [])
         shutil.rmtree(os.path.join(tmp, SPILL_DIR), ignore_errors=True)
-        with open(os.path.join(tmp, schema.REJECTED_JSONL)) as f:
+        rejected_path = os.path.join(tmp, schema.REJECTED_JSONL)
+        if not os.path.exists(rejected_path):
+            open(rejected_path, "w").close()
+        with open(rejected_path) as f:
             rejected = [json.loads(line) for line in f if line.strip()]
         n_written = sum(n for _, _, n in written)
         if n_written + len(rejected) != len(keyed):
@@ -1017,8 +1074,6 @@ def run_convert(
             raise TfsegError(f"{output_dir}: the runner returned {n_written} records + {len(rejected)} rejections "
                              f"for {len(keyed)} cases; nothing was written (try --direct_running_mode=in_memory)")
         if n_written == 0:
-            for row in rejected[:20]:
-                log.warning("rejected %s: %s", row["file"], row["reason"])
             # Raised inside the publishing block: nothing is published, an older output stays.
             raise NothingConverted(_no_case_message(input_dir, rejected))
         if rejected and strict:
