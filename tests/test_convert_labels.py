@@ -288,3 +288,17 @@ def test_pixel_budget_serializes_large_cases():
     assert peak[0] == 1 and budget.used == 0
     budget.reserve(10**9)  # outside a case (no begin): not counted
     assert budget.used == 0
+
+
+def test_nifti_header_claiming_a_huge_volume_is_rejected_before_reading(tmp_path):
+    import nibabel as nib
+
+    from tfseg.convert.brats import _read_nifti
+
+    path = str(tmp_path / "bomb.nii")
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), path)
+    with open(path, "r+b") as f:  # dim[0..3] at byte 40: rank 3, 2000 x 2000 x 2000
+        f.seek(40)
+        f.write(struct.pack("<4h", 3, 2000, 2000, 2000))
+    with pytest.raises(BadCase, match=r"volume 2000x2000x2000 exceeds tfseg's limit of 268435456 values"):
+        _read_nifti(path, ndim=3)

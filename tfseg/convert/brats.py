@@ -81,6 +81,15 @@ _BRATS_NAMINGS = {
 }
 
 
+# The largest NIfTI file convert reads (all values: D x H x W x modalities): 2**28, ~1 GB as
+# float32; a BraTS case is 240 x 240 x 155 x 4 = 36M values.
+MAX_VOXELS = 2**28
+
+
+class _TooLarge(Exception):
+    pass
+
+
 class _BrainLayout(Layout):
     """Shared loading and normalization of the two brain tumour layouts."""
 
@@ -343,9 +352,16 @@ def _read_nifti(path: str, *, ndim: int, integer: bool = False) -> tuple[np.ndar
     if not os.path.isfile(path):
         raise BadCase(path, "missing file")
     try:
-        img = nib.as_closest_canonical(nib.load(path))
+        img = nib.load(path)
+        shape = tuple(int(n) for n in img.header.get_data_shape())
+        if int(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:  # checked before any voxel is read
+            raise _TooLarge(shape)
+        img = nib.as_closest_canonical(img)
         data = np.asanyarray(img.dataobj)
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    except _TooLarge as e:
+        shape = "x".join(map(str, e.args[0]))
+        raise BadCase(path, f"volume {shape} exceeds tfseg's limit of {MAX_VOXELS} values (2**28)") from None
     except Exception as e:  # nibabel, gzip and zlib raise many types for bad files
         raise BadCase(path, f"unreadable NIfTI ({type(e).__name__}: {e})") from None
     if data.ndim != ndim:
