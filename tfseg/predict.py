@@ -437,12 +437,17 @@ def _write_image_outputs(predictor, path: str, data: bytes, stem: str, mask: np.
         f.write(visualize.encode_palette_png(mask, colors, ignore))
     record = {"input": path, "output": stem + ".png", "shape": list(mask.shape)}
     if overlay:
-        with Image.open(io.BytesIO(data)) as im:
-            rgb = np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                rgb = np.asarray(im.convert("RGB"))
+            picture = visualize.overlay_with_legend(rgb, mask, _legend_names(names, colors), colors,
+                                                    ignore_index=ignore)
+        except (OSError, ValueError) as e:  # the mask is written; only its picture is missing
+            logger.warning("%s: no overlay (%s)", path, e)
+            return record
         ext = ".jpg" if path.lower().endswith((".jpg", ".jpeg")) else ".png"
         rel = os.path.join(OVERLAY_DIR, stem + ext)
         os.makedirs(os.path.join(output_dir, OVERLAY_DIR), exist_ok=True)
-        picture = visualize.overlay_with_legend(rgb, mask, _legend_names(names, colors), colors, ignore_index=ignore)
         visualize.write_image(os.path.join(output_dir, rel), picture)
         record["overlay"] = rel
     return record
