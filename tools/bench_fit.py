@@ -1,7 +1,7 @@
 """Fit-stage benchmarks; every figure is a ratio against a baseline measured in the same run.
 
     python tools/bench_fit.py                  # all three, ~2-3 min on 2 CPU cores
-    python tools/bench_fit.py --only pipeline  # or: unet, rss
+    python tools/bench_fit.py --only pipeline  # or: unet, rss, speed, breakdown, profile
 
 1. pipeline: steps/s of ``model.fit`` fed by tfseg's TFRecord pipeline (decode, augment, resize,
    batch, prefetch) over steps/s of the same model fed from in-memory tensors (target >= 0.95).
@@ -252,6 +252,225 @@ def plain_keras_unet(size: int, depth: int, base: int):
     return keras.Model(inputs, outputs)
 
 
+def plain_keras_unet_nobn(size: int, depth: int, base: int):
+    """The same U-Net without batch norm (biases on): the fastest plain-Keras model."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((size, size, 3))
+    x = layers.Rescaling(1.0 / 255)(inputs)
+    skips = []
+    for level in range(depth):
+        for _ in range(2):
+            x = layers.Conv2D(base * 2**level, 3, padding="same", activation="relu")(x)
+        skips.append(x)
+        x = layers.MaxPooling2D()(x)
+    for _ in range(2):
+        x = layers.Conv2D(base * 2**depth, 3, padding="same", activation="relu")(x)
+    for level in reversed(range(depth)):
+        x = layers.Conv2DTranspose(base * 2**level, 2, strides=2)(x)
+        x = layers.Concatenate()([x, skips[level]])
+        for _ in range(2):
+            x = layers.Conv2D(base * 2**level, 3, padding="same", activation="relu")(x)
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32")(x)
+    return keras.Model(inputs, outputs)
+
+
+def bench_speed(work: str, steps: int = 8, rounds: int = 3) -> dict:
+    """Issue 15: tfseg defaults vs (a) plain Keras float32 with Keras BN, (b) plain Keras
+    mixed_bfloat16 without BN; interleaved rounds, best of each (the cores are shared)."""
+    import keras
+
+    from tfseg import rundir, runtime
+    from tfseg.data import make_dataset
+    from tfseg.train import run_fit
+
+    size, batch, depth, base = 256, 8, 4, 16
+    data, x, y = make_2d(os.path.join(work, "speed"), 32, size)
+    x, y = np.concatenate([x, x]), np.concatenate([y, y]).astype(np.float32)  # 8 steps per epoch
+    runs = {}
+    # tfseg: run_fit with its defaults (auto precision, jit auto, TFRecord pipeline); the timer
+    # keeps the model, which later rounds train further on the same pipeline.
+    timer = _timer(warmup=2)
+    out = run_fit({
+        "data": data, "model": "unet", "output": os.path.join(work, "speed-run"), "image_size": [size, size],
+        "batch_size": batch, "epochs": 1, "steps_per_epoch": steps + 2, "loss": "bce",
+        "model_kwargs": {"depth": depth, "base_filters": base}, "verbose": 0, "tensorboard": False,
+    }, callbacks=[timer])
+    tfseg_model = timer.model
+    ds = make_dataset(data, "train", batch_size=batch, training=True, image_size=(size, size), repeat=-1)
+    best = {"tfseg": timer.steps_per_second() * batch}
+    runs["tfseg"] = lambda t: tfseg_model.fit(ds, steps_per_epoch=steps, epochs=1, callbacks=[t], verbose=0)
+    for name, build, policy in (("plain_f32_keras_bn", plain_keras_unet, "float32"),
+                                ("plain_bf16_no_bn", plain_keras_unet_nobn, "mixed_bfloat16")):
+        old = runtime.set_precision(policy)
+        try:
+            keras.utils.set_random_seed(0)
+            model = build(size, depth, base)
+            model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
+            model.fit(x[: 2 * batch], y[: 2 * batch], batch_size=batch, epochs=1, verbose=0)  # tracing
+        finally:
+            runtime.set_precision(old)
+        runs[name] = (lambda m: lambda t: m.fit(x, y, batch_size=batch, epochs=1, callbacks=[t], verbose=0))(model)
+        best[name] = 0.0
+    samples = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            timer = _timer(warmup=1)
+            run(timer)
+            ips = timer.steps_per_second() * batch
+            samples[name].append(round(ips, 2))
+            best[name] = max(best[name], ips)
+    info = rundir.load_run_config(out)
+    return {
+        "model": f"unet depth {depth}, {base} filters, {size}x{size}, batch {batch}",
+        "tfseg_precision": info["precision"],
+        "cpu_native_bf16": runtime.cpu_has_native_bf16(),
+        "images_per_s_best": {k: round(v, 2) for k, v in best.items()},
+        "images_per_s_rounds": samples,
+        "speedup_vs_plain_f32_keras_bn": round(best["tfseg"] / best["plain_f32_keras_bn"], 3),
+        "target_a": ">= 1.8",
+        "speedup_vs_plain_bf16_no_bn": round(best["tfseg"] / best["plain_bf16_no_bn"], 3),
+        "target_b": ">= 0.9",
+        "median_ratio_a": round(float(np.median(samples["tfseg"]) / np.median(samples["plain_f32_keras_bn"])), 3),
+        "median_ratio_b": round(float(np.median(samples["tfseg"]) / np.median(samples["plain_bf16_no_bn"])), 3),
+    }
+
+
+def bench_breakdown(work: str, steps: int = 4, rounds: int = 4) -> dict:
+    """Where a training step's time goes: the same U-Net (tfseg builder, in-memory tensors) with
+    Keras's BatchNormalization, with FusedBatchNorm and without batch norm, float32 and bf16.
+    Normalization's share of a step = t(with BN) - t(without BN)."""
+    import keras
+    import tensorflow as tf
+
+    from tfseg import runtime
+    from tfseg.models import build_model
+    from tfseg.models import layers as tfseg_layers
+
+    size, batch, depth, base = 256, 8, 4, 16
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32))
+    y = tf.constant((rng.random((batch, size, size, 1)) > 0.5).astype(np.float32))
+    fused_norm = tfseg_layers.normalization
+
+    def keras_norm(t, norm, *, name):
+        if norm == "batch":
+            return keras.layers.BatchNormalization(name=name)(t)
+        return fused_norm(t, norm, name=name)
+
+    steps_fn = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        for bn in ("keras_bn", "fused_bn", "no_bn"):
+            old = runtime.set_precision(policy)
+            tfseg_layers.normalization = keras_norm if bn == "keras_bn" else fused_norm
+            try:
+                keras.utils.set_random_seed(0)
+                model = build_model("unet", input_shape=(size, size, 3), num_classes=2, depth=depth,
+                                    base_filters=base, batch_norm=bn != "no_bn")
+                model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
+                model.train_on_batch(x, y)  # tracing
+            finally:
+                tfseg_layers.normalization = fused_norm
+                runtime.set_precision(old)
+            steps_fn[(policy, bn)] = model
+    best = {k: float("inf") for k in steps_fn}
+    for _ in range(rounds):
+        for key, model in steps_fn.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                model.train_on_batch(x, y)
+            best[key] = min(best[key], (time.perf_counter() - start) / steps)
+    table = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        base_t = best[(policy, "no_bn")]
+        for bn in ("keras_bn", "fused_bn", "no_bn"):
+            t = best[(policy, bn)]
+            table[f"{policy}/{bn}"] = {
+                "ms_per_step": round(1000 * t, 1),
+                "normalization_ms": round(1000 * (t - base_t), 1),
+                "normalization_share": round((t - base_t) / t, 3),
+            }
+    return {"model": f"unet depth {depth}, {base} filters, {size}x{size}, batch {batch}, train_on_batch",
+            "best_of_rounds": rounds, "steps": steps, "table": table}
+
+
+def _op_table(model, x, y, steps: int, top: int) -> dict:
+    """TF profiler over ``steps`` train_on_batch calls: self-time per op type (host ops)."""
+    import glob
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
+
+    logdir = tempfile.mkdtemp(prefix="prof-")
+    tf.profiler.experimental.start(logdir)
+    for _ in range(steps):
+        model.train_on_batch(x, y)
+    tf.profiler.experimental.stop()
+    paths = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    data, ok = plugin.xspace_to_tools_data(paths, "framework_op_stats", {})
+    if not ok:
+        raise RuntimeError(data[:300])
+    tables = json.loads(data)
+    table = tables[0] if isinstance(tables, list) else tables
+    cols = [c["id"] for c in table["cols"]]
+    by_type: dict = {}
+    for row in table["rows"]:
+        r = dict(zip(cols, (c.get("v") if c else None for c in row["c"])))
+        if r.get("type") in ("IDLE", None):
+            continue
+        by_type[r["type"]] = by_type.get(r["type"], 0.0) + float(r["total_self_time"])
+    total = sum(by_type.values())
+    ranked = sorted(by_type.items(), key=lambda kv: -kv[1])
+    out = {t: {"ms_per_step": round(v / 1000 / steps, 1), "share": round(v / total, 3)} for t, v in ranked[:top]}
+    out["(other op types)"] = {"ms_per_step": round(sum(v for _, v in ranked[top:]) / 1000 / steps, 1),
+                               "share": round(sum(v for _, v in ranked[top:]) / total, 3)}
+    out["(all ops)"] = {"ms_per_step": round(total / 1000 / steps, 1), "share": 1.0}
+    return out
+
+
+def bench_profile(work: str, steps: int = 3, top: int = 10) -> dict:
+    """Where a ccp training step goes (the committed recipe's U-Net: depth 5, 16 filters, 256x160,
+    14 classes, batch 8), TF profiler self-time per op type: before (Keras BatchNormalization)
+    and after (FusedBatchNorm), both mixed_bfloat16, plus Keras BN in float32."""
+    import keras
+    import tensorflow as tf
+
+    from tfseg import runtime
+    from tfseg.losses import get_loss
+    from tfseg.models import build_model
+    from tfseg.models import layers as tfseg_layers
+
+    h, w, batch, k = 256, 160, 8, 14
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(0, 255, (batch, h, w, 3)).astype(np.float32))
+    y = tf.constant(rng.integers(0, k, (batch, h, w, 1)).astype(np.int32))
+    fused_norm = tfseg_layers.normalization
+
+    def keras_norm(t, norm, *, name):
+        return keras.layers.BatchNormalization(name=name)(t) if norm == "batch" else fused_norm(t, norm, name=name)
+
+    report = {"model": f"unet depth 5, 16 filters, {h}x{w}, {k} classes, batch {batch}, loss ce",
+              "profiled_steps": steps}
+    for label, policy, norm in (("before: keras BN, mixed_bfloat16", "mixed_bfloat16", keras_norm),
+                                ("after: FusedBatchNorm, mixed_bfloat16", "mixed_bfloat16", fused_norm),
+                                ("keras BN, float32", "float32", keras_norm)):
+        old = runtime.set_precision(policy)
+        tfseg_layers.normalization = norm
+        try:
+            keras.utils.set_random_seed(0)
+            model = build_model("unet", input_shape=(h, w, 3), num_classes=k, depth=5, base_filters=16)
+            model.compile(keras.optimizers.Adam(1e-3), get_loss("ce", num_classes=k))
+            model.train_on_batch(x, y)  # tracing
+            model.train_on_batch(x, y)
+        finally:
+            tfseg_layers.normalization = fused_norm
+            runtime.set_precision(old)
+        report[label] = _op_table(model, x, y, steps, top)
+    return report
+
+
 def bench_unet(work: str, steps: int = 8) -> dict:
     import keras
 
@@ -349,18 +568,20 @@ def bench_rss(work: str, n: int = 12, size: int = 112) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["pipeline", "unet", "rss"], action="append")
+    parser.add_argument("--only", choices=["pipeline", "unet", "rss", "speed", "breakdown", "profile"], action="append")
     parser.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_child:
         _rss_child(*args.rss_child)
         return
-    todo = args.only or ["pipeline", "unet", "rss"]
+    todo = args.only or ["pipeline", "unet", "rss", "speed", "breakdown", "profile"]
     report = {}
     with tempfile.TemporaryDirectory(prefix="bench_fit-") as work:
         for name in todo:
             start = time.perf_counter()
-            report[name] = {"pipeline": bench_pipeline, "unet": bench_unet, "rss": bench_rss}[name](work)
+            report[name] = {"pipeline": bench_pipeline, "unet": bench_unet, "rss": bench_rss,
+                            "speed": bench_speed, "breakdown": bench_breakdown,
+                            "profile": bench_profile}[name](work)
             report[name]["bench_seconds"] = round(time.perf_counter() - start, 1)
             print(name, json.dumps(report[name], indent=2), flush=True)
     print(json.dumps(report))
