@@ -78,11 +78,29 @@ def test_misuse_is_one_line_exit_2_before_any_work(raw, tmp_path):
         (["--num-classes", "3", "--ignore-index", "1"], "error: --ignore-index 1: is a class id (--num-classes 3); "
                                                         "use a value of 3 or more (e.g. 255)"),
     ]
-    results = run_all([tfseg(*base, *extra) for extra, _ in cases])
-    for (extra, expected), (rc, _, err) in zip(cases, results):
+    # Dataflow without its required options: Beam's validator, in one line (or, without
+    # apache-beam[gcp], the runner that cannot load).
+    dataflow = ["--runner", "dataflow"]
+    # The first two (the issue's own) and Dataflow in subprocesses, as a user runs them; the rest
+    # through click's runner in this process (same code path, faster).
+    results = run_all([tfseg(*base, *extra) for extra, _ in cases[:2]] + [tfseg(*base, *dataflow)])
+    for (extra, expected), (rc, _, err) in zip(cases[:2], results):
         assert rc == 2, (extra, rc, err[-800:])
         assert error_lines(err) == [expected], (extra, err[-800:])
         assert "Traceback" not in err, extra
+    from click.testing import CliRunner
+
+    from tfseg.cli import cli
+
+    for extra, expected in cases[2:]:
+        res = CliRunner().invoke(cli, base + extra)
+        assert res.exit_code == 2, (extra, res.output, res.exception)
+        assert error_lines(res.output) == [expected], (extra, res.output)
+    rc, _, err = results[-1]
+    assert rc == 2 and "Traceback" not in err, err[-800:]
+    (line,) = error_lines(err)
+    assert (line.startswith("error: --runner DataflowRunner: Missing GCS path option: temp_location;")
+            or line.startswith("error: --runner dataflow: cannot load")), line
     assert not os.path.exists(out)
 
 

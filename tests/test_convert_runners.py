@@ -125,3 +125,16 @@ def test_fully_qualified_dask_runner_name_is_accepted():
     # DaskOptions become known once the runner's module is loaded.
     assert check_beam_args(["--runner", "Dask", "--dask_npartitions=3"]) == [
         "--runner", qualified, "--dask_npartitions=3"]
+    assert check_beam_args(["--dask_npartitions=3"]) == ["--dask_npartitions=3"]
+
+
+def test_unreachable_scheduler_is_one_line(raw, tmp_path):
+    out = str(tmp_path / "out")
+    res = subprocess.run(tfseg("convert", "--dataset", "folder", "--input", raw, "--output", out, "--runner", "dask",
+                               "--dask_client_address=tcp://127.0.0.1:9", "--dask_connection_timeout=2"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ["error: the Beam job failed on DaskRunner: OSError: Timed out trying to connect to "
+                     "tcp://127.0.0.1:9 after 2 s (nothing was published; -v shows the traceback)"], res.stderr[-1500:]
+    assert not os.path.exists(out)

@@ -797,6 +797,11 @@ def check_beam_args(beam_args: Iterable[str], tfseg_options: Iterable[str] = ())
         else:
             out.append(a)
         i += 1
+    if any(a.startswith("--dask_") for a in out):
+        try:  # registers DaskOptions, so its flags are known whatever the runner
+            import apache_beam.runners.dask.dask_runner  # noqa: F401
+        except ImportError:
+            pass
     parser = _option_parser()
     _, unknown = parser.parse_known_args(out)
     flags = [u for u in unknown if u.startswith("-")]
@@ -817,6 +822,9 @@ def _pipeline_options(beam_args: Iterable[str]):
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
     args = check_beam_args(beam_args)
+    runner = next((a.split("=", 1)[1] if "=" in a else args[i + 1]
+                   for i, a in enumerate(args) if a.split("=", 1)[0] == "--runner" and ("=" in a or i + 1 < len(args))),
+                  None)
     options = PipelineOptions(args)
     given = " ".join(args)
     if "--runner" not in given:
@@ -826,7 +834,22 @@ def _pipeline_options(beam_args: Iterable[str]):
         # 2 cores (tools/bench_convert.py); multi_processing pays for pickling every record
         # between processes.
         options.view_as(DirectOptions).direct_running_mode = "in_memory"
+    if runner and "direct" not in runner.lower():
+        # What the runner would refuse at p.run() with a traceback (Dataflow's project, region,
+        # temp_location, ...), refused now in one line.
+        from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
+        from apache_beam.runners.runner import create_runner
+
+        errors = PipelineOptionsValidator(options, create_runner(runner)).validate()
+        if errors:
+            raise TfsegError(f"--runner {runner}: " + "; ".join(e.strip().rstrip(".") for e in errors))
     return options
+
+
+def _runner_name(options) -> str:
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    return str(options.view_as(StandardOptions).runner or "DirectRunner").rpartition(".")[2]
 
 
 def _dask_partitions(options, n_batches: int) -> None:
@@ -1045,8 +1068,17 @@ def run_convert(
             _dask_partitions(options, len(batch_cases(keyed, 2 * (threads or default_threads()))))
             p = beam.Pipeline(options=options)
             build_pipeline(p, layout, keyed, opts, tmp, shards, compression, threads)
-            result = p.run()
-            result.wait_until_finish()
+            try:
+                result = p.run()
+                state = result.wait_until_finish()
+            except TfsegError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the runner's own errors (a cluster unreachable, ...)
+                log.debug("the Beam job failed", exc_info=True)
+                raise TfsegError(f"the Beam job failed on {_runner_name(options)}: {_one_line(e)} "
+                                 "(nothing was published; -v shows the traceback)") from None
+            if state is not None and str(state).split(".")[-1] not in ("DONE", "UNKNOWN"):
+                raise TfsegError(f"the Beam job ended {state} on {_runner_name(options)}; nothing was published")
             _log_metrics(result)
 
         import shutil
