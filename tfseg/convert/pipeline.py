@@ -5,16 +5,25 @@ of range, undecodable files), optional resizing, encoding, class pixel counts an
 statistics (Beam combiners, in the same pass), deterministic sharding and atomic publication.
 Layouts (:mod:`tfseg.convert.base`) only list and load cases.
 
-Graph (all named, typed PTransforms)::
+Graph (all named PTransforms)::
 
-    Create(split, shard, Case) -> ConvertCases (LoadAndEncode DoFn; tagged 'rejected' output)
+    Create(batches of (split, shard, Case)) -> ConvertCases (LoadAndEncode DoFn -> ("ok", Encoded)
+        | ("rejected", row); each record spilled to _records/ and passed on as its path)
       examples -> WriteShards:  key (split, shard) -> GroupByKey -> write each shard sorted by id
-      examples -> SummarizeSplits: CombinePerKey(SplitStatsFn) per split -> _stats.json
+      examples -> SummarizeSplits: gathered, SplitStatsFn per split -> _stats.json
       rejected -> WriteRejected: sorted -> rejected.jsonl
+      (shard list, stats, rejected) -> Flatten -> Done   (one sink that depends on everything)
 
 Shard keys come from a stable hash of the case id and each shard's records are sorted by case
 id, so converting the same input twice gives byte-identical shards whatever the runner's
-bundling (Beam's WriteToTFRecord starts bundles at random shards, hence not used).
+bundling (Beam's WriteToTFRecord starts bundles at random shards, hence not used); records are
+serialized deterministically (schema), so the bytes are the same in every process too.
+
+The graph avoids what Beam's DaskRunner does not support, so the same job runs there: no
+multi-output ParDo (Dask merges tagged outputs into one bag), no output from finish_bundle
+(dropped; hence batches cut on the launcher instead of BatchElements), no CombineGlobally or
+CombinePerKey (side inputs / no output), and one final transform that reads every branch (Dask
+computes only the last transform's graph).
 
 Run embedded (DirectRunner, in-memory: measured fastest on a 2-core machine, see
 tools/bench_convert.py)::
@@ -25,6 +34,7 @@ Beam options after the tfseg ones go to PipelineOptions, e.g.::
 
     tfseg convert ... --direct_running_mode=multi_threading --direct_num_workers=4
     tfseg convert ... --runner=DataflowRunner --project=P --region=R --temp_location=gs://b/tmp
+    tfseg convert ... --runner dask --dask_client_address=tcp://scheduler:8786
 
 (A cluster runner needs ``--output`` on a filesystem its workers share.)
 """
