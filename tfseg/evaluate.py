@@ -370,7 +370,7 @@ def run_evaluate(
             f"available: {', '.join(sorted(info.splits)) or 'none'}"
         )
     facts = _run_facts(run_cfg, info, run_dir, data_dir)
-    output = os.path.abspath(output)
+    output = outputs.normalize(output)
     owned = dict(complete_marker=METRICS_JSON, overwrite=overwrite,
                  inputs=[("--run", run_dir), ("--data", data_dir)])
     # Fail on a refused output before the (long) scoring, not after it.
@@ -432,8 +432,8 @@ def run_evaluate(
         )
 
     metrics = {
-        "run_dir": os.path.abspath(run_dir),
-        "data_dir": os.path.abspath(data_dir),
+        "run_dir": outputs.normalize(run_dir),
+        "data_dir": outputs.normalize(data_dir),
         "split": split,
         "model": facts["model"],
         "inference": {"mode": mode, "size": list(facts["size"]), "tta_flip_axes": list(flips)},

@@ -70,11 +70,11 @@ VOLUME_OVERLAP = 0.5
 
 def list_versions(model_dir: str) -> list[int]:
     """Numbered version subdirectories holding a saved_model.pb, ascending."""
-    if not os.path.isdir(model_dir):
+    if not outputs.isdir(model_dir):
         return []
     out = []
-    for entry in os.listdir(model_dir):
-        if entry.isdigit() and os.path.isfile(os.path.join(model_dir, entry, "saved_model.pb")):
+    for entry in outputs.listdir(model_dir):
+        if entry.isdigit() and outputs.isfile(os.path.join(model_dir, entry, "saved_model.pb")):
             out.append(int(entry))
     return sorted(out)
 
@@ -82,10 +82,9 @@ def list_versions(model_dir: str) -> list[int]:
 def read_metadata(version_dir: str) -> dict:
     """The tfseg facts (ndim, channels, binary, sizes, class names) stored with an export."""
     path = os.path.join(version_dir, METADATA)
-    if not os.path.isfile(path):
+    if not outputs.isfile(path):
         raise TfsegError(f"{version_dir}: no {METADATA}; not a tfseg export")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(outputs.read_text(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,9 +410,8 @@ def _update_models_config(export_base: str, name: str) -> None:
     """Adds (or keeps) NAME in EXPORT_BASE/models.config, keeping the other models' entries."""
     path = os.path.join(export_base, MODELS_CONFIG)
     names = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            names = _CONFIG_ENTRY.findall(f.read())
+    if outputs.isfile(path):
+        names = _CONFIG_ENTRY.findall(outputs.read_text(path))
     if name not in names:
         names.append(name)
     entries = "".join(
@@ -446,7 +444,7 @@ def _colour_table(cfg: dict) -> str:
 
 
 def _readme(name: str, export_base: str, cfg: dict, max_pixels: int) -> str:
-    base = os.path.abspath(export_base)
+    base = outputs.normalize(export_base)
     if int(cfg["ndim"]) == 2:
         # Shell quoting: close the single quotes around the JSON so $(base64 ...) expands.
         rest_body = """{"signature_name": "serving_default", "instances": [{"b64": "'"$(base64 -w0 image.jpg)"'"}]}"""
@@ -577,7 +575,7 @@ def run_export(
     if int(version) < 1:
         raise TfsegError(f"--version {version}: must be a positive integer")
     final = os.path.join(model_dir, str(int(version)))
-    if os.path.exists(final) and not overwrite:
+    if outputs.exists(final) and not overwrite:
         raise TfsegError(f"{final}: version {version} already exists; pass --overwrite or another --version")
 
     archive = build_archive(rundir.load_model(run_dir), cfg, max_pixels)
@@ -586,7 +584,7 @@ def run_export(
         for key in ("model", "ndim", "channels", "num_classes", "binary", "class_names", "ignore_index",
                     "regions", "image_size", "patch_size")
     }
-    meta.update({"max_pixels": int(max_pixels), "run_dir": os.path.abspath(run_dir), "name": name,
+    meta.update({"max_pixels": int(max_pixels), "run_dir": outputs.normalize(run_dir), "name": name,
                  "version": int(version), "class_colors": _class_colors(cfg)})
     # TF Serving watches NAME/ and would load a half-written version: write beside it (a
     # dot-prefixed, non-numeric name it ignores) and rename.

@@ -142,6 +142,14 @@ def read_text(path: str) -> str:
         return f.read()
 
 
+def read_bytes(path: str) -> bytes:
+    if is_remote(path):
+        with _gfile().GFile(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def copy_file(src: str, dst: str) -> None:
     if is_remote(src) or is_remote(dst):
         _gfile().copy(src, dst, overwrite=True)
@@ -149,9 +157,25 @@ def copy_file(src: str, dst: str) -> None:
         shutil.copyfile(src, dst)
 
 
+def copy_tree(src: str, dst: str) -> None:
+    """Copies folder ``src`` into ``dst`` (created), on any filesystem."""
+    if not is_remote(src) and not is_remote(dst):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        return
+    g = _gfile()
+    for root, _, names in g.walk(src):
+        rel = root[len(src.rstrip("/")):].strip("/")
+        target = join(dst, rel) if rel else dst
+        g.makedirs(target)
+        for n in names:
+            g.copy(join(root, n), join(target, n), overwrite=True)
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Writes ``text`` to ``path``: temporary file + rename locally, one object write remotely."""
     if is_remote(path):
+        if str(path).startswith("ram://") and _gfile().exists(path):
+            _gfile().remove(path)  # TF's ram:// filesystem does not truncate on "w"
         with _gfile().GFile(path, "w") as f:
             f.write(text)
         return
@@ -327,8 +351,9 @@ def clean_stale_staging(final: str) -> None:
     process is gone, are removed: nothing else is touched.
     """
     if is_remote(final):
-        return  # no process table to consult for other hosts' writers: left to the bucket's lifecycle
-    parent, name = os.path.dirname(os.path.abspath(final)), os.path.basename(os.path.abspath(final))
+        parent, name = tempfile.gettempdir(), basename(final)  # remote outputs stage locally
+    else:
+        parent, name = os.path.dirname(os.path.abspath(final)), os.path.basename(os.path.abspath(final))
     prefix = f"{STAGING_PREFIX}{name}-{socket.gethostname()}-"
     if not os.path.isdir(parent):
         return
@@ -355,13 +380,15 @@ def publish_dir(final: str, stage: str, *, complete_marker: str | None, overwrit
     """
     state = claim(final, stage, complete_marker=complete_marker, overwrite=overwrite, inputs=inputs,
                   option=option)
-    parent = dirname(normalize(final)) if not is_remote(final) else dirname(final)
+    # Remote outputs are staged on the local disk (so stages write with plain file calls, PIL and
+    # matplotlib included) and uploaded; local ones beside the final folder (same filesystem:
+    # published by rename).
+    parent = tempfile.gettempdir() if is_remote(final) else dirname(normalize(final))
     makedirs(parent)
     clean_stale_staging(final)
     staging = join(parent, _staging_name(final))
     mark_owned(staging, stage)
-    if not is_remote(staging):
-        os.chmod(staging, 0o777 & ~_umask())
+    os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
     except BaseException:
@@ -393,13 +420,11 @@ def _publish_by_copy(staging: str, final: str, complete_marker: str | None, *, r
         rmtree(final)
     g = _gfile()
     files = []
-    for root, _, names in g.walk(staging):
-        for n in names:
-            files.append(join(root, n))
-    marker = join(staging, complete_marker) if complete_marker else None
+    for root, _, names in os.walk(staging):
+        files.extend(os.path.join(root, n) for n in names)
+    marker = os.path.join(staging, complete_marker) if complete_marker else None
     for src in sorted(files, key=lambda f: f == marker):  # the completion marker last
-        rel = src[len(staging.rstrip("/")) + 1:]
-        dst = join(final, rel)
+        dst = join(final, *os.path.relpath(src, staging).split(os.sep))
         g.makedirs(dirname(dst))
         g.copy(src, dst, overwrite=True)
 

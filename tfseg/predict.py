@@ -76,16 +76,20 @@ def list_inputs(input_dir: str) -> list[tuple[str, str, str]]:
     Raises:
       TfsegError: missing directory, no inputs, or two inputs that would write the same mask.
     """
-    if not os.path.isdir(input_dir):
+    if not outputs.isdir(input_dir):
         raise TfsegError(f"{input_dir}: input directory not found")
     out, seen = [], {}
-    for name in sorted(os.listdir(input_dir)):
+    for name in outputs.listdir(input_dir):
         sk = _stem_kind(name)
         if sk is None or name.startswith("."):
             continue
         stem, kind = sk
         path = os.path.join(input_dir, name)
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        if outputs.is_remote(path):
+            if outputs.isdir(path):
+                logger.warning("%s: skipped, a folder", path)
+                continue
+        elif not os.path.isfile(path) or not os.access(path, os.R_OK):
             # A dangling link, a folder named like an image, an unreadable file: skip, say so.
             why = "a dangling link" if os.path.islink(path) and not os.path.exists(path) else (
                 "a folder" if os.path.isdir(path) else "not a readable file")
@@ -108,12 +112,12 @@ def resolve_model(model_path: str) -> tuple[str, str]:
     """
     from tfseg.export import list_versions
 
-    if os.path.isfile(os.path.join(model_path, "saved_model.pb")):
+    if outputs.isfile(os.path.join(model_path, "saved_model.pb")):
         return "export", model_path
     versions = list_versions(model_path)
     if versions:
         return "export", os.path.join(model_path, str(versions[-1]))
-    if os.path.isfile(os.path.join(model_path, rundir.RUN_JSON)):
+    if outputs.isfile(os.path.join(model_path, rundir.RUN_JSON)):
         return "run", model_path
     raise TfsegError(
         f"{model_path}: not an export version (saved_model.pb), an export NAME directory or a run directory (run.json)"
@@ -476,8 +480,7 @@ def _predict_batch(predictor, batch: Sequence[tuple[str, str, str]], output_dir:
     if images:
         datas = []
         for path, _, _ in images:
-            with open(path, "rb") as f:
-                datas.append(f.read())
+            datas.append(outputs.read_bytes(path))
         try:
             masks = predictor.predict_images(datas)
         except ValueError as e:
@@ -611,10 +614,10 @@ def run_predict(
         for r in failed:
             logger.warning("%s: %s", r["input"], r["error"])
         summary = {
-            "model": model_path if server else os.path.abspath(model_path),
+            "model": model_path if server else outputs.normalize(model_path),
             "server": server,
-            "input": os.path.abspath(input_dir),
-            "output": os.path.abspath(output_dir),
+            "input": outputs.normalize(input_dir),
+            "output": outputs.normalize(output_dir),
             "written": len(results) - len(failed),
             "failed": failed,
             "seconds": round(time.time() - start, 3),

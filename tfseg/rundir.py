@@ -38,11 +38,15 @@ def load_run_config(run_dir: str) -> dict:
     Raises:
       TfsegError: not a tfseg run directory.
     """
+    from tfseg import outputs
+
     path = os.path.join(run_dir, RUN_JSON)
-    if not os.path.isfile(path):
+    if not outputs.isfile(path):
         raise TfsegError(f"{run_dir}: no {RUN_JSON}; is this a `tfseg fit` output directory?")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        return json.loads(outputs.read_text(path))
+    except ValueError as e:
+        raise TfsegError(f"{path}: not valid JSON ({e})") from None
 
 
 def training_flip_axes(run_cfg: dict) -> tuple[int, ...]:
@@ -76,8 +80,10 @@ def load_model(run_dir: str, which: str = MODEL_FILE):
     Raises:
       TfsegError: the run has no finished model.
     """
+    from tfseg import outputs
+
     path = os.path.join(run_dir, which)
-    if not os.path.isfile(path):
+    if not outputs.isfile(path):
         raise TfsegError(f"{run_dir}: no {which}; the fit did not finish (re-run `tfseg fit` to resume)")
     import keras
 

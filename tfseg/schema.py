@@ -384,14 +384,15 @@ def load_dataset_info(data_dir: str) -> DatasetInfo:
     """
     from tfseg.errors import TfsegError
 
+    from tfseg import outputs
+
     path = os.path.join(data_dir, DATASET_JSON)
-    if not os.path.isfile(path):
+    if not outputs.isfile(path):
         raise TfsegError(
             f"{data_dir}: no {DATASET_JSON} here; is this the output of a completed `tfseg convert`?"
         )
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        d = json.loads(outputs.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f", line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
         raise TfsegError(f"{path}: not a valid tfseg dataset.json ({getattr(e, 'msg', 'not UTF-8')}{where})") from None

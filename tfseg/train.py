@@ -395,7 +395,7 @@ def _run_record(cfg: FitConfig, plan: _Plan) -> dict:
         "regions": dict(info.regions or {}),
         "modalities": list(info.modalities or []),
         "image_size" if info.ndim == 2 else "patch_size": list(plan.size),
-        "data_dir": os.path.abspath(cfg.data),
+        "data_dir": outputs.normalize(cfg.data),
         "loss": plan.loss,
     }
     return record
@@ -414,19 +414,27 @@ def backup_epoch(run_dir: str) -> int:
     """The number of finished epochs recorded by BackupAndRestore in RUN_DIR (0 if none)."""
     path = os.path.join(run_dir, BACKUP_DIR, _TRAINING_METADATA)
     try:
-        with open(path) as f:
-            return int(json.load(f)["epoch"])
-    except (OSError, ValueError, KeyError):
+        text = outputs.read_text(path).strip()
+        # TF's ram:// filesystem does not truncate on rewrite, so Keras's rewrites pile up there:
+        # the last JSON object is the current one.
+        decoder, record, pos = json.JSONDecoder(), None, 0
+        objects = 0
+        while pos < len(text):
+            record, pos = decoder.raw_decode(text, pos)
+            objects += 1
+        if objects > 1:  # leave one object, which Keras's own reader expects
+            atomic_write_text(path, json.dumps(record))
+        return int(record["epoch"])
+    except Exception:  # noqa: BLE001 - absent or unreadable on any filesystem: no finished epoch
         return 0
 
 
 def read_history(run_dir: str) -> list[dict]:
     """The rows of RUN_DIR/history.csv as dicts (strings), [] when absent."""
     path = os.path.join(run_dir, rundir.HISTORY_CSV)
-    if not os.path.isfile(path):
+    if not outputs.isfile(path):
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return list(csv.DictReader(io.StringIO(outputs.read_text(path), newline="")))
 
 
 def trim_history(run_dir: str, finished_epochs: int) -> list[dict]:
@@ -436,9 +444,9 @@ def trim_history(run_dir: str, finished_epochs: int) -> list[dict]:
     for epochs that will run again; they go, so the file ends with one row per epoch.
     """
     path = os.path.join(run_dir, rundir.HISTORY_CSV)
-    if not os.path.isfile(path):
+    if not outputs.isfile(path):
         return []
-    with open(path, newline="") as f:
+    with io.StringIO(outputs.read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         by_epoch: dict[int, dict] = {}
@@ -451,7 +459,7 @@ def trim_history(run_dir: str, finished_epochs: int) -> list[dict]:
                 by_epoch[epoch] = row
     rows = [by_epoch[e] for e in sorted(by_epoch)]
     if not rows:
-        os.unlink(path)
+        outputs.remove(path)
         return []
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
@@ -527,7 +535,23 @@ def _choose_monitor(cfg: FitConfig, metric_names: list[str], has_validation: boo
     return prefix + "loss", "min"
 
 
-def _make_datasets(cfg: FitConfig, plan: _Plan, global_batch: int, multi_worker: bool):
+def validation_plan(count: int, global_batch: int, replicas: int) -> tuple[int, int]:
+    """(examples per validation pass, validation batch) for a split of ``count`` examples.
+
+    On one replica: every example once, in global batches. On several, every batch must be a
+    multiple of the replicas: Keras averages the first validation batch over the replicas to
+    build the model (unequal shares fail), and a replica handed an empty share of the last batch
+    fails inside the convolution kernels. The pass is therefore rounded up to a multiple of the
+    replicas by cycling from the first example (at most replicas - 1 examples counted twice).
+    """
+    if replicas <= 1:
+        return count, global_batch
+    total = max(replicas, -(-count // replicas) * replicas)
+    return total, min(global_batch, total)
+
+
+def _make_datasets(cfg: FitConfig, plan: _Plan, global_batch: int, multi_worker: bool,
+                   val_plan: tuple[int, int] = (0, 0)):
     import tensorflow as tf
 
     from tfseg.data import make_dataset
@@ -551,9 +575,15 @@ def _make_datasets(cfg: FitConfig, plan: _Plan, global_batch: int, multi_worker:
         # Repeated after batching, with validation_steps = one pass: Keras keeps one validation
         # iterator for the whole fit, and a finite one ran dry at the third epoch on several
         # replicas (StopIteration from input_lib). Each epoch now validates on exactly one pass.
-        val = make_dataset(
-            cfg.data, plan.validation_split, batch_size=global_batch, training=False, **common
-        ).repeat()
+        count = int(plan.info.splits[plan.validation_split].get("count", 0))
+        total, val_batch = val_plan
+        if total != count:  # several replicas: a pass rounded up to a multiple of them (see validation_plan)
+            val = make_dataset(cfg.data, plan.validation_split, batch_size=1, training=False, **common)
+            val = val.unbatch().repeat().take(total).batch(val_batch).repeat()
+        else:
+            val = make_dataset(
+                cfg.data, plan.validation_split, batch_size=val_batch, training=False, **common
+            ).repeat()
     if multi_worker:
         # Few shard files per split: every worker reads all files and keeps its share of batches.
         options = tf.data.Options()
@@ -619,6 +649,37 @@ def _health_guard():
     return HealthGuard()
 
 
+def _history_writer(path: str, rows: list[dict]):
+    """Keras's CSVLogger, rewritten for any filesystem: ``epoch`` then the logs' keys, sorted.
+
+    Object stores cannot append, so the whole file is rewritten after each epoch (a few
+    hundred bytes per epoch); the rows of earlier epochs come from :func:`trim_history`.
+    """
+    import keras
+
+    class HistoryWriter(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.rows = [dict(r) for r in rows]
+
+        def on_epoch_end(self, epoch, logs=None):
+            row = {"epoch": str(epoch)}
+            for k, v in sorted((logs or {}).items()):
+                try:
+                    row[k] = repr(float(v))
+                except (TypeError, ValueError):
+                    row[k] = str(v)
+            self.rows.append(row)
+            fields = ["epoch"] + sorted({k for r in self.rows for k in r} - {"epoch"})
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n", restval="")
+            writer.writeheader()
+            writer.writerows(self.rows)
+            atomic_write_text(path, out.getvalue())
+
+    return HistoryWriter()
+
+
 def _set_learning_rate(value: float):
     """A callback that sets the optimizer's learning rate after BackupAndRestore restored it."""
     import keras
@@ -638,12 +699,12 @@ def _callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, rows: list
     best = stop_state[0]
 
     ckpt = os.path.join(run_dir, CHECKPOINT_DIR)
-    os.makedirs(ckpt, exist_ok=True)
+    outputs.makedirs(ckpt)
     # Order matters for a crash between callbacks: the CSV row goes first, the backup last, so
     # a backed-up epoch always has its row (extra rows are trimmed on resume).
     cbs = [
         _health_guard(),
-        keras.callbacks.CSVLogger(os.path.join(run_dir, rundir.HISTORY_CSV), append=True),
+        _history_writer(os.path.join(run_dir, rundir.HISTORY_CSV), rows),
     ]
     if validation:
         cbs.append(
@@ -687,17 +748,22 @@ def _callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, rows: list
 
 
 def _publish_model(run_dir: str, model, use_best: bool) -> None:
-    """Writes RUN_DIR/model.keras atomically (the best checkpoint when there is one)."""
+    """Writes RUN_DIR/model.keras, the run's completion marker, in one step (the best checkpoint
+    when there is one): a rename on local disks, one object write on object stores."""
     final = os.path.join(run_dir, rundir.MODEL_FILE)
     best = os.path.join(run_dir, CHECKPOINT_DIR, BEST_CHECKPOINT)
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".keras", dir=run_dir)
+    local_dir = None if outputs.is_remote(run_dir) else run_dir
+    fd, tmp = tempfile.mkstemp(prefix=".tfseg-model.", suffix=".keras", dir=local_dir)
     os.close(fd)
     try:
-        if use_best and os.path.isfile(best):
-            shutil.copyfile(best, tmp)
+        if use_best and outputs.isfile(best):
+            outputs.copy_file(best, tmp)
         else:
             model.save(tmp)
-        os.replace(tmp, final)
+        if local_dir:
+            os.replace(tmp, final)
+        else:
+            outputs.copy_file(tmp, final)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -756,7 +822,7 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
     cfg = FitConfig.from_dict(config)
     info = load_dataset_info(cfg.data)
     plan = _plan(cfg, info)
-    final_dir = os.path.abspath(cfg.output)
+    final_dir = outputs.normalize(cfg.output)
     record = _run_record(cfg, plan)
 
     chief = runtime.is_chief()
@@ -772,13 +838,18 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
     # A new folder or an earlier fit (continued or resumed); never another stage's or a user's
     # folder, never the dataset. Other workers' folders (.tfseg-worker-*) may appear first.
     outputs.claim(final_dir, "fit", complete_marker=None, overwrite=True, inputs=[("--data", cfg.data)])
-    if os.path.isfile(run_json):
-        with open(run_json) as f:
-            previous = json.load(f)
+    if outputs.isfile(run_json):
+        previous = json.loads(outputs.read_text(run_json))
         _check_same_run(final_dir, previous, record)
+    if not chief and outputs.isdir(os.path.join(final_dir, BACKUP_DIR)):
+        # Every worker resumes from the chief's backup: the replicas hold the same weights, and
+        # workers killed at different moments would otherwise restart at different epochs and
+        # wait on each other's collectives forever.
+        outputs.rmtree(os.path.join(run_dir, BACKUP_DIR))
+        outputs.copy_tree(os.path.join(final_dir, BACKUP_DIR), os.path.join(run_dir, BACKUP_DIR))
     finished = backup_epoch(run_dir)
     model_path = os.path.join(run_dir, rundir.MODEL_FILE)
-    if chief and os.path.isfile(model_path) and previous is not None:
+    if chief and outputs.isfile(model_path) and previous is not None:
         done = int(previous.get("completed_epochs") or finished)
         if previous.get("stopped_early"):
             logger.info("%s: stopped early after %d epoch(s); nothing to do (use a new --output to retrain)",
@@ -788,7 +859,7 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
             logger.info("%s: already trained for %d epoch(s); nothing to do (ask for more --epochs to continue)",
                         final_dir, done)
             return final_dir
-    if finished >= cfg.epochs and not os.path.isfile(model_path):
+    if finished >= cfg.epochs and not outputs.isfile(model_path):
         logger.info("%s: all %d epochs finished before an interruption; publishing the model", final_dir, finished)
 
     # The strategy comes first: logical CPUs and multi-worker collectives must be configured
@@ -850,10 +921,10 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
         # Everything checked: from here on the run directory changes.
         if chief:
             outputs.mark_owned(final_dir, "fit")
-        os.makedirs(run_dir, exist_ok=True)
-        if os.path.isfile(model_path):
+        outputs.makedirs(run_dir)
+        if outputs.isfile(model_path):
             # Continuing a finished run: model.keras means "complete" until the new epochs finish.
-            os.unlink(model_path)
+            outputs.remove(model_path)
         rows = trim_history(run_dir, finished)
         record.update(
             completed_epochs=finished,
@@ -870,7 +941,11 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
 
         if multi_worker:
             runtime.patch_keras_multi_worker(model, strategy)
-        train_ds, val_ds = _make_datasets(cfg, plan, cfg.batch_size, multi_worker)
+        val_plan = (0, cfg.batch_size)
+        if plan.validation_split:
+            val_plan = validation_plan(
+                int(plan.info.splits[plan.validation_split].get("count", 0)), cfg.batch_size, replicas)
+        train_ds, val_ds = _make_datasets(cfg, plan, cfg.batch_size, multi_worker, val_plan)
         cbs = _callbacks(
             run_dir, cfg, monitor, mode, rows, val_ds is not None
         )
@@ -892,8 +967,9 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
         validation_steps = cfg.validation_steps
         if val_ds is not None and validation_steps is None:
             # Known steps keep Keras from probing the end of the validation data each epoch.
-            validation_steps = max(1, steps_per_epoch(
-                cfg.data, plan.validation_split, batch_size=cfg.batch_size, training=False
+            total, val_batch = val_plan
+            validation_steps = max(1, -(-total // val_batch) if replicas > 1 else steps_per_epoch(
+                cfg.data, plan.validation_split, batch_size=val_batch, training=False
             ))
         logger.info(
             "fit %s on %s: %s, %d replica(s), global batch %d, %s, jit_compile=%s, epochs %d..%d",

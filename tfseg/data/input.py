@@ -50,7 +50,7 @@ def _shard_files(info: schema.DatasetInfo, data_dir: str, split: str) -> list[st
     if not files:
         raise TfsegError(f"{os.path.join(data_dir, schema.DATASET_JSON)}: split {split!r} has no files")
     for f in files:
-        if not os.path.isfile(f):
+        if not tf.io.gfile.exists(f):
             raise TfsegError(f"{f}: shard listed in dataset.json is missing")
     return files
 
