@@ -12,6 +12,7 @@ Usage::
 
     python tools/bench_convert.py        # 208 pairs; in_memory with and without worker threads
     python tools/bench_convert.py --configs in_memory,multi_threading,multi_processing --repeats 1
+    python tools/bench_convert.py --memory   # peak RSS: 2, 4, 8 pairs of 8000x8000 vs 4 small pairs
 
 Rounds alternate baseline and tfseg runs and keep each side's best wall time, because the
 machine may be shared; CPU seconds are printed too.
@@ -86,7 +87,82 @@ def _timed(fn):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
+def _peak_rss_mib(cmd: list[str], env: dict) -> tuple[float, float]:
+    """Runs ``cmd``; returns (its peak resident memory in MiB, wall seconds) from wait4's rusage."""
+    import subprocess
+
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - t  # Linux: ru_maxrss in KiB
+
+
+def _folder_pairs(root: str, count: int, size: tuple[int, int]) -> None:
+    """``count`` folder-layout pairs: RGBA PNG images (decoded in full: not stored as-is) of
+    ``size`` and {0, 255} masks; one pair generated, the others hard links under new names."""
+    from PIL import Image
+
+    h, w = size
+    os.makedirs(os.path.join(root, "images"))
+    os.makedirs(os.path.join(root, "masks"))
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None]
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :]
+    r = ((y + 0.5 * x) % 256).astype(np.uint8)
+    Image.fromarray(np.stack([r, r[::-1], r[:, ::-1], np.full_like(r, 255)], -1), "RGBA").save(
+        os.path.join(root, "images", "p0.png"), compress_level=1)
+    m = np.zeros((h, w), np.uint8)
+    m[h // 8: h // 2, w // 4: 3 * w // 4] = 255
+    Image.fromarray(m).save(os.path.join(root, "masks", "p0.png"))
+    for i in range(1, count):
+        for sub in ("images", "masks"):
+            os.link(os.path.join(root, sub, "p0.png"), os.path.join(root, sub, f"p{i}.png"))
+
+
+def memory(argv=None) -> None:
+    """``--memory``: peak RSS of ``tfseg convert`` (one process, the default DirectRunner) on
+    pairs at the 2**26-pixel input limit, for a growing number of pairs, against the same
+    command on 4 small pairs (TensorFlow + Beam's own footprint) in the same invocation."""
+    p = argparse.ArgumentParser(description="peak memory of tfseg convert")
+    p.add_argument("--memory", action="store_true")
+    p.add_argument("--size", default="8000x8000", help="HxW of the large pairs (8000x8000 = 64 MP)")
+    p.add_argument("--counts", default="2,4,8", help="numbers of large pairs")
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(argv)
+    h, w = (int(v) for v in args.size.split("x"))
+    work = args.workdir or tempfile.mkdtemp(prefix="bench_convert_mem_")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    cli = [sys.executable, "-c", "from tfseg.cli import main; main()"]
+    try:
+        rows = []
+        for label, count, size in [("small", 4, (64, 64))] + [
+                ("large", int(c), (h, w)) for c in args.counts.split(",") if c]:
+            raw = os.path.join(work, f"{label}{count}")
+            _folder_pairs(raw, count, size)
+            rss, wall = _peak_rss_mib(cli + ["convert", "--dataset", "folder", "--input", raw, "--output",
+                                             raw + "-out", "--split", "train=1", "--num-classes", "2"], env)
+            rows.append((label, count, size, rss, wall))
+            shutil.rmtree(raw + "-out", ignore_errors=True)
+            shutil.rmtree(raw, ignore_errors=True)
+            print(f"  {count} pairs of {size[0]}x{size[1]}: peak RSS {rss:.0f} MiB, {wall:.1f} s", flush=True)
+        base = rows[0][3]
+        print(f"{os.cpu_count()} CPUs (conversion threads: min(8, CPUs)); load average {os.getloadavg()[0]:.1f}")
+        for label, count, (ph, pw), rss, wall in rows:
+            print(f"{count} pairs of {ph}x{pw} ({ph * pw / 1e6:.0f} MP each): peak RSS {rss:.0f} MiB = "
+                  f"{rss / base:.2f}x the small run, {wall:.1f} s")
+        print(json.dumps([{"pairs": c, "size": f"{a}x{b}", "peak_rss_mib": round(r), "ratio": round(r / base, 2)}
+                          for _, c, (a, b), r, _ in rows]))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv=None) -> None:
+    if "--memory" in (sys.argv[1:] if argv is None else argv):
+        return memory(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=208, help="pairs (>= 200 for the report)")
     p.add_argument("--distinct", type=int, default=16, help="distinct generated pairs")
