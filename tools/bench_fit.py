@@ -127,16 +127,23 @@ def _timer(warmup: int):
 
         def __init__(self):
             super().__init__()
-            self.times = []
+            self.times, self.cpu = [], []
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.times = []
+            self.times, self.cpu = [], []
 
         def on_train_batch_end(self, batch, logs=None):
             self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
         def steps_per_second(self) -> float:
             t = self.times[warmup:]
+            return (len(t) - 1) / (t[-1] - t[0])
+
+        def steps_per_cpu_second(self) -> float:
+            """Steps per CPU-second of this process (all its threads): robust to other jobs
+            sharing the cores, which stretch wall time but not the work done."""
+            t = self.cpu[warmup:]
             return (len(t) - 1) / (t[-1] - t[0])
 
     return BatchTimer()
@@ -276,7 +283,7 @@ def plain_keras_unet_nobn(size: int, depth: int, base: int):
     return keras.Model(inputs, outputs)
 
 
-def bench_speed(work: str, steps: int = 8, rounds: int = 3) -> dict:
+def bench_speed(work: str, steps: int = 8, rounds: int = 4) -> dict:
     """Issue 15: tfseg defaults vs (a) plain Keras float32 with Keras BN, (b) plain Keras
     mixed_bfloat16 without BN; interleaved rounds, best of each (the cores are shared)."""
     import keras
@@ -314,20 +321,26 @@ def bench_speed(work: str, steps: int = 8, rounds: int = 3) -> dict:
         runs[name] = (lambda m: lambda t: m.fit(x, y, batch_size=batch, epochs=1, callbacks=[t], verbose=0))(model)
         best[name] = 0.0
     samples = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}  # images per CPU-second
     for _ in range(rounds):
         for name, run in runs.items():
             timer = _timer(warmup=1)
             run(timer)
             ips = timer.steps_per_second() * batch
             samples[name].append(round(ips, 2))
+            cpu[name].append(round(timer.steps_per_cpu_second() * batch, 3))
             best[name] = max(best[name], ips)
     info = rundir.load_run_config(out)
+    med = {k: float(np.median(v)) for k, v in cpu.items()}
     return {
         "model": f"unet depth {depth}, {base} filters, {size}x{size}, batch {batch}",
         "tfseg_precision": info["precision"],
         "cpu_native_bf16": runtime.cpu_has_native_bf16(),
         "images_per_s_best": {k: round(v, 2) for k, v in best.items()},
         "images_per_s_rounds": samples,
+        "images_per_cpu_s_rounds": cpu,
+        "cpu_ratio_a": round(med["tfseg"] / med["plain_f32_keras_bn"], 3),
+        "cpu_ratio_b": round(med["tfseg"] / med["plain_bf16_no_bn"], 3),
         "speedup_vs_plain_f32_keras_bn": round(best["tfseg"] / best["plain_f32_keras_bn"], 3),
         "target_a": ">= 1.8",
         "speedup_vs_plain_bf16_no_bn": round(best["tfseg"] / best["plain_bf16_no_bn"], 3),
