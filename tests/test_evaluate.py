@@ -140,9 +140,14 @@ def test_hd95_empty_conventions():
     empty, full = np.zeros(shape, bool), np.zeros(shape, bool)
     full[1, 1, 1] = True
     assert scoring.hd95(empty, empty, spacing) == 0.0
+    # BraTS's number, whatever the (cropped) array's size: sqrt(240^2 + 240^2 + 155^2) at 1 mm.
+    brats = np.sqrt(240.0**2 + 240.0**2 + 155.0**2)
+    assert scoring.hd95(empty, full, spacing) == pytest.approx(brats, abs=0.005)
+    assert scoring.hd95(full, empty, spacing) == pytest.approx(brats, abs=0.005)
+    # The documented alternative: this array's diagonal in mm.
     diag = np.sqrt(8.0**2 + 5.0**2 + 18.0**2)
-    assert scoring.hd95(empty, full, spacing) == pytest.approx(diag)
-    assert scoring.hd95(full, empty, spacing) == pytest.approx(diag)
+    assert scoring.hd95(empty, full, spacing, empty_distance=None) == pytest.approx(diag)
+    assert scoring.hd95(full, empty, spacing, empty_distance=None) == pytest.approx(diag)
     assert scoring.mask_dice(empty, empty) == 1.0 and scoring.mask_dice(empty, full) == 0.0
 
 
@@ -158,7 +163,8 @@ def test_region_scores_in_scorer():
     case = r["per_case"][0]
     assert case["WT"]["dice"] == 1.0 and case["WT"]["hd95_mm"] == 0.0
     assert case["TC"]["dice"] == 1.0 and case["ET"]["dice"] == 0.0
-    assert case["ET"]["hd95_mm"] == pytest.approx(np.sqrt(3 * 36))
+    # ET predicted empty, truth not: BraTS's 373.13 mm, not this 6^3 array's diagonal (10.4 mm).
+    assert case["ET"]["hd95_mm"] == pytest.approx(373.13)
     assert r["mean"]["ET"]["dice"] == 0.0
 
 

@@ -74,8 +74,8 @@ REGION_DEFINITION = (
     "region = union of its class ids, in truth and prediction. Dice: 1 when both are empty. "
     "HD95: max of the two directed 95th percentiles of surface-to-surface distances in mm "
     "(surfaces = voxels with a 6-neighbour outside the region, distances from Euclidean distance "
-    "transforms with the voxel spacing); 0 when both are empty; the volume's diagonal in mm when "
-    "exactly one is empty (BraTS's convention, 373.13 mm for 240x240x155 at 1 mm)"
+    "transforms with the voxel spacing); 0 when both are empty; 373.13 mm when exactly one is empty "
+    "(BraTS's convention: the diagonal of its 240x240x155 volumes at 1 mm, whatever the scored crop)"
 )
 
 
@@ -92,6 +92,8 @@ class SegmentationScorer:
       class_names: K names.
       ignore_index: truth value excluded from every score, or None.
       regions: ``{name: [class ids]}`` for region Dice/HD95 (3D BraTS), or None.
+      binary: the model has the sigmoid head (:attr:`tfseg.rundir.RunInfo.binary`): adds the
+        foreground scores; None = two classes (:attr:`tfseg.schema.DatasetInfo.binary`'s rule).
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class SegmentationScorer:
         class_names: list[str],
         ignore_index: int | None = None,
         regions: dict | None = None,
+        binary: bool | None = None,
     ):
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
@@ -107,13 +110,14 @@ class SegmentationScorer:
         self.class_names = list(class_names)
         self.ignore_index = ignore_index
         self.regions = dict(regions or {})
+        self._binary = binary
         self.cms: list[np.ndarray] = []
         self.ids: list[str] = []
         self.region_scores: list[dict] = []
 
     @property
     def binary(self) -> bool:
-        return self.num_classes == 2
+        return self.num_classes == 2 if self._binary is None else bool(self._binary) and self.num_classes == 2
 
     def add(self, truth: np.ndarray, pred: np.ndarray, source_id: str = "", spacing=None) -> np.ndarray:
         """Scores one image or volume.
@@ -278,52 +282,37 @@ def _decode_id(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _run_facts(run_cfg: dict, info: schema.DatasetInfo, run_dir: str, data_dir: str) -> dict:
-    """Cross-checks the run against the dataset and gathers what evaluation needs."""
-    ndim = int(run_cfg.get("ndim", info.ndim))
+def _run_facts(run: rundir.RunInfo, info: schema.DatasetInfo, where: str, data_dir: str) -> dict:
+    """Cross-checks the run's facts (``where``: its run.json or tfseg.json) against the dataset
+    and gathers what evaluation needs."""
+    ndim = run.ndim
     if ndim != info.ndim:
-        raise TfsegError(f"{run_dir}/run.json: a {ndim}D model cannot be scored on {data_dir} ({info.ndim}D)")
-    num_classes = int(run_cfg.get("num_classes", info.num_classes))
+        raise TfsegError(f"{where}: a {ndim}D model cannot be scored on {data_dir} ({info.ndim}D)")
+    num_classes = run.num_classes
     if num_classes != info.num_classes:
         raise TfsegError(
-            f"{run_dir}/run.json: model has {num_classes} classes, {data_dir}/dataset.json {info.num_classes}"
+            f"{where}: model has {num_classes} classes, {data_dir}/dataset.json {info.num_classes}"
         )
-    channels = int(run_cfg.get("channels", info.channels))
+    channels = run.channels
     if channels != info.channels:
         raise TfsegError(
-            f"{run_dir}/run.json: model takes {channels} channels, {data_dir}/dataset.json has {info.channels}"
+            f"{where}: model takes {channels} channels, {data_dir}/dataset.json has {info.channels}"
         )
-    size_key = "image_size" if ndim == 2 else "patch_size"
-    size = run_cfg.get(size_key)
-    if not size or len(size) != ndim:
-        raise TfsegError(f"{run_dir}/run.json: missing or bad {size_key!r} ({size!r})")
-    class_names = list(info.class_names or run_cfg.get("class_names") or [])
+    class_names = list(info.class_names or run.class_names)
     if len(class_names) != num_classes:
-        class_names = [f"class_{i}" for i in range(num_classes)]
-    ignore_index = info.ignore_index if info.ignore_index is not None else run_cfg.get("ignore_index")
-    regions = info.regions or run_cfg.get("regions") or {}
+        class_names = list(run.class_names)
+    ignore_index = info.ignore_index if info.ignore_index is not None else run.ignore_index
+    regions = info.regions or run.regions or {}
     return {
         "ndim": ndim,
         "num_classes": num_classes,
-        "binary": num_classes == 2,
-        "size": tuple(int(s) for s in size),
+        "binary": run.binary,
+        "size": run.size,
         "class_names": class_names,
         "ignore_index": ignore_index,
         "regions": regions if ndim == 3 else {},
-        "model": run_cfg.get("model"),
+        "model": run.model,
     }
-
-
-def _find_monitor(cfg) -> str | None:
-    """The fit's monitored quantity (a ``monitor`` key anywhere in the resolved config)."""
-    if isinstance(cfg, dict):
-        if isinstance(cfg.get("monitor"), str):
-            return cfg["monitor"]
-        for v in cfg.values():
-            found = _find_monitor(v)
-            if found:
-                return found
-    return None
 
 
 def run_evaluate(
@@ -362,14 +351,14 @@ def run_evaluate(
       TfsegError: the run, the dataset or the split is missing or they do not match, the
         split has no labelled examples, or a complete output exists and overwrite is False.
     """
-    run_cfg = rundir.load_run_config(run_dir)
+    run = rundir.load_run_info(run_dir)
     info = schema.load_dataset_info(data_dir)
     if split not in info.splits:
         raise TfsegError(
             f"{os.path.join(data_dir, schema.DATASET_JSON)}: no split {split!r}; "
             f"available: {', '.join(sorted(info.splits)) or 'none'}"
         )
-    facts = _run_facts(run_cfg, info, run_dir, data_dir)
+    facts = _run_facts(run, info, os.path.join(run_dir, rundir.RUN_JSON), data_dir)
     output = outputs.normalize(output)
     owned = dict(complete_marker=METRICS_JSON, overwrite=overwrite,
                  inputs=[("--run", run_dir), ("--data", data_dir)])
@@ -380,11 +369,11 @@ def run_evaluate(
 
     model = rundir.load_model(run_dir)
     mode = "sliding_window" if facts["ndim"] == 3 else ("tile" if tile else "resize")
-    flips = rundir.test_time_flips(run_dir, run_cfg, tta)
+    flips = rundir.test_time_flips(run_dir, run, tta)
     log.info("evaluating %s on %s/%s (%s, tta flips over spatial axes %s)", run_dir, data_dir, split, mode, flips)
 
     scorer = SegmentationScorer(
-        facts["num_classes"], facts["class_names"], facts["ignore_index"], facts["regions"]
+        facts["num_classes"], facts["class_names"], facts["ignore_index"], facts["regions"], binary=facts["binary"]
     )
     samples: list[dict] = []
     unlabelled = 0
@@ -459,7 +448,7 @@ def run_evaluate(
         pictures["confusion_matrix"] = CONFUSION_PNG
         if report.plot_history(
             os.path.join(run_dir, rundir.HISTORY_CSV), os.path.join(tmp, HISTORY_PNG),
-            monitor=_find_monitor(run_cfg.get("config", run_cfg)),
+            monitor=run.monitor,
         ):
             pictures["history"] = HISTORY_PNG
         metrics["pictures"] = pictures

@@ -58,6 +58,9 @@ from tfseg.outputs import atomic_write_text
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# Keras dtype policies an export may compute in; float32 by default whatever trained the model.
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+DEFAULT_PRECISION = "float32"
 MODELS_CONFIG = "models.config"
 METADATA = os.path.join("assets.extra", "tfseg.json")
 VOLUME_OVERLAP = 0.5
@@ -85,6 +88,61 @@ def read_metadata(version_dir: str) -> dict:
     if not outputs.isfile(path):
         raise TfsegError(f"{version_dir}: no {METADATA}; not a tfseg export")
     return json.loads(outputs.read_text(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Precision.
+# --------------------------------------------------------------------------------------------
+
+
+def model_precision(model) -> str:
+    """The mixed policy most of ``model``'s layers compute in, or ``"float32"``."""
+    names = [getattr(layer.dtype_policy, "name", "float32") for layer in _all_layers(model)]
+    mixed = [n for n in names if n.startswith("mixed_")]
+    return max(set(mixed), key=mixed.count) if mixed else "float32"
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+def _with_policy(config, old: str, new: str):
+    """``config`` (a Keras model config) with every ``old`` dtype policy replaced by ``new``."""
+    if isinstance(config, dict):
+        if config.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and \
+                (config.get("config") or {}).get("name") == old:
+            return {**config, "config": {**config["config"], "name": new}}
+        return {k: _with_policy(v, old, new) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_with_policy(v, old, new) for v in config]
+    return config
+
+
+def with_precision(model, precision: str):
+    """``model`` computing under the Keras dtype policy ``precision`` (a copy when it differs).
+
+    The model is rebuilt from its config with the trained policy (``mixed_bfloat16``, ...)
+    replaced by ``precision`` and the trained weights copied in; variables of mixed policies are
+    float32 already, so no weight is rounded. Layers the model forced to another policy (a
+    float32 softmax in a mixed model) keep theirs.
+    """
+    import keras
+
+    if precision not in PRECISIONS:
+        raise TfsegError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    trained = model_precision(model)
+    if trained == precision:
+        return model
+    import tfseg.models  # noqa: F401  registers tfseg's custom layers
+
+    config = _with_policy(keras.saving.serialize_keras_object(model), trained, precision)
+    clone = keras.saving.deserialize_keras_object(config)
+    clone.set_weights(model.get_weights())
+    logger.info("export computes in %s (the model trained in %s)", precision, trained)
+    return clone
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,13 +257,13 @@ def decode_image(data, channels: int, max_pixels: int):
 class _Graphs:
     """The tf.functions of one export; closes over the model and the run's facts."""
 
-    def __init__(self, model, cfg: dict, max_pixels: int):
+    def __init__(self, model, run: rundir.RunInfo, max_pixels: int):
         self.model = model
-        self.channels = int(cfg["channels"])
-        self.binary = bool(cfg.get("binary", cfg.get("num_classes") == 2))
+        self.channels = run.channels
+        self.binary = run.binary
         self.max_pixels = int(max_pixels)
-        if int(cfg["ndim"]) == 2:
-            self.size = tuple(int(s) for s in cfg["image_size"])
+        if run.ndim == 2:
+            self.size = run.size
 
     def _to_mask(self, probs):
         import tensorflow as tf
@@ -298,12 +356,12 @@ class _Graphs:
 
     # --- 3D ---
 
-    def setup_3d(self, cfg: dict):
+    def setup_3d(self, run: rundir.RunInfo):
         import tensorflow as tf
 
         from tfseg.inference import gaussian_weights
 
-        self.patch = tuple(int(s) for s in cfg["patch_size"])
+        self.patch = run.size
         self.weights = tf.constant(gaussian_weights(self.patch))
         self.max_steps = [max(1, int(p * (1.0 - VOLUME_OVERLAP))) for p in self.patch]
         grid = np.stack(np.meshgrid(*[np.arange(p) for p in self.patch], indexing="ij"), axis=-1)
@@ -362,22 +420,23 @@ class _Graphs:
         return out
 
 
-def build_archive(model, cfg: dict, max_pixels: int = DEFAULT_MAX_PIXELS):
+def build_archive(model, cfg, max_pixels: int = DEFAULT_MAX_PIXELS):
     """A ``keras.export.ExportArchive`` with tfseg's signatures for ``model`` (see module doc).
 
     Args:
       model: the trained Keras model.
-      cfg: the run's run.json (ndim, channels, binary, image_size or patch_size).
+      cfg: the run's facts: a :class:`tfseg.rundir.RunInfo` or run.json's dict.
       max_pixels: the largest image (height x width) a 2D signature accepts.
     """
     import keras
     import tensorflow as tf
 
-    g = _Graphs(model, cfg, max_pixels)
+    run = cfg if isinstance(cfg, rundir.RunInfo) else rundir.RunInfo.from_json(cfg)
+    g = _Graphs(model, run, max_pixels)
     archive = keras.export.ExportArchive()
     archive.track(model)
     c = g.channels
-    if int(cfg["ndim"]) == 2:
+    if run.ndim == 2:
         # The first endpoint added becomes serving_default as well; name it explicitly anyway.
         archive.add_endpoint("serving_default", tf.function(g.serve_bytes),
                              [tf.TensorSpec([None], tf.string, name="image_bytes")])
@@ -387,8 +446,8 @@ def build_archive(model, cfg: dict, max_pixels: int = DEFAULT_MAX_PIXELS):
                              [tf.TensorSpec([None, None, None, c], tf.uint8, name="images")])
         archive.add_endpoint("predict_examples", tf.function(g.serve_examples_2d),
                              [tf.TensorSpec([None], tf.string, name="examples")])
-    elif int(cfg["ndim"]) == 3:
-        g.setup_3d(cfg)
+    elif run.ndim == 3:
+        g.setup_3d(run)
         archive.add_endpoint("serving_default", tf.function(g.serve_volume),
                              [tf.TensorSpec([None, None, None, c], tf.float32, name="volume")])
         archive.add_endpoint("predict_examples", tf.function(g.serve_example_3d),
@@ -559,12 +618,7 @@ def run_export(
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
         raise TfsegError(f"--name {name!r}: use letters, digits, '_', '.', '-' (it becomes a directory and URL part)")
     cfg = rundir.load_run_config(run_dir)
-    for key in ("ndim", "channels"):
-        if key not in cfg:
-            raise TfsegError(f"{os.path.join(run_dir, rundir.RUN_JSON)}: missing {key!r}")
-    size_key = "image_size" if int(cfg["ndim"]) == 2 else "patch_size"
-    if not cfg.get(size_key):
-        raise TfsegError(f"{os.path.join(run_dir, rundir.RUN_JSON)}: missing {size_key!r}")
+    run = rundir.RunInfo.from_json(cfg, os.path.join(run_dir, rundir.RUN_JSON))
     # EXPORT_BASE collects every export (NAME/VERSION/ + models.config): it must be new, empty,
     # or an earlier `tfseg export` output; it never overlaps the run it exports.
     outputs.claim(export_base, "export", complete_marker=None, overwrite=True, inputs=[("--run", run_dir)])
@@ -578,12 +632,9 @@ def run_export(
     if outputs.exists(final) and not overwrite:
         raise TfsegError(f"{final}: version {version} already exists; pass --overwrite or another --version")
 
-    archive = build_archive(rundir.load_model(run_dir), cfg, max_pixels)
-    meta = {
-        key: cfg.get(key)
-        for key in ("model", "ndim", "channels", "num_classes", "binary", "class_names", "ignore_index",
-                    "regions", "image_size", "patch_size")
-    }
+    archive = build_archive(rundir.load_model(run_dir), run, max_pixels)
+    # The run's facts (rundir.RunInfo's keys, so RunInfo.from_json reads tfseg.json back).
+    meta = run.to_json()
     meta.update({"max_pixels": int(max_pixels), "run_dir": outputs.normalize(run_dir), "name": name,
                  "version": int(version), "class_colors": _class_colors(cfg)})
     # TF Serving watches NAME/ and would load a half-written version: write beside it (a

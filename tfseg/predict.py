@@ -344,6 +344,7 @@ class KerasPredictor:
         from tfseg import visualize
 
         self.cfg = rundir.load_run_config(run_dir)
+        self.run = rundir.RunInfo.from_json(self.cfg, os.path.join(run_dir, rundir.RUN_JSON))
         self.model = rundir.load_model(run_dir)
         self.channels = int(self.cfg["channels"])
         self.ndim = int(self.cfg["ndim"])
@@ -351,8 +352,8 @@ class KerasPredictor:
         self.class_names = visualize.class_names_or_default(self.cfg.get("class_names"), k)
         self.colors = visualize.run_colors(self.cfg)
         self.ignore_index = self.cfg.get("ignore_index")
-        self.binary = bool(self.cfg.get("binary", self.cfg.get("num_classes") == 2))
-        self.tta = rundir.test_time_flips(run_dir, self.cfg, tta)
+        self.binary = self.run.binary
+        self.tta = rundir.test_time_flips(run_dir, self.run, tta)
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
 
     def predict_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
@@ -371,7 +372,7 @@ class KerasPredictor:
             except tf.errors.InvalidArgumentError as e:
                 raise ValueError(_graph_error_line(e.message)) from None
             probs = inference.predict_image(
-                self.model, arr, size=self.cfg["image_size"], mode="tile" if self.tile else "resize",
+                self.model, arr, size=self.run.size, mode="tile" if self.tile else "resize",
                 overlap=0.25 if self.overlap is None else self.overlap, batch_size=self.batch_size, tta=self.tta,
             )
             out.append(inference.probs_to_mask(probs, self.binary))
@@ -383,7 +384,7 @@ class KerasPredictor:
         if self.ndim != 3:
             raise ValueError("this run is a 2D model; give it images")
         probs = inference.predict_volume(
-            self.model, volume, patch_size=self.cfg["patch_size"],
+            self.model, volume, patch_size=self.run.size,
             overlap=0.5 if self.overlap is None else self.overlap, batch_size=2, tta=self.tta,
         )
         return inference.probs_to_mask(probs, self.binary)

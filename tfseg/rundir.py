@@ -19,6 +19,7 @@ float32 probabilities, (B, H, W, 1) sigmoid for binary tasks or (B, H, W, K) sof
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +31,157 @@ logger = logging.getLogger(__name__)
 RUN_JSON = "run.json"
 MODEL_FILE = "model.keras"
 HISTORY_CSV = "history.csv"
+
+
+# How the model's input is normalized (RunInfo.normalization), by spatial rank: 2D models take
+# 0..255 pixels and rescale inside; 3D models take the volume as conversion z-scored it (per
+# channel, over the brain's non-zero voxels, :func:`tfseg.convert.brats.zscore_brain`).
+NORMALIZATION = {2: "pixels_0_255_in_model", 3: "zscore_nonzero_per_channel"}
+HEADS = ("sigmoid", "softmax")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """The typed facts of a fit run: what evaluate, export, predict and report need to know.
+
+    Written by ``tfseg fit`` into run.json (its keys are run.json's, so older run.json files and
+    an export's ``tfseg.json`` read back too: :meth:`from_json`); no other module derives them.
+
+    Attributes:
+      ndim: 2 or 3.
+      channels: input channels.
+      num_classes: K including background.
+      head: ``"sigmoid"`` (binary: one foreground channel, thresholded at 0.5) or ``"softmax"``
+        (K channels, arg-maxed).
+      class_names: one name per class (``class_i`` when the run recorded none).
+      class_colors: [R, G, B] per class when recorded, else None.
+      ignore_index: truth value left out of every score, or None.
+      regions: 3D named unions of class ids (BraTS WT/TC/ET), {} otherwise.
+      modalities: 3D channel names in order.
+      size: the model's input size, (H, W) or (D, H, W): image_size or patch_size.
+      monitor: the validation quantity that chose the checkpoint (``val_mean_iou``), None when
+        the run predates recording it.
+      precision: the Keras dtype policy it trained under (``float32``, ``mixed_bfloat16``, ...).
+      flip_axes: spatial axes the training augmentation flipped (what TTA may average).
+      normalization: how inputs are normalized (:data:`NORMALIZATION`).
+      model: the model name; model_kwargs its options.
+    """
+
+    ndim: int
+    channels: int
+    num_classes: int
+    head: str
+    class_names: tuple
+    size: tuple
+    class_colors: tuple | None = None
+    ignore_index: int | None = None
+    regions: dict = dataclasses.field(default_factory=dict)
+    modalities: tuple = ()
+    monitor: str | None = None
+    precision: str | None = None
+    flip_axes: tuple = ()
+    normalization: str = ""
+    model: str | None = None
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def binary(self) -> bool:
+        """One sigmoid channel (thresholded at 0.5) instead of a K-way softmax (arg-maxed)."""
+        return self.head == "sigmoid"
+
+    @property
+    def size_key(self) -> str:
+        return "image_size" if self.ndim == 2 else "patch_size"
+
+    @classmethod
+    def from_dataset(cls, info, size, **facts) -> "RunInfo":
+        """The facts of a run about to train on ``info`` (a :class:`tfseg.schema.DatasetInfo`)."""
+        ndim = int(info.ndim)
+        return cls(
+            ndim=ndim, channels=int(info.channels), num_classes=int(info.num_classes),
+            head="sigmoid" if info.binary else "softmax", class_names=tuple(info.class_names),
+            size=tuple(int(s) for s in size),
+            class_colors=_colors_or_none(getattr(info, "class_colors", None), info.num_classes),
+            ignore_index=info.ignore_index, regions=dict(info.regions or {}),
+            modalities=tuple(info.modalities or ()), normalization=NORMALIZATION.get(ndim, ""), **facts,
+        )
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = RUN_JSON) -> "RunInfo":
+        """Reads run.json (any version tfseg wrote) or an export's tfseg.json.
+
+        Raises:
+          TfsegError: a key every run has (ndim, channels, num_classes, the size) is missing or bad.
+        """
+        try:
+            ndim = int(d["ndim"])
+            channels = int(d["channels"])
+            k = int(d.get("num_classes") or len(d.get("class_names") or []))
+        except (KeyError, TypeError, ValueError) as e:
+            raise TfsegError(f"{where}: missing or bad {e.args[0] if isinstance(e, KeyError) else 'ndim/channels'}"
+                             " (not a tfseg run record)") from None
+        if ndim not in (2, 3):
+            raise TfsegError(f"{where}: ndim must be 2 or 3, got {d['ndim']!r}")
+        if k < 1:
+            raise TfsegError(f"{where}: missing 'num_classes'")
+        size_key = "image_size" if ndim == 2 else "patch_size"
+        size = d.get(size_key)
+        if not isinstance(size, (list, tuple)) or len(size) != ndim:
+            raise TfsegError(f"{where}: missing or bad {size_key!r} ({size!r})")
+        head = d.get("head")
+        if head not in HEADS:
+            # Older records: "binary" (or, before it, two classes) meant the sigmoid head.
+            head = "sigmoid" if d.get("binary", k == 2) else "softmax"
+        names = list(d.get("class_names") or [])
+        if len(names) != k:
+            names = [f"class_{i}" for i in range(k)]
+        if "training_flip_axes" in d:
+            flips = tuple(int(a) for a in d["training_flip_axes"])
+        else:
+            flips = training_flip_axes(d)
+        return cls(
+            ndim=ndim, channels=channels, num_classes=k, head=head, class_names=tuple(names),
+            size=tuple(int(s) for s in size), class_colors=_colors_or_none(d.get("class_colors"), k),
+            ignore_index=d.get("ignore_index"), regions=dict(d.get("regions") or {}),
+            modalities=tuple(d.get("modalities") or ()), monitor=d.get("monitor"), precision=d.get("precision"),
+            flip_axes=flips, normalization=d.get("normalization") or NORMALIZATION[ndim],
+            model=d.get("model"), model_kwargs=dict(d.get("model_kwargs") or {}),
+        )
+
+    def to_json(self) -> dict:
+        """run.json's keys for these facts (``binary`` kept for readers of older versions)."""
+        out = {
+            "model": self.model, "model_kwargs": dict(self.model_kwargs), "ndim": self.ndim,
+            "channels": self.channels, "num_classes": self.num_classes, "head": self.head,
+            "binary": self.binary, "class_names": list(self.class_names), "ignore_index": self.ignore_index,
+            "regions": dict(self.regions), "modalities": list(self.modalities), self.size_key: list(self.size),
+            "training_flip_axes": list(self.flip_axes), "normalization": self.normalization,
+        }
+        if self.class_colors is not None:
+            out["class_colors"] = [list(c) for c in self.class_colors]
+        if self.monitor is not None:
+            out["monitor"] = self.monitor
+        if self.precision is not None:
+            out["precision"] = self.precision
+        return out
+
+    def replace(self, **changes) -> "RunInfo":
+        return dataclasses.replace(self, **changes)
+
+
+def _colors_or_none(colors, k: int):
+    if colors is None:
+        return None
+    try:
+        rows = tuple(tuple(int(v) for v in c) for c in colors)
+    except (TypeError, ValueError):
+        return None
+    return rows if len(rows) == k and all(len(r) == 3 for r in rows) else None
+
+
+def load_run_info(run_dir: str) -> RunInfo:
+    """RUN_DIR/run.json as :class:`RunInfo`."""
+    return RunInfo.from_json(load_run_config(run_dir), os.path.join(run_dir, RUN_JSON))
 
 
 def load_run_config(run_dir: str) -> dict:
@@ -61,14 +213,15 @@ def training_flip_axes(run_cfg: dict) -> tuple[int, ...]:
     return tuple(axis for axis, key in ((0, "vflip"), (1, "hflip")) if augment.get(key))
 
 
-def test_time_flips(run_dir: str, run_cfg: dict, tta: bool) -> tuple[int, ...]:
+def test_time_flips(run_dir: str, run, tta: bool) -> tuple[int, ...]:
     """The flips ``--tta`` averages for this run: its training flips, () without ``tta``.
 
-    A run trained without flips gets () and a warning: there is nothing it was trained to see.
+    ``run`` is a :class:`RunInfo` (or run.json's dict). A run trained without flips gets () and a
+    warning: there is nothing it was trained to see.
     """
     if not tta:
         return ()
-    flips = training_flip_axes(run_cfg)
+    flips = tuple(run.flip_axes) if isinstance(run, RunInfo) else training_flip_axes(run)
     if not flips:
         logger.warning("%s: trained without flips, so --tta has no flips to average; predicting as is", run_dir)
     return flips

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+# The HD95 BraTS scores when exactly one of truth and prediction is empty for a region: the
+# diagonal of its 240x240x155 volume at 1 mm, sqrt(240**2 + 240**2 + 155**2) = 373.13 mm. tfseg's
+# BraTS volumes are cropped to the brain at conversion, so the diagonal of the scored array would
+# be a smaller, case-dependent number: the constant is used instead, whatever the array.
+BRATS_EMPTY_HD95_MM = 373.13
+
 
 def confusion_matrix(y_true, y_pred, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
     """(num_classes, num_classes) int64 confusion matrix of integer label arrays of equal shape."""
@@ -150,7 +156,8 @@ def _directed_surface_distances(src: np.ndarray, dst: np.ndarray, spacing) -> np
     return dist[src]
 
 
-def hausdorff_distance(truth, pred, spacing=None, percentile: float = 95.0) -> float:
+def hausdorff_distance(truth, pred, spacing=None, percentile: float = 95.0,
+                       empty_distance: float | None = BRATS_EMPTY_HD95_MM) -> float:
     """Symmetric percentile Hausdorff distance between the surfaces of two boolean masks, in mm.
 
     The larger of the two directed ``percentile``-th percentiles of surface-to-surface
@@ -159,13 +166,15 @@ def hausdorff_distance(truth, pred, spacing=None, percentile: float = 95.0) -> f
 
     Empty-set conventions (the BraTS challenge's):
       - both masks empty: 0.0 (nothing to find and nothing found);
-      - exactly one empty: the diagonal of the whole array in mm (the largest distance
-        possible inside it; 373.13 mm for BraTS's 240x240x155 volumes at 1 mm).
+      - exactly one empty: ``empty_distance``, by default :data:`BRATS_EMPTY_HD95_MM` (373.13 mm,
+        the diagonal of BraTS's 240x240x155 volumes at 1 mm, whatever the scored array's size);
+        None: the diagonal of this array in mm (the largest distance possible inside it).
 
     Args:
       truth, pred: boolean masks of equal shape (D, H, W) or (H, W).
       spacing: voxel size in mm per axis; 1 mm when None.
       percentile: 0..100.
+      empty_distance: the distance when exactly one mask is empty (None: the array's diagonal).
 
     Returns:
       float, in the units of ``spacing``.
@@ -178,6 +187,8 @@ def hausdorff_distance(truth, pred, spacing=None, percentile: float = 95.0) -> f
     if not t_any and not p_any:
         return 0.0
     if not t_any or not p_any:
+        if empty_distance is not None:
+            return float(empty_distance)
         return float(np.sqrt(np.sum((np.array(t.shape) * spacing) ** 2)))
     # Crop to the union's bounding box plus one voxel: the surfaces and the distances between
     # them are unchanged, and the distance transforms shrink from the whole volume to the tumour.
@@ -191,6 +202,7 @@ def hausdorff_distance(truth, pred, spacing=None, percentile: float = 95.0) -> f
     return float(max(np.percentile(d_tp, percentile), np.percentile(d_pt, percentile)))
 
 
-def hd95(truth, pred, spacing=None) -> float:
-    """95th-percentile Hausdorff distance in mm; see :func:`hausdorff_distance` for conventions."""
-    return hausdorff_distance(truth, pred, spacing, percentile=95.0)
+def hd95(truth, pred, spacing=None, empty_distance: float | None = BRATS_EMPTY_HD95_MM) -> float:
+    """95th-percentile Hausdorff distance in mm; see :func:`hausdorff_distance` for conventions
+    (373.13 mm when exactly one mask is empty, 0 when both are)."""
+    return hausdorff_distance(truth, pred, spacing, percentile=95.0, empty_distance=empty_distance)

@@ -383,21 +383,12 @@ def _class_weights(spec, info: DatasetInfo, where: str) -> list | None:
 
 def _run_record(cfg: FitConfig, plan: _Plan) -> dict:
     info = plan.info
-    record = {
-        "model": cfg.model,
-        "model_kwargs": dict(cfg.model_kwargs),
-        "ndim": info.ndim,
-        "channels": info.channels,
-        "num_classes": info.num_classes,
-        "binary": info.binary,
-        "class_names": list(info.class_names),
-        "ignore_index": info.ignore_index,
-        "regions": dict(info.regions or {}),
-        "modalities": list(info.modalities or []),
-        "image_size" if info.ndim == 2 else "patch_size": list(plan.size),
-        "data_dir": outputs.normalize(cfg.data),
-        "loss": plan.loss,
-    }
+    # The typed run facts (rundir.RunInfo); precision and monitor are added once resolved.
+    flips = rundir.training_flip_axes({"ndim": info.ndim, "config": {"augment": cfg.augment or {}}})
+    record = rundir.RunInfo.from_dataset(
+        info, plan.size, model=cfg.model, model_kwargs=dict(cfg.model_kwargs), flip_axes=flips
+    ).to_json()
+    record.update(data_dir=outputs.normalize(cfg.data), loss=plan.loss)
     return record
 
 
