@@ -22,7 +22,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except TfsegError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            sys.exit(getattr(e, "exit_code", 2))  # 1 for data failures (nothing converted), 2 for misuse
 
 
 def _setup_logging(verbose: bool) -> None:
