@@ -102,11 +102,25 @@ def test_mixed_bfloat16_outputs_float32(name, input_shape, num_classes, bfloat16
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_sizes_not_divisible_raise(name):
+def test_sizes_not_divisible_are_padded(name, tmp_path):
+    """A size the network cannot take is padded up inside the model and cropped back: the output
+    equals the bare network's on the zero-padded input, cropped by hand, and survives .keras."""
     d = min_divisor(name, **TINY[name])
-    shape = (3 * d + d // 2, 2 * d, 3)
-    with pytest.raises(ValueError, match=rf"size {3 * d + d // 2}\b.*multiples of {d}\b"):
-        build_model(name, input_shape=shape, num_classes=2, **TINY[name])
+    shape = (3 * d + d // 2, 2 * d + 1, 3)
+    keras.utils.set_random_seed(0)
+    model = build_model(name, input_shape=shape, num_classes=3, **TINY[name])
+    x, _ = _data(shape, 3)
+    probs = np.asarray(model(x, training=False))
+    assert probs.shape == (2, shape[0], shape[1], 3)
+    inner = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    assert len(inner) == 1 and tuple(inner[0].input_shape[1:3]) == (4 * d, 3 * d)
+    top, left = (4 * d - shape[0]) // 2, (3 * d - shape[1]) // 2
+    padded = np.pad(x, ((0, 0), (top, 4 * d - shape[0] - top), (left, 3 * d - shape[1] - left), (0, 0)))
+    expected = np.asarray(inner[0](padded, training=False))[:, top : top + shape[0], left : left + shape[1]]
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    np.testing.assert_allclose(np.asarray(keras.models.load_model(path, compile=False)(x)), probs, atol=1e-6)
 
 
 def test_min_divisor_follows_depth():
@@ -119,9 +133,13 @@ def test_min_divisor_follows_depth():
         min_divisor("segformer")
 
 
-def test_3d_size_check_and_odd_3d_size():
-    with pytest.raises(ValueError, match=r"size 18\b.*multiples of 4"):
-        build_model("unet", input_shape=(16, 18, 16, 1), num_classes=3, depth=2, base_filters=4)
+def test_odd_3d_size_is_padded():
+    model = build_model("unet", input_shape=(17, 18, 19, 1), num_classes=3, depth=2, base_filters=4)
+    x, _ = _data((17, 18, 19, 1), 3, n=1)
+    assert np.asarray(model(x)).shape == (1, 17, 18, 19, 3)
+    assert model.get_layer("fit_pad").padding == ((1, 2), (1, 1), (0, 1))
+    with pytest.raises(ValueError, match=r"spatial size 0\b"):
+        build_model("unet", input_shape=(0, 16, 16, 1), num_classes=3, depth=2, base_filters=4)
 
 
 def test_bad_inputs_raise():

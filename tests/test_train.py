@@ -306,7 +306,7 @@ def test_bad_input_is_one_line_error_before_training(tmp_path, squares_data):
         (tiny_fit_config(str(tmp_path), out), "no dataset.json"),
         (tiny_fit_config(squares_data, out, patch_size="16x16x16", image_size=None), "2D dataset"),
         (tiny_fit_config(squares_data, out, num_classes=3), "num_classes=2"),
-        (tiny_fit_config(squares_data, out, image_size="30x30"), "multiples of 4"),
+        (tiny_fit_config(squares_data, out, image_size="30x0"), "positive integers"),
         (tiny_fit_config(squares_data, out, model="nope"), "unknown model"),
         (tiny_fit_config(squares_data, out, batch_size=32), "fewer than one global batch"),
         (tiny_fit_config(squares_data, out, validation_split="test"), "no split 'test'"),

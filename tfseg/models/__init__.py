@@ -66,8 +66,9 @@ def min_divisor(name: str, **kwargs) -> int:
 def check_input_shape(name: str, input_shape, **kwargs) -> None:
     """Raises ValueError when model ``name`` cannot take ``input_shape`` ((H, W, C) or (D, H, W, C)).
 
-    Checks the rank against the architecture and each known spatial size against
-    :func:`min_divisor`; None sizes are left to run time.
+    Checks the rank against the architecture, the channel count and that each known spatial size
+    is positive; sizes that are not multiples of :func:`min_divisor` are padded inside the model
+    (:func:`network_shape`). None sizes are left to run time.
     """
     spec = _spec(name)
     input_shape = tuple(input_shape)
@@ -77,13 +78,22 @@ def check_input_shape(name: str, input_shape, **kwargs) -> None:
         raise ValueError(f"model {name} takes {dims} inputs, got input_shape {input_shape} ({ndim}D)")
     if input_shape[-1] is None:
         raise ValueError(f"model {name}: the channel count of input_shape {input_shape} must be known")
-    divisor = min_divisor(name, **kwargs)
     for size in input_shape[:-1]:
-        if size is not None and (int(size) <= 0 or int(size) % divisor):
-            raise ValueError(
-                f"model {name} cannot take spatial size {size} (input_shape {input_shape}): "
-                f"sizes must be positive multiples of {divisor}"
-            )
+        if size is not None and int(size) <= 0:
+            raise ValueError(f"model {name} cannot take spatial size {size} (input_shape {input_shape})")
+
+
+def network_shape(name: str, input_shape, **kwargs) -> tuple:
+    """The spatial size the network of model ``name`` runs at for ``input_shape``'s spatial size.
+
+    Each known size rounded up to a multiple of :func:`min_divisor`; :func:`build_model` pads
+    inputs of other sizes up to it inside the model and crops the output back
+    (:mod:`tfseg.models.padding`).
+    """
+    from tfseg.models.padding import padded_size
+
+    divisor = min_divisor(name, **kwargs)
+    return tuple(padded_size(s, divisor) for s in tuple(input_shape)[:-1])
 
 
 def build_model(name: str, *, input_shape, num_classes: int, **kwargs):
@@ -99,17 +109,23 @@ def build_model(name: str, *, input_shape, num_classes: int, **kwargs):
       A functional ``keras.Model`` built under the current dtype policy.
 
     Raises:
-      ValueError: unknown name, unsupported rank, a spatial size not divisible by
-        :func:`min_divisor`, or ``num_classes < 2``.
+      ValueError: unknown name, unsupported rank, a non-positive spatial size, or
+        ``num_classes < 2``. A spatial size not divisible by :func:`min_divisor` is padded up to
+        the next multiple inside the model and the output cropped back to it
+        (:mod:`tfseg.models.padding`): the model takes and returns exactly ``input_shape``'s size.
     """
     check_input_shape(name, input_shape, **kwargs)
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2 (background included), got {num_classes}")
-    return _spec(name).build(tuple(input_shape), int(num_classes), **kwargs)
+    from tfseg.models import padding
+
+    spec = _spec(name)
+    return padding.wrap(lambda shape: spec.build(shape, int(num_classes), **kwargs), tuple(input_shape),
+                        min_divisor(name, **kwargs))
 
 
 # Registers the custom Keras objects so models compiled with them load from .keras files.
 from tfseg import losses as _losses  # noqa: E402,F401
 from tfseg import metrics as _metrics  # noqa: E402,F401
 
-__all__ = ["MODELS", "ModelSpec", "build_model", "check_input_shape", "min_divisor"]
+__all__ = ["MODELS", "ModelSpec", "build_model", "check_input_shape", "min_divisor", "network_shape"]
