@@ -7,7 +7,8 @@ Selection rules (``tfseg fit`` documents them to users):
   ``MirroredStrategy`` over all local GPUs when there are two or more; TensorFlow's default
   (single device) strategy otherwise.
 * precision ``auto``: ``mixed_float16`` on GPUs; ``mixed_bfloat16`` on CPUs with native bf16
-  (AVX512_BF16 or AMX; measured 1.56x faster than float32 there, while float16 on CPU is ~4x slower);
+  (AVX512_BF16 or AMX; a U-Net step with tfseg's fused batch norm took 2.16x less CPU time than
+  float32 with Keras's batch norm there, BENCHMARKS.md, while float16 on CPU is ~4x slower);
   ``float32`` otherwise.
 * jit_compile ``auto``: on for GPUs only (XLA made the CPU U-Net 2.4x slower here).
 
