@@ -132,7 +132,7 @@ def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, comp
             layout_options={k: v for k, v in layout_options.items() if v is not None},
             split=split, image_size=image_size, num_shards=num_shards,
             compression="" if compression.lower() == "none" else compression, strict=strict,
-            overwrite=overwrite, beam_args=list(ctx.args),
+            overwrite=overwrite, beam_args=list(ctx.args), progress_stream=sys.stderr,
         )
     except NothingConverted as e:  # a data failure, not a misuse: exit 1
         click.echo(f"error: {e}", err=True)

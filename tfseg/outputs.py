@@ -21,12 +21,17 @@ failure inside the ``with`` block publishes nothing and leaves an older output a
 folders of killed runs on this host are removed by the next run.
 
 Paths with a scheme (``gs://``, ``s3://``, ``ram://`` ...) go through ``tf.io.gfile``; plain
-paths through ``os`` (faster, and atomic renames).
+paths through ``os`` (faster, and atomic renames). Inside :func:`beam_filesystems` (the convert
+stage, whose Beam workers write through Beam's ``FileSystems``) the schemes Beam knows (gs://,
+s3://, hdfs://, ...) go through Beam's ``FileSystems`` instead, and remote outputs are staged in a
+sibling folder on the same store (workers of a cluster runner cannot write into the launcher's
+disk); ``ram://`` and the TF stages keep ``tf.io.gfile``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -59,9 +64,175 @@ def is_remote(path: str) -> bool:
 
 
 def _gfile():
+    if _BEAM_DEPTH:
+        return _BeamGfile
     import tensorflow as tf
 
     return tf.io.gfile
+
+
+# --------------------------------------------------------------------------------------------
+# Beam's FileSystems as a tf.io.gfile look-alike (the convert stage; see beam_filesystems).
+# --------------------------------------------------------------------------------------------
+
+_BEAM_DEPTH = 0
+
+
+@contextlib.contextmanager
+def beam_filesystems() -> Iterator[None]:
+    """Inside this block, scheme paths Beam knows go through ``apache_beam.io.filesystems``.
+
+    The convert stage runs in it: its Beam workers read and write gs://, s3://, hdfs:// through
+    Beam's FileSystems (which honours ``STORAGE_EMULATOR_HOST`` and the runner's credentials,
+    where TF's gs:// client may not), so the launcher's ownership checks and publishing use the
+    same client. ``ram://`` (a TF-only filesystem) keeps ``tf.io.gfile``.
+    """
+    global _BEAM_DEPTH
+    _BEAM_DEPTH += 1
+    try:
+        yield
+    finally:
+        _BEAM_DEPTH -= 1
+
+
+def uses_beam(path: str) -> bool:
+    """True when ``path`` goes through Beam's FileSystems (a remote path inside
+    :func:`beam_filesystems`, on a scheme other than TF's own ``ram://``)."""
+    return bool(_BEAM_DEPTH) and is_remote(path) and not str(path).startswith("ram://")
+
+
+def _beam_fs():
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems
+
+
+_RAW = "uncompressed"  # Beam infers gzip from a ".gz" name otherwise: tfseg stores bytes as given
+
+
+def _beam_files_under_prefix(prefix: str) -> list[tuple[str, int]]:
+    """(full path, size) of every object whose name starts with ``prefix``."""
+    result = _beam_fs().match([str(prefix) + "**"])[0]
+    return sorted((m.path, m.size_in_bytes) for m in result.metadata_list)
+
+
+def _beam_files_under(path: str, limit: int | None = None) -> list[tuple[str, int]]:
+    """(full path, size) of every object under folder ``path`` (recursively)."""
+    fs = _beam_fs()
+    pattern = str(path).rstrip("/") + "/**"
+    result = fs.match([pattern], limits=[limit] if limit else None)[0]
+    return sorted((m.path, m.size_in_bytes) for m in result.metadata_list if not m.path.endswith("/"))
+
+
+class _BeamWriter(io.BytesIO):
+    """A file opened for writing: its bytes are uploaded in one create() on close."""
+
+    def __init__(self, path: str, text: bool):
+        super().__init__()
+        self.path, self.text = path, text
+
+    def write(self, data):  # type: ignore[override]
+        return super().write(data.encode("utf-8") if self.text else data)
+
+    def close(self) -> None:
+        if not self.closed:
+            data = self.getvalue()
+            with _beam_fs().create(self.path, compression_type=_RAW) as f:
+                f.write(data)
+        super().close()
+
+
+class _BeamGfile:
+    """The part of ``tf.io.gfile`` this module uses, on Beam's FileSystems for the paths
+    :func:`uses_beam` selects (object stores: a folder exists when an object lies under it;
+    makedirs is a no-op there) and on ``tf.io.gfile`` for the others."""
+
+    @staticmethod
+    def _tf():
+        import tensorflow as tf
+
+        return tf.io.gfile
+
+    @classmethod
+    def exists(cls, path: str) -> bool:
+        if not uses_beam(path):
+            return cls._tf().exists(path)
+        return _beam_fs().exists(path) or cls.isdir(path)
+
+    @classmethod
+    def isdir(cls, path: str) -> bool:
+        if not uses_beam(path):
+            return cls._tf().isdir(path)
+        return bool(_beam_files_under(path, limit=1))
+
+    @classmethod
+    def listdir(cls, path: str) -> list[str]:
+        if not uses_beam(path):
+            return cls._tf().listdir(path)
+        base = str(path).rstrip("/") + "/"
+        return sorted({p[len(base):].split("/", 1)[0] for p, _ in _beam_files_under(path)} - {""})
+
+    @classmethod
+    def makedirs(cls, path: str) -> None:
+        if not uses_beam(path):
+            return cls._tf().makedirs(path)
+        if str(path).startswith(("gs://", "s3://")):
+            return None  # object stores have no folders
+        with contextlib.suppress(OSError):  # hdfs://: exists already
+            _beam_fs().mkdirs(path)
+
+    @classmethod
+    def rmtree(cls, path: str) -> None:
+        if not uses_beam(path):
+            return cls._tf().rmtree(path)
+        files = [p for p, _ in _beam_files_under(path)]
+        for i in range(0, len(files), 1000):
+            _beam_fs().delete(files[i:i + 1000])
+        if not str(path).startswith(("gs://", "s3://")):
+            with contextlib.suppress(OSError):
+                _beam_fs().delete([path])
+
+    @classmethod
+    def remove(cls, path: str) -> None:
+        if not uses_beam(path):
+            return cls._tf().remove(path)
+        _beam_fs().delete([path])
+
+    @classmethod
+    def GFile(cls, path: str, mode: str = "r"):  # noqa: N802 - tf.io.gfile's name
+        if not uses_beam(path):
+            return cls._tf().GFile(path, mode)
+        if "w" in mode:
+            return _BeamWriter(path, text="b" not in mode)
+        with _beam_fs().open(path, compression_type=_RAW) as f:
+            data = f.read()
+        return io.BytesIO(data) if "b" in mode else io.StringIO(data.decode("utf-8"))
+
+    @classmethod
+    def copy(cls, src: str, dst: str, overwrite: bool = False) -> None:
+        if not uses_beam(src) and not uses_beam(dst):
+            return cls._tf().copy(src, dst, overwrite=overwrite)
+        fs = _beam_fs()
+        if uses_beam(src) and uses_beam(dst) and src.split("://")[0] == dst.split("://")[0]:
+            fs.copy([src], [dst])  # server-side on object stores
+            return None
+        with (fs.open(src, compression_type=_RAW) if uses_beam(src) else cls.GFile(src, "rb")) as fin:
+            with (fs.create(dst, compression_type=_RAW) if uses_beam(dst) else cls.GFile(dst, "wb")) as fout:
+                shutil.copyfileobj(fin, fout, 16 * 2**20)
+        return None
+
+    @classmethod
+    def walk(cls, top: str):
+        if not uses_beam(top):
+            yield from cls._tf().walk(top)
+            return
+        base = str(top).rstrip("/")
+        folders: dict[str, list[str]] = {}
+        for p, _ in _beam_files_under(base):
+            head, _, name = p.rpartition("/")
+            folders.setdefault(head, []).append(name)
+        for folder in sorted(folders):
+            yield folder, [], sorted(folders[folder])
 
 
 def join(path: str, *parts: str) -> str:
@@ -350,6 +521,18 @@ def clean_stale_staging(final: str) -> None:
     Only folders named ``.tfseg-staging-NAME-HOST-PID-*`` holding tfseg's ownership record, whose
     process is gone, are removed: nothing else is touched.
     """
+    if uses_beam(final):  # staged beside the output, on the same store
+        parent = dirname(normalize(final))
+        prefix = join(parent, f"{STAGING_PREFIX}{basename(final)}-{socket.gethostname()}-")
+        names = {p[len(parent) + 1:].split("/", 1)[0]
+                 for p, _ in _beam_files_under_prefix(prefix)}
+        for entry in sorted(names):
+            pid = entry[len(basename(prefix)):].split("-", 1)[0]
+            full = join(parent, entry)
+            if pid.isdigit() and not _pid_alive(int(pid)) and owner(full) is not None:
+                logger.info("removing %s, left by an interrupted run", full)
+                rmtree(full)
+        return
     if is_remote(final):
         parent, name = tempfile.gettempdir(), basename(final)  # remote outputs stage locally
     else:
@@ -382,13 +565,15 @@ def publish_dir(final: str, stage: str, *, complete_marker: str | None, overwrit
                   option=option)
     # Remote outputs are staged on the local disk (so stages write with plain file calls, PIL and
     # matplotlib included) and uploaded; local ones beside the final folder (same filesystem:
-    # published by rename).
-    parent = tempfile.gettempdir() if is_remote(final) else dirname(normalize(final))
+    # published by rename). Under beam_filesystems() (convert) remote outputs are staged beside
+    # the final folder on the same store, where the runner's workers write, and copied there.
+    parent = tempfile.gettempdir() if is_remote(final) and not uses_beam(final) else dirname(normalize(final))
     makedirs(parent)
     clean_stale_staging(final)
     staging = join(parent, _staging_name(final))
     mark_owned(staging, stage)
-    os.chmod(staging, 0o777 & ~_umask())
+    if not is_remote(staging):
+        os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
     except BaseException:
@@ -419,12 +604,15 @@ def _publish_by_copy(staging: str, final: str, complete_marker: str | None, *, r
             remove(join(final, complete_marker))
         rmtree(final)
     g = _gfile()
-    files = []
-    for root, _, names in os.walk(staging):
-        files.extend(os.path.join(root, n) for n in names)
-    marker = os.path.join(staging, complete_marker) if complete_marker else None
-    for src in sorted(files, key=lambda f: f == marker):  # the completion marker last
-        dst = join(final, *os.path.relpath(src, staging).split(os.sep))
+    if is_remote(staging):  # staged on the same store (beam_filesystems)
+        rels = [p[len(staging.rstrip("/")) + 1:] for p, _ in _beam_files_under(staging)]
+    else:
+        rels = ["/".join(os.path.relpath(os.path.join(root, n), staging).split(os.sep))
+                for root, _, names in os.walk(staging) for n in names]
+    # The ownership record first (a folder half copied is still ours), the completion marker last.
+    for rel in sorted(rels, key=lambda r: (r != OWNER_FILE, r == complete_marker, r)):
+        src = join(staging, *rel.split("/")) if is_remote(staging) else os.path.join(staging, *rel.split("/"))
+        dst = join(final, *rel.split("/"))
         g.makedirs(dirname(dst))
         g.copy(src, dst, overwrite=True)
 

@@ -13,6 +13,13 @@ Usage::
     python tools/bench_convert.py        # 208 pairs; in_memory with and without worker threads
     python tools/bench_convert.py --configs in_memory,multi_threading,multi_processing --repeats 1
     python tools/bench_convert.py --memory   # peak RSS: 2, 4, 8 pairs of 8000x8000 vs 4 small pairs
+    python tools/bench_convert.py --runners  # 200 pairs: DirectRunner in_memory vs multi_processing
+                                             # (2 workers) vs DaskRunner (2 workers on loopback)
+
+``--runners`` is ``--count 200 --configs in_memory,multi_processing,dask --workers 2``; ``dask``
+starts a dask.distributed scheduler and ``--workers`` worker processes on 127.0.0.1 (outside the
+timings) and passes ``--runner dask --dask_client_address``. Ratios are also given against
+in_memory, and every runner's shards are checked byte-identical to in_memory's.
 
 Rounds alternate baseline and tfseg runs and keep each side's best wall time, because the
 machine may be shared; CPU seconds are printed too.
@@ -78,6 +85,49 @@ def baseline(root: str, out: str) -> int:
             writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
             n += 1
     return n
+
+
+class DaskCluster:
+    """A dask scheduler and ``workers`` worker processes on 127.0.0.1 (1 thread each)."""
+
+    def __init__(self, workdir: str, workers: int):
+        import subprocess
+
+        sched_file = os.path.join(workdir, "scheduler.json")
+        self.log = open(os.path.join(workdir, "dask.log"), "w")
+        self.procs = [subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+             "--no-dashboard", "--scheduler-file", sched_file], stdout=self.log, stderr=subprocess.STDOUT)]
+        try:
+            for _ in range(240):
+                if os.path.exists(sched_file):
+                    break
+                time.sleep(0.5)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", sched_file, "--nworkers",
+                 str(workers), "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
+                stdout=self.log, stderr=subprocess.STDOUT))
+            from distributed import Client
+
+            with Client(scheduler_file=sched_file, timeout=60) as client:
+                client.wait_for_workers(workers, timeout=180)
+            with open(sched_file) as f:
+                self.address = json.load(f)["address"]
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        import subprocess
+
+        for p in reversed(self.procs):
+            p.terminate()
+        for p in reversed(self.procs):
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.log.close()
 
 
 def _timed(fn):
@@ -161,13 +211,18 @@ def memory(argv=None) -> None:
 
 
 def main(argv=None) -> None:
-    if "--memory" in (sys.argv[1:] if argv is None else argv):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--memory" in argv:
         return memory(argv)
+    if "--runners" in argv:
+        argv.remove("--runners")
+        argv = ["--count", "200", "--configs", "in_memory,multi_processing,dask", "--workers", "2"] + argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=208, help="pairs (>= 200 for the report)")
     p.add_argument("--distinct", type=int, default=16, help="distinct generated pairs")
     p.add_argument("--configs", default="in_memory,in_memory:threads=1",
-                   help="tfseg runs: MODE[:threads=N], MODE in in_memory, multi_threading, multi_processing")
+                   help="tfseg runs: MODE[:threads=N], MODE in in_memory, multi_threading, multi_processing, "
+                        "dask (DaskRunner on a local cluster of --workers processes)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="workers for the parallel modes")
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best wall time counts")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed)")
@@ -194,45 +249,84 @@ def main(argv=None) -> None:
             finally:
                 shutil.rmtree(out, ignore_errors=True)
 
+        cluster = None
+        shards: dict[str, dict[str, bytes]] = {}
+
         def run_tfseg(config, r):
+            nonlocal cluster
             mode, _, extra = config.partition(":")
             threads = int(extra.split("=")[1]) if extra.startswith("threads=") else None
-            beam_args = [f"--direct_running_mode={mode}"]
-            if mode != "in_memory":
-                beam_args.append(f"--direct_num_workers={args.workers}")
+            if mode == "dask":
+                beam_args = ["--runner", "dask", f"--dask_client_address={cluster.address}"]
+            else:
+                beam_args = [f"--direct_running_mode={mode}"]
+                if mode != "in_memory":
+                    beam_args.append(f"--direct_num_workers={args.workers}")
             out = os.path.join(work, f"tfseg{r}")
             try:
                 summary = run_convert("carvana", data, out, beam_args=beam_args, threads=threads)
+                if r == 0:
+                    shards[config] = {f: open(os.path.join(out, f), "rb").read()
+                                      for f in sorted(os.listdir(out)) if ".tfrecord" in f}
             finally:
                 shutil.rmtree(out, ignore_errors=True)
             n = sum(summary["splits"].values())
             assert n == args.count and summary["rejected"] == 0, summary
             return n
 
+        if any(c.partition(":")[0] == "dask" for c in args.configs.split(",")):
+            t = time.perf_counter()
+            cluster = DaskCluster(work, args.workers)
+            print(f"dask cluster: scheduler + {args.workers} worker processes on 127.0.0.1 "
+                  f"({time.perf_counter() - t:.1f} s to start, not timed)")
         best: dict[str, tuple[float, float]] = {}
-        for r in range(args.repeats):
-            # Alternate the runs so that load from other processes hits both sides alike.
-            for name in ["baseline"] + [c for c in args.configs.split(",") if c]:
-                n, wall, cpu = _timed(lambda: run_baseline(r) if name == "baseline" else run_tfseg(name, r))
-                print(f"  round {r + 1} {name}: {wall:.2f} s wall, {cpu:.2f} s CPU")
-                if name not in best or wall < best[name][0]:
-                    best[name] = (wall, cpu)
-        base_wall, base_cpu = best["baseline"]
-        results = {}
-        for name, (wall, cpu) in best.items():
-            row = {"seconds": round(wall, 2), "images_per_s": round(args.count / wall, 2), "cpu_seconds": round(cpu, 2)}
-            if name != "baseline":
-                row["ratio"] = round(base_wall / wall, 2)
-            results[name] = row
-            label = "baseline loop (PIL decode + raw bytes + TFRecordWriter)" if name == "baseline" else f"tfseg {name}"
-            ratio = f", {base_wall / wall:.2f}x the loop" if name != "baseline" else ""
-            cpu_note = " (CPU of child processes not counted)" if name.startswith("multi_processing") else ""
-            print(f"{label}: {args.count / wall:.1f} images/s (best of {args.repeats}: {wall:.2f} s wall, "
-                  f"{cpu:.2f} s CPU{cpu_note}){ratio}")
-        print(json.dumps(results))
+        try:
+            _rounds(args, run_baseline, run_tfseg, best)
+        finally:
+            if cluster is not None:
+                cluster.close()
+        ref = next(iter(shards.values()), None)
+        for name, files in shards.items():
+            same = files == ref
+            print(f"shards of {name}: {len(files)} files, {'byte-identical to' if same else 'DIFFERENT from'} "
+                  f"{next(iter(shards))}'s")
+            assert same, name
+        _report(args, best)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _rounds(args, run_baseline, run_tfseg, best) -> None:
+    for r in range(args.repeats):
+        # Alternate the runs so that load from other processes hits every side alike.
+        for name in ["baseline"] + [c for c in args.configs.split(",") if c]:
+            n, wall, cpu = _timed(lambda: run_baseline(r) if name == "baseline" else run_tfseg(name, r))
+            print(f"  round {r + 1} {name}: {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
+            if name not in best or wall < best[name][0]:
+                best[name] = (wall, cpu)
+
+
+def _report(args, best) -> None:
+    base_wall, _ = best["baseline"]
+    mem_wall = best.get("in_memory", (None,))[0]
+    results = {}
+    for name, (wall, cpu) in best.items():
+        row = {"seconds": round(wall, 2), "images_per_s": round(args.count / wall, 2), "cpu_seconds": round(cpu, 2)}
+        if name != "baseline":
+            row["ratio"] = round(base_wall / wall, 2)
+            if mem_wall:
+                row["vs_in_memory"] = round(mem_wall / wall, 2)
+        results[name] = row
+        label = "baseline loop (PIL decode + raw bytes + TFRecordWriter)" if name == "baseline" else f"tfseg {name}"
+        ratio = f", {base_wall / wall:.2f}x the loop" if name != "baseline" else ""
+        if mem_wall and name not in ("baseline", "in_memory"):
+            ratio += f", {mem_wall / wall:.2f}x in_memory"
+        cpu_note = (" (CPU of child processes not counted)"
+                    if name.startswith(("multi_processing", "dask")) else "")
+        print(f"{label}: {args.count / wall:.1f} images/s (best of {args.repeats}: {wall:.2f} s wall, "
+              f"{cpu:.2f} s CPU{cpu_note}){ratio}")
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

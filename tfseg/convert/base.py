@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 from typing import Any
 
 import numpy as np
@@ -122,9 +123,12 @@ class Layout:
     """Base class of the dataset layouts. Subclasses set ``name`` and implement three methods.
 
     Layout objects are pickled to Beam workers: keep their state to plain options.
+    ``remote_input``: the layout lists and reads its files with the helpers below
+    (:func:`list_dir`, :func:`read_bytes`, ...), so ``--input`` may be gs://, s3://, hdfs://.
     """
 
     name: str = ""
+    remote_input: bool = False
 
     def info(self) -> LayoutInfo:
         raise NotImplementedError
@@ -197,6 +201,70 @@ def assign_split(case: Case, spec: list[tuple[str, float]]) -> str:
             return name
     return spec[-1][0]
 
+
+
+# --------------------------------------------------------------------------------------------
+# Input files on any filesystem Beam knows: local paths through os, scheme paths (gs://, s3://,
+# hdfs://) through Beam's FileSystems (which the runner configures; TF's gs:// client is not used).
+# --------------------------------------------------------------------------------------------
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def join(path: str, *parts: str) -> str:
+    if is_remote(path):
+        return "/".join([str(path).rstrip("/"), *parts])
+    return os.path.join(path, *parts)
+
+
+def _beam_fs():
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems
+
+
+def _objects(prefix: str, pattern: str, limit: int | None = None):
+    result = _beam_fs().match([str(prefix).rstrip("/") + pattern], limits=[limit] if limit else None)[0]
+    return [m for m in result.metadata_list if not m.path.endswith("/")]
+
+
+def is_dir(path: str) -> bool:
+    """A folder (remote: a prefix with at least one object under it)."""
+    if not is_remote(path):
+        return os.path.isdir(path)
+    return bool(_objects(path, "/**", limit=1))
+
+
+def is_file(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.isfile(path)
+    return _beam_fs().exists(path)
+
+
+def list_dir(path: str) -> list[str]:
+    """Names in folder ``path``, sorted (remote: the objects directly inside it)."""
+    if not is_remote(path):
+        return sorted(os.listdir(path))
+    base = str(path).rstrip("/") + "/"
+    return sorted({m.path[len(base):] for m in _objects(path, "/*")} - {""})
+
+
+def file_sizes(root: str) -> dict[str, int]:
+    """{path: bytes} of every file under a remote ``root`` (one listing); {} for a local root."""
+    if not is_remote(root):
+        return {}
+    return {m.path: m.size_in_bytes for m in _objects(root, "/**")}
+
+
+def read_bytes(path: str) -> bytes:
+    """A whole input file (raises OSError when it cannot be read)."""
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            return f.read()
+    with _beam_fs().open(path, compression_type="uncompressed") as f:
+        return f.read()
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,10 +359,9 @@ def _open_image(path: str):
 
     _quiet_pil_bomb_warning()
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_bytes(path)
     except OSError as e:
-        raise BadCase(path, f"cannot read file ({e.strerror or e})") from None
+        raise BadCase(path, f"cannot read file ({e.strerror or _pil_reason(e)})") from None
     if not data:
         raise BadCase(path, "empty file")
     try:

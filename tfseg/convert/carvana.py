@@ -9,13 +9,26 @@ the split group, so no car straddles train and validation.
 from __future__ import annotations
 
 import csv
-import glob
+import io
 import logging
 import os
 
 import numpy as np
 
-from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, read_binary_mask, read_image
+from tfseg.convert.base import (
+    BadCase,
+    Case,
+    Layout,
+    LayoutInfo,
+    Loaded2D,
+    is_dir,
+    is_file,
+    join,
+    list_dir,
+    read_binary_mask,
+    read_bytes,
+    read_image,
+)
 from tfseg.errors import TfsegError
 
 log = logging.getLogger(__name__)
@@ -64,6 +77,7 @@ class CarvanaLayout(Layout):
     """Carvana's Kaggle layout (no options)."""
 
     name = "carvana"
+    remote_input = True
 
     def __init__(self):
         self._rle: dict[str, str] | None = None
@@ -76,25 +90,26 @@ class CarvanaLayout(Layout):
         return LayoutInfo(name=self.name, ndim=2, channels=3, class_names=("background", "car"))
 
     def list_cases(self, root: str) -> list[Case]:
-        image_dir = next((os.path.join(root, d) for d in IMAGE_DIRS if os.path.isdir(os.path.join(root, d))), None)
+        # Through base's file helpers: --input may be local or gs://, s3://, hdfs://.
+        image_dir = next((join(root, d) for d in IMAGE_DIRS if is_dir(join(root, d))), None)
         if image_dir is None:
             raise TfsegError(
                 f"{root}: not a Carvana layout (expected train/*.jpg with train_masks/*_mask.gif or {MASK_CSV})")
-        images = sorted(glob.glob(os.path.join(image_dir, "*.jpg")))
+        images = [n for n in list_dir(image_dir) if n.endswith(".jpg") and not n.startswith(".")]
         if not images:
             raise TfsegError(f"{image_dir}: no .jpg images")
-        mask_dir = os.path.join(root, MASK_DIR)
-        csv_path = os.path.join(root, MASK_CSV)
-        has_csv = os.path.isfile(csv_path)
-        if not os.path.isdir(mask_dir) and not has_csv:
+        mask_dir = join(root, MASK_DIR)
+        csv_path = join(root, MASK_CSV)
+        has_csv = is_file(csv_path)
+        masks = set(list_dir(mask_dir)) if is_dir(mask_dir) else None
+        if masks is None and not has_csv:
             raise TfsegError(f"{root}: no masks (expected {MASK_DIR}/*_mask.gif or {MASK_CSV})")
         cases = []
-        for path in images:
-            stem = os.path.splitext(os.path.basename(path))[0]
-            gif = os.path.join(mask_dir, f"{stem}_mask.gif")
-            files = [("image", path)]
-            if os.path.isfile(gif):
-                files.append(("mask", gif))
+        for name in images:
+            stem = os.path.splitext(name)[0]
+            files = [("image", join(image_dir, name))]
+            if masks is not None and f"{stem}_mask.gif" in masks:
+                files.append(("mask", join(mask_dir, f"{stem}_mask.gif")))
             elif has_csv:
                 files.append(("rle", csv_path))
             cases.append(Case(case_id=stem, files=tuple(files), group=car_id(stem)))
@@ -103,10 +118,10 @@ class CarvanaLayout(Layout):
     def _rle_table(self, csv_path: str) -> dict[str, str]:
         if self._rle is None:
             try:
-                with open(csv_path, newline="") as f:
-                    rows = csv.DictReader(f)
-                    self._rle = {os.path.splitext(r["img"])[0]: r["rle_mask"] for r in rows}
-            except (OSError, KeyError, csv.Error) as e:
+                text = read_bytes(csv_path).decode("utf-8")
+                rows = csv.DictReader(io.StringIO(text, newline=""))
+                self._rle = {os.path.splitext(r["img"])[0]: r["rle_mask"] for r in rows}
+            except (OSError, KeyError, csv.Error, UnicodeDecodeError) as e:
                 raise BadCase(csv_path, f"cannot read run-length masks ({e})") from None
         return self._rle
 

@@ -32,6 +32,7 @@ background) and ``class_0`` ... ``class_{K-1}`` for more.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -46,6 +47,11 @@ from tfseg.convert.base import (
     Layout,
     LayoutInfo,
     Loaded2D,
+    is_dir,
+    is_remote,
+    join,
+    list_dir,
+    read_bytes,
     read_image,
     read_label_image,
 )
@@ -151,6 +157,7 @@ class FolderLayout(Layout):
     """
 
     name = "folder"
+    remote_input = True  # lists and reads through base's helpers (--palette/--class-names: local files)
 
     def __init__(self, image_dir: str = "images", mask_dir: str = "masks", mask_suffix: str = "",
                  num_classes: int | None = None, ignore_index: int | None = None, palette: str | None = None,
@@ -221,24 +228,27 @@ class FolderLayout(Layout):
 
     def _mask_index(self, mask_dir: str) -> dict[str, str]:
         out = {}
-        for f in sorted(os.listdir(mask_dir)):
+        for f in list_dir(mask_dir):
             stem, ext = os.path.splitext(f)
             if ext.lower() not in IMAGE_EXTENSIONS or not stem.endswith(self.mask_suffix):
                 continue
             key = stem[: len(stem) - len(self.mask_suffix)] if self.mask_suffix else stem
-            out.setdefault(key, os.path.join(mask_dir, f))
+            out.setdefault(key, join(mask_dir, f))
         return out
 
     def list_cases(self, root: str) -> list[Case]:
-        image_dir = os.path.join(root, self.image_dir)
-        mask_dir = os.path.join(root, self.mask_dir)
+        image_dir = join(root, self.image_dir)
+        mask_dir = join(root, self.mask_dir)
         for flag, d in (("--image-dir", image_dir), ("--mask-dir", mask_dir)):
-            if not os.path.isdir(d):
+            if not is_dir(d):
                 raise TfsegError(f"{d}: {flag} folder not found")
         masks = self._mask_index(mask_dir)
-        same = os.path.realpath(image_dir) == os.path.realpath(mask_dir)
+        if is_remote(root):
+            same = image_dir.rstrip("/") == mask_dir.rstrip("/")
+        else:
+            same = os.path.realpath(image_dir) == os.path.realpath(mask_dir)
         cases = []
-        for f in sorted(os.listdir(image_dir)):
+        for f in list_dir(image_dir):
             stem, ext = os.path.splitext(f)
             if ext.lower() not in IMAGE_EXTENSIONS:
                 continue
@@ -246,7 +256,7 @@ class FolderLayout(Layout):
                 if not self.mask_suffix:
                     raise TfsegError(f"{image_dir}: images and masks share a folder; pass --mask-suffix")
                 continue
-            files = [("image", os.path.join(image_dir, f))]
+            files = [("image", join(image_dir, f))]
             if stem in masks:
                 files.append(("mask", masks[stem]))
             cases.append(Case(case_id=stem, files=tuple(files)))
@@ -369,7 +379,7 @@ def _probe_channels(path: str) -> int:
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(read_bytes(path))) as img:
             gray = (img.mode in ("L", "LA", "1", "I", "F") or img.mode.startswith("I;16")
                     or (img.mode in ("P", "PA") and not _is_colour_palette(img)))
             return 1 if gray else 3

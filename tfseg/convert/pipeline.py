@@ -50,6 +50,7 @@ import logging
 import math
 import os
 import struct
+import threading
 import time
 import zlib
 from typing import Any, Iterable, NamedTuple
@@ -74,6 +75,7 @@ from tfseg.convert.base import (
     parse_split_spec,
 )
 from tfseg.errors import TfsegError
+from tfseg.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -340,15 +342,25 @@ def spill_path(spill_dir: str, split: str, shard: int, case_id: str) -> str:
 def _write_bytes(path: str, data: bytes) -> None:
     from apache_beam.io.filesystems import FileSystems
 
-    with FileSystems.create(path) as f:
+    with FileSystems.create(path, compression_type="uncompressed") as f:
         f.write(data)
 
 
 def _read_bytes(path: str) -> bytes:
     from apache_beam.io.filesystems import FileSystems
 
-    with FileSystems.open(path) as f:
+    with FileSystems.open(path, compression_type="uncompressed") as f:
         return f.read()
+
+
+def _upload(local_path: str, path: str) -> None:
+    """Copies a local file to ``path`` on a filesystem Beam knows (gs://, s3://, hdfs://)."""
+    import shutil
+
+    from apache_beam.io.filesystems import FileSystems
+
+    with open(local_path, "rb") as fin, FileSystems.create(path, compression_type="uncompressed") as fout:
+        shutil.copyfileobj(fin, fout, 16 * 2**20)
 
 
 def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Case], spill_dir: str | None = None):
@@ -435,7 +447,58 @@ class LoadAndEncodeFn(beam.DoFn):
                 self.rejected.inc()
                 # One line per rejection (the full list goes to rejected.jsonl).
                 log.warning("rejected %s: %s", value["file"], value["reason"])
+            _progress_case(kind)
             yield kind, value
+
+
+# --------------------------------------------------------------------------------------------
+# Progress (issue 14 item 4).
+# --------------------------------------------------------------------------------------------
+
+
+class ConvertProgress(Progress):
+    """Cases converted / total and rejections so far: one redrawn line on a terminal, whole lines
+    (every twentieth of the cases, or 30 s) elsewhere (:class:`tfseg.progress.Progress`).
+
+    Fed by the LoadAndEncode DoFn when it runs in the launcher's process (the DirectRunner's
+    in_memory and multi_threading modes, the default); for runners whose workers are other
+    processes or machines (multi_processing, Dask, Dataflow, ...) Beam offers no live counters on
+    the launcher, so the bar gets the totals when the job ends (the runner's own UI shows its
+    progress meanwhile).
+    """
+
+    def __init__(self, total: int, stream=None, **kwargs):
+        super().__init__(total, "converting", unit="cases", stream=stream, **kwargs)
+        self.rejected = 0
+
+    def case_done(self, kind: str) -> None:
+        if kind == REJECTED:
+            self.rejected += 1
+        self.update(1)
+
+    def line(self) -> str:
+        head, sep, rest = super().line().partition(", ")
+        return f"{head} ({self.rejected} rejected){sep}{rest}"
+
+
+# The launcher's bar while a job runs; None in worker processes (their updates are dropped).
+_PROGRESS: ConvertProgress | None = None
+_PROGRESS_LOCK = threading.Lock()
+
+
+def _progress_case(kind: str) -> None:
+    bar = _PROGRESS
+    if bar is not None:
+        with _PROGRESS_LOCK:  # multi_threading: bundles in several threads
+            bar.case_done(kind)
+
+
+def _in_launcher_process(options) -> bool:
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    mode = options.view_as(DirectOptions).direct_running_mode
+    return _runner_name(options) in ("DirectRunner", "SwitchingDirectRunner") and mode in ("in_memory",
+                                                                                         "multi_threading")
 
 
 def default_threads() -> int:
@@ -512,9 +575,27 @@ class WriteShardFn(beam.DoFn):
         records = sorted((v for v in values if v is not None), key=lambda v: v[0])
         name = shard_name(split, shard, self.num_shards[split], self.compression)
         options = tf.io.TFRecordOptions(compression_type=self.compression or None)
-        with tf.io.TFRecordWriter(os.path.join(self.output_dir, name), options=options) as writer:
-            for _, record, path in records:
-                writer.write(_read_bytes(path) if path else record)
+        remote = outputs.is_remote(self.output_dir)
+        if remote:
+            # TF's gs:// client may not reach the store the runner's FileSystems reach (an
+            # emulator, other credentials): the shard is written by TF's writer to local disk
+            # (the same bytes as a local conversion) and uploaded through Beam's FileSystems.
+            import tempfile
+
+            fd, target = tempfile.mkstemp(prefix=f".{name}.", suffix=".part")
+            os.close(fd)
+        else:
+            target = os.path.join(self.output_dir, name)
+        try:
+            with tf.io.TFRecordWriter(target, options=options) as writer:
+                for _, record, path in records:
+                    writer.write(_read_bytes(path) if path else record)
+            if remote:
+                _upload(target, outputs.join(self.output_dir, name))
+        finally:
+            if remote:
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
         spilled = [path for _, _, path in records if path]
         if spilled:
             from apache_beam.io.filesystems import FileSystems
@@ -636,12 +717,15 @@ class _WriteJson(beam.DoFn):
         self.jsonl = jsonl
 
     def process(self, obj):
-        with open(self.path, "w") as f:
-            if self.jsonl:
-                for row in obj:
-                    f.write(json.dumps(row, sort_keys=True) + "\n")
-            else:
-                json.dump(obj, f, sort_keys=True)
+        if self.jsonl:
+            text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in obj)
+        else:
+            text = json.dumps(obj, sort_keys=True)
+        if outputs.is_remote(self.path):
+            _write_bytes(self.path, text.encode("utf-8"))
+        else:
+            with open(self.path, "w") as f:
+                f.write(text)
         yield self.path
 
 
@@ -674,7 +758,7 @@ def build_pipeline(p, layout: Layout, keyed_cases: list[tuple[str, int, Case]], 
     its path travels through the shuffle, so memory does not grow with the dataset (the
     DirectRunner keeps whole PCollections in memory); the files are deleted as shards are written.
     """
-    spill_dir = os.path.join(output_dir, SPILL_DIR) if spill else None
+    spill_dir = _join(output_dir, SPILL_DIR) if spill else None
     outputs = (
         p
         | "CreateBatches" >> beam.Create(batch_cases(keyed_cases, 2 * (threads or default_threads())))
@@ -683,14 +767,20 @@ def build_pipeline(p, layout: Layout, keyed_cases: list[tuple[str, int, Case]], 
     examples = outputs["examples"]
     shards = examples | "WriteShards" >> WriteShards(output_dir, compression, num_shards)
     shard_list = (shards | "ShardsToList" >> GatherAll()
-                  | "WriteShardList" >> beam.ParDo(_WriteJson(os.path.join(output_dir, SHARDS_FILE))))
+                  | "WriteShardList" >> beam.ParDo(_WriteJson(_join(output_dir, SHARDS_FILE))))
     stats = (examples | "SummarizeSplits" >> SummarizeSplits()
-             | "WriteStats" >> beam.ParDo(_WriteJson(os.path.join(output_dir, STATS_FILE))))
-    rejected = outputs[REJECTED] | "WriteRejected" >> WriteRejected(os.path.join(output_dir, schema.REJECTED_JSONL))
+             | "WriteStats" >> beam.ParDo(_WriteJson(_join(output_dir, STATS_FILE))))
+    rejected = outputs[REJECTED] | "WriteRejected" >> WriteRejected(_join(output_dir, schema.REJECTED_JSONL))
     # One sink that depends on every branch, applied last: the DaskRunner computes only the last
     # transform's graph, so a branch no later transform reads would never run there.
     ((shard_list, stats, rejected) | "AllWritten" >> beam.Flatten()
-     | "Done" >> beam.Map(lambda path: os.path.basename(path)))
+     | "Done" >> beam.Map(lambda path: path.rstrip("/").rsplit("/", 1)[-1]))
+
+
+def _join(path: str, *parts: str) -> str:
+    from tfseg.outputs import join
+
+    return join(path, *parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -886,9 +976,13 @@ def _count_shards(case_bytes: int, n_cases: int, requested: int | None) -> int:
     return min(n, max(1, n_cases))
 
 
-def _file_bytes(case: Case) -> int:
+def _file_bytes(case: Case, sizes: dict[str, int] | None = None) -> int:
+    """Bytes of a case's files (``sizes``: a remote input's listing, see base.file_sizes)."""
     total = 0
     for _, path in case.files:
+        if sizes:
+            total += sizes.get(path, 0)
+            continue
         try:
             total += os.path.getsize(path)
         except OSError:
@@ -896,7 +990,35 @@ def _file_bytes(case: Case) -> int:
     return total
 
 
+def check_remote_path(path: str, option: str) -> None:
+    """A scheme path must be on a filesystem Beam's FileSystems knows (the job's workers read and
+    write through it), and name a folder inside the bucket.
+
+    Raises:
+      TfsegError: an unknown scheme (``ram://`` is TF's only), a missing extra, or a bucket root.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        FileSystems.get_filesystem(path)
+    except ValueError:
+        scheme = str(path).split("://", 1)[0]
+        hint = {"gs": " (pip install google-cloud-storage, or apache-beam[gcp])",
+                "s3": " (pip install apache-beam[aws])", "hdfs": " (pip install hdfs)"}.get(scheme, "")
+        raise TfsegError(f"{option} {path}: Beam has no filesystem for {scheme}:// here{hint}; convert reads and "
+                         "writes through Beam's FileSystems (local, gs://, s3://, hdfs://)") from None
+    rest = str(path).split("://", 1)[1].strip("/")
+    if "/" not in rest:
+        raise TfsegError(f"{option} {path}: is a bucket root; name a folder inside it (e.g. {path.rstrip('/')}/data)")
+
+
 def _check_input(input_dir: str) -> None:
+    from tfseg.convert.base import is_dir, is_remote
+
+    if is_remote(input_dir):
+        if not is_dir(input_dir):
+            raise TfsegError(f"{input_dir}: input folder not found (no object under it)")
+        return
     if not os.path.exists(input_dir):
         raise TfsegError(f"{input_dir}: input directory not found")
     if not os.path.isdir(input_dir):
@@ -1001,6 +1123,7 @@ def run_convert(
     overwrite: bool = False,
     beam_args: Iterable[str] = (),
     threads: int | None = None,
+    progress_stream=None,
 ) -> dict:
     """Converts one dataset from its original layout into sharded TFRecords + dataset.json.
 
@@ -1017,6 +1140,8 @@ def run_convert(
       overwrite: replace an existing complete output.
       beam_args: Beam PipelineOptions arguments (``--runner``, ``--direct_num_workers``, ...).
       threads: conversion threads per Beam worker (default: the machine's cores, at most 8).
+      progress_stream: where to show progress (:class:`ConvertProgress`; the CLI passes stderr),
+        or None.
 
     Returns:
       ``{"output", "splits": {split: count}, "rejected", "num_shards", "seconds"}``.
@@ -1026,8 +1151,23 @@ def run_convert(
       NothingConverted: every case was rejected (nothing is published; an older output stays).
     """
     t0 = time.time()
-    input_dir = os.path.abspath(input_dir)
-    output_dir = os.path.abspath(output_dir)
+    # Scheme paths (gs://, s3://, hdfs://) go through Beam's FileSystems, on the launcher too.
+    input_dir = str(input_dir).rstrip("/") if outputs.is_remote(input_dir) else os.path.abspath(input_dir)
+    output_dir = str(output_dir).rstrip("/") if outputs.is_remote(output_dir) else os.path.abspath(output_dir)
+    if outputs.is_remote(input_dir):
+        check_remote_path(input_dir, "--input")
+    if outputs.is_remote(output_dir):
+        check_remote_path(output_dir, "--output")
+    with outputs.beam_filesystems():
+        return _run_convert(layout_name, input_dir, output_dir, t0=t0, layout_options=layout_options, split=split,
+                            image_size=image_size, num_shards=num_shards, compression=compression, strict=strict,
+                            overwrite=overwrite, beam_args=beam_args, threads=threads,
+                            progress_stream=progress_stream)
+
+
+def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, split, image_size, num_shards,
+                 compression, strict, overwrite, beam_args, threads, progress_stream) -> dict:
+    global _PROGRESS
     _check_input(input_dir)
     compression = (compression or "").upper()
     if compression in ("NONE",):
@@ -1043,6 +1183,9 @@ def run_convert(
     image_size = check_image_size(image_size)
     options = _pipeline_options(beam_args)
     layout = make_layout(layout_name, layout_options)
+    if outputs.is_remote(input_dir) and not layout.remote_input:
+        raise TfsegError(f"--input {input_dir}: the {layout_name} layout reads local input only; copy it to a local "
+                         "folder first (carvana and folder read gs://, s3://, hdfs://)")
     # Checked again when publishing; failing here spares listing and converting first.
     outputs.claim(output_dir, "convert", complete_marker=schema.DATASET_JSON, overwrite=overwrite,
                   inputs=[("--input", input_dir)])
@@ -1057,11 +1200,14 @@ def run_convert(
         dup = sorted({i for i in ids if ids.count(i) > 1})[0]
         raise TfsegError(f"{input_dir}: two cases share the id {dup!r}; case ids must be unique")
 
+    from tfseg.convert.base import file_sizes
+
+    sizes = file_sizes(input_dir)  # one listing for a remote input; {} locally
     by_split: dict[str, list[Case]] = {}
     for case in sorted(cases, key=lambda c: c.case_id):
         by_split.setdefault(assign_split(case, spec), []).append(case)
     shards = {
-        s: _count_shards(sum(_file_bytes(c) for c in cs), len(cs), num_shards)
+        s: _count_shards(sum(_file_bytes(c, sizes) for c in cs), len(cs), num_shards)
         for s, cs in sorted(by_split.items())
     }
     keyed = [(s, shard_of(c.case_id, shards[s]), c) for s, cs in sorted(by_split.items()) for c in cs]
@@ -1078,39 +1224,53 @@ def run_convert(
             _dask_partitions(options, len(batch_cases(keyed, 2 * (threads or default_threads()))))
             p = beam.Pipeline(options=options)
             build_pipeline(p, layout, keyed, opts, tmp, shards, compression, threads)
+            bar = ConvertProgress(len(keyed), progress_stream) if progress_stream is not None else None
+            if bar is not None and not _in_launcher_process(options):
+                log.info("%s converts in its own workers: progress shows when the job ends (meanwhile see the "
+                         "runner's UI)", _runner_name(options))
+            finished = False
             try:
+                _PROGRESS = bar
                 result = p.run()
                 state = result.wait_until_finish()
+                finished = True
             except TfsegError:
                 raise
             except Exception as e:  # noqa: BLE001 - the runner's own errors (a cluster unreachable, ...)
                 log.debug("the Beam job failed", exc_info=True)
                 raise TfsegError(f"the Beam job failed on {_runner_name(options)}: {_one_line(e)} "
                                  "(nothing was published; -v shows the traceback)") from None
+            finally:
+                _PROGRESS = None
+                if bar is not None and bar.tty and bar.done:
+                    # Erase the redrawn line (the final one comes with the totals), or keep it
+                    # above the error message.
+                    bar.stream.write("\r\033[K" if finished else "\n")
+                    bar.stream.flush()
             if state is not None and str(state).split(".")[-1] not in ("DONE", "UNKNOWN"):
                 raise TfsegError(f"the Beam job ended {state} on {_runner_name(options)}; nothing was published")
             _log_metrics(result)
 
-        import shutil
-
         def read_json(name, default):
-            path = os.path.join(tmp, name)
-            if not os.path.exists(path):  # GatherAll of an empty PCollection writes nothing
+            path = outputs.join(tmp, name)
+            if not outputs.exists(path):  # GatherAll of an empty PCollection writes nothing
                 return default
-            with open(path) as f:
-                obj = json.load(f)
-            os.remove(path)
+            obj = json.loads(outputs.read_text(path))
+            outputs.remove(path)
             return obj
 
         stats = read_json(STATS_FILE, {})
         written = read_json(SHARDS_FILE, [])
-        shutil.rmtree(os.path.join(tmp, SPILL_DIR), ignore_errors=True)
-        rejected_path = os.path.join(tmp, schema.REJECTED_JSONL)
-        if not os.path.exists(rejected_path):
-            open(rejected_path, "w").close()
-        with open(rejected_path) as f:
-            rejected = [json.loads(line) for line in f if line.strip()]
+        outputs.rmtree(outputs.join(tmp, SPILL_DIR))
+        rejected_path = outputs.join(tmp, schema.REJECTED_JSONL)
+        if not outputs.exists(rejected_path):
+            outputs.atomic_write_text(rejected_path, "")
+        rejected = [json.loads(line) for line in outputs.read_text(rejected_path).splitlines() if line.strip()]
         n_written = sum(n for _, _, n in written)
+        if bar is not None:  # the totals (all of them for runners whose workers could not report)
+            bar.rejected = len(rejected)
+            bar.update(n_written + len(rejected) - bar.done)
+            bar.close()
         if n_written + len(rejected) != len(keyed):
             # Never publish a dataset the runner silently shortened.
             raise TfsegError(f"{output_dir}: the runner returned {n_written} records + {len(rejected)} rejections "
@@ -1159,7 +1319,7 @@ def run_convert(
                 "rejected": len(rejected),
             },
         )
-        atomic_write_json(os.path.join(tmp, schema.DATASET_JSON), json.loads(dataset.to_json()))
+        atomic_write_json(outputs.join(tmp, schema.DATASET_JSON), json.loads(dataset.to_json()))
     summary = {
         "output": output_dir,
         "splits": {s: v["count"] for s, v in splits.items()},

@@ -1,0 +1,207 @@
+"""`tfseg convert` from gs:// to gs:// against a local GCS emulator (issue 10 item 3).
+
+The emulator (the ``gcp-storage-emulator`` package) runs on a free loopback port for this module
+and is stopped at its end. Beam's GCS filesystem honours ``STORAGE_EMULATOR_HOST``; TF's own
+gs:// client does not, so these tests fail if any convert path (listing, reading, shards,
+rejected.jsonl, dataset.json, the ownership record, publishing) bypasses Beam's FileSystems.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("gcp_storage_emulator")
+pytest.importorskip("google.cloud.storage")
+
+BUCKET = "tfseg-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A GCS emulator on 127.0.0.1 with bucket ``tfseg-test``; yields its address."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+                             f"--port={port}", "--in-memory"], stdout=log, stderr=subprocess.STDOUT)
+    host = f"http://127.0.0.1:{port}"
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = host
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, "the GCS emulator exited"
+                time.sleep(0.1)
+        _client().create_bucket(BUCKET)
+        yield host
+    finally:
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _client():
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    return storage.Client(project="test", credentials=AnonymousCredentials())
+
+
+def _upload_tree(local: str, prefix: str) -> None:
+    bucket = _client().bucket(BUCKET)
+    for root, _, files in os.walk(local):
+        for f in files:
+            rel = os.path.relpath(os.path.join(root, f), local).replace(os.sep, "/")
+            bucket.blob(f"{prefix}/{rel}").upload_from_filename(os.path.join(root, f))
+
+
+def _objects(prefix: str) -> dict[str, bytes]:
+    """{name relative to prefix: bytes} of every object under gs://BUCKET/prefix/."""
+    return {b.name[len(prefix) + 1:]: b.download_as_bytes()
+            for b in _client().list_blobs(BUCKET, prefix=prefix + "/")}
+
+
+def _local_files(folder: str) -> dict[str, bytes]:
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
+def _no_staging_left() -> bool:
+    return not [b.name for b in _client().list_blobs(BUCKET) if "/.tfseg-staging-" in "/" + b.name]
+
+
+@pytest.fixture(scope="module")
+def carvana(gcs, tmp_path_factory):
+    """12 Carvana-layout cases, local and uploaded to gs://BUCKET/raw; and their local conversion."""
+    from tfseg.convert.carvana import CarvanaLayout
+    from tfseg.convert.pipeline import run_convert
+
+    raw = str(tmp_path_factory.mktemp("carvana") / "raw")
+    CarvanaLayout.make_sample(raw, 12, seed=3, image_size=(24, 32))
+    _upload_tree(raw, "raw")
+    local_out = str(tmp_path_factory.mktemp("carvana") / "local")
+    run_convert("carvana", raw, local_out, num_shards=2)
+    return raw, local_out
+
+
+def test_cli_convert_gs_to_gs_matches_local(gcs, carvana):
+    raw, local_out = carvana
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    cmd = [sys.executable, "-c", "from tfseg.cli import main; main()", "convert", "--dataset", "carvana",
+           "--input", f"gs://{BUCKET}/raw", "--output", f"gs://{BUCKET}/data", "--num-shards", "2"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"-> gs://{BUCKET}/data" in res.stdout
+
+    remote = _objects("data")
+    local = _local_files(local_out)
+    shards = sorted(f for f in local if ".tfrecord" in f)
+    assert len(shards) == 2 * len(json.loads(local["dataset.json"])["splits"]) >= 2  # 2 shards a split
+    assert sorted(f for f in remote if ".tfrecord" in f) == shards
+    for f in shards:
+        assert remote[f] == local[f], f  # byte-identical to the local conversion
+    # Nothing else than the output's files; no spill or staging folder left in the bucket.
+    assert set(remote) == set(local) == set(shards) | {"dataset.json", "rejected.jsonl", ".tfseg-output.json"}
+    assert json.loads(remote[".tfseg-output.json"])["stage"] == "convert"
+    info_remote, info_local = json.loads(remote["dataset.json"]), json.loads(local["dataset.json"])
+    assert info_remote["splits"] == info_local["splits"]
+    assert info_remote["class_pixel_counts"] == info_local["class_pixel_counts"]
+    assert info_remote["conversion_args"]["input"] == f"gs://{BUCKET}/raw"
+    assert sum(v["count"] for v in info_remote["splits"].values()) == 12
+    assert remote["rejected.jsonl"] == b""
+    assert _no_staging_left()
+
+    # A second run is refused without --overwrite, in one line, before any work.
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"error: --output gs://{BUCKET}/data: a complete `tfseg convert` output already exists; "
+        "pass --overwrite to replace it")
+    assert _objects("data") == remote
+
+
+def test_overwrite_replaces_and_failure_keeps_older_output(gcs, carvana, tmp_path):
+    from tfseg.convert.pipeline import NothingConverted, run_convert
+
+    raw, local_out = carvana
+    run_convert("carvana", f"gs://{BUCKET}/raw", f"gs://{BUCKET}/ow", num_shards=2)
+    first = _objects("ow")
+    # --overwrite on a different sample: the old files go, the new ones come.
+    run_convert("carvana", f"gs://{BUCKET}/raw", f"gs://{BUCKET}/ow", num_shards=1, overwrite=True)
+    second = _objects("ow")
+    splits = json.loads(second["dataset.json"])["splits"]
+    assert sorted(f for f in second if ".tfrecord" in f) == [f"{s}-00000-of-00001.tfrecord" for s in sorted(splits)]
+    assert json.loads(second["dataset.json"])["conversion_args"]["num_shards"] == 1
+    assert first.keys() != second.keys()
+
+    # Every case broken: nothing converted, the job fails and the older output stays as it was.
+    bucket = _client().bucket(BUCKET)
+    for name in sorted(os.listdir(os.path.join(raw, "train")))[:3]:
+        bucket.blob(f"broken/train/{name}").upload_from_string(b"not a jpeg")
+        stem = name[:-4]
+        bucket.blob(f"broken/train_masks/{stem}_mask.gif").upload_from_filename(
+            os.path.join(raw, "train_masks", f"{stem}_mask.gif"))
+    with pytest.raises(NothingConverted, match="all 3 rejected"):
+        run_convert("carvana", f"gs://{BUCKET}/broken", f"gs://{BUCKET}/ow", overwrite=True)
+    assert _objects("ow") == second
+    assert _no_staging_left()
+
+
+def test_foreign_and_bad_remote_paths_are_refused(gcs, carvana):
+    from tfseg.convert.pipeline import run_convert
+    from tfseg.errors import TfsegError
+
+    _client().bucket(BUCKET).blob("foreign/notes.txt").upload_from_string(b"someone's file")
+    with pytest.raises(TfsegError, match=r"--output gs://tfseg-test/foreign: is a folder tfseg did not write"):
+        run_convert("carvana", f"gs://{BUCKET}/raw", f"gs://{BUCKET}/foreign")
+    assert _objects("foreign") == {"notes.txt": b"someone's file"}
+
+    with pytest.raises(TfsegError, match="lies inside --input"):
+        run_convert("carvana", f"gs://{BUCKET}/raw", f"gs://{BUCKET}/raw/out")
+    with pytest.raises(TfsegError, match="bucket root"):
+        run_convert("carvana", f"gs://{BUCKET}/raw", f"gs://{BUCKET}")
+    with pytest.raises(TfsegError, match="input folder not found"):
+        run_convert("carvana", f"gs://{BUCKET}/absent", f"gs://{BUCKET}/x")
+    with pytest.raises(TfsegError, match="the isic layout reads local input only"):
+        run_convert("isic", f"gs://{BUCKET}/raw", f"gs://{BUCKET}/x")
+    with pytest.raises(TfsegError, match=r"--output ram://x/y: Beam has no filesystem for ram://"):
+        run_convert("carvana", f"gs://{BUCKET}/raw", "ram://x/y")
+    assert "x" not in {b.name.split("/")[0] for b in _client().list_blobs(BUCKET)}
+
+
+def test_folder_layout_from_gs_matches_local(gcs, tmp_path):
+    from tfseg.convert.folder import FolderLayout
+    from tfseg.convert.pipeline import run_convert
+
+    raw = str(tmp_path / "veins")
+    FolderLayout.make_sample(raw, 6, seed=1, image_size=(16, 24))
+    _upload_tree(raw, "veins")
+    local_out = str(tmp_path / "local")
+    run_convert("folder", raw, local_out, num_shards=1, split="train=1")
+    run_convert("folder", f"gs://{BUCKET}/veins", str(tmp_path / "from_gs"), num_shards=1, split="train=1")
+    local, from_gs = _local_files(local_out), _local_files(str(tmp_path / "from_gs"))
+    assert local["train-00000-of-00001.tfrecord"] == from_gs["train-00000-of-00001.tfrecord"]
+    info = json.loads(from_gs["dataset.json"])
+    assert info["channels"] == 1 and info["num_classes"] == 2  # probed and inferred from gs:// files
+    assert info["label_mapping"]["num_classes_from_values"]["masks_read"] == 6
