@@ -466,3 +466,115 @@ def test_real_unet_at_odd_image_sizes(tmp_path, tile):
     assert sum(map(sum, m["confusion_matrix"])) == 37 * 29 + 13 * 50
     assert 0.0 <= m["dataset_level"]["mean_iou"] <= 1.0
     assert m["inference"]["mode"] == ("tile" if tile else "resize")
+
+
+# --------------------------------------------------------------------------------------------
+# What is evaluated is what is served: evaluate --run against evaluate --model on its export.
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_model(ndim, channels, num_classes, seed=5):
+    """A small random model whose 3x3 kernels make flips matter (TTA changes its masks), with a
+    sharpened head so most pixels are far from a tie between classes."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    conv = keras.layers.Conv2D if ndim == 2 else keras.layers.Conv3D
+    inp = keras.Input((None,) * ndim + (channels,))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inp) if ndim == 2 else inp
+    x = conv(8, 3, padding="same", activation="relu")(x)
+    out = conv(num_classes, 1, activation="softmax", name="head")(x)
+    model = keras.Model(inp, out)
+    head = model.get_layer("head")
+    head.set_weights([w * 20 for w in head.get_weights()])
+    return model
+
+
+def _set_flips(run_dir, augment):
+    path = os.path.join(run_dir, "run.json")
+    with open(path) as f:
+        run = json.load(f)
+    run["config"] = {"augment": augment}
+    with open(path, "w") as f:
+        json.dump(run, f)
+
+
+def _agreement(tmp_path, *, ndim, tile=False, tta=False):
+    from tfseg import evaluate, export
+
+    rng = np.random.default_rng(11)
+    names = ["bg", "a", "b"]
+    if ndim == 2:
+        examples = []
+        for i, (h, w) in enumerate(((64, 48), (40, 70), (64, 48))):
+            mask = _block_mask(h, w, 3, rng)
+            image = np.clip(mask[..., None] * 80.0 + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+            examples.append((image, mask, f"i{i}"))
+        size, augment = (16, 16), {"hflip": 0.5}
+    else:
+        examples = []
+        for i, shape in enumerate(((12, 10, 9), (8, 16, 11))):
+            mask = rng.integers(0, 3, shape, dtype=np.uint8)
+            vol = (mask[..., None] + rng.normal(0, 0.5, shape + (2,))).astype(np.float32)
+            examples.append((vol, mask, f"v{i}", (1.0, 1.0, 1.0)))
+        size, augment = (8, 8, 8), {"flip3d": True}
+    channels = 3 if ndim == 2 else 2
+    data = _write_dataset(str(tmp_path / "data"), examples, ndim=ndim, channels=channels, class_names=names)
+    run = _write_run(str(tmp_path / "run"), _tiny_model(ndim, channels, 3), ndim=ndim, channels=channels,
+                     class_names=names, size=size)
+    _set_flips(run, augment)
+    version = export.run_export(run, str(tmp_path / "exports"), "m", tile=tile, tta=tta)
+    meta = export.read_metadata(version)
+    m_run = evaluate.run_evaluate(run, data, "test", str(tmp_path / "eval_run"), tile=tile, tta=tta, num_samples=1)
+    m_model = evaluate.run_evaluate(None, data, "test", str(tmp_path / "eval_model"), num_samples=1,
+                                    export_dir=str(tmp_path / "exports" / "m"))
+    return m_run, m_model, meta
+
+
+@pytest.mark.parametrize("ndim, tile, tta", [
+    pytest.param(2, False, False, marks=pytest.mark.slow), pytest.param(2, True, False, marks=pytest.mark.slow),
+    pytest.param(2, False, True, marks=pytest.mark.slow), (2, True, True), (3, False, True)])
+def test_evaluate_run_and_model_agree(tmp_path, ndim, tile, tta):
+    m_run, m_model, meta = _agreement(tmp_path, ndim=ndim, tile=tile, tta=tta)
+    mode = "sliding_window" if ndim == 3 else ("tile" if tile else "resize")
+    flips = ([1] if ndim == 2 else [0, 1, 2]) if tta else []
+    assert meta["inference"]["mode"] == mode and meta["inference"]["tta_flip_axes"] == flips
+    assert meta["precision"] == "float32"
+    assert m_model["inference"]["mode"] == m_run["inference"]["mode"] == mode
+    assert m_model["inference"]["tta_flip_axes"] == m_run["inference"]["tta_flip_axes"] == flips
+    assert m_model["export_dir"].endswith(os.path.join("m", "1"))
+    cm_run, cm_model = np.array(m_run["confusion_matrix"]), np.array(m_model["confusion_matrix"])
+    assert cm_run.sum() == cm_model.sum()
+    # The same masks up to float ties: at most 0.1% of the pixels differ.
+    assert np.abs(cm_run - cm_model).sum() / 2 <= 1e-3 * cm_run.sum()
+    assert abs(m_run["dataset_level"]["mean_iou"] - m_model["dataset_level"]["mean_iou"]) <= 1e-3
+    assert abs(m_run["per_image_mean"]["mean_iou"] - m_model["per_image_mean"]["mean_iou"]) <= 1e-3
+    # The scores are informative: the model is neither perfect nor useless.
+    assert 0.05 < m_model["dataset_level"]["mean_iou"] < 0.999
+
+
+@pytest.mark.slow
+def test_served_tta_and_tile_change_the_masks(tmp_path):
+    """The options reach the graph: a TTA or tiled export predicts differently from a plain one."""
+    from tfseg import evaluate, export
+
+    _, plain, _ = _agreement(tmp_path, ndim=2)
+    cms = {"plain": np.array(plain["confusion_matrix"])}
+    for name, kw in (("tta", {"tta": True}), ("tile", {"tile": True})):
+        export.run_export(str(tmp_path / "run"), str(tmp_path / "exports"), name, **kw)
+        m = evaluate.run_evaluate(None, str(tmp_path / "data"), "test", str(tmp_path / f"eval_{name}"),
+                                  num_samples=0, export_dir=str(tmp_path / "exports" / name))
+        cms[name] = np.array(m["confusion_matrix"])
+    assert np.abs(cms["tta"] - cms["plain"]).sum() > 0
+    assert np.abs(cms["tile"] - cms["plain"]).sum() > 0
+
+
+def test_evaluate_model_refuses_tile_tta_and_both_sources(tmp_path):
+    from tfseg import evaluate
+
+    with pytest.raises(TfsegError, match="--tile/--tta"):
+        evaluate.run_evaluate(None, str(tmp_path), "test", str(tmp_path / "e"), tta=True, export_dir=str(tmp_path))
+    with pytest.raises(TfsegError, match="one of --run"):
+        evaluate.run_evaluate(str(tmp_path), str(tmp_path), "test", str(tmp_path / "e"), export_dir=str(tmp_path))
+    with pytest.raises(TfsegError, match="saved_model.pb"):
+        evaluate.run_evaluate(None, str(tmp_path), "test", str(tmp_path / "e"), export_dir=str(tmp_path))

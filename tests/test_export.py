@@ -239,3 +239,52 @@ def test_volume_signature_tiles_like_predict_volume(tmp_path):
     ex = loaded.signatures["predict_examples"](example=tf.constant(record))
     np.testing.assert_allclose(ex["probabilities"].numpy(), expected, atol=1e-5)
     assert ex["source_id"].numpy() == b"case1"
+
+
+def _has_bfloat16(version_dir):
+    """Whether any op or variable of the SavedModel (graph and function library) is bfloat16."""
+    from tensorflow.core.framework import types_pb2
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    with open(os.path.join(version_dir, "saved_model.pb"), "rb") as f:
+        sm.ParseFromString(f.read())
+    graph = sm.meta_graphs[0].graph_def
+    nodes = list(graph.node) + [n for fn in graph.library.function for n in fn.node_def]
+    bf16 = types_pb2.DT_BFLOAT16
+    ops = any(v.type == bf16 or bf16 in v.list.type for n in nodes for v in n.attr.values())
+    variables = any(node.variable.dtype == bf16 for node in sm.meta_graphs[0].object_graph_def.nodes)
+    return ops or variables
+
+
+def test_bf16_run_exports_float32_by_default(tmp_path):
+    """A run trained under mixed_bfloat16 serves in float32 unless --precision keeps bfloat16."""
+    old = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        run, bf16_model = make_run(tmp_path / "run", num_classes=3)
+    finally:
+        keras.mixed_precision.set_global_policy(old)
+    assert export.model_precision(bf16_model) == "mixed_bfloat16"
+    base = str(tmp_path / "models")
+    f32 = export.run_export(run, base, "m")
+    kept = export.run_export(run, base, "m", precision="mixed_bfloat16")
+    assert export.read_metadata(f32)["precision"] == "float32"
+    assert export.read_metadata(f32)["trained_precision"] == "mixed_bfloat16"
+    assert export.read_metadata(kept)["precision"] == "mixed_bfloat16"
+    assert not _has_bfloat16(f32) and _has_bfloat16(kept)
+    readme = open(os.path.join(base, "m", "README.md")).read()
+    assert "Computes in **mixed_bfloat16** (trained in mixed_bfloat16)" in readme
+
+    # float32 compute equals the same weights under a float32 policy, and is close to bf16.
+    f32_model = export.with_precision(bf16_model, "float32")
+    assert {layer.dtype_policy.name for layer in f32_model.layers} == {"float32"}
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    served = tf.saved_model.load(f32).signatures["predict_images"](images=tf.constant(images))["probabilities"].numpy()
+    x = images.astype(np.float32)
+    np.testing.assert_allclose(served, np.asarray(f32_model(x)), atol=1e-5)
+    np.testing.assert_allclose(served, np.asarray(bf16_model(x), np.float32), atol=0.05)
+    assert np.abs(served - np.asarray(bf16_model(x), np.float32)).max() > 0  # bf16 really differs
+    with pytest.raises(TfsegError, match="--precision"):
+        export.run_export(run, base, "m", precision="float16")

@@ -217,6 +217,13 @@ CASES = [
     Case("evaluate a model with NaN weights", lambda p: ["evaluate", "--run", p["nan_run"], "--data", p["data"],
                                                          "--split", "val", "--output", p["new"]], 2, "NaN",
          output="new", prepare=_nan_run),
+    Case("evaluate an export with --tta", lambda p: ["evaluate", "--model", p["export_model"], "--data", p["data"],
+                                                     "--split", "val", "--tta", "--output", p["new"]], 2,
+         "--tile/--tta", output="new"),
+    Case("evaluate with neither --run nor --model", lambda p: ["evaluate", "--data", p["data"], "--split", "val",
+                                                               "--output", p["new"]], 2, "one of --run", output="new"),
+    Case("evaluate an export onto itself", lambda p: ["evaluate", "--model", p["export_model"], "--data", p["data"],
+                                                      "--split", "val", "--output", p["export_model"]], 2, "--model"),
     # --- export ---
     Case("export into its run", lambda p: ["export", "--run", p["run"], "--output", p["run"], "--name", "m"],
          2, "--run"),

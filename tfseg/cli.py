@@ -187,7 +187,9 @@ def fit_cmd(config_file, overrides, **options):
 
 
 @cli.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A `tfseg fit` RUN_DIR.")
+@click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False), help="A `tfseg fit` RUN_DIR.")
+@click.option("--model", "export_dir", default=None, type=click.Path(file_okay=False),
+              help="Or an export, EXPORTS/NAME[/VERSION]: scored through its serving signature.")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="A converted dataset.")
 @click.option("--split", default="test", show_default=True, help="The split to score.")
 @click.option("--output", required=True, type=click.Path(), help="Directory for metrics.json, report.md, PNGs.")
@@ -196,8 +198,8 @@ def fit_cmd(config_file, overrides, **options):
 @click.option("--tta", is_flag=True, help="Average over the flips the model was trained with.")
 @click.option("--max-examples", type=click.IntRange(1), default=None, help="Score only the first N examples.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing complete output.")
-def evaluate(run_dir, data_dir, split, output, samples, tile, tta, max_examples, overwrite):
-    """Score a fit run on a split at the original resolution: tables and pictures."""
+def evaluate(run_dir, export_dir, data_dir, split, output, samples, tile, tta, max_examples, overwrite):
+    """Score a fit run (--run) or its export (--model) on a split at the original resolution."""
     from tfseg import schema
     from tfseg.evaluate import run_evaluate
     from tfseg.progress import Progress
@@ -209,7 +211,7 @@ def evaluate(run_dir, data_dir, split, output, samples, tile, tta, max_examples,
     with Progress(total, f"evaluating {split}", unit="images") as bar:
         m = run_evaluate(
             run_dir, data_dir, split, output, num_samples=samples, tile=tile, tta=tta,
-            max_examples=max_examples, overwrite=overwrite, progress=bar.update,
+            max_examples=max_examples, overwrite=overwrite, progress=bar.update, export_dir=export_dir,
         )
     click.echo(_metric_table(m))
     click.echo(f"report:  {os.path.join(output, 'report.md')}")
@@ -228,12 +230,17 @@ def evaluate(run_dir, data_dir, split, output, samples, tile, tta, max_examples,
 @click.option("--max-pixels", type=click.IntRange(1), default=None,
               help="Largest image (height x width) the 2D signatures accept [default: 40000000].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing VERSION directory.")
-def export_cmd(run_dir, export_base, name, version, max_pixels, overwrite):
-    """Export a fit run as a TF Serving SavedModel (decode, resize, threshold in the graph)."""
+@click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]), default="float32",
+              show_default=True, help="What the served graph computes in, whatever trained the model.")
+@click.option("--tta", is_flag=True, help="Average over the flips the model was trained with, in the graph.")
+@click.option("--tile", is_flag=True, help="2D: tile the full-resolution image at the training size, in the graph.")
+def export_cmd(run_dir, export_base, name, version, max_pixels, overwrite, precision, tta, tile):
+    """Export a fit run as a TF Serving SavedModel (decode, resize or tile, TTA, threshold in the graph)."""
     from tfseg import export
 
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    path = export.run_export(run_dir, export_base, name, version, overwrite=overwrite, **kwargs)
+    path = export.run_export(run_dir, export_base, name, version, overwrite=overwrite, precision=precision,
+                             tta=tta, tile=tile, **kwargs)
     click.echo(f"{path}: exported {name} version {os.path.basename(path)}; serve it with the command in "
                f"{os.path.join(export_base, name, 'README.md')}")
 

@@ -315,8 +315,44 @@ def _run_facts(run: rundir.RunInfo, info: schema.DatasetInfo, where: str, data_d
     }
 
 
+def _export_version(model_dir: str) -> str:
+    """EXPORTS/NAME/VERSION, or the highest version of EXPORTS/NAME."""
+    from tfseg import export
+
+    if outputs.isfile(os.path.join(model_dir, "saved_model.pb")):
+        return model_dir
+    versions = export.list_versions(model_dir)
+    if not versions:
+        raise TfsegError(f"--model {model_dir}: not a `tfseg export` NAME or NAME/VERSION directory "
+                         "(no saved_model.pb)")
+    return os.path.join(model_dir, str(versions[-1]))
+
+
+class _ServedModel:
+    """An export's serving signatures as evaluate's predictor: masks straight from the graph
+    TF Serving runs (2D: ``predict_images``, the decoded-image twin of ``serving_default``;
+    3D: ``serving_default``'s volume)."""
+
+    def __init__(self, version_dir: str, ndim: int):
+        import tensorflow as tf
+
+        self._tf = tf
+        self.ndim = ndim
+        loaded = tf.saved_model.load(version_dir)
+        self._loaded = loaded
+        self._fn = loaded.signatures["predict_images" if ndim == 2 else "serving_default"]
+
+    def mask(self, image: np.ndarray) -> np.ndarray:
+        tf = self._tf
+        if self.ndim == 2:
+            out = self._fn(images=tf.constant(np.asarray(image, np.uint8)[None]))
+            h, w = int(out["height"][0]), int(out["width"][0])
+            return out["mask"][0, :h, :w].numpy()
+        return self._fn(volume=tf.constant(np.asarray(image, np.float32)))["mask"].numpy()
+
+
 def run_evaluate(
-    run_dir: str,
+    run_dir: str | None,
     data_dir: str,
     split: str = "test",
     output: str = "eval",
@@ -326,11 +362,20 @@ def run_evaluate(
     max_examples: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    *,
+    export_dir: str | None = None,
 ) -> dict:
-    """Scores a fit run on a converted split and writes tables and pictures.
+    """Scores a fit run, or the SavedModel exported from one, on a converted split and writes
+    tables and pictures.
+
+    A run's Keras model is scored in float32 (what ``tfseg export`` serves by default, whatever
+    precision trained it). An export is scored through its serving signature, with the options
+    it was exported with (``tfseg export --tile/--tta``, recorded in its tfseg.json): the
+    numbers are the served model's.
 
     Args:
-      run_dir: a completed `tfseg fit` output (run.json, model.keras, history.csv).
+      run_dir: a completed `tfseg fit` output (run.json, model.keras, history.csv); None with
+        ``export_dir``.
       data_dir: a converted dataset (dataset.json + shards).
       split: the split to score.
       output: the directory to publish (EVAL_DIR).
@@ -343,6 +388,8 @@ def run_evaluate(
       max_examples: score only the first N labelled examples (quick looks).
       overwrite: replace an existing complete EVAL_DIR.
       progress: called with 1 after each example (the CLI's progress bar).
+      export_dir: score this export (EXPORTS/NAME for its highest version, or NAME/VERSION)
+        instead of a run; ``tile``/``tta`` are the export's own then.
 
     Returns:
       The metrics dict written to metrics.json.
@@ -351,26 +398,53 @@ def run_evaluate(
       TfsegError: the run, the dataset or the split is missing or they do not match, the
         split has no labelled examples, or a complete output exists and overwrite is False.
     """
-    run = rundir.load_run_info(run_dir)
+    from tfseg import inference
+
+    if (run_dir is None) == (export_dir is None):
+        raise TfsegError("evaluate: give one of --run RUN_DIR or --model EXPORTS/NAME[/VERSION]")
+    if export_dir is not None:
+        from tfseg import export
+
+        if tile or tta:
+            raise TfsegError(f"--model {export_dir}: --tile/--tta are the export's own (its graph runs them); "
+                             "export with `tfseg export --tile/--tta` to score them")
+        model_path = _export_version(export_dir)
+        where = os.path.join(model_path, export.METADATA)
+        meta = export.read_metadata(model_path)
+        run = rundir.RunInfo.from_json(meta, where)
+        options = inference.InferenceOptions.from_json(meta.get("inference"), run.ndim)
+        source = ("--model", export_dir)
+        history_run = meta.get("run_dir")
+        precision = meta.get("precision") or "float32"
+    else:
+        model_path = run_dir
+        where = os.path.join(run_dir, rundir.RUN_JSON)
+        run = rundir.load_run_info(run_dir)
+        options = inference.InferenceOptions.make(run.ndim, tile=tile, flips=rundir.test_time_flips(run_dir, run, tta))
+        source = ("--run", run_dir)
+        history_run = run_dir
+        precision = "float32"
     info = schema.load_dataset_info(data_dir)
     if split not in info.splits:
         raise TfsegError(
             f"{os.path.join(data_dir, schema.DATASET_JSON)}: no split {split!r}; "
             f"available: {', '.join(sorted(info.splits)) or 'none'}"
         )
-    facts = _run_facts(run, info, os.path.join(run_dir, rundir.RUN_JSON), data_dir)
+    facts = _run_facts(run, info, where, data_dir)
     output = outputs.normalize(output)
     owned = dict(complete_marker=METRICS_JSON, overwrite=overwrite,
-                 inputs=[("--run", run_dir), ("--data", data_dir)])
+                 inputs=[source, ("--data", data_dir)])
     # Fail on a refused output before the (long) scoring, not after it.
     outputs.claim(output, "evaluate", **owned)
 
-    from tfseg import inference
+    mode, flips = options.mode, options.tta_flip_axes
+    if export_dir is not None:
+        served = _ServedModel(model_path, facts["ndim"])
+    else:
+        from tfseg.export import with_precision
 
-    model = rundir.load_model(run_dir)
-    mode = "sliding_window" if facts["ndim"] == 3 else ("tile" if tile else "resize")
-    flips = rundir.test_time_flips(run_dir, run, tta)
-    log.info("evaluating %s on %s/%s (%s, tta flips over spatial axes %s)", run_dir, data_dir, split, mode, flips)
+        served, model = None, with_precision(rundir.load_model(run_dir), precision)
+    log.info("evaluating %s on %s/%s (%s, tta flips over spatial axes %s)", model_path, data_dir, split, mode, flips)
 
     scorer = SegmentationScorer(
         facts["num_classes"], facts["class_names"], facts["ignore_index"], facts["regions"], binary=facts["binary"]
@@ -389,11 +463,16 @@ def run_evaluate(
         image, truth = ex["image"], ex["mask"]
         if truth.ndim == image.ndim:
             truth = truth[..., 0]
-        if facts["ndim"] == 2:
-            probs = inference.predict_image(model, image, size=facts["size"], mode=mode, tta=flips)
+        if served is not None:
+            pred = served.mask(image)
+        elif facts["ndim"] == 2:
+            probs = inference.predict_image(model, image, size=facts["size"], mode=mode, tta=flips,
+                                            overlap=options.overlap, batch_size=options.batch_size)
+            pred = np.asarray(inference.probs_to_mask(probs, facts["binary"]))
         else:
-            probs = inference.predict_volume(model, image, patch_size=facts["size"], tta=flips)
-        pred = np.asarray(inference.probs_to_mask(probs, facts["binary"]))
+            probs = inference.predict_volume(model, image, patch_size=facts["size"], tta=flips,
+                                             overlap=options.overlap, batch_size=options.batch_size)
+            pred = np.asarray(inference.probs_to_mask(probs, facts["binary"]))
         if pred.shape != truth.shape:
             raise RuntimeError(
                 f"{sid}: inference returned a {pred.shape} mask for a {truth.shape} truth; "
@@ -421,11 +500,12 @@ def run_evaluate(
         )
 
     metrics = {
-        "run_dir": outputs.normalize(run_dir),
+        "run_dir": outputs.normalize(history_run) if history_run else None,
+        **({"export_dir": outputs.normalize(model_path)} if export_dir is not None else {}),
         "data_dir": outputs.normalize(data_dir),
         "split": split,
         "model": facts["model"],
-        "inference": {"mode": mode, "size": list(facts["size"]), "tta_flip_axes": list(flips)},
+        "inference": {**options.to_json(), "size": list(facts["size"]), "precision": precision},
         "num_classes": facts["num_classes"],
         "ignore_index": facts["ignore_index"],
         "unlabelled_skipped": unlabelled,
@@ -446,8 +526,8 @@ def run_evaluate(
             np.asarray(metrics["confusion_matrix"]), facts["class_names"], os.path.join(tmp, CONFUSION_PNG)
         )
         pictures["confusion_matrix"] = CONFUSION_PNG
-        if report.plot_history(
-            os.path.join(run_dir, rundir.HISTORY_CSV), os.path.join(tmp, HISTORY_PNG),
+        if history_run and report.plot_history(
+            os.path.join(history_run, rundir.HISTORY_CSV), os.path.join(tmp, HISTORY_PNG),
             monitor=run.monitor,
         ):
             pictures["history"] = HISTORY_PNG

@@ -31,7 +31,16 @@ Outputs, the same for the three 2D signatures:
   ends in ``_bytes`` because TF Serving's REST API base64-encodes exactly those outputs.
 * ``probabilities``: float32 (B, h, w, K) at the model's input size (h, w) = ``image_size``
   (K = 1, the foreground probability, for binary models): resizing K channels back to every
-  input's size would multiply the response size by K for little use.
+  input's size would multiply the response size by K for little use. A tiled export
+  (``--tile``) has them at each image's own size, zero-padded like ``mask``.
+
+Inference options (recorded in ``assets.extra/tfseg.json`` under ``inference`` and in the README),
+the same :class:`tfseg.inference.InferenceOptions` that ``tfseg evaluate`` scores with:
+``--tile`` tiles the full-resolution image with training-size windows
+(:func:`tfseg.inference.sliding_window_tf`, the one sliding window evaluation uses too) instead of
+resizing it; ``--tta`` averages over the flips the model was trained with. ``--precision``
+(``precision`` in tfseg.json) is the dtype policy the graph computes in: float32 by default,
+whatever trained the model (:func:`with_precision`).
 
 A 3D model gets ``serving_default(volume: float32 (D, H, W, C))``, one z-scored volume (as
 conversion normalizes it), tiled in the graph with Gaussian-weighted overlapping patches like
@@ -63,7 +72,6 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 DEFAULT_PRECISION = "float32"
 MODELS_CONFIG = "models.config"
 METADATA = os.path.join("assets.extra", "tfseg.json")
-VOLUME_OVERLAP = 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,15 +263,37 @@ def decode_image(data, channels: int, max_pixels: int):
 
 
 class _Graphs:
-    """The tf.functions of one export; closes over the model and the run's facts."""
+    """The tf.functions of one export; closes over the model, the run's facts and the inference
+    options (:class:`Inference`)."""
 
-    def __init__(self, model, run: rundir.RunInfo, max_pixels: int):
+    def __init__(self, model, run: rundir.RunInfo, max_pixels: int, options: "Inference"):
         self.model = model
         self.channels = run.channels
         self.binary = run.binary
         self.max_pixels = int(max_pixels)
-        if run.ndim == 2:
-            self.size = run.size
+        self.options = options
+        self.size = run.size
+
+    def _forward(self, x):
+        import tensorflow as tf
+
+        return tf.cast(self.model(x, training=False), tf.float32)
+
+    def _probs(self, x):
+        """Model probabilities of a (B, *size, C) batch, flip-averaged over the export's TTA flips."""
+        from tfseg.inference import flip_average
+
+        return flip_average(self._forward, x, self.options.tta_flip_axes)
+
+    def _tile(self, image):
+        """Tiled probabilities (*spatial, K) of one (*spatial, C) image or volume at its own size."""
+        import tensorflow as tf
+
+        from tfseg.inference import sliding_window_tf
+
+        return sliding_window_tf(self._forward, tf.cast(image, tf.float32), self.size,
+                                 overlap=self.options.overlap, batch_size=self.options.batch_size,
+                                 tta=self.options.tta_flip_axes)
 
     def _to_mask(self, probs):
         import tensorflow as tf
@@ -280,11 +310,21 @@ class _Graphs:
         x = tf.image.resize(tf.cast(image, tf.float32), self.size, method="bilinear")
         return x, shape[0], shape[1]
 
+    def _pngs(self, masks, heights, widths):
+        import tensorflow as tf
+
+        def png_one(args):
+            mask, h, w = args
+            # Fastest zlib level: about 30% quicker than the default, masks still small.
+            return tf.io.encode_png(mask[:h, :w, None], compression=1)
+
+        return tf.map_fn(png_one, (masks, heights, widths), fn_output_signature=tf.TensorSpec([], tf.string))
+
     def _run(self, x, heights, widths):
         """Model on (B, h, w, C) resized float images; masks back at each (height, width)."""
         import tensorflow as tf
 
-        probs = tf.cast(self.model(x, training=False), tf.float32)
+        probs = self._probs(x)
         h_max = tf.reduce_max(tf.concat([heights, [0]], 0))
         w_max = tf.reduce_max(tf.concat([widths, [0]], 0))
 
@@ -302,18 +342,47 @@ class _Graphs:
 
         same_size = tf.reduce_all(tf.equal(heights, h_max)) & tf.reduce_all(tf.equal(widths, w_max))
         masks = tf.cond(same_size, back_batch, back_each)
+        return {"mask": masks, "mask_png_bytes": self._pngs(masks, heights, widths), "height": heights,
+                "width": widths, "probabilities": probs}
 
-        def png_one(args):
-            mask, h, w = args
-            # Fastest zlib level: about 30% quicker than the default, masks still small.
-            return tf.io.encode_png(mask[:h, :w, None], compression=1)
+    def _run_tiled(self, count, image_at):
+        """Tiled at full resolution: ``image_at(i)`` is the i-th (H, W, C) image of ``count``.
 
-        pngs = tf.map_fn(png_one, (masks, heights, widths), fn_output_signature=tf.TensorSpec([], tf.string))
-        return {"mask": masks, "mask_png_bytes": pngs, "height": heights, "width": widths, "probabilities": probs}
+        ``probabilities`` are at each image's own size here (zero-padded like ``mask``).
+        """
+        import tensorflow as tf
+
+        def body(i, probs_ta, hs, ws):
+            image = image_at(i)
+            shape = tf.shape(image)
+            return (i + 1, probs_ta.write(i, self._tile(image)), hs.write(i, shape[0]), ws.write(i, shape[1]))
+
+        ta = tf.TensorArray(tf.float32, size=count, infer_shape=False, element_shape=tf.TensorShape([None, None, None]))
+        hs = tf.TensorArray(tf.int32, size=count)
+        ws = tf.TensorArray(tf.int32, size=count)
+        _, ta, hs, ws = tf.while_loop(lambda i, *_: i < count, body, (0, ta, hs, ws))
+        heights, widths = hs.stack(), ws.stack()
+        h_max = tf.reduce_max(tf.concat([heights, [0]], 0))
+        w_max = tf.reduce_max(tf.concat([widths, [0]], 0))
+        k = int(self.model.output_shape[-1])
+
+        def pad_one(i):
+            p = ta.read(i)
+            return tf.pad(p, [[0, h_max - heights[i]], [0, w_max - widths[i]], [0, 0]])
+
+        probs = tf.map_fn(pad_one, tf.range(count), fn_output_signature=tf.TensorSpec([None, None, k], tf.float32))
+        valid = (tf.range(h_max)[None, :, None] < heights[:, None, None]) & \
+                (tf.range(w_max)[None, None, :] < widths[:, None, None])
+        masks = tf.where(valid, self._to_mask(probs), tf.zeros([], tf.uint8))
+        return {"mask": masks, "mask_png_bytes": self._pngs(masks, heights, widths), "height": heights,
+                "width": widths, "probabilities": probs}
 
     def serve_bytes(self, image_bytes):
         import tensorflow as tf
 
+        if self.options.tile:
+            return self._run_tiled(
+                tf.shape(image_bytes)[0], lambda i: decode_image(image_bytes[i], self.channels, self.max_pixels))
         x, heights, widths = tf.map_fn(
             self._decode_resize,
             image_bytes,
@@ -337,6 +406,9 @@ class _Graphs:
             tf.cast(shape[1], tf.int64) * tf.cast(shape[2], tf.int64), tf.constant(self.max_pixels, tf.int64),
             message=f"image larger than the export's limit of {self.max_pixels} pixels",
         )
+        if self.options.tile:
+            with tf.control_dependencies([ok]):
+                return self._run_tiled(shape[0], lambda i: images[i])
         with tf.control_dependencies([ok]):
             x = tf.image.resize(tf.cast(images, tf.float32), self.size, method="bilinear")
         heights = tf.fill([shape[0]], shape[1])
@@ -356,54 +428,8 @@ class _Graphs:
 
     # --- 3D ---
 
-    def setup_3d(self, run: rundir.RunInfo):
-        import tensorflow as tf
-
-        from tfseg.inference import gaussian_weights
-
-        self.patch = run.size
-        self.weights = tf.constant(gaussian_weights(self.patch))
-        self.max_steps = [max(1, int(p * (1.0 - VOLUME_OVERLAP))) for p in self.patch]
-        grid = np.stack(np.meshgrid(*[np.arange(p) for p in self.patch], indexing="ij"), axis=-1)
-        self.local_grid = tf.constant(grid.astype(np.int32))  # (d, h, w, 3)
-
-    def _starts(self, length, patch: int, max_step: int):
-        """Graph twin of tfseg.inference.window_starts (length >= patch after padding)."""
-        import tensorflow as tf
-
-        span = tf.cast(length - patch, tf.float64)
-        steps = tf.cast(tf.math.ceil(span / max_step), tf.int32) + 1
-        i = tf.cast(tf.range(steps), tf.float64)
-        denom = tf.cast(tf.maximum(steps - 1, 1), tf.float64)
-        # tf.round and Python's round both round half to even.
-        return tf.cast(tf.round(i * span / denom), tf.int32)
-
     def serve_volume(self, volume):
-        import tensorflow as tf
-
-        shape = tf.shape(volume)[:3]
-        patch = tf.constant(self.patch, tf.int32)
-        pads = tf.maximum(patch - shape, 0)
-        v = tf.pad(volume, tf.stack([tf.stack([0, pads[0]]), tf.stack([0, pads[1]]), tf.stack([0, pads[2]]), [0, 0]]))
-        padded_shape = tf.shape(v)[:3]
-        axes = [self._starts(padded_shape[i], self.patch[i], self.max_steps[i]) for i in range(3)]
-        starts = tf.reshape(tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1), [-1, 3])
-        k = int(self.model.output_shape[-1])
-        acc = tf.zeros(tf.concat([padded_shape, [k]], 0), tf.float32)
-        norm = tf.zeros(padded_shape, tf.float32)
-        w = self.weights
-
-        def body(i, acc, norm):
-            start = starts[i]
-            x = tf.slice(v, tf.concat([start, [0]], 0), list(self.patch) + [self.channels])
-            probs = tf.cast(self.model(x[None], training=False), tf.float32)[0]
-            idx = self.local_grid + start
-            acc = tf.tensor_scatter_nd_add(acc, idx, probs * w[..., None])
-            norm = tf.tensor_scatter_nd_add(norm, idx, w)
-            return i + 1, acc, norm
-
-        _, acc, norm = tf.while_loop(lambda i, *_: i < tf.shape(starts)[0], body, (0, acc, norm))
-        probs = (acc / norm[..., None])[: shape[0], : shape[1], : shape[2]]
+        probs = self._tile(volume)
         return {"mask": self._to_mask(probs), "probabilities": probs}
 
     def serve_example_3d(self, example):
@@ -420,19 +446,23 @@ class _Graphs:
         return out
 
 
-def build_archive(model, cfg, max_pixels: int = DEFAULT_MAX_PIXELS):
+def build_archive(model, cfg, max_pixels: int = DEFAULT_MAX_PIXELS, options=None):
     """A ``keras.export.ExportArchive`` with tfseg's signatures for ``model`` (see module doc).
 
     Args:
       model: the trained Keras model.
       cfg: the run's facts: a :class:`tfseg.rundir.RunInfo` or run.json's dict.
       max_pixels: the largest image (height x width) a 2D signature accepts.
+      options: a :class:`tfseg.inference.InferenceOptions` (tiling, TTA flips); None = resize
+        (2D) or sliding window (3D), no flips.
     """
     import keras
     import tensorflow as tf
 
+    from tfseg.inference import InferenceOptions
+
     run = cfg if isinstance(cfg, rundir.RunInfo) else rundir.RunInfo.from_json(cfg)
-    g = _Graphs(model, run, max_pixels)
+    g = _Graphs(model, run, max_pixels, options or InferenceOptions.make(run.ndim))
     archive = keras.export.ExportArchive()
     archive.track(model)
     c = g.channels
@@ -447,7 +477,6 @@ def build_archive(model, cfg, max_pixels: int = DEFAULT_MAX_PIXELS):
         archive.add_endpoint("predict_examples", tf.function(g.serve_examples_2d),
                              [tf.TensorSpec([None], tf.string, name="examples")])
     elif run.ndim == 3:
-        g.setup_3d(run)
         archive.add_endpoint("serving_default", tf.function(g.serve_volume),
                              [tf.TensorSpec([None, None, None, c], tf.float32, name="volume")])
         archive.add_endpoint("predict_examples", tf.function(g.serve_example_3d),
@@ -502,7 +531,26 @@ def _colour_table(cfg: dict) -> str:
     return "| id | class | colour | R, G, B |\n|---|---|---|---|\n" + rows
 
 
-def _readme(name: str, export_base: str, cfg: dict, max_pixels: int) -> str:
+def _inference_lines(meta: dict) -> str:
+    """The README's account of what the graph computes: precision, resize or tiles, TTA flips."""
+    inf = meta.get("inference") or {}
+    axis_names = ("vertical (up-down)", "horizontal (left-right)") if meta.get("ndim") == 2 else ("D", "H", "W")
+    flips = inf.get("tta_flip_axes") or []
+    if inf.get("mode") == "tile":
+        how = (f"tiles of the training size {'x'.join(map(str, meta.get('image_size') or []))} over the image at "
+               f"its full resolution, overlap {inf.get('overlap')}, Gaussian-blended")
+    elif inf.get("mode") == "sliding_window":
+        how = (f"{'x'.join(map(str, meta.get('patch_size') or []))} patches, overlap {inf.get('overlap')}, "
+               "Gaussian-blended")
+    else:
+        how = f"the image resized to the training size {'x'.join(map(str, meta.get('image_size') or []))} and back"
+    tta = ("flip test-time augmentation over " + ", ".join(axis_names[a] for a in flips) +
+           " (the flips the model was trained with)") if flips else "no test-time augmentation"
+    return (f"Computes in **{meta.get('precision')}** (trained in {meta.get('trained_precision')}); "
+            f"predicts from {how}; {tta}. `tfseg evaluate --model` scores exactly this graph.\n")
+
+
+def _readme(name: str, export_base: str, cfg: dict, max_pixels: int, meta: dict | None = None) -> str:
     base = outputs.normalize(export_base)
     if int(cfg["ndim"]) == 2:
         # Shell quoting: close the single quotes around the JSON so $(base64 ...) expands.
@@ -514,7 +562,10 @@ def _readme(name: str, export_base: str, cfg: dict, max_pixels: int) -> str:
             "- `predict_examples`: `examples` string (B,), serialized tfseg tf.Example records\n\n"
             "Outputs: `mask` uint8 (B, Hmax, Wmax) zero-padded, with `height`/`width` int32 (B,) giving each\n"
             "image's size; `mask_png_bytes` PNG of each mask at its original size (base64 in REST responses);\n"
-            f"`probabilities` float32 (B, {cfg['image_size'][0]}, {cfg['image_size'][1]}, K) at the model size.\n"
+            + ("`probabilities` float32 (B, Hmax, Wmax, K) at each image's size (tiled export), zero-padded.\n"
+               if ((meta or {}).get("inference") or {}).get("mode") == "tile" else
+               f"`probabilities` float32 (B, {cfg['image_size'][0]}, {cfg['image_size'][1]}, K) at the model size.\n")
+            + 
             f"Images above {max_pixels} pixels, empty strings and non-images fail with INVALID_ARGUMENT.\n"
         )
         grpc_input = (
@@ -537,6 +588,7 @@ def _readme(name: str, export_base: str, cfg: dict, max_pixels: int) -> str:
 Exported by `tfseg export` from a `{cfg.get('model', '?')}` run; classes: {cfg.get('class_names')}.
 Each numbered directory is a version; TF Serving serves the highest.
 
+{_inference_lines(meta or {})}
 ## Classes
 
 `mask` holds the class ids; `tfseg predict` writes them as palette PNGs in these colours (also in
@@ -597,6 +649,9 @@ def run_export(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
+    precision: str = DEFAULT_PRECISION,
+    tta: bool = False,
+    tile: bool = False,
 ) -> str:
     """Exports RUN_DIR's model as EXPORT_BASE/NAME/VERSION for TF Serving.
 
@@ -607,6 +662,13 @@ def run_export(
       version: the version number; None = highest existing + 1 (1 for the first export).
       max_pixels: largest height x width a 2D signature accepts.
       overwrite: replace an existing VERSION directory.
+      precision: the Keras dtype policy the served graph computes in: float32 (default, whatever
+        trained the model: bfloat16 is slow on CPUs without native support, float16 on any
+        CPU), or ``mixed_bfloat16`` / ``mixed_float16`` for servers that run them fast.
+      tta: average over the flips the model was trained with, in the graph (as
+        ``tfseg evaluate --tta`` scores it).
+      tile: 2D: tile at the training size over the full-resolution image instead of resizing
+        it (as ``tfseg evaluate --tile``); 3D volumes are always tiled.
 
     Returns:
       The version directory written.
@@ -617,8 +679,13 @@ def run_export(
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
         raise TfsegError(f"--name {name!r}: use letters, digits, '_', '.', '-' (it becomes a directory and URL part)")
+    if precision not in PRECISIONS:
+        raise TfsegError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
     cfg = rundir.load_run_config(run_dir)
     run = rundir.RunInfo.from_json(cfg, os.path.join(run_dir, rundir.RUN_JSON))
+    from tfseg.inference import InferenceOptions
+
+    options = InferenceOptions.make(run.ndim, tile=tile, flips=rundir.test_time_flips(run_dir, run, tta))
     # EXPORT_BASE collects every export (NAME/VERSION/ + models.config): it must be new, empty,
     # or an earlier `tfseg export` output; it never overlaps the run it exports.
     outputs.claim(export_base, "export", complete_marker=None, overwrite=True, inputs=[("--run", run_dir)])
@@ -632,9 +699,13 @@ def run_export(
     if outputs.exists(final) and not overwrite:
         raise TfsegError(f"{final}: version {version} already exists; pass --overwrite or another --version")
 
-    archive = build_archive(rundir.load_model(run_dir), run, max_pixels)
-    # The run's facts (rundir.RunInfo's keys, so RunInfo.from_json reads tfseg.json back).
+    model = rundir.load_model(run_dir)
+    trained_precision = model_precision(model)
+    archive = build_archive(with_precision(model, precision), run, max_pixels, options)
+    # The run's facts (rundir.RunInfo's keys, so RunInfo.from_json reads tfseg.json back);
+    # "precision" is what the served graph computes in.
     meta = run.to_json()
+    meta.update({"precision": precision, "trained_precision": trained_precision, "inference": options.to_json()})
     meta.update({"max_pixels": int(max_pixels), "run_dir": outputs.normalize(run_dir), "name": name,
                  "version": int(version), "class_colors": _class_colors(cfg)})
     # TF Serving watches NAME/ and would load a half-written version: write beside it (a
@@ -646,7 +717,7 @@ def run_export(
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
         with open(os.path.join(tmp, METADATA), "w") as f:
             json.dump(meta, f, indent=2)
-    atomic_write_text(os.path.join(model_dir, "README.md"), _readme(name, export_base, cfg, max_pixels))
+    atomic_write_text(os.path.join(model_dir, "README.md"), _readme(name, export_base, cfg, max_pixels, meta))
     _update_models_config(export_base, name)
     logger.info("exported %s version %s to %s", name, version, final)
     return final

@@ -10,7 +10,10 @@ Two ways to run a 2D model on an image of any size:
   1/8 of the patch side, as nnU-Net and MONAI do), so patch borders, where the model sees the
   least context, count least. Images smaller than a patch are zero-padded.
 
-3D volumes are always tiled (:func:`predict_volume`). The model is called on at most
+3D volumes are always tiled (:func:`predict_volume`). There is one sliding window,
+:func:`sliding_window_tf`, in TensorFlow: evaluation and prediction run it (traced once per
+setting for a Keras model) and the exported serving graph (:mod:`tfseg.export`) embeds it, so
+both compute the same thing; :class:`InferenceOptions` is what they share. The model is called on at most
 ``batch_size`` patches at a time and the only full-size buffers are the accumulated probabilities
 and weights, so memory is bounded by the patch batch, not by the image or volume.
 
@@ -23,8 +26,10 @@ since a flip the model never saw (an upside-down person) makes the average worse
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import weakref
 from typing import Callable, Sequence
 
 import numpy as np
@@ -32,6 +37,49 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 GAUSSIAN_SIGMA_SCALE = 1.0 / 8
+# Window overlap and windows per model call: 2D tiles, 3D patches.
+TILE_OVERLAP, TILE_BATCH = 0.25, 8
+VOLUME_OVERLAP, VOLUME_BATCH = 0.5, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceOptions:
+    """How a model is run on an image or volume: what evaluate scores and the export serves.
+
+    Attributes:
+      mode: ``"resize"`` (2D: to the model size and back), ``"tile"`` (2D: windows at full
+        resolution) or ``"sliding_window"`` (3D, always).
+      tta_flip_axes: spatial axes whose flips are averaged (0 = H in 2D, D in 3D); () for none.
+      overlap, batch_size: the windows' overlap and how many go through the model at once.
+    """
+
+    mode: str = "resize"
+    tta_flip_axes: tuple = ()
+    overlap: float = TILE_OVERLAP
+    batch_size: int = TILE_BATCH
+
+    @classmethod
+    def make(cls, ndim: int, *, tile: bool = False, flips=()) -> "InferenceOptions":
+        if ndim == 3:
+            return cls("sliding_window", tuple(flips), VOLUME_OVERLAP, VOLUME_BATCH)
+        return cls("tile" if tile else "resize", tuple(flips), TILE_OVERLAP, TILE_BATCH)
+
+    @property
+    def tile(self) -> bool:
+        return self.mode != "resize"
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "tta_flip_axes": list(self.tta_flip_axes), "overlap": self.overlap,
+                "batch_size": self.batch_size}
+
+    @classmethod
+    def from_json(cls, d: dict | None, ndim: int) -> "InferenceOptions":
+        """tfseg.json's ``inference`` (an export from before it was recorded resized, no TTA)."""
+        if not d:
+            return cls.make(ndim)
+        base = cls.make(ndim, tile=d.get("mode") == "tile")
+        return cls(base.mode, tuple(int(a) for a in d.get("tta_flip_axes") or ()),
+                   float(d.get("overlap", base.overlap)), int(d.get("batch_size", base.batch_size)))
 
 
 def gaussian_weights(patch_shape: Sequence[int], sigma_scale: float = GAUSSIAN_SIGMA_SCALE) -> np.ndarray:
@@ -75,15 +123,30 @@ def window_starts(length: int, patch: int, overlap: float) -> list[int]:
     return [int(round(i * (length - patch) / (steps - 1))) for i in range(steps)]
 
 
-def _forward(model, batch: np.ndarray) -> np.ndarray:
-    """Calls a Keras model (or any callable taking a float32 batch) and returns numpy float32."""
+def _keras_forward(model):
+    """The TF callable of a Keras model: (B, *patch, C) float32 -> float32 probabilities."""
+    import tensorflow as tf
+
+    def forward(batch):
+        return tf.cast(model(batch, training=False), tf.float32)
+
+    return forward
+
+
+def _eager_forward(model):
+    """The TF callable of any other model (a plain function of numpy batches, as in tests)."""
+    import tensorflow as tf
+
+    def forward(batch):
+        return tf.convert_to_tensor(np.asarray(model(batch.numpy()), np.float32))
+
+    return forward
+
+
+def _is_keras(model) -> bool:
     import keras
 
-    if isinstance(model, keras.Model):
-        out = model(batch, training=False)
-    else:
-        out = model(batch)
-    return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
+    return isinstance(model, keras.Model)
 
 
 def flip_combinations(spatial_rank: int, tta) -> list[tuple[int, ...]]:
@@ -104,18 +167,121 @@ def flip_combinations(spatial_rank: int, tta) -> list[tuple[int, ...]]:
     return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
-def _with_tta(model, batch: np.ndarray, tta) -> np.ndarray:
-    """Model probabilities for a (B, *spatial, C) batch, averaged over the flips ``tta`` names."""
-    combos = [tuple(a + 1 for a in c) for c in flip_combinations(batch.ndim - 2, tta)]
-    if combos == [()]:
-        return _forward(model, batch)
+def flip_average(forward, batch, tta):
+    """TF: ``forward``'s probabilities for a (B, *spatial, C) batch averaged over the flips ``tta``
+    names (:func:`flip_combinations`), each flipped back before averaging. Graph or eager."""
+    import tensorflow as tf
+
+    rank = batch.shape.rank - 2
+    combos = [tuple(a + 1 for a in c) for c in flip_combinations(rank, tta)]
     total = None
     for axes in combos:
-        x = np.flip(batch, axis=axes) if axes else batch
-        y = _forward(model, np.ascontiguousarray(x))
-        y = np.flip(y, axis=axes) if axes else y
+        x = tf.reverse(batch, list(axes)) if axes else batch
+        y = forward(x)
+        y = tf.reverse(y, list(axes)) if axes else y
         total = y if total is None else total + y
-    return total / len(combos)
+    return total if len(combos) == 1 else total / float(len(combos))
+
+
+def window_starts_tf(length, patch: int, overlap: float):
+    """TF twin of :func:`window_starts` for a length known only at run time (>= ``patch``)."""
+    import tensorflow as tf
+
+    max_step = max(1, int(patch * (1.0 - overlap)))
+    span = tf.cast(length - patch, tf.float64)
+    steps = tf.cast(tf.math.ceil(span / max_step), tf.int32) + 1
+    i = tf.cast(tf.range(steps), tf.float64)
+    denom = tf.cast(tf.maximum(steps - 1, 1), tf.float64)
+    # tf.round and Python's round both round half to even.
+    return tf.cast(tf.round(i * span / denom), tf.int32)
+
+
+def sliding_window_tf(forward, array, patch_size: Sequence[int], *, overlap: float, batch_size: int, tta=False):
+    """Gaussian-blended sliding window, in TensorFlow: the one implementation, used by evaluation
+    and prediction (:func:`sliding_window`) and inside the exported serving graph.
+
+    Works in a ``tf.function`` (shapes known only at run time) and eagerly.
+
+    Args:
+      forward: TF callable, (b, *patch_size, C) float32 -> (b, *patch_size, K) float32.
+      array: (*spatial, C) float32 tensor, spatial rank == len(patch_size).
+      patch_size: the window's spatial size.
+      overlap: fraction of a window shared with its neighbour, in [0, 1).
+      batch_size: windows per ``forward`` call.
+      tta: flips averaged for every window (:func:`flip_combinations`).
+
+    Returns:
+      (*spatial, K) float32 tensor.
+    """
+    import tensorflow as tf
+
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    patch = tuple(int(p) for p in patch_size)
+    rank = len(patch)
+    x = tf.convert_to_tensor(array, tf.float32)
+    if x.shape.rank is not None and x.shape.rank != rank + 1:
+        raise ValueError(f"input has shape {tuple(x.shape)}, patch size {patch}")
+    shape = tf.shape(x)[:rank]
+    # Zero padding at the end (coordinates stay aligned) for axes shorter than a patch.
+    pads = tf.maximum(tf.constant(patch, tf.int32) - shape, 0)
+    v = tf.pad(x, tf.concat([tf.stack([tf.zeros_like(pads), pads], 1), [[0, 0]]], 0))
+    padded = tf.shape(v)[:rank]
+    axes = [window_starts_tf(padded[i], patch[i], overlap) for i in range(rank)]
+    starts = tf.reshape(tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1), [-1, rank])
+    n = tf.shape(starts)[0]
+    grid = np.stack(np.meshgrid(*[np.arange(p) for p in patch], indexing="ij"), axis=-1).astype(np.int32)
+    grid = tf.constant(grid)[None]  # (1, *patch, rank)
+    w = tf.constant(gaussian_weights(patch))
+
+    def windows(i):
+        s = tf.gather(starts, tf.range(i, tf.minimum(i + batch_size, n)))
+        coords = grid + tf.reshape(s, [-1] + [1] * rank + [rank])  # (b, *patch, rank)
+        return coords, flip_average(forward, tf.gather_nd(v, coords), tta)
+
+    coords, probs = windows(0)
+    k = tf.shape(probs)[-1]
+    acc = tf.tensor_scatter_nd_add(tf.zeros(tf.concat([padded, [k]], 0), tf.float32), coords, probs * w[..., None])
+    norm = tf.tensor_scatter_nd_add(tf.zeros(padded, tf.float32), coords,
+                                    tf.broadcast_to(w, tf.shape(coords)[:-1]))
+
+    def body(i, acc, norm):
+        coords, probs = windows(i)
+        acc = tf.tensor_scatter_nd_add(acc, coords, probs * w[..., None])
+        norm = tf.tensor_scatter_nd_add(norm, coords, tf.broadcast_to(w, tf.shape(coords)[:-1]))
+        return i + batch_size, acc, norm
+
+    _, acc, norm = tf.while_loop(lambda i, *_: i < n, body, (tf.constant(batch_size), acc, norm))
+    out = acc / norm[..., None]
+    return tf.slice(out, tf.zeros([rank + 1], tf.int32), tf.concat([shape, [-1]], 0))
+
+
+_WINDOW_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _window_fn(model, channels: int, patch: tuple, overlap: float, batch_size: int, flips: tuple):
+    """:func:`sliding_window_tf` for a Keras model as one traced tf.function per setting (any
+    input size without retracing)."""
+    import tensorflow as tf
+
+    cache = _WINDOW_FNS.setdefault(model, {})
+    key = (channels, patch, overlap, batch_size, flips)
+    if key not in cache:
+        forward = _keras_forward(model)
+        spec = tf.TensorSpec([None] * len(patch) + [channels], tf.float32)
+        cache[key] = tf.function(
+            lambda x: sliding_window_tf(forward, x, patch, overlap=overlap, batch_size=batch_size, tta=flips),
+            input_signature=[spec],
+        )
+    return cache[key]
+
+
+def _with_tta(model, batch: np.ndarray, tta) -> np.ndarray:
+    """Model probabilities for a (B, *spatial, C) numpy batch, averaged over the flips ``tta`` names."""
+    import tensorflow as tf
+
+    forward = _keras_forward(model) if _is_keras(model) else _eager_forward(model)
+    return flip_average(forward, tf.convert_to_tensor(np.asarray(batch, np.float32)), tta).numpy()
 
 
 def sliding_window(
@@ -128,16 +294,18 @@ def sliding_window(
     tta=False,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Gaussian-blended sliding-window prediction over the spatial axes of one image or volume.
+    """Gaussian-blended sliding-window prediction over the spatial axes of one image or volume
+    (numpy in and out; :func:`sliding_window_tf` does the work, as in the exported graph).
 
     Args:
-      model: a Keras model (or callable) mapping (B, *patch_size, C) float32 to (B, *patch_size, K).
+      model: a Keras model (or callable of numpy batches) mapping (B, *patch_size, C) float32 to
+        (B, *patch_size, K).
       array: (*spatial, C) float32 input, spatial rank == len(patch_size).
       patch_size: the window's spatial size.
       overlap: fraction of a window shared with its neighbour, in [0, 1).
       batch_size: patches per model call; bounds the memory of the model calls.
       tta: flips to average over (see :func:`flip_combinations`).
-      progress: optional callback receiving the number of patches done after each call.
+      progress: optional callback receiving the number of patches done (once, at the end).
 
     Returns:
       (*spatial, K) float32 probabilities, the weighted mean of the patch predictions.
@@ -146,28 +314,20 @@ def sliding_window(
     spatial = array.shape[:-1]
     if len(spatial) != len(patch_size):
         raise ValueError(f"input has spatial shape {spatial}, patch size {patch_size}")
-    # Zero padding (at the end, so coordinates stay aligned) for axes shorter than a patch.
-    pad = [(0, max(0, p - s)) for s, p in zip(spatial, patch_size)] + [(0, 0)]
-    padded = np.pad(array.astype(np.float32, copy=False), pad) if any(b for _, b in pad) else array
-    padded_spatial = padded.shape[:-1]
-    starts = list(itertools.product(*(window_starts(s, p, overlap) for s, p in zip(padded_spatial, patch_size))))
-    weights = gaussian_weights(patch_size)
-    acc = None
-    norm = np.zeros(padded_spatial, np.float32)
-    for i in range(0, len(starts), batch_size):
-        chunk = starts[i : i + batch_size]
-        slices = [tuple(slice(s, s + p) for s, p in zip(start, patch_size)) for start in chunk]
-        batch = np.stack([padded[sl] for sl in slices]).astype(np.float32, copy=False)
-        probs = _with_tta(model, batch, tta)
-        if acc is None:
-            acc = np.zeros(padded_spatial + (probs.shape[-1],), np.float32)
-        for sl, p in zip(slices, probs):
-            acc[sl] += p * weights[..., None]
-            norm[sl] += weights
-        if progress is not None:
-            progress(len(chunk))
-    out = acc / norm[..., None]
-    return out[tuple(slice(0, s) for s in spatial)]
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    # The flipped spatial axes (the last combination names them all), () for none.
+    flips = flip_combinations(len(patch_size), tta)[-1]
+    x = np.ascontiguousarray(array, np.float32)
+    if _is_keras(model):
+        out = _window_fn(model, x.shape[-1], patch_size, float(overlap), int(batch_size), flips)(x)
+    else:
+        out = sliding_window_tf(_eager_forward(model), x, patch_size, overlap=overlap, batch_size=batch_size,
+                                tta=flips)
+    if progress is not None:
+        padded = [max(s, p) for s, p in zip(spatial, patch_size)]
+        progress(int(np.prod([len(window_starts(s, p, overlap)) for s, p in zip(padded, patch_size)])))
+    return out.numpy()
 
 
 def resize_probs(probs: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -185,8 +345,8 @@ def predict_image(
     *,
     size: Sequence[int],
     mode: str = "resize",
-    overlap: float = 0.25,
-    batch_size: int = 8,
+    overlap: float = TILE_OVERLAP,
+    batch_size: int = TILE_BATCH,
     tta=False,
 ) -> np.ndarray:
     """Class probabilities for one 2D image at its original size.
@@ -228,8 +388,8 @@ def predict_volume(
     volume: np.ndarray,
     *,
     patch_size: Sequence[int],
-    overlap: float = 0.5,
-    batch_size: int = 2,
+    overlap: float = VOLUME_OVERLAP,
+    batch_size: int = VOLUME_BATCH,
     tta=False,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:

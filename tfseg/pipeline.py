@@ -175,7 +175,12 @@ class _Stages:
         from tfseg.export import run_export
 
         section = cfg.get("export") or {}
-        run_export(paths["run"], paths["export"], section.get("name") or cfg["dataset"])
+        # The export serves what evaluate scored: its --tile/--tta unless export: says otherwise.
+        scored = cfg.get("evaluate") or {}
+        run_export(paths["run"], paths["export"], section.get("name") or cfg["dataset"],
+                   tile=bool(section.get("tile", scored.get("tile", False))),
+                   tta=bool(section.get("tta", scored.get("tta", False))),
+                   precision=section.get("precision", "float32"))
 
 
 def demo_overrides(cfg: dict) -> list[str]:

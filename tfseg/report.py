@@ -264,9 +264,12 @@ def render_markdown(metrics: dict) -> str:
     inf = metrics.get("inference", {})
     parts = [
         f"# Evaluation of `{metrics.get('model') or 'model'}` on split `{metrics['split']}`\n\n",
+        (f"- served model: `{metrics['export_dir']}` (scored through its serving signature)\n"
+         if metrics.get("export_dir") else ""),
         f"- run: `{metrics.get('run_dir')}`\n- data: `{metrics.get('data_dir')}`\n"
         f"- images scored: {metrics['num_images']} (unlabelled skipped: {metrics.get('unlabelled_skipped', 0)})\n"
-        f"- inference: {inf.get('mode')} at {inf.get('size')}, tta={inf.get('tta')}; "
+        f"- inference: {inf.get('mode')} at {inf.get('size')}, "
+        f"TTA flips over spatial axes {inf.get('tta_flip_axes') or 'none'}, {inf.get('precision', 'float32')}; "
         "scored at each image's original resolution\n",
         "\n## Summary\n\n",
         markdown_table(
