@@ -30,6 +30,7 @@ def test_overrides_reach_the_stage_sections():
     assert "fit.image_size=64x64" in demo_overrides(load_pipeline("carvana"))
 
 
+@pytest.mark.slow  # end to end: ~20-40 s each on 2 cores, in the second tier
 @pytest.mark.parametrize("name", ["isic", "brats", "ccp", "vein", "voc"])
 def test_pipeline_runs_on_sample_data(name, tmp_path):
     base = load_pipeline(name)
@@ -45,6 +46,7 @@ def test_pipeline_runs_on_sample_data(name, tmp_path):
     assert again["skipped"] == ["convert", "fit", "evaluate", "export"]
 
 
+@pytest.mark.slow  # the demo end to end at 1 epoch (the next test trains it fully)
 def test_demo_command_end_to_end(tmp_path):
     result = CliRunner().invoke(
         cli, ["demo", "--workdir", str(tmp_path / "demo"), "--set", "fit.epochs=1"]
