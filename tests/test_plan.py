@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -91,3 +92,173 @@ def test_odd_3d_patch_fit_evaluate_export(tmp_path):
     volume = np.random.default_rng(0).normal(size=(21, 20, 23, 1)).astype(np.float32)
     out = fn(volume=tf.constant(volume))
     assert tuple(out["mask"].shape) == (21, 20, 23)
+
+
+# --------------------------------------------------------------------------------------------
+# Rules (no model)
+# --------------------------------------------------------------------------------------------
+
+
+def test_parse_duration():
+    from tfseg.plan import format_duration, parse_duration
+
+    assert parse_duration("90s") == 90 and parse_duration("20m") == 1200 and parse_duration("1h30m") == 5400
+    assert parse_duration("45") == 45 and parse_duration(2.5) == 2.5 and parse_duration("1.5h") == 5400
+    for bad in ("", "soon", "0m", "-5", "10x"):
+        with pytest.raises(TfsegError, match="budget"):
+            parse_duration(bad)
+    assert format_duration(1200) == "20m" and format_duration(3600) == "1h" and format_duration(75) == "75s"
+
+
+def test_receptive_field_and_depth_rule():
+    from tfseg.plan import depth_for, receptive_field
+
+    # depth 1 by hand: 2 convs (+2 +2), pool (+1) at jump 1; bottleneck 2 convs at jump 2 (+4 +4);
+    # transposed conv (+1) and 2 convs (+2 +2) at jump 1: 1 + 5 + 8 + 5 = 19.
+    assert receptive_field(1) == 19
+    # depth 2: 1 + 5 (level 0) + 10 (level 1, jump 2) + 16 (bottleneck, jump 4) + 10 + 5 = 47.
+    assert receptive_field(2) == 47
+    assert [depth_for(s) for s in ([160, 256], [64, 96], [32, 32], [8, 8], [1024, 2048])] == [5, 4, 3, 2, 6]
+
+
+def _fp(positions, mirror=(0.0, 0.0), presence=None, ndim=2):
+    k = len(positions)
+    return {"ndim": ndim, "class_names": [f"c{i}" for i in range(k)], "class_position": positions,
+            "class_presence": presence or [1.0] * k, "class_frequency": [0.5] * k,
+            "intensity_mirror_difference": list(mirror)}
+
+
+def test_flip_rule_keeps_upright_photos_upright():
+    from tfseg.plan import choose_flips
+
+    upright = _fp([[0.5, 0.5], [0.15, 0.48], [0.9, 0.52]])  # hair at the top, shoes at the bottom
+    assert choose_flips(upright)[0] == [1]
+    centred = _fp([[0.5, 0.5], [0.52, 0.47]], mirror=(0.05, 0.04))  # a lesion in the middle
+    assert choose_flips(centred)[0] == [0, 1]
+    lit_from_above = _fp([[0.5, 0.5], [0.5, 0.5]], mirror=(0.4, 0.02))  # sky brighter than the ground
+    assert choose_flips(lit_from_above)[0] == [1]
+    rare = _fp([[0.5, 0.5], [0.5, 0.5], [0.05, 0.5]], presence=[1.0, 1.0, 0.05])  # too rare to judge
+    assert choose_flips(rare)[0] == [0, 1]
+    assert choose_flips(upright, "none")[0] == [] and choose_flips(upright, "all")[0] == [0, 1]
+    assert choose_flips(_fp([[0.5] * 3, [0.1] * 3], ndim=3))[0] == [0, 1, 2]
+
+
+def test_fingerprint_of_squares_matches_numpy(tmp_path):
+    from test_train import read_split_numpy, write_2d_dataset
+    from tfseg.plan import fingerprint, make_plan
+
+    data = write_2d_dataset(str(tmp_path / "sq"), {"train": 12, "val": 4}, size=32)
+    fp = fingerprint(data, sample=12)
+    images, masks = read_split_numpy(data, "train")
+    masks = masks.reshape(len(masks), 32, 32)
+    assert fp["size"]["median"] == [32, 32] and fp["sampled"] == 12 and fp["splits"] == {"train": 12, "val": 4}
+    freq = np.bincount(masks.ravel(), minlength=2) / masks.size
+    np.testing.assert_allclose(fp["class_frequency"], freq, atol=1e-6)
+    assert fp["class_presence"] == [1.0, 1.0]
+    # One square per image: components are whole squares, diameter = side; pixel-weighted median.
+    sides = np.sqrt(masks.reshape(len(masks), -1).sum(1))
+    order = np.argsort(sides)
+    cum = np.cumsum((sides**2)[order])
+    assert fp["objects"][1]["median_px"] == pytest.approx(sides[order][np.searchsorted(cum, cum[-1] / 2)], abs=0.05)
+    assert fp["objects"][1]["components"] == 12
+    np.testing.assert_allclose(fp["intensity"]["mean"], images.reshape(-1, 3).mean(0), rtol=0.1)
+    plan = make_plan(fp, budget="5m", measure=False, device={"kind": "cpu", "replicas": 1, "memory": 1 << 30})
+    fit = plan["fit"]
+    assert fit["loss"] == "bce_dice" and "class_weights" not in fit and fit["budget"] == "5m"
+    assert fit["image_size"] == "32x32" and fit["model_kwargs"]["depth"] == 3  # 32 / 2**3 = 4 px
+    assert fit["batch_size"] == 6  # half of the 12 training images: at least 2 steps an epoch
+    assert plan["evaluate"]["tta"] == bool(fit["augment"].get("hflip") or fit["augment"].get("vflip"))
+
+
+# --------------------------------------------------------------------------------------------
+# Time-budgeted fit
+# --------------------------------------------------------------------------------------------
+
+
+def _budget_cfg(data, out, budget="40s"):
+    return {"data": data, "model": "unet", "output": out, "image_size": "32x32", "budget": budget,
+            "batch_size": 4, "model_kwargs": {"depth": 2, "base_filters": 4}, "verbose": 0,
+            "tensorboard": False, "seed": 1, "schedule": "cosine", "learning_rate": 1e-3}
+
+
+@pytest.mark.slow  # two budgeted fits of 40 s
+def test_budget_fit_ends_in_time_and_a_resumed_run_keeps_the_end(tmp_path):
+    import time
+
+    import keras
+
+    from test_train import history_rows, write_2d_dataset
+    from tfseg.train import run_fit
+
+    data = write_2d_dataset(str(tmp_path / "sq"), {"train": 16, "val": 4})
+
+    class Rates(keras.callbacks.Callback):
+        seen: list = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seen.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+
+    start = time.time()
+    run = run_fit(_budget_cfg(data, str(tmp_path / "a")), callbacks=[Rates()])
+    elapsed = time.time() - start
+    with open(os.path.join(run, "run.json")) as f:
+        rec = json.load(f)
+    budget = rec["budget"]
+    assert budget["seconds"] == 40 and budget["epochs"] >= 2
+    assert rec["completed_epochs"] == budget["epochs"] and not rec["stopped_early"]
+    assert len(history_rows(run)) == budget["epochs"]
+    assert 40 * 0.6 < elapsed < 40 * 1.1 + 8  # used the budget, ended within it (+ publishing, health check)
+    # The cosine decays to 0 at the budget's last step: the last epoch trains at under
+    # (1 - cos(pi / epochs)) / 2 of the base rate.
+    last = Rates.seen[-1]
+    epochs = budget["epochs"]
+    assert Rates.seen[0] > 0.5e-3 and last <= 1e-3 * 0.5 * (1 - math.cos(math.pi / epochs)) + 1e-9
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:  # after the budget's decision and the epoch's backup
+                raise RuntimeError("killed")
+
+    out = str(tmp_path / "b")
+    with pytest.raises(RuntimeError, match="killed"):
+        run_fit(_budget_cfg(data, out), callbacks=[Crash()])
+    with open(os.path.join(out, "run.json")) as f:
+        decided = json.load(f)["budget"]
+    run_fit(_budget_cfg(data, out))  # resumes: same end, nothing measured again
+    with open(os.path.join(out, "run.json")) as f:
+        rec = json.load(f)
+    assert rec["budget"] == decided and rec["completed_epochs"] == decided["epochs"]
+    assert len(history_rows(out)) == decided["epochs"]
+
+
+# --------------------------------------------------------------------------------------------
+# The automatic pipeline on every seed pipeline's sample data
+# --------------------------------------------------------------------------------------------
+
+
+def _pipeline_names():
+    from tfseg.pipeline import pipeline_names
+
+    return pipeline_names()
+
+
+@pytest.mark.slow  # sample, convert, plan, 20 s of fit and evaluate: ~1-2 min per layout on 2 cores
+@pytest.mark.parametrize("name", _pipeline_names())
+def test_automatic_plan_trains_on_every_seed_pipelines_sample(name, tmp_path):
+    from tfseg.config import apply_overrides
+    from tfseg.pipeline import auto_pipeline, demo_overrides, load_pipeline, run_pipeline, write_sample
+
+    base = load_pipeline(name)
+    demo = apply_overrides(base, [o for o in demo_overrides(base) if o.startswith("convert.")])
+    raw = str(tmp_path / "raw")
+    write_sample(base["dataset"], raw, count=int(base["demo"]["sample_count"]), seed=0)
+    convert = dict(demo.get("convert") or {})
+    split = convert.pop("split", None)
+    cfg = auto_pipeline(base["dataset"], budget="20s", split=split, layout_options=convert)
+    work = str(tmp_path / "work")
+    summary = run_pipeline(cfg, raw, work, stages=("convert", "fit", "evaluate"))
+    with open(os.path.join(work, "run", "run.json")) as f:
+        rec = json.load(f)
+    assert rec["completed_epochs"] >= 1 and rec["budget"]["epochs"] == rec["completed_epochs"]
+    assert os.path.isfile(os.path.join(work, "plan.yaml"))
+    assert summary["metrics"]["dataset_level"]["mean_iou"] is not None

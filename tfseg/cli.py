@@ -150,6 +150,7 @@ def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, comp
 @click.option("--model", help="unet | improved_unet | mobilenetv2_unet | dense_unet.")
 @click.option("--output", help="Run directory (RUN_DIR); re-running resumes it.")
 @click.option("--epochs", type=int, help="Total epochs (larger than a finished run's: continue).")
+@click.option("--budget", help="Wall time for the whole fit (20m, 1h, 90s): sets the epochs and the cosine's end.")
 @click.option("--batch-size", type=int, help="Global batch size (divisible by the replicas).")
 @click.option("--image-size", help="2D training size HxW.")
 @click.option("--patch-size", help="3D training patch DxHxW.")
@@ -181,6 +182,25 @@ def fit_cmd(config_file, overrides, **options):
         f"fit: {run_dir} ({info.get('model')}, {info.get('completed_epochs')} epochs, "
         f"{info.get('precision')}, {info.get('replicas')} replica(s))"
     )
+
+
+@cli.command("plan")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="A converted dataset.")
+@click.option("--budget", default="30m", show_default=True, help="Training wall time the plan is for (20m, 1h, ...).")
+@click.option("--output", default=None, type=click.Path(dir_okay=False),
+              help="Write the plan here (YAML: fit: and evaluate: sections, the reasons, the fingerprint).")
+@click.option("--flips", default="auto", show_default=True, type=click.Choice(["auto", "none", "lr", "ud", "all"]),
+              help="Flips to train and test with: auto decides from the data's symmetry.")
+@click.option("--sample", default=64, show_default=True, type=click.IntRange(1),
+              help="Training records read for the fingerprint (3D: at most 8).")
+def plan_cmd(data_dir, budget, output, flips, sample):
+    """Fingerprint a converted dataset and choose a training recipe for it, with the reasons."""
+    from tfseg.plan import run_plan
+
+    doc = run_plan(data_dir, budget=budget, output=output, flips=flips, sample=sample)
+    click.echo(doc["table"])
+    if output:
+        click.echo(f"plan: {output}  (tfseg fit --config {output} --output RUN)")
 
 
 # --- evaluate commands (owned by the evaluate stage) ---
@@ -320,17 +340,46 @@ def _metric_table(metrics: dict) -> str:
 
 
 @cli.command("run")
-@click.argument("pipeline")
+@click.argument("pipeline", required=False)
 @click.option("--input", "input_dir", required=True, type=click.Path(), help="Raw dataset in its original layout.")
 @click.option("--workdir", required=True, type=click.Path(), help="Where every stage writes; re-running resumes.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a pipeline key, e.g. fit.epochs=5.")
 @click.option("--stage", "stages", multiple=True, type=click.Choice(["convert", "fit", "evaluate", "export"]),
               help="Run only these stages (default: all, in order).")
-def run_cmd(pipeline, input_dir, workdir, overrides, stages):
-    """Run PIPELINE (a shipped name like `carvana`, or a YAML file): convert -> fit -> evaluate -> export."""
-    from tfseg.pipeline import STAGES, load_pipeline, run_pipeline
+@click.option("--dataset", "layout", default=None,
+              help="Without PIPELINE: the raw layout (as convert --dataset); the recipe is planned automatically.")
+@click.option("--budget", default=None, help="Without PIPELINE: training wall time for the plan and fit [default: 1h].")
+@click.option("--split", default=None, help="Without PIPELINE: convert's --split.")
+@click.option("--image-dir", default=None, help="folder: images folder, relative to --input.")
+@click.option("--mask-dir", default=None, help="folder: masks folder, relative to --input.")
+@click.option("--mask-suffix", default=None, help="folder: mask stem = image stem + suffix.")
+@click.option("--num-classes", default=None, type=int, help="folder: number of classes.")
+@click.option("--ignore-index", default=None, type=int, help="folder: label value to ignore.")
+@click.option("--palette", default=None, type=click.Path(dir_okay=False), help="folder: colours.json.")
+@click.option("--class-names", default=None, type=click.Path(dir_okay=False), help="folder: class names file.")
+@click.option("--mask-threshold", default=None, type=int, help="folder: binarize masks at this value.")
+@click.option("--label-set", default=None, help="ccp: 'seed' or 'full'.")
+def run_cmd(pipeline, input_dir, workdir, overrides, stages, layout, budget, split, **layout_options):
+    """Run PIPELINE (a shipped name like `carvana`, or a YAML file): convert -> fit -> evaluate -> export.
 
-    cfg = load_pipeline(pipeline, overrides)
+    Without PIPELINE, --dataset LAYOUT (and the layout's convert options) runs
+    convert -> plan -> fit -> evaluate -> export with the automatic recipe (`tfseg plan`) for --budget.
+    """
+    from tfseg.pipeline import STAGES, auto_pipeline, load_pipeline, run_pipeline
+
+    given = sorted(f"--{k.replace('_', '-')}" for k, v in layout_options.items() if v is not None)
+    if pipeline and layout:
+        raise TfsegError(f"give PIPELINE ({pipeline}) or --dataset ({layout}), not both")
+    if pipeline and (given or budget or split):
+        raise TfsegError(f"{', '.join(given + ['--budget'] * bool(budget) + ['--split'] * bool(split))}: "
+                         "only without PIPELINE (a pipeline file holds these; use --set)")
+    if not pipeline and not layout:
+        raise TfsegError("give a PIPELINE (e.g. carvana or a YAML file) or --dataset LAYOUT for an automatic plan")
+    if pipeline:
+        cfg = load_pipeline(pipeline, overrides)
+    else:
+        cfg = auto_pipeline(layout, budget=budget or "1h", split=split, layout_options=layout_options,
+                            overrides=overrides)
     if not os.path.isdir(input_dir):
         raise TfsegError(f"{input_dir}: input directory not found")
     summary = run_pipeline(cfg, input_dir, workdir, stages=stages or STAGES, on_stage=_echo_stage)

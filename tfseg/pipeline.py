@@ -9,6 +9,11 @@ interrupted pipeline picks up where it stopped::
     WORKDIR/run/      fit       complete when model.keras exists (an unfinished fit resumes)
     WORKDIR/eval/     evaluate  complete when metrics.json exists
     WORKDIR/export/   export    complete when export/NAME/ holds a version
+
+Without a pipeline file (``tfseg run --dataset LAYOUT ...``, :func:`auto_pipeline`) a ``plan``
+stage runs between convert and fit: it fingerprints the converted data and writes
+``WORKDIR/plan.yaml`` (:mod:`tfseg.plan`), whose ``fit`` and ``evaluate`` sections the later stages
+use (``--set`` overrides still apply on top); re-running reads the existing plan.yaml.
 """
 
 from __future__ import annotations
@@ -61,9 +66,48 @@ def load_pipeline(name_or_path: str, overrides: Iterable[str] = ()) -> dict:
     return cfg
 
 
+def auto_pipeline(layout: str, *, budget: str = "1h", split: str | None = None,
+                  layout_options: dict | None = None, overrides: Iterable[str] = ()) -> dict:
+    """A pipeline without a file: convert LAYOUT with its options, then plan, fit, evaluate and
+    export with the automatic recipe for ``budget`` of training (see the module docstring).
+
+    Raises:
+      TfsegError: a budget that is not a duration.
+    """
+    from tfseg.convert import get_layout_class
+    from tfseg.plan import parse_duration
+
+    try:
+        get_layout_class(layout)
+    except Exception as e:  # noqa: BLE001 - the registry's own message names the choices
+        raise TfsegError(f"--dataset {layout}: {e}") from None
+    parse_duration(budget)
+    convert = {k: v for k, v in (layout_options or {}).items() if v is not None}
+    if split:
+        convert["split"] = split
+    return {"dataset": layout, "convert": convert, "plan": {"budget": budget}, "export": {"name": layout},
+            "auto_overrides": list(overrides), "source": f"automatic plan for --dataset {layout}"}
+
+
+def _plan_stage(cfg: dict, paths: dict) -> None:
+    """Writes WORKDIR/plan.yaml (once) and takes its fit/evaluate sections into ``cfg``."""
+    from tfseg.plan import run_plan
+
+    section = cfg.get("plan") or {}
+    if not os.path.isfile(paths["plan"]):
+        doc = run_plan(paths["data"], budget=str(section.get("budget", "1h")), output=paths["plan"],
+                       flips=str(section.get("flips", "auto")))
+        log.info("plan (%s):\n%s", paths["plan"], doc["table"])
+    doc = config_lib.load_config(paths["plan"])
+    planned = {"fit": doc.get("fit") or {}, "evaluate": doc.get("evaluate") or {}}
+    planned = config_lib.apply_overrides(planned, cfg.get("auto_overrides") or [])
+    cfg["fit"], cfg["evaluate"] = planned["fit"], planned["evaluate"]
+
+
 def stage_paths(workdir: str, cfg: dict) -> dict[str, str]:
     export_name = (cfg.get("export") or {}).get("name") or cfg["dataset"]
     return {
+        "plan": os.path.join(workdir, "plan.yaml"),
         "data": os.path.join(workdir, "data"),
         "run": os.path.join(workdir, "run"),
         "eval": os.path.join(workdir, "eval"),
@@ -113,7 +157,13 @@ def run_pipeline(
     paths = stage_paths(workdir, cfg)
     wanted = [s for s in STAGES if s in set(stages)]
     summary: dict = {"workdir": workdir, "paths": paths, "skipped": []}
+    planned = False
     for stage in wanted:
+        if stage != "convert" and "plan" in cfg and not planned:  # the automatic recipe, once
+            if on_stage:
+                on_stage("plan", os.path.isfile(paths["plan"]))
+            _plan_stage(cfg, paths)
+            planned = True
         done = _stage_done(stage, paths)
         if on_stage:
             on_stage(stage, done)

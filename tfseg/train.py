@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 from tfseg import bnstats, outputs, rundir, runtime
@@ -67,6 +68,10 @@ class FitConfig:
       output: the run directory to write (RUN_DIR).
       model_kwargs: extra arguments of the model builder (depth, base_filters, ...).
       epochs: total number of epochs (a resumed run continues up to it).
+      budget: a wall-time budget for the whole fit (``"20m"``, ``"1h"``, seconds): the first
+        epoch is timed and the epoch count (and the cosine schedule's end) set so that training
+        ends within it (:func:`tfseg.plan.make_budget_controller`); ``epochs`` is then ignored.
+        The decision is kept in run.json (``budget``), and a resumed run keeps the same end.
       batch_size: global batch size, split evenly across the replicas.
       image_size: (H, W) training size for 2D data; defaults to the dataset's size when all its
         training images share one, else 256x256.
@@ -105,6 +110,7 @@ class FitConfig:
     output: str = ""
     model_kwargs: dict = dataclasses.field(default_factory=dict)
     epochs: int = 10
+    budget: Any = None
     batch_size: int = 8
     image_size: tuple | None = None
     patch_size: tuple | None = None
@@ -169,6 +175,10 @@ class FitConfig:
             raise TfsegError(f"fit config: epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise TfsegError(f"fit config: batch_size must be >= 1, got {self.batch_size}")
+        if self.budget is not None:
+            from tfseg.plan import parse_duration
+
+            parse_duration(self.budget, option="fit config: budget")
         if self.optimizer not in OPTIMIZERS:
             raise TfsegError(f"fit config: optimizer {self.optimizer!r} not in {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -262,6 +272,8 @@ def _coerce(key: str, value, default):
         return str(value).lower() if key in ("optimizer", "schedule", "precision") else str(value)
     if key == "validation_split":
         return str(value) if value != "" else None
+    if key == "budget":
+        return value if value != "" else None
     if key == "augment" and isinstance(value, str):
         try:
             value = json.loads(value)
@@ -810,6 +822,7 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
       TfsegError: bad config or dataset (reported before training starts), a run directory
         of another model, or a diverged run (NaN loss).
     """
+    started = time.time()
     cfg = FitConfig.from_dict(config)
     info = load_dataset_info(cfg.data)
     plan = _plan(cfg, info)
@@ -839,6 +852,17 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
         outputs.rmtree(os.path.join(run_dir, BACKUP_DIR))
         outputs.copy_tree(os.path.join(final_dir, BACKUP_DIR), os.path.join(run_dir, BACKUP_DIR))
     finished = backup_epoch(run_dir)
+    budget_seconds, budget_record, planned_epochs = None, None, cfg.epochs
+    if cfg.budget is not None:
+        # The budget decides the epochs: resolved after the first timed epoch and kept in
+        # run.json, so a resumed run ends where the interrupted one would have.
+        from tfseg.plan import parse_duration
+
+        budget_seconds = parse_duration(cfg.budget)
+        old = (previous or {}).get("budget") or {}
+        if old.get("epochs") and float(old.get("seconds", -1)) == budget_seconds:
+            budget_record = dict(old)
+        cfg = dataclasses.replace(cfg, epochs=int(budget_record["epochs"]) if budget_record else 100_000)
     model_path = os.path.join(run_dir, rundir.MODEL_FILE)
     if chief and outputs.isfile(model_path) and previous is not None:
         done = int(previous.get("completed_epochs") or finished)
@@ -902,8 +926,12 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
             except ValueError as e:
                 raise TfsegError(f"--loss {plan.loss} on {cfg.data}: {e}") from None
             metrics = default_metrics(info.num_classes, info.ignore_index, regions=info.regions or None)
+            budget_cosine = budget_seconds is not None and cfg.schedule == "cosine"
             model.compile(
-                optimizer=_make_optimizer(cfg, decay_steps),
+                # Under a budget the cosine's end is known after the first epoch: the budget
+                # controller sets the learning rate each step instead of a fixed schedule.
+                optimizer=_make_optimizer(dataclasses.replace(cfg, schedule="none") if budget_cosine else cfg,
+                                          decay_steps),
                 loss=loss,
                 metrics=metrics,
                 jit_compile=jit,
@@ -928,6 +956,8 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
             tfseg_version=_version(),
             config=cfg.to_json(),
         )
+        if budget_record:
+            record.update(budget=budget_record)
         atomic_write_json(os.path.join(run_dir, rundir.RUN_JSON), record)
 
         if multi_worker:
@@ -938,7 +968,8 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
                 int(plan.info.splits[plan.validation_split].get("count", 0)), cfg.batch_size, replicas)
         train_ds, val_ds = _make_datasets(cfg, plan, cfg.batch_size, multi_worker, val_plan)
         cbs = _callbacks(
-            run_dir, cfg, monitor, mode, rows, val_ds is not None
+            run_dir, cfg if budget_seconds is None else dataclasses.replace(cfg, epochs=planned_epochs),
+            monitor, mode, rows, val_ds is not None
         )
         # Batch-norm statistics re-estimated for the weights before each validation (tfseg.bnstats).
         bn_callback = bnstats.make_callback(
@@ -954,6 +985,25 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
             logger.info("%s: resuming after epoch %d with learning rate %g (was %g)", final_dir, finished,
                         cfg.learning_rate, old_lr)
             cbs.append(_set_learning_rate(cfg.learning_rate))
+        budget_controller = None
+        if budget_seconds is not None:
+            from tfseg.plan import make_budget_controller
+
+            def on_resolved(decision: dict) -> None:
+                record.update(budget=decision)
+                atomic_write_json(os.path.join(run_dir, rundir.RUN_JSON), record)
+
+            budget_controller = make_budget_controller(
+                budget_seconds=budget_seconds, started=started, steps_per_epoch=steps, first_epoch=finished,
+                resolved=int(budget_record["epochs"]) if budget_record else None,
+                base_lr=cfg.learning_rate if budget_cosine else None, on_resolved=on_resolved,
+            )
+            cbs.insert(0, budget_controller)
+            if budget_record:
+                logger.info("budget %s: resuming towards the %d epochs decided at the start", cfg.budget,
+                            budget_record["epochs"])
+            else:
+                logger.info("budget %s: the first epoch is timed to set the number of epochs", cfg.budget)
         cbs += list(callbacks or [])
         validation_steps = cfg.validation_steps
         if val_ds is not None and validation_steps is None:
@@ -991,7 +1041,8 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
                 "try a lower --learning-rate or --precision float32"
             ) from None
         completed = backup_epoch(run_dir)
-        stopped_early = completed < cfg.epochs
+        target = budget_controller.total if budget_controller is not None and budget_controller.total else cfg.epochs
+        stopped_early = completed < target
         if chief:
             _publish_model(run_dir, model, use_best=val_ds is not None)
             record.update(health=bnstats.fit_health(run_dir, cfg, plan))

@@ -1,0 +1,702 @@
+"""``tfseg plan``: a dataset fingerprint and rules that turn it into a training recipe.
+
+nnU-Net's idea (Isensee et al., Nature Methods 2021), rewritten for tfseg: measure what matters
+about a converted dataset, then derive every choice from it with a few fixed rules, instead of
+hand-tuning each dataset. Nothing here is copied from nnU-Net; the rules are ours, and each one
+prints the reason it chose what it chose.
+
+The fingerprint (:func:`fingerprint`) reads dataset.json and a sample of the training records:
+
+* cases, splits, channels, image size distribution (median, min/max, aspect) and, in 3D, spacing
+  and anisotropy;
+* intensity statistics per channel (mean, std, 0.5/99.5 percentiles);
+* per-class pixel frequency (dataset.json's counts) and how many images contain each class;
+* typical object size per class: connected components of each class in the sampled masks; the
+  pixel-weighted median of their equivalent diameters (sqrt(area), cbrt(volume)), i.e. the size
+  of the object a typical pixel of that class belongs to (speckle counts for little);
+* where each class sits (its pixels' mean position along each axis) and how the mean intensity
+  changes from top to bottom and left to right: the evidence for which flips are safe.
+
+The rules (:func:`make_plan`), each with its reason in the printed table and in plan.yaml:
+
+1. **flips**: a left-right (up-down) flip is used only when the data looks the same mirrored along
+   that axis: every class found in at least 10% of the sampled images has its mean position
+   within 0.1 of the middle along it, and the image's mean-intensity profile along it differs
+   from its mirror by at most 0.15 of the intensity spread. Upright photos (hair at the top, shoes at the bottom, sky above) fail the up-down
+   test, so they are never flipped upside down; dermoscopy lesions pass both. 3D volumes are
+   mirrored along all axes (nnU-Net's default). ``--flips`` overrides.
+2. **input size**: the median image size, aspect kept, scaled down (never up) to the largest size
+   at which the budget allows ``TARGET_EPOCHS`` epochs (from a measured step time, time taken as
+   proportional to pixels), but not below a floor: short side 64 px and the smallest class's
+   typical object at least ``MIN_OBJECT_PX`` px wide. Rounded to a multiple of the network's
+   divisor (2**depth), so no padding is needed.
+3. **depth**: pool while the coarsest feature map keeps at least 4 pixels on its short side
+   (nnU-Net's rule; at most 6 levels): the bottleneck then sees the whole input, which objects
+   as large as the image (a dress, a coat) need. The receptive field is reported against the
+   largest class's typical object.
+4. **base filters**: 32 on a GPU (nnU-Net's width); 16 on CPUs, where a step costs about the
+   square of the width and a short budget buys more epochs with the narrower net (the ``ccp``
+   recipe's finding).
+5. **batch size**: the most examples whose activations fit a memory budget (a quarter of the RAM,
+   at most 4 GiB, on CPUs; 60% of the GPU memory), capped at 8 per CPU replica (the per-image cost
+   on a CPU does not fall with larger batches, and a short budget needs optimizer steps) or 16 per
+   GPU, at least 2, a multiple of the replicas; 3D: 2 patches (nnU-Net).
+6. **loss and class weights**: binary tasks ``bce_dice``; multi-class ``ce_dice`` (nnU-Net's
+   CE + Dice). Class weights ``inverse_sqrt`` when the rarest present class is more than 10x less
+   frequent than the most frequent one (on CCP they lifted hat and socks from IoU 0).
+7. **augmentation**: the flips of rule 1; 2D: zoom 0.85-1.15, shift 5%, rotation 10 degrees
+   (15 when up-down flips are allowed: no canonical orientation), brightness and contrast 0.1;
+   3D: flips, 90-degree in-plane rotations when the in-plane spacing is isotropic, intensity 0.1.
+8. **epochs and schedule**: Adam 1e-3 with cosine decay to 0 at the end of the budget; the epoch
+   count that fits the budget is estimated here from the measured step time and set for real by
+   ``tfseg fit --budget`` on the machine that trains (:class:`BudgetController`).
+9. **test-time flips**: averaged over exactly the trained flips (``evaluate.tta``), none otherwise.
+
+Command line::
+
+    tfseg plan --data DATA [--budget 30m] [--output plan.yaml] [--flips auto]
+    tfseg fit --config plan.yaml --output RUN
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from typing import Any
+
+import numpy as np
+
+from tfseg import outputs
+from tfseg.errors import TfsegError
+
+logger = logging.getLogger(__name__)
+
+TARGET_EPOCHS = 25
+MIN_OBJECT_PX = 6
+MIN_SIDE = 64
+MAX_DEPTH = 6
+SYMMETRY_TOLERANCE = 0.1  # class centre off the middle, as a fraction of the axis
+INTENSITY_TOLERANCE = 0.15  # mean |profile - mirrored profile|, in units of the image's std
+MIN_PRESENCE = 0.1  # classes in fewer sampled images place too few objects to judge symmetry
+DEFAULT_BUDGET = "30m"
+FLIP_CHOICES = ("auto", "none", "lr", "ud", "all")
+
+# --------------------------------------------------------------------------------------------
+# Durations
+# --------------------------------------------------------------------------------------------
+
+
+def parse_duration(text, *, option: str = "--budget") -> float:
+    """Seconds from ``"90s"``, ``"20m"``, ``"1h"``, ``"1h30m"`` or a number of seconds.
+
+    Raises:
+      TfsegError: anything else, or a duration that is not positive.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s?)?", s)
+        if not s or not parts or not any(parts.groups()):
+            raise TfsegError(f"{option} {text!r}: expected a duration such as 90s, 20m, 1h or 1h30m")
+        h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+        seconds = h * 3600 + m * 60 + sec
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise TfsegError(f"{option} {text!r}: the duration must be positive")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprint
+# --------------------------------------------------------------------------------------------
+
+
+def _components(mask: np.ndarray, cls: int) -> np.ndarray:
+    """Sizes (pixel counts) of the connected components of class ``cls`` in ``mask``."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask == cls)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    return np.bincount(labels.ravel())[1:]
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    values, weights = values[order], weights[order]
+    cum = np.cumsum(weights)
+    return float(values[np.searchsorted(cum, cum[-1] / 2.0)])
+
+
+def _profile(values: np.ndarray, bins: int = 32) -> np.ndarray:
+    """A 1D profile resampled to ``bins`` points (so images of any size can be averaged)."""
+    x = np.linspace(0, len(values) - 1, bins)
+    return np.interp(x, np.arange(len(values)), values)
+
+
+def fingerprint(data_dir: str, *, sample: int = 64) -> dict:
+    """Measures a converted dataset (see the module docstring).
+
+    Args:
+      data_dir: a ``tfseg convert`` output.
+      sample: training records read for sizes, intensities, presence, objects and positions
+        (3D: at most 8 volumes).
+
+    Returns:
+      A JSON-ready dict.
+
+    Raises:
+      TfsegError: missing dataset.json, no train split, no labelled training record.
+    """
+    from tfseg.data.input import read_examples
+    from tfseg.schema import load_dataset_info
+
+    info = load_dataset_info(data_dir)
+    where = os.path.join(data_dir, "dataset.json")
+    if "train" not in info.splits:
+        raise TfsegError(f"{where}: no 'train' split (has {sorted(info.splits)})")
+    k = info.num_classes
+    ndim = info.ndim
+    limit = min(sample, 8) if ndim == 3 else sample
+    sizes, spacings, n_read = [], [], 0
+    presence = np.zeros(k, np.int64)
+    pix = np.zeros(k, np.int64)
+    comp_sizes: list[list[np.ndarray]] = [[] for _ in range(k)]
+    pos_sum = np.zeros((k, ndim))
+    pos_px = np.zeros(k)
+    ch_values: list[np.ndarray] = []
+    profiles = [[] for _ in range(ndim)]
+    rng = np.random.default_rng(0)
+    for ex in read_examples(data_dir, "train"):
+        if not bool(ex["has_mask"].numpy()):
+            continue
+        image = ex["image"].numpy().astype(np.float32)
+        mask = ex["mask"].numpy()[..., 0]
+        spatial = mask.shape
+        sizes.append(list(spatial))
+        if ndim == 3 and "spacing" in ex:
+            spacings.append([float(s) for s in ex["spacing"].numpy()])
+        flat = image.reshape(-1, image.shape[-1])
+        ch_values.append(flat[rng.integers(0, len(flat), min(len(flat), 4096))])
+        gray = image.mean(-1)
+        scale = float(gray.std()) or 1.0
+        for axis in range(ndim):
+            other = tuple(a for a in range(ndim) if a != axis)
+            profiles[axis].append(_profile(gray.mean(axis=other)) / scale)
+        counts = np.bincount(mask.ravel(), minlength=256)[:k]
+        pix += counts
+        presence += counts > 0
+        grids = np.indices(spatial, dtype=np.float32)
+        for c in range(k):
+            if counts[c] == 0:
+                continue
+            sel = mask == c
+            for axis in range(ndim):
+                pos_sum[c, axis] += float((grids[axis][sel] / max(1, spatial[axis] - 1)).sum())
+            pos_px[c] += counts[c]
+            comp_sizes[c].append(_components(mask, c))
+        n_read += 1
+        if n_read >= limit:
+            break
+    if not n_read:
+        raise TfsegError(f"{where}: no labelled training record to plan from")
+
+    sizes_a = np.asarray(sizes, np.float64)
+    counts_train = (info.class_pixel_counts or {}).get("train")
+    freq_source = "dataset.json" if counts_train and len(counts_train) == k else "sample"
+    total = np.asarray(counts_train if freq_source == "dataset.json" else pix, np.float64)
+    freq = total / max(1.0, total.sum())
+    objects = []
+    for c in range(k):
+        comps = np.concatenate(comp_sizes[c]) if comp_sizes[c] else np.zeros(0)
+        if comps.size:
+            diam = comps ** (1.0 / ndim)
+            objects.append({"components": int(comps.size), "median_px": round(_weighted_median(diam, comps), 1),
+                            "p90_px": round(float(np.percentile(diam, 90)), 1)})
+        else:
+            objects.append({"components": 0, "median_px": None, "p90_px": None})
+    values = np.concatenate(ch_values)
+    mirror = []
+    for axis in range(ndim):
+        p = np.mean(profiles[axis], axis=0)
+        mirror.append(round(float(np.abs(p - p[::-1]).mean()), 3))
+    position = [[round(float(v), 3) for v in (pos_sum[c] / pos_px[c])] if pos_px[c] else None for c in range(k)]
+    fp = {
+        "data": outputs.normalize(data_dir),
+        "name": info.name,
+        "ndim": ndim,
+        "channels": info.channels,
+        "num_classes": k,
+        "class_names": list(info.class_names),
+        "ignore_index": info.ignore_index,
+        "binary": info.binary,
+        "splits": {s: int(v.get("count", 0)) for s, v in info.splits.items()},
+        "sampled": n_read,
+        "size": {
+            "median": [int(v) for v in np.median(sizes_a, axis=0)],
+            "min": [int(v) for v in sizes_a.min(axis=0)],
+            "max": [int(v) for v in sizes_a.max(axis=0)],
+        },
+        "intensity": {
+            "mean": [round(float(v), 3) for v in values.mean(0)],
+            "std": [round(float(v), 3) for v in values.std(0)],
+            "p0.5": [round(float(v), 3) for v in np.percentile(values, 0.5, axis=0)],
+            "p99.5": [round(float(v), 3) for v in np.percentile(values, 99.5, axis=0)],
+        },
+        "class_frequency": [round(float(f), 6) for f in freq],
+        "class_frequency_source": freq_source,
+        "class_presence": [round(float(p) / n_read, 3) for p in presence],
+        "objects": objects,
+        "class_position": position,
+        "intensity_mirror_difference": mirror,
+    }
+    if ndim == 2:
+        med = fp["size"]["median"]
+        fp["size"]["aspect"] = round(med[1] / med[0], 3)
+    if spacings:
+        sp = np.median(np.asarray(spacings), axis=0)
+        fp["spacing"] = [round(float(v), 3) for v in sp]
+        fp["anisotropy"] = round(float(sp.max() / sp.min()), 2)
+    return fp
+
+
+# --------------------------------------------------------------------------------------------
+# Rules
+# --------------------------------------------------------------------------------------------
+
+
+def receptive_field(depth: int) -> int:
+    """The receptive field in input pixels of tfseg's U-Net of ``depth`` (two 3x3 convolutions
+    per level, 2x2 pooling, 2x2 transposed convolutions) along its deepest path."""
+    rf, jump = 1, 1
+    for _ in range(depth):  # encoder: two 3x3 convolutions, then a 2x2 pool that doubles the jump
+        rf += 2 * 2 * jump + jump
+        jump *= 2
+    rf += 2 * 2 * jump  # bottleneck
+    for _ in range(depth):  # decoder: 2x2 transposed convolution at half the jump, two 3x3
+        jump //= 2
+        rf += jump + 2 * 2 * jump
+    return int(rf)
+
+
+def choose_flips(fp: dict, override: str = "auto") -> tuple[list[int], str]:
+    """Spatial axes safe to flip (0 = top-bottom, 1 = left-right in 2D), with the reason."""
+    ndim = fp["ndim"]
+    if override not in FLIP_CHOICES:
+        raise TfsegError(f"--flips {override!r}: choose one of {', '.join(FLIP_CHOICES)}")
+    if override != "auto":
+        axes = {"none": [], "lr": [1], "ud": [0], "all": list(range(ndim))}[override]
+        if ndim == 3 and override in ("lr", "ud"):
+            raise TfsegError(f"--flips {override}: 3D volumes flip along all axes or none (all | none)")
+        return axes, f"--flips {override}"
+    if ndim == 3:
+        return [0, 1, 2], "3D volume: mirrored along every axis (nnU-Net's default)"
+    axes, why = [], []
+    names = {0: "up-down", 1: "left-right"}
+    for axis in (0, 1):
+        off = [(abs(p[axis] - 0.5), c) for c, p in enumerate(fp["class_position"])
+               if p is not None and c > 0 and fp["class_presence"][c] >= MIN_PRESENCE]
+        worst = max(off) if off else (0.0, None)
+        mirror = fp["intensity_mirror_difference"][axis]
+        ok = worst[0] <= SYMMETRY_TOLERANCE and mirror <= INTENSITY_TOLERANCE
+        if ok:
+            axes.append(axis)
+        cls = fp["class_names"][worst[1]] if worst[1] is not None else "-"
+        why.append(f"{names[axis]} {'yes' if ok else 'no'} ({cls} centred {worst[0]:.2f} off the middle, "
+                   f"limit {SYMMETRY_TOLERANCE}; intensity mirror difference {mirror:.2f}, limit {INTENSITY_TOLERANCE})")
+    return axes, "; ".join(why)
+
+
+def _device() -> dict:
+    """What the plan is for: GPUs, replicas, memory."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        mem = 16 << 30
+        try:
+            mem = int(tf.config.experimental.get_device_details(gpus[0]).get("memory_limit", 0)) or mem
+        except Exception:  # noqa: BLE001 - details vary by platform; assume a 16 GiB card
+            pass
+        return {"kind": "gpu", "replicas": len(gpus), "memory": 0.6 * mem}
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 << 30
+    return {"kind": "cpu", "replicas": 1, "memory": min(4 << 30, ram / 4), "cores": os.cpu_count() or 1}
+
+
+def _bytes_per_example(size, base_filters: int, depth: int) -> float:
+    """Activation memory of one example in tfseg's U-Net (training: kept for the backward pass).
+
+    Per level: about 10 stored tensors (2 convs with norm and activation, the skip, the decoder's
+    concat and 2 convs) of ``base * 2**l`` channels at ``pixels / 4**l`` (``8**l`` in 3D), 4 bytes.
+    """
+    pixels = math.prod(size)
+    shrink = 2 ** len(size)
+    levels = sum((2**lvl) / (shrink**lvl) for lvl in range(depth + 1))
+    return 10 * 4 * base_filters * pixels * levels
+
+
+def depth_for(size) -> int:
+    """nnU-Net's pooling rule: the deepest U-Net whose coarsest map keeps >= 4 px per axis."""
+    depth = 0
+    while depth < MAX_DEPTH and min(size) / 2 ** (depth + 1) >= 4:
+        depth += 1
+    return max(2, depth)
+
+
+def _round_size(size, multiple: int, floor: int) -> tuple:
+    return tuple(max(floor, int(round(s / multiple)) * multiple) for s in size)
+
+
+def measure_step_seconds(fp: dict, *, size, depth: int, base_filters: int, batch_size: int, loss: str,
+                         steps: int = 3) -> float:
+    """Seconds per training step of the planned U-Net at ``size``, on random data on this machine
+    (after one step of tracing), under ``precision auto``."""
+    import keras
+
+    from tfseg import runtime
+    from tfseg.losses import get_loss
+    from tfseg.models import build_model
+
+    precision = runtime.resolve_precision("auto", num_gpus=runtime.num_gpus())
+    old = runtime.set_precision(precision)
+    try:
+        model = build_model("unet", input_shape=tuple(size) + (fp["channels"],), num_classes=fp["num_classes"],
+                            depth=depth, base_filters=base_filters, batch_norm=True)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss=get_loss(loss, num_classes=fp["num_classes"], ignore_index=fp["ignore_index"]))
+        rng = np.random.default_rng(0)
+        x = rng.random((batch_size, *size, fp["channels"])).astype(np.float32) * (255.0 if fp["ndim"] == 2 else 1.0)
+        y = rng.integers(0, fp["num_classes"], (batch_size, *size, 1)).astype(np.int32)
+        model.train_on_batch(x, y)
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.train_on_batch(x, y)
+        return (time.perf_counter() - start) / steps
+    finally:
+        runtime.set_precision(old)
+        keras.backend.clear_session()
+
+
+def epoch_seconds(fp: dict, step_seconds: float, batch_size: int) -> float:
+    """An epoch's estimated wall time: training steps, plus validation and the batch-norm
+    re-estimate (forward passes at about a third of a training step each), plus 10%."""
+    train = fp["splits"].get("train", 0)
+    steps = max(1, train // batch_size)
+    val = fp["splits"].get("val", 0)
+    forward = (math.ceil(val / batch_size) + min(32, max(4, math.ceil(128 / batch_size)))) * step_seconds / 3
+    return 1.1 * (steps * step_seconds + forward)
+
+
+def make_plan(fp: dict, *, budget: str = DEFAULT_BUDGET, flips: str = "auto", measure: bool = True,
+              device: dict | None = None) -> dict:
+    """Applies the rules (module docstring) to a fingerprint.
+
+    Returns:
+      ``{"fit": {...}, "evaluate": {...}, "choices": [(key, value, reason), ...], "estimate": {...}}``.
+    """
+    seconds = parse_duration(budget)
+    device = device or _device()
+    choices: list[tuple[str, Any, str]] = []
+    ndim, k = fp["ndim"], fp["num_classes"]
+    med = fp["size"]["median"]
+    gpu = device["kind"] == "gpu"
+    replicas = int(device.get("replicas", 1))
+
+    # Loss and class weights.
+    freq = np.asarray(fp["class_frequency"], np.float64)
+    present = freq[freq > 0]
+    imbalance = float(present.max() / present.min()) if present.size else 1.0
+    if fp["binary"]:
+        loss, weights = "bce_dice", None
+        loss_why = "binary: BCE + Dice (Dice keeps a small foreground from being ignored)"
+        weights_why = "binary: the Dice term already balances foreground and background"
+    else:
+        loss = "ce_dice"
+        loss_why = f"{k} classes: cross-entropy + Dice (nnU-Net's loss)"
+        if imbalance > 10:
+            weights = "inverse_sqrt"
+            rare = fp["class_names"][int(np.argmin(np.where(freq > 0, freq, np.inf)))]
+            weights_why = (f"rarest present class ({rare}, {present.min():.2%} of pixels) is {imbalance:.0f}x "
+                           "rarer than the most frequent (> 10x): 1/sqrt(frequency)")
+        else:
+            weights = None
+            weights_why = f"classes within {imbalance:.1f}x of each other (<= 10x): unweighted"
+
+    # Flips.
+    axes, flips_why = choose_flips(fp, flips)
+
+    # Width.
+    base = 32 if gpu else 16
+    base_why = ("GPU: 32 (nnU-Net's width)" if gpu else
+                "CPU: 16; a step costs about the square of the width, and a short budget buys more epochs")
+
+    # Size, depth, batch (2D by pixels, 3D by voxels; both scaled from the median, never up).
+    obj = [o["median_px"] for c, o in enumerate(fp["objects"]) if c > 0 and o["median_px"]]
+    smallest = min(obj) if obj else None
+    largest = max((o["p90_px"] for c, o in enumerate(fp["objects"]) if c > 0 and o["p90_px"]), default=None)
+    floor_scale = MIN_SIDE / min(med)
+    if smallest:
+        floor_scale = max(floor_scale, MIN_OBJECT_PX / smallest)
+    floor_scale = min(1.0, floor_scale)
+    if ndim == 3:
+        full = [min(s, 128) for s in med]
+    else:
+        full = list(med)
+
+    def config_at(scale):
+        raw = [max(1.0, s * scale) for s in full]
+        depth = depth_for(raw) if ndim == 2 else min(4, depth_for(raw))
+        size = _round_size(raw, 2**depth, 2**depth * 2 if ndim == 2 else 16)
+        per = _bytes_per_example(size, base, depth)
+        if ndim == 3:
+            batch = 2
+        else:
+            cap = (16 if gpu else 8) * replicas
+            batch = int(max(2, min(cap, device["memory"] // per)))
+            batch = min(batch, max(2, fp["splits"].get("train", 2) // 2))
+            batch = max(replicas, batch - batch % replicas)
+        return size, depth, batch
+
+    estimate: dict = {"budget_seconds": seconds}
+    scale = 1.0
+    size, depth, batch = config_at(scale)
+    if measure:
+        ref = config_at(min(1.0, max(floor_scale, math.sqrt(65536 / math.prod(full)) if ndim == 2 else 0.5)))
+        t_ref = measure_step_seconds(fp, size=ref[0], depth=ref[1], base_filters=base, batch_size=ref[2], loss=loss)
+        per_pixel = t_ref / (ref[2] * math.prod(ref[0]))
+        estimate.update(reference={"size": list(ref[0]), "batch": ref[2], "step_seconds": round(t_ref, 4)})
+
+        def epochs_at(cfg):
+            step = per_pixel * cfg[2] * math.prod(cfg[0])
+            return seconds * 0.9 / epoch_seconds(fp, step, cfg[2]), step
+
+        lo, hi = floor_scale, 1.0
+        if epochs_at(config_at(hi))[0] >= TARGET_EPOCHS:
+            scale = hi
+        elif epochs_at(config_at(lo))[0] < TARGET_EPOCHS:
+            scale = lo
+        else:
+            for _ in range(20):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if epochs_at(config_at(mid))[0] >= TARGET_EPOCHS else (lo, mid)
+            scale = lo
+        size, depth, batch = config_at(scale)
+        est_epochs, step = epochs_at((size, depth, batch))
+        estimate.update(step_seconds=round(step, 4), epochs=int(max(1, est_epochs)),
+                        epoch_seconds=round(epoch_seconds(fp, step, batch), 2))
+        epochs = int(max(1, min(1000, est_epochs)))
+        if scale >= 1.0:
+            size_why = f"the median size {'x'.join(map(str, med))}: {est_epochs:.0f} epochs fit the budget at full size"
+        elif scale <= floor_scale + 1e-9:
+            size_why = (f"{scale:.2f} x the median {'x'.join(map(str, med))}, the floor (short side >= {MIN_SIDE} px, "
+                        f"smallest object >= {MIN_OBJECT_PX} px); {est_epochs:.0f} epochs fit the budget")
+        else:
+            size_why = (f"{scale:.2f} x the median {'x'.join(map(str, med))}, aspect kept: the largest size at "
+                        f"which {TARGET_EPOCHS} epochs fit {format_duration(seconds)} "
+                        f"(measured {t_ref:.3f} s/step at {'x'.join(map(str, ref[0]))})")
+    else:
+        epochs = TARGET_EPOCHS
+        size_why = f"the median size {'x'.join(map(str, med))} (no step time measured)"
+    size_why += f"; a multiple of {2 ** depth}"
+    rf = receptive_field(depth)
+    depth_why = (f"pool while the coarsest map keeps >= 4 px: {'x'.join(str(s // 2 ** depth) for s in size)} "
+                 f"bottleneck, receptive field {rf} px")
+    if largest:
+        depth_why += f" vs the largest class's objects ~{largest * size[0] / med[0]:.0f} px at this size"
+    batch_why = (f"{'3D: 2 patches (nnU-Net)' if ndim == 3 else 'activations within the memory budget'}"
+                 f" ({_bytes_per_example(size, base, depth) / 2**20:.0f} MiB per example, "
+                 f"{device['memory'] / 2**30:.1f} GiB, {replicas} replica(s)"
+                 f"{'' if ndim == 3 else ', cap ' + str((16 if gpu else 8) * replicas)})")
+
+    # Augmentation.
+    if ndim == 2:
+        augment: dict = {}
+        if 1 in axes:
+            augment["hflip"] = 0.5
+        if 0 in axes:
+            augment["vflip"] = 0.5
+        augment.update(scale=[0.85, 1.15], shift=0.05, rotate=15 if 0 in axes else 10, brightness=0.1, contrast=0.1)
+        aug_why = "flips as decided; zoom, shift, small rotation, brightness/contrast (photometric jitter)"
+    else:
+        augment = {"flip3d": bool(axes), "intensity": 0.1}
+        sp = fp.get("spacing") or [1, 1, 1]
+        if abs(sp[1] - sp[2]) <= 0.1 * max(sp[1], sp[2]):
+            augment["rot90"] = True
+        aug_why = "flips as decided; 90-degree in-plane rotations when in-plane spacing is isotropic; intensity 0.1"
+
+    size_key = "image_size" if ndim == 2 else "patch_size"
+    fit = {
+        "data": fp["data"],
+        "model": "unet",
+        "model_kwargs": {"depth": depth, "base_filters": base, "batch_norm": True},
+        size_key: "x".join(str(s) for s in size),
+        "loss": loss,
+        "optimizer": "adam",
+        "learning_rate": 1.0e-3,
+        "schedule": "cosine",
+        "epochs": epochs,
+        "budget": format_duration(seconds),
+        "batch_size": batch,
+        "augment": augment,
+    }
+    if weights:
+        fit["class_weights"] = weights
+    splits = fp["splits"]
+    eval_split = "test" if splits.get("test") else "val" if splits.get("val") else "train"
+    evaluate = {"split": eval_split, "samples": 8, "tta": bool(axes)}
+    choices += [
+        ("flips", {0: "none", 1: "left-right", 2: "up-down + left-right"}.get(len(axes), str(axes))
+         if ndim == 2 else ("all axes" if axes else "none"), flips_why),
+        (size_key, fit[size_key], size_why),
+        ("model_kwargs.depth", depth, depth_why),
+        ("model_kwargs.base_filters", base, base_why),
+        ("batch_size", batch, batch_why),
+        ("loss", loss, loss_why),
+        ("class_weights", weights or "none", weights_why),
+        ("augment", json.dumps(augment), aug_why),
+        ("epochs", epochs, f"estimate for {format_duration(seconds)}; `tfseg fit` measures its own steps "
+                           "and sets the final count (budget)"),
+        ("schedule", "adam 1e-3, cosine to 0", "decays to 0 exactly at the budget's last epoch"),
+        ("evaluate.tta", evaluate["tta"], "averages the trained flips only" if axes else "no flips were trained"),
+    ]
+    return {"fit": fit, "evaluate": evaluate, "choices": choices, "estimate": estimate}
+
+
+def format_table(choices) -> str:
+    """The printed table: choice | value | reason."""
+    rows = [("choice", "value", "reason")] + [(str(a), str(b), str(c)) for a, b, c in choices]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = min(40, max(len(r[1]) for r in rows))
+    return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
+
+
+def plan_document(fp: dict, plan: dict) -> dict:
+    """plan.yaml's content: a pipeline (``dataset``, ``fit``, ``evaluate``, ``export``) plus the
+    fingerprint and the reasons, so ``tfseg fit --config`` and ``tfseg run`` read it."""
+    doc = {
+        "dataset": fp["name"],
+        "fit": plan["fit"],
+        "evaluate": plan["evaluate"],
+        "export": {"name": re.sub(r"[^A-Za-z0-9_.-]", "_", fp["name"] or "model") or "model"},
+        "reasons": {key: reason for key, _, reason in plan["choices"]},
+        "estimate": plan["estimate"],
+        "fingerprint": fp,
+    }
+    return doc
+
+
+def run_plan(data_dir: str, *, budget: str = DEFAULT_BUDGET, output: str | None = None, flips: str = "auto",
+             sample: int = 64, measure: bool = True) -> dict:
+    """``tfseg plan``: fingerprint, rules, plan.yaml (written when ``output`` is given).
+
+    Returns:
+      The plan document (see :func:`plan_document`) with ``table`` (the printed text).
+    """
+    import yaml
+
+    parse_duration(budget)
+    if flips not in FLIP_CHOICES:
+        raise TfsegError(f"--flips {flips!r}: choose one of {', '.join(FLIP_CHOICES)}")
+    fp = fingerprint(data_dir, sample=sample)
+    plan = make_plan(fp, budget=budget, flips=flips, measure=measure)
+    doc = plan_document(fp, plan)
+    if output:
+        if outputs.normalize(output).startswith(outputs.normalize(data_dir).rstrip("/") + "/"):
+            raise TfsegError(f"--output {output}: inside --data {data_dir}; write the plan elsewhere")
+        text = ("# tfseg plan: an automatic recipe from the dataset's fingerprint (tfseg/plan.py has the rules).\n"
+                "# tfseg fit --config THIS --output RUN   |   tfseg run THIS --input RAW --workdir W\n"
+                + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=110))
+        outputs.atomic_write_text(output, text)
+    doc["table"] = format_table(plan["choices"])
+    return doc
+
+
+# --------------------------------------------------------------------------------------------
+# Time-budgeted training (used by tfseg.train)
+# --------------------------------------------------------------------------------------------
+
+
+def budget_epochs(seconds_left: float, step_seconds: float, steps: int, overhead: float) -> int:
+    """Epochs that fit ``seconds_left`` at ``steps`` steps of ``step_seconds`` plus ``overhead``
+    seconds (validation, checkpoints) each; at least 1."""
+    per_epoch = steps * step_seconds + overhead
+    return max(1, int(seconds_left // max(per_epoch, 1e-9)))
+
+
+def make_budget_controller(*, budget_seconds: float, started: float, steps_per_epoch: int, first_epoch: int,
+                           resolved: int | None, base_lr: float | None, on_resolved, reserve: float = 0.05):
+    """A Keras callback that fits training into a time budget (``tfseg fit --budget``).
+
+    ``started`` is the ``time.time()`` at which the fit stage started. It times the first epoch
+    this process runs (the steps after the first two, which trace and
+    warm up, and the time from the last step to the epoch's end: validation, batch-norm
+    re-estimate, checkpoints), then sets the total epochs so that the run ends within
+    ``budget_seconds`` of ``started`` less a ``reserve`` fraction (publishing, health check), stops
+    training there, and, with ``base_lr``, decays the learning rate on a cosine to 0 at that
+    epoch's last step. ``on_resolved(record)`` is called once with the decision (fit writes it to
+    run.json). A resumed run passes ``resolved``: the same end, nothing measured again.
+    """
+    import keras
+
+    class BudgetController(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.total = resolved
+            self.total_steps = (resolved or 0) * steps_per_epoch
+            self._batch_ends: list[float] = []
+            self._measuring = resolved is None
+
+        def _lr(self):
+            if base_lr is None:
+                return
+            it = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            total = self.total_steps or max(1, 10_000 * steps_per_epoch)
+            frac = min(1.0, it / total)
+            self.model.optimizer.learning_rate.assign(0.5 * base_lr * (1.0 + math.cos(math.pi * frac)))
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._lr()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self._measuring:
+                self._batch_ends.append(time.time())
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self._measuring:
+                self._measuring = False
+                now = time.time()
+                ends = self._batch_ends
+                gaps = np.diff(ends[1:]) if len(ends) > 3 else np.diff(ends) if len(ends) > 1 else np.zeros(0)
+                step = float(np.median(gaps)) if gaps.size else (now - started)
+                overhead = max(0.0, now - ends[-1]) if ends else 0.0
+                left = budget_seconds * (1.0 - reserve) - (now - started)
+                more = budget_epochs(left, step, steps_per_epoch, overhead) if left > 0 else 0
+                # budget_epochs returns at least 1; when the time is already spent, stop here.
+                self.total = epoch + 1 + (more if left > step * steps_per_epoch + overhead else 0)
+                self.total_steps = self.total * steps_per_epoch
+                record = {"seconds": budget_seconds, "epochs": int(self.total), "step_seconds": round(step, 4),
+                          "epoch_overhead_seconds": round(overhead, 2), "measured_after_epoch": int(epoch + 1),
+                          "seconds_at_decision": round(now - started, 1)}
+                logger.info("budget %s: %.3f s/step x %d steps + %.1f s per epoch -> %d epochs in total",
+                            format_duration(budget_seconds), step, steps_per_epoch, overhead, self.total)
+                on_resolved(record)
+            if self.total is not None and epoch + 1 >= self.total:
+                self.model.stop_training = True
+
+    return BudgetController()
