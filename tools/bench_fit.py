@@ -1,7 +1,7 @@
 """Fit-stage benchmarks; every figure is a ratio against a baseline measured in the same run.
 
     python tools/bench_fit.py                  # all three, ~2-3 min on 2 CPU cores
-    python tools/bench_fit.py --only pipeline  # or: unet, rss, speed, breakdown, profile
+    python tools/bench_fit.py --only pipeline  # or: unet, rss, speed, breakdown, profile, bnstats
 
 1. pipeline: steps/s of ``model.fit`` fed by tfseg's TFRecord pipeline (decode, augment, resize,
    batch, prefetch) over steps/s of the same model fed from in-memory tensors (target >= 0.95).
@@ -582,10 +582,58 @@ def bench_rss(work: str, n: int = 12, size: int = 112) -> dict:
         "extra_cases_decoded_mb": round(n * size**3 * 4 * 4 / 2**20, 1),  # what holding them would add
     }
 
+# --------------------------------------------------------------------------------------------
+# 7. Issue 13: the seed pipelines' sample runs with and without the batch-norm re-estimation.
+# --------------------------------------------------------------------------------------------
+
+_BNSTATS_CHILD = r"""
+import json, os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+name, mode, work, extra = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+from tfseg import bnstats
+if mode == "before":
+    bnstats.make_callback = lambda *a, **k: None  # Keras's moving averages alone, as before issue 13
+from tfseg.convert import get_layout_class
+from tfseg.pipeline import demo_overrides, load_pipeline, run_pipeline
+cfg = load_pipeline(name, [*demo_overrides(load_pipeline(name)), *extra, "fit.verbose=0"])
+raw = os.path.join(work, "raw")
+get_layout_class(cfg["dataset"]).make_sample(raw, count=cfg["demo"]["sample_count"], seed=0)
+summary = run_pipeline(cfg, raw, os.path.join(work, "work"), stages=("convert", "fit", "evaluate"))
+m = json.load(open(os.path.join(summary["paths"]["eval"], "metrics.json")))
+run = json.load(open(os.path.join(summary["paths"]["run"], "run.json")))
+print("RESULT", json.dumps({"split": m.get("split"), "mean_iou": m["dataset_level"]["mean_iou"],
+                            "per_image_mean_iou": m["per_image_mean"]["mean_iou"], "health": run.get("health")}))
+"""
+
+BNSTATS_RUNS = (("carvana", []), ("vein", ["fit.epochs=15"]), ("isic", ["fit.epochs=15"]),
+                ("voc", ["fit.epochs=15"]), ("ccp", ["fit.epochs=15"]), ("brats", ["fit.epochs=6"]))
+
+
+def bench_bnstats(work: str) -> dict:
+    """Each seed pipeline's sample data (``tfseg demo`` sizes; the 1-epoch demos at 15 epochs,
+    brats 6) through convert, fit, evaluate: mean IoU of the published model with Keras's moving
+    averages alone ("before") and with tfseg.bnstats ("after"), one fresh process each."""
+    results = {}
+    for name, extra in BNSTATS_RUNS:
+        for mode in ("before", "after"):
+            out = os.path.join(work, f"bn-{name}-{mode}")
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", _BNSTATS_CHILD, name, mode, out, json.dumps(extra)],
+                                  capture_output=True, text=True, check=False)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+            if proc.returncode or not lines:
+                raise RuntimeError(proc.stderr[-3000:])
+            res = json.loads(lines[-1][len("RESULT"):])
+            res["seconds"] = round(time.perf_counter() - start)
+            results[f"{name}/{mode}"] = res
+            print(name, mode, json.dumps(res), flush=True)
+    return results
+
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["pipeline", "unet", "rss", "speed", "breakdown", "profile"], action="append")
+    parser.add_argument("--only", choices=["pipeline", "unet", "rss", "speed", "breakdown", "profile", "bnstats"], action="append")
     parser.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_child:
@@ -598,7 +646,7 @@ def main(argv=None) -> None:
             start = time.perf_counter()
             report[name] = {"pipeline": bench_pipeline, "unet": bench_unet, "rss": bench_rss,
                             "speed": bench_speed, "breakdown": bench_breakdown,
-                            "profile": bench_profile}[name](work)
+                            "profile": bench_profile, "bnstats": bench_bnstats}[name](work)
             report[name]["bench_seconds"] = round(time.perf_counter() - start, 1)
             print(name, json.dumps(report[name], indent=2), flush=True)
     print(json.dumps(report))
