@@ -26,7 +26,11 @@ class _Group(click.Group):
 
 
 def _setup_logging(verbose: bool) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not verbose:
+        # TensorFlow's C++ start-up lines are hidden unless -v (tfseg.quiet).
+        from tfseg import quiet
+
+        quiet.quiet_environment()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -50,6 +54,12 @@ def cli(verbose: bool) -> None:
     for a pipeline, `tfseg demo` runs the Carvana demo end to end on generated data.
     """
     _setup_logging(verbose)
+    ctx = click.get_current_context()
+    if not verbose and ctx.invoked_subcommand not in (None, "sample"):
+        # Every other command imports TensorFlow: do it here, with its start-up noise filtered.
+        from tfseg import quiet
+
+        quiet.import_tensorflow()
 
 
 # --- sample/convert commands (owned by the sample/convert stage) ---

@@ -9,7 +9,11 @@ real path), then, in this one process, times
   ``model(x)`` wrapped in one ``tf.function`` (the fair, graph-mode baseline; the ratio target
   <= 1.2x is against it) and eager ``model(x, training=False)`` for reference;
 
-and images/s at batch 8 for both. Run::
+and images/s at batch 8 for both. Then a model built under ``mixed_bfloat16`` (as ``fit
+--precision auto`` trains on a CPU with AVX512-BF16 or a GPU) is exported twice, with the
+default ``--precision float32`` and with ``--precision mixed_bfloat16``, and both
+``serving_default`` graphs are timed interleaved on the same JPEG (``bf16_export_vs_float32``
+is their p50 ratio; skip with ``--no-bf16``). Run::
 
     python tools/bench_serve.py --size 256 --base-filters 16 --repeats 30
 """
@@ -42,6 +46,14 @@ def _timeit(fns, repeats: int, warmup: int = 3) -> list[np.ndarray]:
     return [np.array(t) for t in times]
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(flag in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="unet")
@@ -51,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-classes", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--no-bf16", dest="bf16", action="store_false",
+                   help="skip the bf16-trained model exported in float32 and in bfloat16")
     args = p.parse_args(argv)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -60,16 +74,30 @@ def main(argv=None) -> int:
     from tfseg.export import run_export
     from tfseg.models import build_model
 
-    model = build_model(args.model, input_shape=(args.size, args.size, 3), num_classes=args.num_classes,
-                        base_filters=args.base_filters)
     work = tempfile.mkdtemp(prefix="bench_serve-")
-    run_dir = os.path.join(work, "run")
-    os.makedirs(run_dir)
-    model.save(os.path.join(run_dir, "model.keras"))
-    with open(os.path.join(run_dir, "run.json"), "w") as f:
-        json.dump({"model": args.model, "ndim": 2, "channels": 3, "num_classes": args.num_classes,
-                   "binary": args.num_classes == 2, "class_names": [str(i) for i in range(args.num_classes)],
-                   "image_size": [args.size, args.size]}, f)
+
+    def write_run(name, policy):
+        """A RUN_DIR holding the benchmark model built under the Keras dtype policy ``policy``."""
+        import keras
+
+        old = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            keras.utils.set_random_seed(0)
+            model = build_model(args.model, input_shape=(args.size, args.size, 3), num_classes=args.num_classes,
+                                base_filters=args.base_filters)
+        finally:
+            keras.mixed_precision.set_global_policy(old)
+        run_dir = os.path.join(work, name)
+        os.makedirs(run_dir)
+        model.save(os.path.join(run_dir, "model.keras"))
+        with open(os.path.join(run_dir, "run.json"), "w") as f:
+            json.dump({"model": args.model, "ndim": 2, "channels": 3, "num_classes": args.num_classes,
+                       "binary": args.num_classes == 2, "class_names": [str(i) for i in range(args.num_classes)],
+                       "image_size": [args.size, args.size], "precision": policy}, f)
+        return run_dir, model
+
+    run_dir, model = write_run("run", "float32")
     version_dir = run_export(run_dir, os.path.join(work, "models"), "bench")
     serve = tf.saved_model.load(version_dir).signatures["serving_default"]
 
@@ -117,6 +145,19 @@ def main(argv=None) -> int:
         f"serving_default_images_per_s_batch{args.batch}": args.batch / float(np.median(t_serve8)),
         f"keras_forward_images_per_s_batch{args.batch}": args.batch / float(np.median(t_fwd8)),
     }
+    if args.bf16:
+        bf16_run, _ = write_run("run_bf16", "mixed_bfloat16")
+        exports = {p: run_export(bf16_run, os.path.join(work, "models"), f"bf16_{p}", precision=p)
+                   for p in ("float32", "mixed_bfloat16")}
+        fns = {p: tf.saved_model.load(d).signatures["serving_default"] for p, d in exports.items()}
+        t_f32, t_bf16 = _timeit([lambda: fns["float32"](image_bytes=one)["mask"].numpy(),
+                                 lambda: fns["mixed_bfloat16"](image_bytes=one)["mask"].numpy()], args.repeats)
+        res["bf16_trained_model"] = {
+            "export_float32_ms": {"p50": ms(t_f32, 50), "p95": ms(t_f32, 95)},
+            "export_mixed_bfloat16_ms": {"p50": ms(t_bf16, 50), "p95": ms(t_bf16, 95)},
+            "bf16_export_vs_float32_p50": ms(t_bf16, 50) / ms(t_f32, 50),
+            "cpu_flags_bf16": _cpu_has("avx512_bf16") or _cpu_has("amx_bf16"),
+        }
     json.dump(res, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

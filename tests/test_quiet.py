@@ -1,0 +1,64 @@
+"""Quiet by default: TensorFlow's C++ start-up lines are hidden unless `tfseg -v`."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tfseg import quiet
+
+NOISE_MARKERS = ("absl::InitializeLog", "oneDNN", "cuInit", "cudart", "cpu_feature_guard",
+                 "Could not find cuda drivers", "rebuild TensorFlow")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env.update(extra)
+    return env
+
+
+def test_filter_keeps_real_lines_and_drops_noise(tmp_path):
+    """A stand-in tensorflow package writes noise and a real warning to fd 2 on import."""
+    pkg = tmp_path / "tensorflow"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent("""
+        import os
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
+        os.write(2, b"I0000 00:00:1 port.cc:153] oneDNN custom operations are on.\\n")
+        os.write(2, b"a real warning the user must see\\n")
+        os.write(2, b"E0000 00:00:1 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)\\n")
+    """))
+    code = "from tfseg import quiet; quiet.import_tensorflow(); import sys; print('after', file=sys.stderr)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"))
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == ["a real warning the user must see", "after"]
+
+
+def test_is_noise():
+    assert quiet.is_noise("I0000 00:00:1 cudart_stub.cc:31] Could not find cuda drivers on your machine")
+    assert not quiet.is_noise("error: RUN/run.json: missing 'ndim'")
+
+
+@pytest.mark.slow
+def test_cli_stderr_has_no_tensorflow_startup_lines(tmp_path):
+    """A command that imports TensorFlow and builds a model prints none of the start-up lines."""
+    import json
+
+    import keras
+
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    inp = keras.Input((16, 16, 3))
+    keras.Model(inp, keras.layers.Conv2D(3, 1, activation="softmax")(inp)).save(os.path.join(run, "model.keras"))
+    with open(os.path.join(run, "run.json"), "w") as f:
+        json.dump({"ndim": 2, "channels": 3, "num_classes": 3, "image_size": [16, 16]}, f)
+    cmd = [sys.executable, "-m", "tfseg.cli", "export", "--run", run, "--output", str(tmp_path / "exports"),
+           "--name", "m"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert out.returncode == 0, out.stderr
+    noisy = [line for line in out.stderr.splitlines() if any(m in line for m in NOISE_MARKERS)]
+    assert noisy == []
+    assert "exported m version 1" in out.stdout
