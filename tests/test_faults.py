@@ -258,6 +258,24 @@ CASES = [
          2, "did not write"),
     Case("run an unknown pipeline", lambda p: ["run", "nosuch", "--input", p["raw"], "--workdir", p["new"]],
          2, "nosuch", output="new"),
+    Case("run without a pipeline or --dataset", lambda p: ["run", "--input", p["raw"], "--workdir", p["new"]],
+         2, "PIPELINE", output="new"),
+    Case("run a pipeline with --budget", lambda p: ["run", "carvana", "--input", p["raw"], "--workdir", p["new"],
+                                                    "--budget", "1h"], 2, "--budget", output="new"),
+    Case("run --dataset of an unknown layout", lambda p: ["run", "--dataset", "nosuch", "--input", p["raw"],
+                                                          "--workdir", p["new"]], 2, "nosuch", output="new"),
+    Case("run --dataset with a budget that is no duration",
+         lambda p: ["run", "--dataset", "carvana", "--input", p["raw"], "--workdir", p["new"], "--budget", "soon"],
+         2, "--budget 'soon'", output="new"),
+    # --- plan and budgets ---
+    Case("fit with a budget that is no duration", lambda p: ["fit", "--data", p["data"], "--output", p["new"], *FIT,
+                                                             "--budget", "soon"], 2, "budget", output="new"),
+    Case("plan with a zero budget", lambda p: ["plan", "--data", p["data"], "--budget", "0m"], 2, "--budget '0m'"),
+    Case("plan a folder without dataset.json", lambda p: ["plan", "--data", p["raw"]], 2, "dataset.json"),
+    Case("plan written inside its dataset", lambda p: ["plan", "--data", p["data"], "--output",
+                                                       os.path.join(p["data"], "plan.yaml")], 2, "inside --data"),
+    Case("plan written onto a folder", lambda p: ["plan", "--data", p["data"], "--output", p["foreign"]],
+         2, "is a folder"),
 ]
 
 
@@ -368,7 +386,7 @@ def test_the_table_has_forty_cases_across_all_stages():
                                        "missing", "voc_data", "bad_train", "bad_val", "bad_types", "junk_raw",
                                        "bad_inputs", "only_links", "nan_run", "export_model", "root")})[0]
               for c in CASES}
-    assert stages == {"sample", "convert", "fit", "evaluate", "export", "predict", "run"}
+    assert stages == {"sample", "convert", "fit", "evaluate", "export", "predict", "run", "plan"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -197,7 +197,7 @@ def fit_cmd(config_file, overrides, **options):
 @cli.command("plan")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="A converted dataset.")
 @click.option("--budget", default="30m", show_default=True, help="Training wall time the plan is for (20m, 1h, ...).")
-@click.option("--output", default=None, type=click.Path(dir_okay=False),
+@click.option("--output", default=None, type=click.Path(),
               help="Write the plan here (YAML: fit: and evaluate: sections, the reasons, the fingerprint).")
 @click.option("--flips", default="auto", show_default=True, type=click.Choice(["auto", "none", "lr", "ud", "all"]),
               help="Flips to train and test with: auto decides from the data's symmetry.")

@@ -613,12 +613,14 @@ def run_plan(data_dir: str, *, budget: str = DEFAULT_BUDGET, output: str | None 
     parse_duration(budget)
     if flips not in FLIP_CHOICES:
         raise TfsegError(f"--flips {flips!r}: choose one of {', '.join(FLIP_CHOICES)}")
+    if output and outputs.normalize(output).startswith(outputs.normalize(data_dir).rstrip("/") + "/"):
+        raise TfsegError(f"--output {output}: inside --data {data_dir}; write the plan elsewhere")
+    if output and outputs.isdir(output):
+        raise TfsegError(f"--output {output}: is a folder; give the plan's file name (e.g. plan.yaml)")
     fp = fingerprint(data_dir, sample=sample)
     plan = make_plan(fp, budget=budget, flips=flips, measure=measure)
     doc = plan_document(fp, plan)
     if output:
-        if outputs.normalize(output).startswith(outputs.normalize(data_dir).rstrip("/") + "/"):
-            raise TfsegError(f"--output {output}: inside --data {data_dir}; write the plan elsewhere")
         text = ("# tfseg plan: an automatic recipe from the dataset's fingerprint (tfseg/plan.py has the rules).\n"
                 "# tfseg fit --config THIS --output RUN   |   tfseg run THIS --input RAW --workdir W\n"
                 + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=110))
