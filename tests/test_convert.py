@@ -287,7 +287,8 @@ def test_cli_sample_and_convert(tmp_path):
     res = runner.invoke(cli, ["convert", "--dataset", "carvana", "--input", sample, "--output",
                               str(tmp_path / "o2"), "--strict"])
     assert res.exit_code == 2
-    assert res.output.strip().startswith("error: 1 case(s) rejected") and "Traceback" not in res.output
+    # Progress lines (stderr) come first; the error is one last line.
+    assert res.output.strip().splitlines()[-1].startswith("error: 1 case(s) rejected") and "Traceback" not in res.output
     res = runner.invoke(cli, ["convert", "--dataset", "carvana", "--input", sample, "--output", out])
     assert res.exit_code == 2 and "--overwrite" in res.output
     res = runner.invoke(cli, ["convert", "--dataset", "carvana", "--input", sample, "--output", out,

@@ -205,3 +205,24 @@ def test_folder_layout_from_gs_matches_local(gcs, tmp_path):
     info = json.loads(from_gs["dataset.json"])
     assert info["channels"] == 1 and info["num_classes"] == 2  # probed and inferred from gs:// files
     assert info["label_mapping"]["num_classes_from_values"]["masks_read"] == 6
+
+
+def test_staging_of_a_killed_run_is_removed(gcs, carvana):
+    import socket as _socket
+
+    from tfseg.convert.pipeline import run_convert
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id no longer alive
+    bucket = _client().bucket(BUCKET)
+    stale = f".tfseg-staging-killed-{_socket.gethostname()}-{dead.pid}-0123abcd"
+    bucket.blob(f"{stale}/.tfseg-output.json").upload_from_string(b'{"stage": "convert"}')
+    bucket.blob(f"{stale}/train-00000-of-00001.tfrecord").upload_from_string(b"partial")
+    # Not ours (no ownership record), or another host's: left alone.
+    bucket.blob(f".tfseg-staging-killed-otherhost-{dead.pid}-0/x").upload_from_string(b"x")
+    run_convert("carvana", f"gs://{BUCKET}/raw", f"gs://{BUCKET}/killed", num_shards=1)
+    names = {b.name for b in _client().list_blobs(BUCKET)}
+    assert not [n for n in names if n.startswith(stale)]
+    assert f".tfseg-staging-killed-otherhost-{dead.pid}-0/x" in names
+    assert "killed/dataset.json" in names
+    bucket.blob(f".tfseg-staging-killed-otherhost-{dead.pid}-0/x").delete()

@@ -37,6 +37,17 @@ Beam options after the tfseg ones go to PipelineOptions, e.g.::
     tfseg convert ... --runner dask --dask_client_address=tcp://scheduler:8786
 
 (A cluster runner needs ``--output`` on a filesystem its workers share.)
+
+Remote paths (gs://, s3://, hdfs://) go through Beam's ``FileSystems`` only, on the launcher
+(listing, ownership checks, publishing: :func:`tfseg.outputs.beam_filesystems`) and in the
+workers (reading inputs, spilled records, JSON files; shards are written by TF's TFRecordWriter to
+the worker's disk and uploaded, so their bytes equal a local conversion's). TF's own gs:// client
+is never used here (it ignores ``STORAGE_EMULATOR_HOST`` and the runner's credentials). A remote
+output is staged in a sibling folder of the same bucket, where the workers write.
+
+Progress (:class:`ConvertProgress`, on stderr from the CLI) counts cases as the LoadAndEncode DoFn
+finishes them when it runs in the launcher's process (DirectRunner in_memory/multi_threading);
+other runners report their totals when the job ends.
 """
 
 from __future__ import annotations
@@ -1250,6 +1261,9 @@ def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, spli
             if state is not None and str(state).split(".")[-1] not in ("DONE", "UNKNOWN"):
                 raise TfsegError(f"the Beam job ended {state} on {_runner_name(options)}; nothing was published")
             _log_metrics(result)
+            client = getattr(result, "client", None)  # the DaskRunner's own dask.distributed Client
+            if client is not None and hasattr(client, "close"):
+                client.close()  # else it outlives the job (and logs errors once the cluster goes)
 
         def read_json(name, default):
             path = outputs.join(tmp, name)
