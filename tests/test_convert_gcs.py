@@ -226,3 +226,18 @@ def test_staging_of_a_killed_run_is_removed(gcs, carvana):
     assert f".tfseg-staging-killed-otherhost-{dead.pid}-0/x" in names
     assert "killed/dataset.json" in names
     bucket.blob(f".tfseg-staging-killed-otherhost-{dead.pid}-0/x").delete()
+
+
+@pytest.mark.slow
+def test_multi_processing_workers_write_to_gs(gcs, carvana):
+    """Worker processes (FnApiRunner multi_processing) read and write gs:// through Beam's
+    FileSystems too: the same shards as the local conversion."""
+    from tfseg.convert.pipeline import run_convert
+
+    raw, local_out = carvana
+    run_convert("carvana", f"gs://{BUCKET}/raw", f"gs://{BUCKET}/mp", num_shards=2,
+                beam_args=["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    remote, local = _objects("mp"), _local_files(local_out)
+    shards = sorted(f for f in local if ".tfrecord" in f)
+    assert shards and all(remote[f] == local[f] for f in shards)
+    assert _no_staging_left()
