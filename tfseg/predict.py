@@ -304,15 +304,15 @@ class SavedModelPredictor:
         import tensorflow as tf
 
         from tfseg import visualize
-        from tfseg.export import read_metadata
+        from tfseg.export import METADATA, read_metadata
 
         self.meta = read_metadata(version_dir)
-        self.channels = int(self.meta["channels"])
-        self.ndim = int(self.meta["ndim"])
-        k = int(self.meta.get("num_classes") or len(self.meta.get("class_names") or []))
-        self.class_names = visualize.class_names_or_default(self.meta.get("class_names"), k)
-        self.colors = visualize.dataset_colors({"num_classes": k, "class_colors": self.meta.get("class_colors")})
-        self.ignore_index = self.meta.get("ignore_index")
+        run = rundir.RunInfo.from_json(self.meta, os.path.join(version_dir, METADATA))
+        self.channels, self.ndim = run.channels, run.ndim
+        self.class_names = list(run.class_names)
+        self.colors = visualize.dataset_colors({"num_classes": run.num_classes,
+                                                "class_colors": self.meta.get("class_colors")})
+        self.ignore_index = run.ignore_index
         self._loaded = tf.saved_model.load(version_dir)
         self._serve = self._loaded.signatures["serving_default"]
 
@@ -343,15 +343,16 @@ class KerasPredictor:
                  batch_size: int = 8):
         from tfseg import visualize
 
+        from tfseg.export import with_precision
+
         self.cfg = rundir.load_run_config(run_dir)
         self.run = rundir.RunInfo.from_json(self.cfg, os.path.join(run_dir, rundir.RUN_JSON))
-        self.model = rundir.load_model(run_dir)
-        self.channels = int(self.cfg["channels"])
-        self.ndim = int(self.cfg["ndim"])
-        k = int(self.cfg.get("num_classes") or len(self.cfg.get("class_names") or []))
-        self.class_names = visualize.class_names_or_default(self.cfg.get("class_names"), k)
+        # float32 whatever trained it, as evaluate scores it and export serves it by default.
+        self.model = with_precision(rundir.load_model(run_dir), "float32")
+        self.channels, self.ndim = self.run.channels, self.run.ndim
+        self.class_names = list(self.run.class_names)
         self.colors = visualize.run_colors(self.cfg)
-        self.ignore_index = self.cfg.get("ignore_index")
+        self.ignore_index = self.run.ignore_index
         self.binary = self.run.binary
         self.tta = rundir.test_time_flips(run_dir, self.run, tta)
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
@@ -403,7 +404,8 @@ def make_predictor(model_path: str, *, server: str | None = None, grpc: bool = F
     kind, path = resolve_model(model_path)
     if kind == "export":
         if tile or tta:
-            raise TfsegError(f"{model_path}: --tile/--tta need a run directory; exports resize in the graph")
+            raise TfsegError(f"{model_path}: --tile/--tta are an export's own (its graph runs them); "
+                             "export with `tfseg export --tile/--tta`, or predict from the run directory")
         return SavedModelPredictor(path)
     return KerasPredictor(path, tile=tile, tta=tta, overlap=overlap, batch_size=batch_size)
 
