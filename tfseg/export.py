@@ -149,7 +149,7 @@ def with_precision(model, precision: str):
     config = _with_policy(keras.saving.serialize_keras_object(model), trained, precision)
     clone = keras.saving.deserialize_keras_object(config)
     clone.set_weights(model.get_weights())
-    logger.info("export computes in %s (the model trained in %s)", precision, trained)
+    logger.info("computing in %s (the model trained in %s)", precision, trained)
     return clone
 
 
