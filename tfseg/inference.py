@@ -267,7 +267,12 @@ def _window_fn(model, channels: int, patch: tuple, overlap: float, batch_size: i
     cache = _WINDOW_FNS.setdefault(model, {})
     key = (channels, patch, overlap, batch_size, flips)
     if key not in cache:
-        forward = _keras_forward(model)
+        # A weak reference: the cached function must not keep its model (the cache's key) alive.
+        ref = weakref.ref(model)
+
+        def forward(batch):
+            return tf.cast(ref()(batch, training=False), tf.float32)
+
         spec = tf.TensorSpec([None] * len(patch) + [channels], tf.float32)
         cache[key] = tf.function(
             lambda x: sliding_window_tf(forward, x, patch, overlap=overlap, batch_size=batch_size, tta=flips),
