@@ -262,3 +262,17 @@ def test_automatic_plan_trains_on_every_seed_pipelines_sample(name, tmp_path):
     assert rec["completed_epochs"] >= 1 and rec["budget"]["epochs"] == rec["completed_epochs"]
     assert os.path.isfile(os.path.join(work, "plan.yaml"))
     assert summary["metrics"]["dataset_level"]["mean_iou"] is not None
+
+
+def test_plan_document_converts_like_the_dataset_was_converted():
+    from tfseg.plan import plan_document
+
+    fp = {"name": "folder", "conversion_args": {"layout_options": {"image_dir": "images", "num_classes": 3},
+                                                "split": "train=0.9,val=0.1", "image_size": [64, 96]}}
+    plan = {"fit": {"model": "unet"}, "evaluate": {"split": "val"}, "choices": [("loss", "ce", "why")],
+            "estimate": {}}
+    doc = plan_document(fp, plan)
+    assert doc["convert"] == {"image_dir": "images", "num_classes": 3, "split": "train=0.9,val=0.1",
+                              "image_size": "64x96"}
+    assert doc["dataset"] == "folder" and doc["fit"] == {"model": "unet"} and doc["reasons"] == {"loss": "why"}
+    assert "convert" not in plan_document({"name": "x"}, plan)

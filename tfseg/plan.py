@@ -245,6 +245,8 @@ def fingerprint(data_dir: str, *, sample: int = 64) -> dict:
         "binary": info.binary,
         "splits": {s: int(v.get("count", 0)) for s, v in info.splits.items()},
         "sampled": n_read,
+        "conversion_args": {k: v for k, v in (info.conversion_args or {}).items()
+                            if k in ("layout_options", "split", "image_size", "compression")},
         "size": {
             "median": [int(v) for v in np.median(sizes_a, axis=0)],
             "min": [int(v) for v in sizes_a.min(axis=0)],
@@ -589,15 +591,22 @@ def format_table(choices) -> str:
 def plan_document(fp: dict, plan: dict) -> dict:
     """plan.yaml's content: a pipeline (``dataset``, ``fit``, ``evaluate``, ``export``) plus the
     fingerprint and the reasons, so ``tfseg fit --config`` and ``tfseg run`` read it."""
-    doc = {
-        "dataset": fp["name"],
+    doc = {"dataset": fp["name"]}
+    args = fp.get("conversion_args") or {}
+    convert = dict(args.get("layout_options") or {})
+    for key in ("split", "image_size", "compression"):
+        if args.get(key):
+            convert[key] = "x".join(map(str, args[key])) if key == "image_size" else args[key]
+    if convert:  # `tfseg run plan.yaml --input RAW` converts the way this dataset was converted
+        doc["convert"] = convert
+    doc.update({
         "fit": plan["fit"],
         "evaluate": plan["evaluate"],
         "export": {"name": re.sub(r"[^A-Za-z0-9_.-]", "_", fp["name"] or "model") or "model"},
         "reasons": {key: reason for key, _, reason in plan["choices"]},
         "estimate": plan["estimate"],
         "fingerprint": fp,
-    }
+    })
     return doc
 
 
