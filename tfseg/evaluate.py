@@ -282,6 +282,14 @@ def _decode_id(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _training_health(run_dir: str | None) -> dict | None:
+    """fit's training- vs inference-mode check from RUN_DIR/run.json (None when unavailable)."""
+    try:
+        return rundir.load_run_config(run_dir).get("health") if run_dir else None
+    except TfsegError:
+        return None
+
+
 def _run_facts(run: rundir.RunInfo, info: schema.DatasetInfo, where: str, data_dir: str) -> dict:
     """Cross-checks the run's facts (``where``: its run.json or tfseg.json) against the dataset
     and gathers what evaluation needs."""
@@ -509,6 +517,7 @@ def run_evaluate(
         "num_classes": facts["num_classes"],
         "ignore_index": facts["ignore_index"],
         "unlabelled_skipped": unlabelled,
+        "training_health": _training_health(history_run),
         **scorer.result(),
     }
 

@@ -257,6 +257,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _health_line(health: dict | None) -> str:
+    """fit's end-of-training check (tfseg.bnstats.fit_health): training vs inference mode."""
+    if not health or health.get("inference_mode_mean_iou") is None:
+        return ""
+    verdict = "agree" if health.get("ok") else "DISAGREE: the published model's normalization statistics do not fit its weights"
+    return (f"- fit health: on {health.get('batches')} training batches, inference-mode mean IoU "
+            f"{health['inference_mode_mean_iou']:.3f} vs training-mode {health['train_mode_mean_iou']:.3f} ({verdict})\n")
+
+
 def render_markdown(metrics: dict) -> str:
     """report.md from the evaluate stage's metrics dict (see :mod:`tfseg.evaluate`)."""
     names = metrics["class_names"]
@@ -271,6 +280,7 @@ def render_markdown(metrics: dict) -> str:
         f"- inference: {inf.get('mode')} at {inf.get('size')}, "
         f"TTA flips over spatial axes {inf.get('tta_flip_axes') or 'none'}, {inf.get('precision', 'float32')}; "
         "scored at each image's original resolution\n",
+        _health_line(metrics.get("training_health")),
         "\n## Summary\n\n",
         markdown_table(
             ["metric", "dataset-level", "per-image mean"],
