@@ -17,22 +17,18 @@ import time
 
 import pytest
 
+from helpers import free_ports
+
 pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("google.cloud.storage")
 
 BUCKET = "tfseg-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """A GCS emulator on 127.0.0.1 with bucket ``tfseg-test``; yields its address."""
-    port = _free_port()
+    port = free_ports(1)[0]
     log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
                              f"--port={port}", "--in-memory"], stdout=log, stderr=subprocess.STDOUT)

@@ -16,22 +16,10 @@ import time
 import numpy as np
 import pytest
 
+from helpers import free_ports
 from test_train import TESTS_DIR, history_rows, tiny_fit_config, write_2d_dataset
 
 EPOCHS = 6
-
-
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("localhost", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.mark.slow  # three CLI fits on 2 logical CPUs: ~1 min on 2 cores
@@ -74,7 +62,7 @@ run_fit({cfg!r}, callbacks=[Dump()])
 
 
 def _start_workers(cfg: dict, tmp_path, tag: str, epoch_sleep: float = 0) -> list[subprocess.Popen]:
-    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
+    cluster = {"worker": [f"localhost:{p}" for p in free_ports(2)]}
     script = textwrap.dedent(_WORKER.format(cfg=cfg))
     procs = []
     for index in range(2):

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from helpers import free_ports
 from test_train import TESTS_DIR, history_rows, tiny_fit_config, write_2d_dataset
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("localhost", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.mark.slow  # two TensorFlow processes plus gRPC collectives: ~40-60 s on 2 cores
@@ -30,7 +19,7 @@ def test_two_workers_on_loopback_complete_a_multi_worker_run(tmp_path):
     data = write_2d_dataset(str(tmp_path / "data"), {"train": 8, "val": 4})
     out = str(tmp_path / "run")
     cfg = tiny_fit_config(data, out, epochs=2, steps_per_epoch=2, batch_size=4)
-    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
+    cluster = {"worker": [f"localhost:{p}" for p in free_ports(2)]}
     script = textwrap.dedent(f"""
         import logging
         logging.basicConfig(level=logging.INFO)

@@ -505,7 +505,8 @@ def _staging_name(final: str) -> str:
     return f"{STAGING_PREFIX}{basename(final)}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a staging folder's writer, say)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -529,7 +530,7 @@ def clean_stale_staging(final: str) -> None:
         for entry in sorted(names):
             pid = entry[len(basename(prefix)):].split("-", 1)[0]
             full = join(parent, entry)
-            if pid.isdigit() and not _pid_alive(int(pid)) and owner(full) is not None:
+            if pid.isdigit() and not pid_alive(int(pid)) and owner(full) is not None:
                 logger.info("removing %s, left by an interrupted run", full)
                 rmtree(full)
         return
@@ -545,7 +546,7 @@ def clean_stale_staging(final: str) -> None:
             continue
         pid = entry[len(prefix):].split("-", 1)[0]
         full = os.path.join(parent, entry)
-        if pid.isdigit() and not _pid_alive(int(pid)) and owner(full) is not None:
+        if pid.isdigit() and not pid_alive(int(pid)) and owner(full) is not None:
             logger.info("removing %s, left by an interrupted run", full)
             shutil.rmtree(full, ignore_errors=True)
 

@@ -1093,7 +1093,7 @@ def beam_scratch_dir():
     for name in os.listdir(base):
         if name.startswith(_SCRATCH_PREFIX):
             pid = name[len(_SCRATCH_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not outputs.pid_alive(int(pid)):
                 shutil.rmtree(os.path.join(base, name), ignore_errors=True)
     scratch = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-", dir=base)
     old_tempdir, old_env = tempfile.tempdir, os.environ.get("TMPDIR")
@@ -1108,16 +1108,6 @@ def beam_scratch_dir():
         else:
             os.environ["TMPDIR"] = old_env
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_convert(
