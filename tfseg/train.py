@@ -69,7 +69,7 @@ class FitConfig:
       model_kwargs: extra arguments of the model builder (depth, base_filters, ...).
       epochs: total number of epochs (a resumed run continues up to it).
       budget: a wall-time budget for the whole fit (``"20m"``, ``"1h"``, seconds): the first
-        epoch is timed and the epoch count (and the cosine schedule's end) set so that training
+        epochs are timed and the epoch count (and the cosine schedule's end) set so that training
         ends within it (:func:`tfseg.plan.make_budget_controller`); ``epochs`` is then ignored.
         The decision is kept in run.json (``budget``), and a resumed run keeps the same end.
       batch_size: global batch size, split evenly across the replicas.
