@@ -253,10 +253,19 @@ def check_finite_weights(model, where: str) -> None:
     Raises:
       TfsegError: naming the file and the first non-finite weight.
     """
+    bad = first_non_finite_weight(model)
+    if bad is not None:
+        raise TfsegError(f"{where}: weight {bad} holds NaN or infinite values; "
+                         "the run diverged and cannot be evaluated or exported")
+
+
+def first_non_finite_weight(model) -> str | None:
+    """The path of the first weight holding NaN or infinity, or None (fit's health guard and
+    the loaders share this)."""
     import keras
     import numpy as np
 
     for w in model.weights:
         if not np.all(np.isfinite(np.asarray(keras.ops.convert_to_numpy(w.value), np.float32))):
-            raise TfsegError(f"{where}: weight {w.path} holds NaN or infinite values; "
-                             "the run diverged and cannot be evaluated or exported")
+            return w.path
+    return None

@@ -628,7 +628,6 @@ def _health_guard():
     non-finite weights, and a re-run resumes from the last finite epoch.
     """
     import keras
-    import numpy as np
 
     class HealthGuard(keras.callbacks.Callback):
         epoch = 0
@@ -645,9 +644,9 @@ def _health_guard():
             for key, value in (logs or {}).items():
                 if key.endswith("loss") and not math.isfinite(float(value)):
                     raise TrainingDiverged(f"{key} {float(value)} at the end of epoch {epoch + 1}")
-            for w in self.model.weights:
-                if not np.all(np.isfinite(np.asarray(keras.ops.convert_to_numpy(w.value), np.float32))):
-                    raise TrainingDiverged(f"non-finite weights in {w.path} after epoch {epoch + 1}")
+            bad = rundir.first_non_finite_weight(self.model)
+            if bad is not None:
+                raise TrainingDiverged(f"non-finite weights in {bad} after epoch {epoch + 1}")
 
     return HealthGuard()
 
