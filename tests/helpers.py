@@ -1,8 +1,274 @@
-"""Helpers shared by several test modules (import as ``from helpers import ...``)."""
+"""Helpers shared by several test modules (tests/ is on sys.path: ``from helpers import ...``).
+
+Three kinds, each below its own heading:
+  - converted datasets written with tfseg.schema (the 'squares' 2D set, 3D cubes, records of
+    given examples) and read back with numpy;
+  - runs: a tiny fit config, fit itself and its history, hand-made RUN_DIRs around a given or
+    random model;
+  - processes: free loopback ports for worker clusters and emulators.
+
+TensorFlow, Keras and PIL are imported inside the functions, so modules that need none of them
+(the GCS emulator tests, say) can import this one cheaply.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import os
 import socket
+
+import numpy as np
+
+from tfseg import schema
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# --------------------------------------------------------------------------------------------
+# Converted datasets
+# --------------------------------------------------------------------------------------------
+
+
+def png(array: np.ndarray) -> bytes:
+    """``array`` (uint8, HxW or HxWxC) encoded as PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def squares(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """One easy binary example: a bright square (mask 1) on a dark, noisy background.
+
+    Returns:
+      image (size, size, 3) uint8 and mask (size, size) uint8 in {0, 1}.
+    """
+    image = rng.integers(0, 60, size=(size, size, 3)).astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    side = int(rng.integers(size // 4, size // 2 + 1))
+    y, x = rng.integers(0, size - side + 1, size=2)
+    mask[y : y + side, x : x + side] = 1
+    image[mask == 1] = rng.integers(180, 256, size=(int(mask.sum()), 3)).astype(np.uint8)
+    return image, mask
+
+
+def write_2d_dataset(root: str, splits: dict[str, int], *, size: int = 32, seed: int = 0) -> str:
+    """Writes a binary 2D 'squares' dataset: one shard per split plus dataset.json."""
+    import tensorflow as tf
+
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    info_splits, counts = {}, {}
+    for split, n in splits.items():
+        name = f"{split}-00000-of-00001.tfrecord"
+        pix = np.zeros(2, np.int64)
+        with tf.io.TFRecordWriter(os.path.join(root, name)) as w:
+            for i in range(n):
+                image, mask = squares(rng, size)
+                pix += np.bincount(mask.ravel(), minlength=2)
+                w.write(
+                    schema.encode_example_2d(
+                        image_bytes=png(image), image_format="png", height=size, width=size,
+                        channels=3, mask_png=png(mask), source_id=f"{split}{i}",
+                    )
+                )
+        info_splits[split] = {"count": n, "files": [name]}
+        counts[split] = pix.tolist()
+    hw = {"min": size, "max": size, "mean": size}
+    info = schema.DatasetInfo(
+        name="squares", ndim=2, channels=3, num_classes=2, class_names=["background", "square"],
+        splits=info_splits, class_pixel_counts=counts,
+        size_summary={s: {"height": hw, "width": hw} for s in splits}, image_format="png",
+    )
+    with open(os.path.join(root, schema.DATASET_JSON), "w") as f:
+        f.write(info.to_json())
+    return root
+
+
+def write_3d_dataset(root: str, n: int = 2, *, size: int = 16, seed: int = 0) -> str:
+    """Writes a 3-class 3D dataset of ``n`` training cubes (one channel)."""
+    import tensorflow as tf
+
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    name = "train-00000-of-00001.tfrecord"
+    with tf.io.TFRecordWriter(os.path.join(root, name)) as w:
+        for i in range(n):
+            label = np.zeros((size,) * 3, np.uint8)
+            label[4:12, 4:12, 4:12] = 1
+            label[6:10, 6:10, 6:10] = 2
+            volume = (label[..., None] + rng.normal(0, 0.3, label.shape + (1,))).astype(np.float32)
+            w.write(schema.encode_example_3d(volume=volume, label=label, spacing=(1, 1, 1), source_id=f"c{i}"))
+    info = schema.DatasetInfo(
+        name="cubes", ndim=3, channels=1, num_classes=3, class_names=["bg", "outer", "inner"],
+        splits={"train": {"count": n, "files": [name]}},
+    )
+    with open(os.path.join(root, schema.DATASET_JSON), "w") as f:
+        f.write(info.to_json())
+    return root
+
+
+def write_dataset(root, examples, *, ndim, channels, class_names, ignore_index=None, regions=None, split="test"):
+    """Writes one shard + dataset.json; examples are (image, mask, source_id[, spacing])."""
+    import tensorflow as tf
+
+    os.makedirs(root, exist_ok=True)
+    shard = f"{split}-00000-of-00001.tfrecord"
+    with tf.io.TFRecordWriter(os.path.join(root, shard)) as w:
+        for ex in examples:
+            if ndim == 2:
+                image, mask, sid = ex
+                w.write(schema.encode_example_2d(
+                    image_bytes=png(image), image_format="png", height=image.shape[0],
+                    width=image.shape[1], channels=channels,
+                    mask_png=None if mask is None else png(mask), source_id=sid,
+                ))
+            else:
+                image, mask, sid, spacing = ex
+                w.write(schema.encode_example_3d(volume=image, label=mask, spacing=spacing, source_id=sid))
+    info = schema.DatasetInfo(
+        name="oracle", ndim=ndim, channels=channels, num_classes=len(class_names),
+        class_names=class_names, ignore_index=ignore_index, regions=regions or {},
+        splits={split: {"count": len(examples), "files": [shard]}},
+    )
+    with open(os.path.join(root, schema.DATASET_JSON), "w") as f:
+        f.write(info.to_json())
+    return root
+
+
+def block_mask(h, w, k, rng):
+    """Class blocks on a 6x6 grid. Resized by 2 and back (half-pixel-centred bilinear), every
+    block edge comes back where it was; at a corner the nearest block keeps weight 9/16. (With
+    factor 3 three blocks can tie at a corner, so the tests keep to factors 1 and 2.)"""
+    cells = rng.integers(0, k, (h // 6 + 1, w // 6 + 1))
+    return np.kron(cells, np.ones((6, 6), int))[:h, :w].astype(np.uint8)
+
+
+def read_split_numpy(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All (images float32 (N,H,W,C), masks int (N,H,W)) of a 2D split, decoded independently."""
+    import tensorflow as tf
+    from PIL import Image
+
+    info = schema.load_dataset_info(data_dir)
+    images, masks = [], []
+    for path in info.split_files(split, data_dir):
+        for rec in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            ex = tf.train.Example.FromString(rec).features.feature
+            images.append(np.asarray(Image.open(io.BytesIO(ex[schema.IMAGE_ENCODED].bytes_list.value[0]))))
+            masks.append(np.asarray(Image.open(io.BytesIO(ex[schema.MASK_ENCODED].bytes_list.value[0]))))
+    return np.stack(images).astype(np.float32), np.stack(masks).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_fit_config(data: str, output: str, **kw) -> dict:
+    """run_fit config of a 4-filter, depth-2 U-Net at 32x32, silent."""
+    cfg = {
+        "data": data, "model": "unet", "output": output, "image_size": "32x32", "epochs": 2,
+        "batch_size": 4, "model_kwargs": {"depth": 2, "base_filters": 4}, "verbose": 0,
+        "tensorboard": False, "seed": 1,
+    }
+    cfg.update(kw)
+    return cfg
+
+
+def fit(cfg: dict, **kw) -> str:
+    """tfseg.train.run_fit(cfg, **kw): the run directory."""
+    from tfseg.train import run_fit
+
+    return run_fit(cfg, **kw)
+
+
+def history_rows(run_dir: str) -> list[dict]:
+    """The rows of RUN_DIR/history.csv as dicts of strings."""
+    with open(os.path.join(run_dir, "history.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def make_run(path, *, ndim=2, num_classes=3, channels=3, size=(16, 16), seed=2):
+    """A hand-written RUN_DIR (run.json + model.keras) with a tiny model following the contract."""
+    import keras
+
+    os.makedirs(path, exist_ok=True)
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input(tuple(size) + (channels,))
+    conv = keras.layers.Conv2D if ndim == 2 else keras.layers.Conv3D
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inp) if ndim == 2 else inp
+    x = conv(8, 3, padding="same", activation="relu")(x)
+    binary = num_classes == 2
+    out = conv(1 if binary else num_classes, 1, activation="sigmoid" if binary else "softmax")(x)
+    model = keras.Model(inp, out)
+    # Sharpen the random head so the predicted classes vary from pixel to pixel: a test model
+    # that predicts one class everywhere could not tell a right resize from a wrong one.
+    head = model.layers[-1]
+    head.set_weights([w * 30 for w in head.get_weights()])
+    model.save(os.path.join(path, "model.keras"))
+    cfg = {"model": "tiny", "model_kwargs": {}, "ndim": ndim, "channels": channels, "num_classes": num_classes,
+           "binary": binary, "class_names": [f"c{i}" for i in range(num_classes)], "ignore_index": None,
+           "regions": {}, "image_size" if ndim == 2 else "patch_size": list(size)}
+    with open(os.path.join(path, "run.json"), "w") as f:
+        json.dump(cfg, f)
+    return str(path), model
+
+
+def oracle_model(ndim, channels, num_classes):
+    """Built-in layers only, so model.keras loads in safe mode.
+
+    2D: input channel k holds 255 * (mask == k); binary: the model outputs channel 1 / 255,
+    multi-class: softmax(10 * x / 255) over the channels, whose argmax is the mask even after
+    bilinear resizing blends neighbouring pixels. 3D: channel k holds (mask == k).
+    """
+    import keras
+
+    shape = (None,) * ndim + (channels,)
+    x = inp = keras.Input(shape)
+    conv = keras.layers.Conv2D if ndim == 2 else keras.layers.Conv3D
+    scale = 1 / 255.0 if ndim == 2 else 1.0
+    if num_classes == 2:
+        w = np.zeros((1,) * ndim + (channels, 1), np.float32)
+        w[..., 1, 0] = scale
+        out = conv(1, 1, use_bias=False, name="pick")(x)
+    else:
+        w = np.eye(channels, num_classes, dtype=np.float32) * 10 * scale
+        w = w.reshape((1,) * ndim + (channels, num_classes))
+        out = conv(num_classes, 1, use_bias=False, activation="softmax", name="pick")(x)
+    model = keras.Model(inp, out)
+    model.get_layer("pick").set_weights([w])
+    return model
+
+
+def write_run(
+    run_dir, model, *, ndim, channels, class_names, size, ignore_index=None, regions=None, history=True
+):
+    """A RUN_DIR around a given ``model``: run.json, model.keras and (``history``) a 3-epoch history.csv."""
+    os.makedirs(run_dir, exist_ok=True)
+    run = {
+        "model": "oracle", "model_kwargs": {}, "ndim": ndim, "channels": channels,
+        "num_classes": len(class_names), "binary": len(class_names) == 2, "class_names": class_names,
+        "ignore_index": ignore_index, "regions": regions or {},
+        ("image_size" if ndim == 2 else "patch_size"): list(size), "data_dir": "",
+        "config": {"fit": {"monitor": "val_mean_iou"}},
+    }
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump(run, f)
+    model.save(os.path.join(run_dir, "model.keras"))
+    if history:
+        with open(os.path.join(run_dir, "history.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["epoch", "learning_rate", "loss", "mean_iou", "val_loss", "val_mean_iou"])
+            for e in range(3):
+                w.writerow([e, 0.001, 1.0 / (e + 1), 0.3 * e, 1.2 / (e + 1), 0.25 * e])
+    return run_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------
 
 
 def free_ports(n: int) -> list[int]:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 pytest.importorskip("keras")
-from test_evaluate import _block_mask, _oracle_model, _write_dataset, _write_run  # noqa: E402
+from helpers import block_mask, oracle_model, write_dataset, write_run  # noqa: E402
 from tfseg import export, predict, report, visualize  # noqa: E402
 from tfseg.cli import cli  # noqa: E402
 
@@ -25,15 +25,15 @@ def named(tmp_path_factory):
     rng = np.random.default_rng(3)
     examples = []
     for i in range(2):
-        mask = _block_mask(24, 36, 3, rng)
+        mask = block_mask(24, 36, 3, rng)
         examples.append(((np.eye(3, dtype=np.uint8)[mask] * 255).astype(np.uint8), mask, f"img{i}"))
-    data = _write_dataset(str(root / "data"), examples, ndim=2, channels=3, class_names=NAMES)
+    data = write_dataset(str(root / "data"), examples, ndim=2, channels=3, class_names=NAMES)
     with open(os.path.join(data, "dataset.json")) as f:
         info = json.load(f)
     info.update(name="folder", label_mapping={"palette": PALETTE})  # what `convert --palette` records
     with open(os.path.join(data, "dataset.json"), "w") as f:
         json.dump(info, f)
-    run = _write_run(str(root / "run"), _oracle_model(2, 3, 3), ndim=2, channels=3, class_names=NAMES,
+    run = write_run(str(root / "run"), oracle_model(2, 3, 3), ndim=2, channels=3, class_names=NAMES,
                      size=(12, 18))
     with open(os.path.join(run, "run.json")) as f:
         cfg = json.load(f)

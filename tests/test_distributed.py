@@ -16,8 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import free_ports
-from test_train import TESTS_DIR, history_rows, tiny_fit_config, write_2d_dataset
+from helpers import TESTS_DIR, free_ports, history_rows, tiny_fit_config, write_2d_dataset
 
 EPOCHS = 6
 

@@ -1,7 +1,5 @@
 """The evaluate stage: score definitions by hand, HD95 against brute force, oracle models end to end."""
 
-import csv
-import io
 import json
 import os
 
@@ -9,7 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfseg import schema, scoring
+from helpers import block_mask as _block_mask
+from helpers import oracle_model as _oracle_model
+from helpers import write_dataset as _write_dataset
+from helpers import write_run as _write_run
+from tfseg import scoring
 from tfseg.errors import TfsegError
 from tfseg.evaluate import SegmentationScorer
 
@@ -171,97 +173,6 @@ def test_region_scores_in_scorer():
 # --------------------------------------------------------------------------------------------
 # End to end with oracle models: records whose image encodes the mask.
 # --------------------------------------------------------------------------------------------
-
-
-def _png(array):
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _write_dataset(root, examples, *, ndim, channels, class_names, ignore_index=None, regions=None, split="test"):
-    """Writes one shard + dataset.json; examples are (image, mask, source_id[, spacing])."""
-    import tensorflow as tf
-
-    os.makedirs(root, exist_ok=True)
-    shard = f"{split}-00000-of-00001.tfrecord"
-    with tf.io.TFRecordWriter(os.path.join(root, shard)) as w:
-        for ex in examples:
-            if ndim == 2:
-                image, mask, sid = ex
-                w.write(schema.encode_example_2d(
-                    image_bytes=_png(image), image_format="png", height=image.shape[0],
-                    width=image.shape[1], channels=channels,
-                    mask_png=None if mask is None else _png(mask), source_id=sid,
-                ))
-            else:
-                image, mask, sid, spacing = ex
-                w.write(schema.encode_example_3d(volume=image, label=mask, spacing=spacing, source_id=sid))
-    info = schema.DatasetInfo(
-        name="oracle", ndim=ndim, channels=channels, num_classes=len(class_names),
-        class_names=class_names, ignore_index=ignore_index, regions=regions or {},
-        splits={split: {"count": len(examples), "files": [shard]}},
-    )
-    with open(os.path.join(root, schema.DATASET_JSON), "w") as f:
-        f.write(info.to_json())
-    return root
-
-
-def _oracle_model(ndim, channels, num_classes):
-    """Built-in layers only, so model.keras loads in safe mode.
-
-    2D: input channel k holds 255 * (mask == k); binary: the model outputs channel 1 / 255,
-    multi-class: softmax(10 * x / 255) over the channels, whose argmax is the mask even after
-    bilinear resizing blends neighbouring pixels. 3D: channel k holds (mask == k).
-    """
-    import keras
-
-    shape = (None,) * ndim + (channels,)
-    x = inp = keras.Input(shape)
-    conv = keras.layers.Conv2D if ndim == 2 else keras.layers.Conv3D
-    scale = 1 / 255.0 if ndim == 2 else 1.0
-    if num_classes == 2:
-        w = np.zeros((1,) * ndim + (channels, 1), np.float32)
-        w[..., 1, 0] = scale
-        out = conv(1, 1, use_bias=False, name="pick")(x)
-    else:
-        w = np.eye(channels, num_classes, dtype=np.float32) * 10 * scale
-        w = w.reshape((1,) * ndim + (channels, num_classes))
-        out = conv(num_classes, 1, use_bias=False, activation="softmax", name="pick")(x)
-    model = keras.Model(inp, out)
-    model.get_layer("pick").set_weights([w])
-    return model
-
-
-def _write_run(
-    run_dir, model, *, ndim, channels, class_names, size, ignore_index=None, regions=None, history=True
-):
-    os.makedirs(run_dir, exist_ok=True)
-    run = {
-        "model": "oracle", "model_kwargs": {}, "ndim": ndim, "channels": channels,
-        "num_classes": len(class_names), "binary": len(class_names) == 2, "class_names": class_names,
-        "ignore_index": ignore_index, "regions": regions or {},
-        ("image_size" if ndim == 2 else "patch_size"): list(size), "data_dir": "",
-        "config": {"fit": {"monitor": "val_mean_iou"}},
-    }
-    with open(os.path.join(run_dir, "run.json"), "w") as f:
-        json.dump(run, f)
-    model.save(os.path.join(run_dir, "model.keras"))
-    if history:
-        with open(os.path.join(run_dir, "history.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["epoch", "learning_rate", "loss", "mean_iou", "val_loss", "val_mean_iou"])
-            for e in range(3):
-                w.writerow([e, 0.001, 1.0 / (e + 1), 0.3 * e, 1.2 / (e + 1), 0.25 * e])
-    return run_dir
-
-
-def _block_mask(h, w, k, rng):
-    """Class blocks on a 6x6 grid. Resized by 2 and back (half-pixel-centred bilinear), every
-    block edge comes back where it was; at a corner the nearest block keeps weight 9/16. (With
-    factor 3 three blocks can tie at a corner, so the tests keep to factors 1 and 2.)"""
-    cells = rng.integers(0, k, (h // 6 + 1, w // 6 + 1))
-    return np.kron(cells, np.ones((6, 6), int))[:h, :w].astype(np.uint8)
 
 
 def _valid_png(path):

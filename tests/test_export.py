@@ -1,7 +1,6 @@
 """tfseg export: TF Serving layout, signatures, fresh-process reload equal to the Keras model, bad inputs."""
 
 import io
-import json
 import os
 import pickle
 import subprocess
@@ -15,32 +14,9 @@ keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 from PIL import Image  # noqa: E402
 
+from helpers import make_run  # noqa: E402
 from tfseg import export, inference, schema  # noqa: E402
 from tfseg.errors import TfsegError  # noqa: E402
-
-
-def make_run(path, *, ndim=2, num_classes=3, channels=3, size=(16, 16), seed=2):
-    """A hand-written RUN_DIR (run.json + model.keras) with a tiny model following the contract."""
-    os.makedirs(path, exist_ok=True)
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input(tuple(size) + (channels,))
-    conv = keras.layers.Conv2D if ndim == 2 else keras.layers.Conv3D
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inp) if ndim == 2 else inp
-    x = conv(8, 3, padding="same", activation="relu")(x)
-    binary = num_classes == 2
-    out = conv(1 if binary else num_classes, 1, activation="sigmoid" if binary else "softmax")(x)
-    model = keras.Model(inp, out)
-    # Sharpen the random head so the predicted classes vary from pixel to pixel: a test model
-    # that predicts one class everywhere could not tell a right resize from a wrong one.
-    head = model.layers[-1]
-    head.set_weights([w * 30 for w in head.get_weights()])
-    model.save(os.path.join(path, "model.keras"))
-    cfg = {"model": "tiny", "model_kwargs": {}, "ndim": ndim, "channels": channels, "num_classes": num_classes,
-           "binary": binary, "class_names": [f"c{i}" for i in range(num_classes)], "ignore_index": None,
-           "regions": {}, "image_size" if ndim == 2 else "patch_size": list(size)}
-    with open(os.path.join(path, "run.json"), "w") as f:
-        json.dump(cfg, f)
-    return str(path), model
 
 
 def encode(array, fmt):

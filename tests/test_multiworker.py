@@ -10,8 +10,7 @@ import textwrap
 
 import pytest
 
-from helpers import free_ports
-from test_train import TESTS_DIR, history_rows, tiny_fit_config, write_2d_dataset
+from helpers import TESTS_DIR, free_ports, history_rows, tiny_fit_config, write_2d_dataset
 
 
 @pytest.mark.slow  # two TensorFlow processes plus gRPC collectives: ~40-60 s on 2 cores

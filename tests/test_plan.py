@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 
+from helpers import history_rows, png, read_split_numpy, squares, write_2d_dataset, write_3d_dataset
 from tfseg import schema
 from tfseg.errors import TfsegError
-from test_train import _png, squares, write_3d_dataset
 
 tf = pytest.importorskip("tensorflow")
 
@@ -31,8 +31,8 @@ def write_odd_2d(root: str, splits: dict, *, hw=(33, 34), seed: int = 0) -> str:
                 image, mask = image[:h, :w], mask[:h, :w]
                 pix += np.bincount(mask.ravel(), minlength=2)
                 wr.write(schema.encode_example_2d(
-                    image_bytes=_png(np.ascontiguousarray(image)), image_format="png", height=h, width=w,
-                    channels=3, mask_png=_png(np.ascontiguousarray(mask)), source_id=f"{split}{i}"))
+                    image_bytes=png(np.ascontiguousarray(image)), image_format="png", height=h, width=w,
+                    channels=3, mask_png=png(np.ascontiguousarray(mask)), source_id=f"{split}{i}"))
         info_splits[split] = {"count": n, "files": [name]}
         counts[split] = pix.tolist()
     info = schema.DatasetInfo(
@@ -69,7 +69,7 @@ def test_odd_2d_size_fit_evaluate_export_serve(tmp_path):
     rng = np.random.default_rng(3)
     for h, w in [(33, 34), (37, 41)]:
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        out = fn(image_bytes=tf.constant([_png(image)]))
+        out = fn(image_bytes=tf.constant([png(image)]))
         assert out["mask"].shape == (1, h, w)
         assert out["probabilities"].shape[1:3] == (33, 34)
 
@@ -144,7 +144,6 @@ def test_flip_rule_keeps_upright_photos_upright():
 
 
 def test_fingerprint_of_squares_matches_numpy(tmp_path):
-    from test_train import read_split_numpy, write_2d_dataset
     from tfseg.plan import fingerprint, make_plan
 
     data = write_2d_dataset(str(tmp_path / "sq"), {"train": 12, "val": 4}, size=32)
@@ -187,7 +186,6 @@ def test_budget_fit_ends_in_time_and_a_resumed_run_keeps_the_end(tmp_path):
 
     import keras
 
-    from test_train import history_rows, write_2d_dataset
     from tfseg.train import run_fit
 
     data = write_2d_dataset(str(tmp_path / "sq"), {"train": 16, "val": 4})

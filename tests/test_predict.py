@@ -15,7 +15,7 @@ nib = pytest.importorskip("nibabel")
 from click.testing import CliRunner  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from test_export import make_run  # noqa: E402  (tests/ is on sys.path: pytest prepend import mode)
+from helpers import make_run  # noqa: E402
 from tfseg import export, inference, predict  # noqa: E402
 from tfseg.cli import cli  # noqa: E402
 from tfseg.errors import TfsegError  # noqa: E402

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from test_train import write_2d_dataset
+from helpers import write_2d_dataset
 
 
 def _copy_tree(src: str, dst: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 keras = pytest.importorskip("keras")
-from test_train import fit, tiny_fit_config, write_2d_dataset, write_3d_dataset  # noqa: E402
+from helpers import fit, tiny_fit_config, write_2d_dataset, write_3d_dataset  # noqa: E402
 from tfseg import tb_images, visualize  # noqa: E402
 
 

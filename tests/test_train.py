@@ -1,14 +1,11 @@
 """Tests of the fit stage (tfseg.train, tfseg.runtime, `tfseg fit`).
 
-Tiny converted datasets are written here with tfseg.schema (the helpers below are also used by
-tests/test_multiworker.py and by the subprocess scripts). Paths that need a fresh TensorFlow
-(logical CPU devices, kill -9) run in subprocesses.
+Tiny converted datasets come from tests/helpers.py (shared with the other modules that fit).
+Paths that need a fresh TensorFlow (logical CPU devices, kill -9) run in subprocesses.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import subprocess
@@ -18,132 +15,15 @@ import textwrap
 import numpy as np
 import pytest
 
-from tfseg import runtime, schema
+from helpers import (
+    TESTS_DIR, fit, history_rows, read_split_numpy, tiny_fit_config, write_2d_dataset, write_3d_dataset,
+)
+from tfseg import runtime
 from tfseg.errors import TfsegError
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-
 # --------------------------------------------------------------------------------------------
-# Helpers
+# Helpers (the datasets, configs and history readers shared with other modules: tests/helpers.py)
 # --------------------------------------------------------------------------------------------
-
-
-def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def squares(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """One easy binary example: a bright square (mask 1) on a dark, noisy background.
-
-    Returns:
-      image (size, size, 3) uint8 and mask (size, size) uint8 in {0, 1}.
-    """
-    image = rng.integers(0, 60, size=(size, size, 3)).astype(np.uint8)
-    mask = np.zeros((size, size), np.uint8)
-    side = int(rng.integers(size // 4, size // 2 + 1))
-    y, x = rng.integers(0, size - side + 1, size=2)
-    mask[y : y + side, x : x + side] = 1
-    image[mask == 1] = rng.integers(180, 256, size=(int(mask.sum()), 3)).astype(np.uint8)
-    return image, mask
-
-
-def write_2d_dataset(root: str, splits: dict[str, int], *, size: int = 32, seed: int = 0) -> str:
-    """Writes a binary 2D 'squares' dataset: one shard per split plus dataset.json."""
-    import tensorflow as tf
-
-    os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    info_splits, counts = {}, {}
-    for split, n in splits.items():
-        name = f"{split}-00000-of-00001.tfrecord"
-        pix = np.zeros(2, np.int64)
-        with tf.io.TFRecordWriter(os.path.join(root, name)) as w:
-            for i in range(n):
-                image, mask = squares(rng, size)
-                pix += np.bincount(mask.ravel(), minlength=2)
-                w.write(
-                    schema.encode_example_2d(
-                        image_bytes=_png(image), image_format="png", height=size, width=size,
-                        channels=3, mask_png=_png(mask), source_id=f"{split}{i}",
-                    )
-                )
-        info_splits[split] = {"count": n, "files": [name]}
-        counts[split] = pix.tolist()
-    hw = {"min": size, "max": size, "mean": size}
-    info = schema.DatasetInfo(
-        name="squares", ndim=2, channels=3, num_classes=2, class_names=["background", "square"],
-        splits=info_splits, class_pixel_counts=counts,
-        size_summary={s: {"height": hw, "width": hw} for s in splits}, image_format="png",
-    )
-    with open(os.path.join(root, schema.DATASET_JSON), "w") as f:
-        f.write(info.to_json())
-    return root
-
-
-def write_3d_dataset(root: str, n: int = 2, *, size: int = 16, seed: int = 0) -> str:
-    """Writes a 3-class 3D dataset of ``n`` training cubes (one channel)."""
-    import tensorflow as tf
-
-    os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    name = "train-00000-of-00001.tfrecord"
-    with tf.io.TFRecordWriter(os.path.join(root, name)) as w:
-        for i in range(n):
-            label = np.zeros((size,) * 3, np.uint8)
-            label[4:12, 4:12, 4:12] = 1
-            label[6:10, 6:10, 6:10] = 2
-            volume = (label[..., None] + rng.normal(0, 0.3, label.shape + (1,))).astype(np.float32)
-            w.write(schema.encode_example_3d(volume=volume, label=label, spacing=(1, 1, 1), source_id=f"c{i}"))
-    info = schema.DatasetInfo(
-        name="cubes", ndim=3, channels=1, num_classes=3, class_names=["bg", "outer", "inner"],
-        splits={"train": {"count": n, "files": [name]}},
-    )
-    with open(os.path.join(root, schema.DATASET_JSON), "w") as f:
-        f.write(info.to_json())
-    return root
-
-
-def read_split_numpy(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """All (images float32 (N,H,W,C), masks int (N,H,W)) of a 2D split, decoded independently."""
-    import tensorflow as tf
-    from PIL import Image
-
-    info = schema.load_dataset_info(data_dir)
-    images, masks = [], []
-    for path in info.split_files(split, data_dir):
-        for rec in tf.data.TFRecordDataset(path).as_numpy_iterator():
-            ex = tf.train.Example.FromString(rec).features.feature
-            images.append(np.asarray(Image.open(io.BytesIO(ex[schema.IMAGE_ENCODED].bytes_list.value[0]))))
-            masks.append(np.asarray(Image.open(io.BytesIO(ex[schema.MASK_ENCODED].bytes_list.value[0]))))
-    return np.stack(images).astype(np.float32), np.stack(masks).astype(np.int64)
-
-
-def tiny_fit_config(data: str, output: str, **kw) -> dict:
-    """run_fit config of a 4-filter, depth-2 U-Net at 32x32, silent."""
-    cfg = {
-        "data": data, "model": "unet", "output": output, "image_size": "32x32", "epochs": 2,
-        "batch_size": 4, "model_kwargs": {"depth": 2, "base_filters": 4}, "verbose": 0,
-        "tensorboard": False, "seed": 1,
-    }
-    cfg.update(kw)
-    return cfg
-
-
-
-
-def fit(cfg: dict, **kw) -> str:
-    from tfseg.train import run_fit
-
-    return run_fit(cfg, **kw)
-
-
-def history_rows(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "history.csv"), newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def run_script(script: str, *, env=None, timeout=240) -> subprocess.CompletedProcess:
