@@ -70,13 +70,15 @@ def test_missing_keys_are_one_line_errors(drop, match):
 
 
 def test_fit_writes_run_info_keys(tmp_path):
-    from tfseg import train
+    from tfseg.fit.checks import FitPlan
+    from tfseg.fit.config import FitConfig
+    from tfseg.fit.run import _run_record
 
     info = schema.DatasetInfo(name="x", ndim=2, channels=3, num_classes=3, class_names=["a", "b", "c"])
-    cfg = train.FitConfig.from_dict({"data": str(tmp_path), "output": str(tmp_path / "run"), "model": "unet",
-                                     "augment": {"vflip": 0.5, "hflip": 0.5}})
-    plan = train._Plan(info=info, size=(32, 32), loss="ce", class_weights=None, validation_split=None, train_steps=1)
-    record = train._run_record(cfg, plan)
+    cfg = FitConfig.from_dict({"data": str(tmp_path), "output": str(tmp_path / "run"), "model": "unet",
+                               "augment": {"vflip": 0.5, "hflip": 0.5}})
+    plan = FitPlan(info=info, size=(32, 32), loss="ce", class_weights=None, validation_split=None, train_steps=1)
+    record = _run_record(cfg, plan)
     assert record["head"] == "softmax" and record["training_flip_axes"] == [0, 1]
     assert record["image_size"] == [32, 32] and record["loss"] == "ce"
     assert RunInfo.from_json(record).flip_axes == (0, 1)

@@ -1,4 +1,4 @@
-"""Tests of the fit stage (tfseg.train, tfseg.runtime, `tfseg fit`).
+"""Tests of the fit stage (tfseg.fit through tfseg.train, tfseg.runtime, `tfseg fit`).
 
 Tiny converted datasets come from tests/helpers.py (shared with the other modules that fit).
 Paths that need a fresh TensorFlow (logical CPU devices, kill -9) run in subprocesses.
@@ -154,13 +154,14 @@ def test_replay_patience_counts_like_keras(mode, values):
 
 
 def test_resumed_early_stopping_keeps_its_patience(tmp_path):
-    from tfseg.train import FitConfig, _callbacks
+    from tfseg.fit.callbacks import make_callbacks
+    from tfseg.train import FitConfig
 
     # Two epochs logged without improvement since the best (0.5): with patience 3, the first
     # non-improving epoch after the resume stops, as it would have without the restart.
     rows = [{"epoch": str(e), "val_iou": str(v)} for e, v in enumerate([0.2, 0.5, 0.4, 0.45])]
     cfg = FitConfig(early_stopping=3, tensorboard=False)
-    cbs = _callbacks(str(tmp_path), cfg, "val_iou", "max", rows, validation=True)
+    cbs = make_callbacks(str(tmp_path), cfg, "val_iou", "max", rows, validation=True)
     stop = next(cb for cb in cbs if "EarlyStopping" in type(cb).__name__)
     model = _tiny_compiled_model()
     stop.set_model(model)
@@ -242,7 +243,7 @@ def test_fit_writes_run_dir_then_noop_then_continues(tmp_path, squares_data, cap
     assert keras.config.dtype_policy().name == "float32"  # the policy is restored
 
     mtime = os.path.getmtime(os.path.join(out, "model.keras"))
-    with caplog.at_level(logging.INFO, logger="tfseg.train"):
+    with caplog.at_level(logging.INFO, logger="tfseg.fit"):
         fit(tiny_fit_config(squares_data, out))
     assert "nothing to do" in caplog.text
     assert os.path.getmtime(os.path.join(out, "model.keras")) == mtime
