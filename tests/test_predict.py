@@ -123,8 +123,8 @@ def test_volumes_keep_affine(tmp_path):
     for c in range(2):
         v = data[..., c]
         z[..., c] = np.where(fg, (v - v[fg].mean()) / v[fg].std(), 0)
-    # The affine is already RAS+, so only the converter's axis order applies (tfseg.convert.brats).
-    from tfseg.convert.brats import model_axes_to_ras, ras_to_model_axes
+    # The affine is already RAS+, so only the model axis order applies (tfseg.volumes).
+    from tfseg.volumes import model_axes_to_ras, ras_to_model_axes
 
     probs = inference.predict_volume(model, np.ascontiguousarray(ras_to_model_axes(z)), patch_size=(8, 8, 8))
     expected = model_axes_to_ras(inference.probs_to_mask(probs, False))
@@ -310,7 +310,7 @@ def test_volume_axes_round_trip_in_the_inputs_orientation(tmp_path):
     """A voxelwise 'model' on read_volume's output, written back, lines up with the input voxels."""
     import nibabel as nib
 
-    from tfseg.predict import read_volume, write_volume_mask
+    from tfseg.volumes import read_volume, write_mask as write_volume_mask
 
     rng = np.random.default_rng(0)
     data = rng.uniform(1, 10, (6, 7, 5, 2)).astype(np.float32)

@@ -62,3 +62,19 @@ def test_cli_stderr_has_no_tensorflow_startup_lines(tmp_path):
     noisy = [line for line in out.stderr.splitlines() if any(m in line for m in NOISE_MARKERS)]
     assert noisy == []
     assert "exported m version 1" in out.stdout
+
+
+def test_fit_writes_one_line_per_epoch_into_a_pipe(tmp_path):
+    """Keras's progress bar redraws with ANSI escapes; into a pipe or log file fit prints plain
+    per-epoch lines instead (the bar stays on a terminal)."""
+    from helpers import write_2d_dataset
+
+    data = write_2d_dataset(str(tmp_path / "data"), {"train": 8, "val": 4}, size=16)
+    cmd = [sys.executable, "-m", "tfseg.cli", "fit", "--data", data, "--model", "unet", "--output",
+           str(tmp_path / "run"), "--epochs", "3", "--batch-size", "4", "--image-size", "16x16",
+           "--set", "model_kwargs={depth: 2, base_filters: 4}", "--set", "tensorboard=false"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "\x1b[" not in out.stdout and "\r" not in out.stdout
+    epoch_lines = [line for line in out.stdout.splitlines() if "val_loss" in line]
+    assert len(epoch_lines) == 3, out.stdout

@@ -181,7 +181,7 @@ def run_pipeline(model_path: str, items: Sequence[tuple[str, str, str]], output_
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from tfseg import predict
+    from tfseg import predict, volumes
 
     server = predictor_kwargs.get("server")
     if server:
@@ -201,7 +201,7 @@ def run_pipeline(model_path: str, items: Sequence[tuple[str, str, str]], output_
                     return [((path, kind, stem), ("image", f.read()))]
             if facts.ndim != 3:
                 raise ValueError("volumes need a 3D model (a local run or export directory)")
-            volume, _ = predict.read_volume(path, facts.channels)
+            volume, _ = volumes.read_volume(path, facts.channels, facts.preprocessing)
             return [((path, kind, stem), ("volume", volume))]
         except (OSError, ValueError) as e:
             return [((path, kind, stem), ("error", str(e)))]
@@ -219,7 +219,7 @@ def run_pipeline(model_path: str, items: Sequence[tuple[str, str, str]], output_
         else:
             import nibabel as nib
 
-            predict.write_volume_mask(os.path.join(output_dir, stem + ".nii.gz"), np.asarray(mask), nib.load(path))
+            volumes.write_mask(os.path.join(output_dir, stem + ".nii.gz"), np.asarray(mask), nib.load(path))
             record = {"input": path, "output": stem + ".nii.gz", "shape": list(np.shape(mask))}
             if overlay:
                 record["overlay"] = predict._write_volume_overlay(facts, result.example[1], np.asarray(mask), stem,

@@ -87,7 +87,8 @@ def sample(dataset: str, output: str, count: int, seed: int) -> None:
 @click.option("--split", default="train=0.8,val=0.1,test=0.1", show_default=True,
               help="Fractions for layouts without an official split (by stable hash of the case/group id).")
 @click.option("--image-size", default=None,
-              help="Resize 2D images to HxW (bilinear; masks nearest); at most 2**26 pixels.")
+              help="Resize 2D images to HxW (bilinear, antialiased, stored as PNG; masks nearest); "
+                   "recorded in dataset.json for export and predict to reproduce; at most 2**26 pixels.")
 @click.option("--num-shards", default=None, type=click.IntRange(min=1),
               help="Shards per split (default: ~150 MB each).")
 @click.option("--compression", default="none", show_default=True,
@@ -229,7 +230,7 @@ def plan_cmd(data_dir, budget, output, flips, sample):
 @click.option("--max-examples", type=click.IntRange(1), default=None, help="Score only the first N examples.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing complete output.")
 def evaluate(run_dir, export_dir, data_dir, split, output, samples, tile, tta, max_examples, overwrite):
-    """Score a fit run (--run) or its export (--model) on a split at the original resolution."""
+    """Score a fit run (--run) or its export (--model) on a split at the records' resolution."""
     from tfseg import schema
     from tfseg.evaluate import run_evaluate
     from tfseg.progress import Progress

@@ -1,11 +1,13 @@
-"""The evaluate stage: score a fit run on a converted split, at the images' original resolution.
+"""The evaluate stage: score a fit run on a converted split, at the records' resolution.
 
     tfseg evaluate --run RUN_DIR --data DATASET_DIR --split test --output EVAL_DIR [--tile] [--tta]
 
 Predictions are made by :mod:`tfseg.inference` at the model's training size and brought back to
-each image's original size (resized, or tiled with ``--tile``; 3D volumes always by sliding
-window) before they are compared with the original masks, so the scores do not depend on the
-training resolution.
+each record's size (resized, or tiled with ``--tile``; 3D volumes always by sliding window)
+before they are compared with its mask, so the scores do not depend on the training resolution.
+That is the original resolution unless ``convert --image-size`` resized the dataset: the masks
+exist only at the converted size then, and the served graph reproduces that resize on
+originals (:mod:`tfseg.preprocess`).
 
 Two definitions of the per-class scores are reported, side by side and named:
 

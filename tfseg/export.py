@@ -60,13 +60,13 @@ import re
 
 import numpy as np
 
-from tfseg import outputs, rundir
+from tfseg import outputs, preprocess, rundir
 from tfseg.errors import TfsegError
 from tfseg.outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_PIXELS = preprocess.DEFAULT_MAX_PIXELS
 # Keras dtype policies an export may compute in; float32 by default whatever trained the model.
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 DEFAULT_PRECISION = "float32"
@@ -158,110 +158,6 @@ def with_precision(model, precision: str):
 # --------------------------------------------------------------------------------------------
 
 
-def _le(head, start: int, n: int):
-    """Little-endian unsigned integer from bytes head[start:start+n] (int64 tensor)."""
-    import tensorflow as tf
-
-    return tf.add_n([head[start + i] * (1 << (8 * i)) for i in range(n)]) if n > 1 else head[start]
-
-
-def _be(head, start: int, n: int):
-    import tensorflow as tf
-
-    return tf.add_n([head[start + i] * (1 << (8 * (n - 1 - i))) for i in range(n)])
-
-
-def _header_check(data, max_pixels: int):
-    """Asserts that ``data`` is a non-empty JPEG/PNG/GIF/BMP within ``max_pixels``, from its header.
-
-    Checking the header before decoding means a small file announcing a huge image (a
-    decompression bomb) is refused without allocating it.
-
-    Returns:
-      A list of assertion ops to use as control dependencies.
-    """
-    import tensorflow as tf
-
-    not_empty = tf.debugging.assert_greater(
-        tf.strings.length(data), 0, message="empty image string"
-    )
-    with tf.control_dependencies([not_empty]):
-        magic4 = tf.strings.substr(data, 0, 4)
-    is_png = tf.equal(magic4, b"\x89PNG")
-    is_gif = tf.equal(tf.strings.substr(data, 0, 3), b"GIF")
-    is_bmp = tf.equal(tf.strings.substr(data, 0, 2), b"BM")
-    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
-    # Zero-padding to 32 bytes keeps the header slices in range for truncated files, whose
-    # decoding then fails on its own.
-    padded = tf.strings.substr(tf.strings.join([data, tf.constant(b"\0" * 32)]), 0, 32)
-    head = tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
-    # The first bytes go into the error as numbers: raw bytes (WebP, binary junk) would make the
-    # message undecodable for clients (a UnicodeDecodeError instead of InvalidArgument).
-    known = tf.debugging.Assert(
-        is_png | is_gif | is_bmp | is_jpeg,
-        ["input is not a JPEG, PNG, GIF or BMP image; its first bytes are", head[:8]],
-    )
-
-    def jpeg_hw():
-        shape = tf.io.extract_jpeg_shape(data, output_type=tf.int32)
-        return tf.cast(shape[0], tf.int64), tf.cast(shape[1], tf.int64)
-
-    bmp_h = _le(head, 22, 4)
-    bmp_h = tf.abs(tf.where(bmp_h >= 2**31, bmp_h - 2**32, bmp_h))  # negative = top-down rows
-    h, w = tf.case(
-        [
-            (is_png, lambda: (_be(head, 20, 4), _be(head, 16, 4))),
-            (is_gif, lambda: (_le(head, 8, 2), _le(head, 6, 2))),
-            (is_bmp, lambda: (bmp_h, _le(head, 18, 4))),
-            (is_jpeg, jpeg_hw),
-        ],
-        default=lambda: (tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
-    )
-    with tf.control_dependencies([known]):
-        size_ok = tf.debugging.assert_less_equal(
-            h * w, tf.constant(max_pixels, tf.int64),
-            message=f"image larger than the export's limit of {max_pixels} pixels",
-        )
-    return [not_empty, known, size_ok], is_gif | is_bmp
-
-
-def decode_image(data, channels: int, max_pixels: int):
-    """Validated decode of one encoded image (graph or eager).
-
-    Args:
-      data: scalar tf.string, JPEG/PNG/GIF/BMP bytes.
-      channels: 1 (converted to gray) or 3 (gray images are repeated to RGB).
-      max_pixels: largest height x width accepted.
-
-    Returns:
-      (H, W, channels) uint8.
-
-    Raises:
-      tf.errors.InvalidArgumentError: empty, not an image, corrupt, or above ``max_pixels``.
-    """
-    import tensorflow as tf
-
-    checks, gif_or_bmp = _header_check(data, max_pixels)
-    with tf.control_dependencies(checks):
-        if channels == 1:
-            # GIF and BMP decoders only produce colour; convert after decoding.
-            image = tf.cond(
-                gif_or_bmp,
-                lambda: tf.image.rgb_to_grayscale(tf.io.decode_image(data, channels=3, expand_animations=False)),
-                lambda: tf.io.decode_image(data, channels=1, expand_animations=False),
-            )
-        else:
-            image = tf.io.decode_image(data, channels=channels, expand_animations=False)
-    image.set_shape([None, None, channels])
-    shape = tf.shape(image)
-    decoded_ok = tf.debugging.assert_less_equal(
-        tf.cast(shape[0], tf.int64) * tf.cast(shape[1], tf.int64), tf.constant(max_pixels, tf.int64),
-        message=f"image larger than the export's limit of {max_pixels} pixels",
-    )
-    with tf.control_dependencies([decoded_ok]):
-        return tf.identity(image)
-
-
 class _Graphs:
     """The tf.functions of one export; closes over the model, the run's facts and the inference
     options (:class:`Inference`)."""
@@ -273,6 +169,7 @@ class _Graphs:
         self.max_pixels = int(max_pixels)
         self.options = options
         self.size = run.size
+        self.preprocessing = run.preprocessing  # what convert did to the originals (tfseg.preprocess)
 
     def _forward(self, x):
         import tensorflow as tf
@@ -305,10 +202,9 @@ class _Graphs:
     def _decode_resize(self, data):
         import tensorflow as tf
 
-        image = decode_image(data, self.channels, self.max_pixels)
+        image = preprocess.decode_image(data, self.channels, self.max_pixels)
         shape = tf.shape(image)
-        x = tf.image.resize(tf.cast(image, tf.float32), self.size, method="bilinear")
-        return x, shape[0], shape[1]
+        return preprocess.model_input(image, self.size, self.preprocessing), shape[0], shape[1]
 
     def _pngs(self, masks, heights, widths):
         import tensorflow as tf
@@ -330,7 +226,7 @@ class _Graphs:
 
         def back_one(args):
             p, h, w = args
-            mask = self._to_mask(tf.image.resize(p, tf.stack([h, w]), method="bilinear"))
+            mask = self._to_mask(preprocess.resize_back(p, tf.stack([h, w])))
             return tf.pad(mask, [[0, h_max - h], [0, w_max - w]])
 
         def back_each():
@@ -338,7 +234,7 @@ class _Graphs:
 
         def back_batch():
             # One batched resize when all inputs share a size (the common case): no per-image loop.
-            return self._to_mask(tf.image.resize(probs, tf.stack([h_max, w_max]), method="bilinear"))
+            return self._to_mask(preprocess.resize_back(probs, tf.stack([h_max, w_max])))
 
         same_size = tf.reduce_all(tf.equal(heights, h_max)) & tf.reduce_all(tf.equal(widths, w_max))
         masks = tf.cond(same_size, back_batch, back_each)
@@ -355,7 +251,10 @@ class _Graphs:
         def body(i, probs_ta, hs, ws):
             image = image_at(i)
             shape = tf.shape(image)
-            return (i + 1, probs_ta.write(i, self._tile(image)), hs.write(i, shape[0]), ws.write(i, shape[1]))
+            probs = self._tile(preprocess.source_resize(image, self.preprocessing))
+            if preprocess.source_size(self.preprocessing) is not None:
+                probs = preprocess.resize_back(probs, shape[:2])
+            return (i + 1, probs_ta.write(i, probs), hs.write(i, shape[0]), ws.write(i, shape[1]))
 
         ta = tf.TensorArray(tf.float32, size=count, infer_shape=False, element_shape=tf.TensorShape([None, None, None]))
         hs = tf.TensorArray(tf.int32, size=count)
@@ -382,7 +281,8 @@ class _Graphs:
 
         if self.options.tile:
             return self._run_tiled(
-                tf.shape(image_bytes)[0], lambda i: decode_image(image_bytes[i], self.channels, self.max_pixels))
+                tf.shape(image_bytes)[0],
+                lambda i: preprocess.decode_image(image_bytes[i], self.channels, self.max_pixels))
         x, heights, widths = tf.map_fn(
             self._decode_resize,
             image_bytes,
@@ -410,7 +310,7 @@ class _Graphs:
             with tf.control_dependencies([ok]):
                 return self._run_tiled(shape[0], lambda i: images[i])
         with tf.control_dependencies([ok]):
-            x = tf.image.resize(tf.cast(images, tf.float32), self.size, method="bilinear")
+            x = preprocess.model_input(images, self.size, self.preprocessing)
         heights = tf.fill([shape[0]], shape[1])
         widths = tf.fill([shape[0]], shape[2])
         return self._run(x, heights, widths)
@@ -546,8 +446,20 @@ def _inference_lines(meta: dict) -> str:
         how = f"the image resized to the training size {'x'.join(map(str, meta.get('image_size') or []))} and back"
     tta = ("flip test-time augmentation over " + ", ".join(axis_names[a] for a in flips) +
            " (the flips the model was trained with)") if flips else "no test-time augmentation"
+    pre = meta.get("preprocessing") or {}
+    source = ""
+    if meta.get("ndim") == 2 and pre.get("resize"):
+        r = pre["resize"]
+        source = (f" Images are first resized as `tfseg convert --image-size` stored the training records: "
+                  f"{r.get('method')} (antialias {str(r.get('antialias')).lower()}) to "
+                  f"{'x'.join(map(str, r.get('size') or []))}, rounded to uint8; masks come back at the "
+                  f"original size.")
+    elif meta.get("ndim") == 3 and pre:
+        source = (f" The volume must arrive as conversion made the records (tfseg.json `preprocessing`): "
+                  f"{pre.get('orientation')}, axes {pre.get('axes')}, channels {pre.get('channels')}, "
+                  f"{pre.get('normalization')}; `tfseg predict` applies this to NIfTI files.")
     return (f"Computes in **{meta.get('precision')}** (trained in {meta.get('trained_precision')}); "
-            f"predicts from {how}; {tta}. `tfseg evaluate --model` scores exactly this graph.\n")
+            f"predicts from {how}; {tta}.{source} `tfseg evaluate --model` scores exactly this graph.\n")
 
 
 def _readme(name: str, export_base: str, cfg: dict, max_pixels: int, meta: dict | None = None) -> str:

@@ -336,12 +336,12 @@ def sliding_window(
 
 
 def resize_probs(probs: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Bilinear resize of (H, W, K) float probabilities to ``size`` (the graph's tf.image.resize)."""
-    import tensorflow as tf
+    """Bilinear resize of (H, W, K) float probabilities to ``size`` (:func:`tfseg.preprocess.resize_back`)."""
+    from tfseg import preprocess
 
     if tuple(probs.shape[:2]) == tuple(size):
         return probs.astype(np.float32, copy=False)
-    return tf.image.resize(probs, size, method="bilinear").numpy().astype(np.float32)
+    return preprocess.resize_back(probs, size).numpy().astype(np.float32)
 
 
 def predict_image(
@@ -353,6 +353,7 @@ def predict_image(
     overlap: float = TILE_OVERLAP,
     batch_size: int = TILE_BATCH,
     tta=False,
+    preprocessing: dict | None = None,
 ) -> np.ndarray:
     """Class probabilities for one 2D image at its original size.
 
@@ -364,27 +365,28 @@ def predict_image(
       overlap: tile overlap, ``mode="tile"`` only.
       batch_size: tiles per model call, ``mode="tile"`` only.
       tta: flips to average over: True for both axes, or spatial axes (1 = left-right).
+      preprocessing: the run's record of what conversion did to originals
+        (:attr:`tfseg.rundir.RunInfo.preprocessing`); a no-op on records.
 
     Returns:
       (H, W, K) float32 probabilities; K = 1 (the foreground probability) for binary models.
     """
-    import tensorflow as tf
+    from tfseg import preprocess
 
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3:
         raise ValueError(f"image must be (H, W, C), got shape {image.shape}")
     size = tuple(int(s) for s in size)
-    height, width = image.shape[:2]
-    x = image.astype(np.float32)
-    if mode == "tile":
-        return sliding_window(model, x, size, overlap=overlap, batch_size=batch_size, tta=tta)
-    if mode != "resize":
+    if mode not in ("resize", "tile"):
         raise ValueError(f"mode must be 'resize' or 'tile', got {mode!r}")
-    if (height, width) != size:
-        # Same op and arguments as the exported serving graph, so the two paths agree.
-        x = tf.image.resize(x, size, method="bilinear").numpy()
-    probs = _with_tta(model, x[None], tta)[0]
+    height, width = image.shape[:2]
+    # The functions the exported serving graph runs (tfseg.preprocess), so the two paths agree.
+    x = preprocess.source_resize(image, preprocessing)
+    if mode == "tile":
+        probs = sliding_window(model, x.numpy(), size, overlap=overlap, batch_size=batch_size, tta=tta)
+    else:
+        probs = _with_tta(model, preprocess.to_model_size(x, size).numpy()[None], tta)[0]
     return resize_probs(probs, (height, width))
 
 

@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from tfseg import outputs, rundir
+from tfseg import volumes as volume_io
 from tfseg.errors import TfsegError
 
 logger = logging.getLogger(__name__)
@@ -141,51 +142,6 @@ def decode_png(data: bytes) -> np.ndarray:
     from PIL import Image
 
     return np.array(Image.open(io.BytesIO(data)))
-
-
-def read_volume(path: str, channels: int):
-    """A 4D (or 3D single-channel) NIfTI as the model sees it, and what is needed to write back.
-
-    The volume is reoriented and transposed exactly as the converter does
-    (:mod:`tfseg.convert.brats`: RAS+, then (D, H, W, C)) and z-scored per channel over the
-    brain, but not cropped.
-
-    Returns:
-      ((D, H, W, C) float32, the nibabel image as loaded).
-
-    Raises:
-      ValueError: unreadable file or a shape the model cannot take.
-    """
-    import nibabel as nib
-
-    from tfseg.convert.brats import ras_to_model_axes, zscore_brain
-
-    try:
-        img = nib.load(path)
-        data = np.asarray(nib.as_closest_canonical(img).dataobj, dtype=np.float32)
-    except Exception as e:  # nibabel raises many types for broken files
-        raise ValueError(f"cannot read NIfTI ({type(e).__name__}: {e})") from None
-    if data.ndim == 3:
-        data = data[..., None]
-    if data.ndim != 4 or data.shape[-1] != channels:
-        raise ValueError(f"volume shape {data.shape}: the model needs (X, Y, Z, {channels})")
-    return zscore_brain(np.ascontiguousarray(ras_to_model_axes(data))), img
-
-
-def write_volume_mask(path: str, mask: np.ndarray, like) -> None:
-    """Writes a (D, H, W) mask in model axes as NIfTI in ``like``'s orientation and affine."""
-    import nibabel as nib
-    from nibabel import orientations as ornt
-
-    from tfseg.convert.brats import model_axes_to_ras
-
-    canonical = nib.as_closest_canonical(like)
-    out = nib.Nifti1Image(np.ascontiguousarray(model_axes_to_ras(mask.astype(np.uint8))), canonical.affine)
-    out = out.as_reoriented(ornt.ornt_transform(ornt.io_orientation(canonical.affine), ornt.io_orientation(like.affine)))
-    out = nib.Nifti1Image(np.asarray(out.dataobj), like.affine)
-    out.set_qform(like.affine)
-    out.set_sform(like.affine)
-    nib.save(out, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,6 +269,7 @@ class SavedModelPredictor:
         self.colors = visualize.dataset_colors({"num_classes": run.num_classes,
                                                 "class_colors": self.meta.get("class_colors")})
         self.ignore_index = run.ignore_index
+        self.preprocessing = run.preprocessing  # 3D: applied here before the graph (tfseg.volumes)
         self._loaded = tf.saved_model.load(version_dir)
         self._serve = self._loaded.signatures["serving_default"]
 
@@ -354,14 +311,14 @@ class KerasPredictor:
         self.colors = visualize.run_colors(self.cfg)
         self.ignore_index = self.run.ignore_index
         self.binary = self.run.binary
+        self.preprocessing = self.run.preprocessing
         self.tta = rundir.test_time_flips(run_dir, self.run, tta)
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
 
     def predict_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
         import tensorflow as tf
 
-        from tfseg import inference
-        from tfseg.export import DEFAULT_MAX_PIXELS, decode_image
+        from tfseg import inference, preprocess
 
         if self.ndim != 2:
             raise ValueError("this run is a 3D model; give it volumes")
@@ -369,12 +326,13 @@ class KerasPredictor:
         for data in images:
             # The export's decoder, run eagerly: same pixels and same input checks as serving.
             try:
-                arr = decode_image(tf.constant(data), self.channels, DEFAULT_MAX_PIXELS).numpy()
+                arr = preprocess.decode_image(tf.constant(data), self.channels, preprocess.DEFAULT_MAX_PIXELS).numpy()
             except tf.errors.InvalidArgumentError as e:
                 raise ValueError(_graph_error_line(e.message)) from None
             probs = inference.predict_image(
                 self.model, arr, size=self.run.size, mode="tile" if self.tile else "resize",
                 overlap=0.25 if self.overlap is None else self.overlap, batch_size=self.batch_size, tta=self.tta,
+                preprocessing=self.preprocessing,
             )
             out.append(inference.probs_to_mask(probs, self.binary))
         return out
@@ -399,7 +357,7 @@ def make_predictor(model_path: str, *, server: str | None = None, grpc: bool = F
         cls = GrpcClient if grpc else RestClient
         client = cls(server, os.path.basename(os.path.normpath(model_path)), version=model_version)
         # A served model's channels are unknown here; images are sent as their original bytes.
-        client.channels, client.ndim = None, 2
+        client.channels, client.ndim, client.preprocessing = None, 2, {}
         return client
     kind, path = resolve_model(model_path)
     if kind == "export":
@@ -500,9 +458,9 @@ def _predict_batch(predictor, batch: Sequence[tuple[str, str, str]], output_dir:
         try:
             if getattr(predictor, "ndim", 2) != 3:
                 raise ValueError("volumes need a 3D model (a local run or export directory)")
-            volume, img = read_volume(path, predictor.channels)
+            volume, img = volume_io.read_volume(path, predictor.channels, predictor.preprocessing)
             mask = predictor.predict_volume(volume)
-            write_volume_mask(os.path.join(output_dir, stem + ".nii.gz"), mask, img)
+            volume_io.write_mask(os.path.join(output_dir, stem + ".nii.gz"), mask, img)
             record = {"input": path, "output": stem + ".nii.gz", "shape": list(mask.shape)}
             if overlay:
                 record["overlay"] = _write_volume_overlay(predictor, volume, mask, stem, output_dir)
@@ -521,7 +479,7 @@ def model_facts(model_path: str, server: str | None = None):
 
     if server:
         return SimpleNamespace(class_names=None, colors=visualize.default_colors(256), ignore_index=None,
-                               ndim=2, channels=None)
+                               ndim=2, channels=None, preprocessing={})
     kind, path = resolve_model(model_path)
     if kind == "export":
         from tfseg.export import read_metadata
@@ -535,7 +493,7 @@ def model_facts(model_path: str, server: str | None = None):
         colors = visualize.run_colors(meta)
     return SimpleNamespace(class_names=visualize.class_names_or_default(meta.get("class_names"), k), colors=colors,
                            ignore_index=meta.get("ignore_index"), ndim=int(meta["ndim"]),
-                           channels=int(meta["channels"]))
+                           channels=int(meta["channels"]), preprocessing=dict(meta.get("preprocessing") or {}))
 
 
 def _beam_predict(model_path, items, output_dir, *, runner, beam_args, batch_size, predictor_kwargs,

@@ -35,7 +35,7 @@ HISTORY_CSV = "history.csv"
 
 # How the model's input is normalized (RunInfo.normalization), by spatial rank: 2D models take
 # 0..255 pixels and rescale inside; 3D models take the volume as conversion z-scored it (per
-# channel, over the brain's non-zero voxels, :func:`tfseg.convert.brats.zscore_brain`).
+# channel, over the nonzero voxels, :func:`tfseg.volumes.zscore_nonzero`).
 NORMALIZATION = {2: "pixels_0_255_in_model", 3: "zscore_nonzero_per_channel"}
 HEADS = ("sigmoid", "softmax")
 
@@ -65,6 +65,10 @@ class RunInfo:
       flip_axes: spatial axes the training augmentation flipped (what TTA may average).
       normalization: how inputs are normalized (:data:`NORMALIZATION`).
       model: the model name; model_kwargs its options.
+      preprocessing: what conversion did to the source images before they became records
+        (dataset.json's ``preprocessing``): 2D ``{"resize": {...}}`` after ``convert
+        --image-size`` (:mod:`tfseg.preprocess`), 3D the volume record (:mod:`tfseg.volumes`);
+        what the export graph and predict reproduce on originals. {} when nothing was recorded.
     """
 
     ndim: int
@@ -83,6 +87,7 @@ class RunInfo:
     normalization: str = ""
     model: str | None = None
     model_kwargs: dict = dataclasses.field(default_factory=dict)
+    preprocessing: dict = dataclasses.field(default_factory=dict)
 
     @property
     def binary(self) -> bool:
@@ -103,7 +108,8 @@ class RunInfo:
             size=tuple(int(s) for s in size),
             class_colors=_colors_or_none(getattr(info, "class_colors", None), info.num_classes),
             ignore_index=info.ignore_index, regions=dict(info.regions or {}),
-            modalities=tuple(info.modalities or ()), normalization=NORMALIZATION.get(ndim, ""), **facts,
+            modalities=tuple(info.modalities or ()), normalization=NORMALIZATION.get(ndim, ""),
+            preprocessing=dict(getattr(info, "preprocessing", None) or {}), **facts,
         )
 
     @classmethod
@@ -146,6 +152,7 @@ class RunInfo:
             modalities=tuple(d.get("modalities") or ()), monitor=d.get("monitor"), precision=d.get("precision"),
             flip_axes=flips, normalization=d.get("normalization") or NORMALIZATION[ndim],
             model=d.get("model"), model_kwargs=dict(d.get("model_kwargs") or {}),
+            preprocessing=dict(d.get("preprocessing") or {}),
         )
 
     def to_json(self) -> dict:
@@ -156,6 +163,7 @@ class RunInfo:
             "binary": self.binary, "class_names": list(self.class_names), "ignore_index": self.ignore_index,
             "regions": dict(self.regions), "modalities": list(self.modalities), self.size_key: list(self.size),
             "training_flip_axes": list(self.flip_axes), "normalization": self.normalization,
+            "preprocessing": dict(self.preprocessing),
         }
         if self.class_colors is not None:
             out["class_colors"] = [list(c) for c in self.class_colors]

@@ -275,6 +275,11 @@ class DatasetInfo:
       compression: ``""`` or ``"GZIP"``.
       tfseg_version: the version that wrote it.
       conversion_args: the arguments the convert stage ran with.
+      preprocessing: what conversion did to the source images, for later stages to reproduce on
+        originals: 2D ``{"resize": {"size": [h, w], "method": "bilinear", "antialias": true,
+        "dtype": "uint8", "format": "png"}}`` after ``--image-size`` (:mod:`tfseg.preprocess`),
+        else {}; 3D the volume record of :mod:`tfseg.volumes` (orientation, axes, channel order,
+        crop, normalization).
     """
 
     name: str
@@ -294,6 +299,7 @@ class DatasetInfo:
     compression: str = ""
     tfseg_version: str = ""
     conversion_args: dict = dataclasses.field(default_factory=dict)
+    preprocessing: dict = dataclasses.field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -358,6 +364,7 @@ def _type_errors(d: dict) -> tuple[str, str, Any] | None:
         ("compression", '"" or "GZIP"', lambda v: v in ("", "GZIP")),
         ("tfseg_version", "a string", lambda v: isinstance(v, str)),
         ("conversion_args", "an object", lambda v: isinstance(v, dict)),
+        ("preprocessing", "an object", lambda v: isinstance(v, dict)),
         ("schema_version", f"an integer up to {SCHEMA_VERSION}", lambda v: is_int(v) and 1 <= v <= SCHEMA_VERSION),
     ]
     for key, what, ok in optional:

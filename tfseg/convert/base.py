@@ -141,6 +141,12 @@ class Layout:
         """Loads one case as Loaded2D or Loaded3D; raises BadCase for unreadable inputs."""
         raise NotImplementedError
 
+    def preprocessing(self) -> dict:
+        """3D layouts: dataset.json's ``preprocessing`` (:func:`tfseg.volumes.volume_record`),
+        known after :meth:`list_cases`. 2D layouts store pixels as they are (convert records
+        its own ``--image-size`` resize)."""
+        return {}
+
     @classmethod
     def make_sample(cls, output: str, count: int, seed: int = 0) -> None:
         """Writes ``count`` synthetic cases in this layout's original file formats to ``output``,

@@ -19,15 +19,12 @@ Both layouts give the channels in one order, :data:`MODALITIES` (flair, t1, t1ce
 contiguous class ids 0..3 (BraTS 4 -> 3); ``regions`` gives WT/TC/ET in class ids for each
 convention (MSD: TC = non-enhancing + enhancing; BraTS: TC = NCR/NET + enhancing).
 
-Each worker loads a case with nibabel and:
-
-1. reorients to the closest canonical (RAS+) orientation, so every source ends up alike;
-2. transposes to (D, H, W, C) = (inferior->superior, anterior->posterior, left->right, channel):
-   D indexes axial slices and each slice shows nose-up; spacing is the header zooms in the
-   same order (z, y, x);
-3. crops to the bounding box of voxels nonzero in any modality (or labelled), which drops
-   about 60 % of a BraTS volume;
-4. z-scores each modality over its own nonzero (brain) voxels, leaving the background 0.
+Each worker loads a case with nibabel and applies :mod:`tfseg.volumes`' record (written to
+dataset.json as ``preprocessing``, reproduced by ``tfseg predict``): reorientation to RAS+, the
+channel order above, (D, H, W, C) model axes (D indexes axial slices, each slice nose-up;
+spacing is the header zooms in the same order, z, y, x), a crop to the bounding box of voxels
+nonzero in any modality (or labelled), which drops about 60 % of a BraTS volume, and a z-score
+of each modality over its own nonzero (brain) voxels.
 
 Unreadable NIfTI, a missing modality or label, shapes that differ between modalities and label,
 and label values outside the convention raise BadCase. Cases without a label (MSD imagesTs,
@@ -46,6 +43,7 @@ import numpy as np
 
 from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded3D
 from tfseg.errors import TfsegError
+from tfseg.volumes import ras_to_model_axes, volume_record, zscore_nonzero
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +92,10 @@ class _BrainLayout(Layout):
     """Shared loading and normalization of the two brain tumour layouts."""
 
     table: dict = {}
+    source_channels: tuple | None = None  # MSD: set by list_cases from the task's dataset.json
+
+    def preprocessing(self) -> dict:
+        return volume_record(MODALITIES, self.source_channels)
 
     def load_case(self, case: Case) -> Loaded3D:
         """Loads, reorients, crops and normalizes one case.
@@ -173,7 +175,8 @@ class MsdBrainLayout(_BrainLayout):
 
     def list_cases(self, root: str) -> list[Case]:
         root = _msd_task_dir(root)
-        _msd_channel_order(os.path.join(root, "dataset.json"))  # fail early on a bad dataset.json
+        # Fails early on a bad dataset.json; the order goes into dataset.json's preprocessing.
+        self.source_channels = _msd_channel_order(os.path.join(root, "dataset.json"))
         cases = []
         for sub, labelled in (("imagesTr", True), ("imagesTs", False)):
             folder = os.path.join(root, sub)
@@ -380,39 +383,6 @@ def _read_nifti(path: str, *, ndim: int, integer: bool = False) -> tuple[np.ndar
     return data, zooms
 
 
-def ras_to_model_axes(array: np.ndarray) -> np.ndarray:
-    """RAS+ (x, y, z, ...) -> tfseg's (D, H, W, ...) = (z, flipped y, x, ...).
-
-    D runs inferior->superior (axial slices), H anterior->posterior (nose up in a slice), W
-    left->right. Trailing axes (channels) are kept.
-    """
-    axes = (2, 1, 0, *range(3, array.ndim))
-    return array.transpose(axes)[:, ::-1]
-
-
-def model_axes_to_ras(array: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`ras_to_model_axes`."""
-    axes = (2, 1, 0, *range(3, array.ndim))
-    return array[:, ::-1].transpose(axes)
-
-
-def zscore_brain(volume: np.ndarray) -> np.ndarray:
-    """Z-scores each channel of (D, H, W, C) over its own nonzero (brain) voxels, in place.
-
-    The background stays 0. Used by the converter and by ``tfseg predict``, so a model sees
-    the same intensities at inference as in training.
-    """
-    for c in range(volume.shape[-1]):
-        channel = volume[..., c]
-        brain = channel != 0
-        if not brain.any():
-            continue
-        values = channel[brain].astype(np.float64)
-        std = values.std()
-        channel[brain] = (values - values.mean()) / (std if std > 1e-8 else 1.0)
-    return volume
-
-
 def _crop_and_normalize(volume: np.ndarray, label: np.ndarray | None, path: str):
     """Crops (D, H, W, C) to the nonzero box and z-scores each channel over its nonzero voxels."""
     foreground = np.any(volume != 0, axis=-1)
@@ -421,7 +391,7 @@ def _crop_and_normalize(volume: np.ndarray, label: np.ndarray | None, path: str)
     if not foreground.any():
         raise BadCase(path, "all modalities are zero")
     box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(foreground))
-    volume = zscore_brain(np.array(volume[box], dtype=np.float32))  # a contiguous copy
+    volume = zscore_nonzero(np.array(volume[box], dtype=np.float32))  # a contiguous copy
     if label is not None:
         label = np.ascontiguousarray(label[box], dtype=np.uint8)
     return volume, label

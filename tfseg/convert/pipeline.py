@@ -71,7 +71,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.typehints import Dict, Tuple
 
-from tfseg import outputs, schema
+from tfseg import outputs, preprocess, schema
 from tfseg.convert.base import (
     BadCase,
     Case,
@@ -213,25 +213,20 @@ def count_classes(labels: np.ndarray, opts: EncodeOptions, path: str) -> tuple[i
 
 
 def _resize_2d(loaded: Loaded2D, size: tuple[int, int], path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    from PIL import Image
-
+    """The image and mask as ``--image-size`` stores them (:func:`tfseg.preprocess.convert_resize`:
+    the one resize definition the served graph reproduces on originals). Encoded originals are
+    decoded with TensorFlow's decoders, as the served graph and the input pipeline decode them
+    (PIL's JPEG decoder gives other pixels: up to 5 levels apart on two thirds of them)."""
     image = loaded.image
     if image is None:
+        import tensorflow as tf
+
         try:
-            img = Image.open(io.BytesIO(loaded.image_bytes))
-            img.load()
-        except (OSError, ValueError, SyntaxError) as e:
-            raise BadCase(path, f"undecodable or truncated image ({_pil_reason(e)})") from None
-        image = np.asarray(img.convert("RGB" if loaded.shape[2] == 3 else "L"))
-    h, w = size
-    resized = [
-        np.asarray(Image.fromarray(image[..., c]).resize((w, h), Image.BILINEAR)) for c in range(image.shape[-1])
-    ] if image.ndim == 3 else [np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))]
-    out = np.stack(resized, -1)
-    mask = loaded.mask
-    if mask is not None:
-        mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
-    return out, mask
+            image = preprocess.decode_image(tf.constant(loaded.image_bytes), loaded.shape[2], MAX_PIXELS).numpy()
+        except tf.errors.OpError as e:
+            reason = (e.message or "").strip().splitlines()[0] if e.message else type(e).__name__
+            raise BadCase(path, f"undecodable or truncated image ({reason})") from None
+    return preprocess.convert_resize(image, loaded.mask, size)
 
 
 def _encode_image(image: np.ndarray, fmt: str) -> bytes:
@@ -278,7 +273,9 @@ def encode_case(loaded: Any, case: Case, opts: EncodeOptions) -> tuple[bytes, Ca
         counts = count_classes(mask, opts, mask_path)
         mask = mask.astype(np.uint8, copy=False)
     if opts.image_size is not None and opts.image_size != (height, width):
-        fmt = loaded.image_format or "png"
+        # Lossless: the record holds exactly the pixels tfseg.preprocess.source_resize computes,
+        # so the served graph, given the original, sees what evaluation saw.
+        fmt = preprocess.CONVERT_RESIZE["format"]
         image, mask = _resize_2d(dataclasses.replace(loaded, mask=mask), opts.image_size, path)
         if mask is not None:
             counts = count_classes(mask, opts, mask_path)
@@ -1310,6 +1307,7 @@ def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, spli
             image_format=(formats[0] if len(formats) == 1 else "mixed") if info.ndim == 2 and formats else None,
             compression=compression,
             tfseg_version=_version(),
+            preprocessing=_preprocessing_record(info, image_size, layout),
             conversion_args={
                 "dataset": layout_name,
                 "input": input_dir,
@@ -1333,6 +1331,14 @@ def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, spli
     }
     log.info("converted %s", summary)
     return summary
+
+
+def _preprocessing_record(info: LayoutInfo, image_size, layout: Layout) -> dict:
+    """dataset.json's ``preprocessing``: what later stages must do to an original image or volume."""
+    if info.ndim == 2:
+        return preprocess.resize_record(image_size) if image_size else {}
+    # Layouts that predate the record (or duck-typed ones) have none.
+    return dict(getattr(layout, "preprocessing", dict)())
 
 
 def _version() -> str:

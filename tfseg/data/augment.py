@@ -325,13 +325,9 @@ def resize(image, mask, out_hw):
     Returns:
       image (h, w, C) float32 and mask (h, w, 1) int32.
     """
-    image = tf.cast(image, tf.float32)
-    mask = tf.convert_to_tensor(mask)
-    out_hw = tf.cast(out_hw, tf.int32)
-    same = tf.reduce_all(tf.equal(tf.shape(image)[:2], out_hw))
-    image = tf.cond(same, lambda: image, lambda: tf.image.resize(image, out_hw, method="bilinear"))
-    mask = tf.cond(same, lambda: mask, lambda: tf.image.resize(mask, out_hw, method="nearest"))
-    return image, tf.cast(mask, tf.int32)
+    from tfseg import preprocess  # the one 2D resize definition (evaluation, inference, serving)
+
+    return preprocess.to_model_size(image, out_hw), tf.cast(preprocess.resize_mask(mask, out_hw), tf.int32)
 
 
 # --------------------------------------------------------------------------------------------

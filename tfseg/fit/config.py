@@ -62,7 +62,8 @@ class FitConfig:
       deterministic: deterministic input order (slower).
       cache: cache decoded training examples in memory.
       tensorboard: write TensorBoard logs to RUN_DIR/logs.
-      verbose: Keras verbosity (1 = progress bar, 2 = one line per epoch, 0 = silent).
+      verbose: Keras verbosity (1 = progress bar on a terminal, one line per epoch otherwise;
+        2 = one line per epoch; 0 = silent).
     """
 
     data: str = ""

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 
@@ -247,7 +248,7 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
                 validation_data=val_ds,
                 validation_steps=validation_steps,
                 callbacks=cbs,
-                verbose=cfg.verbose,
+                verbose=_keras_verbosity(cfg.verbose),
                 shuffle=False,  # the tf.data pipeline shuffles
             )
         except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
@@ -349,3 +350,11 @@ def _version() -> str:
     import tfseg
 
     return tfseg.__version__
+
+
+def _keras_verbosity(verbose: int) -> int:
+    """Keras's progress bar on a terminal; one line per epoch when stdout is a file or a pipe
+    (the bar's redraws would fill logs and CI output with ANSI escapes)."""
+    if verbose == 1 and not sys.stdout.isatty():
+        return 2
+    return verbose

@@ -1,0 +1,223 @@
+"""2D preprocessing, one definition from the records to TF Serving.
+
+Every path that turns an image into model input, and probabilities back into a mask at the
+image's size, calls these functions: convert ``--image-size``, the input pipeline's evaluation
+path (:mod:`tfseg.data`), :mod:`tfseg.inference` (evaluate, predict from a run), and the export
+graph (:mod:`tfseg.export`), so what ``tfseg evaluate`` scores is what TF Serving computes.
+
+The steps, in order:
+
+1. :func:`decode_image`: encoded JPEG/PNG/GIF/BMP bytes -> (H, W, C) uint8, converted to the
+   model's channels, refused from its header when above a pixel limit (no decompression bomb).
+2. :func:`source_resize`: what ``convert --image-size`` did to the originals (dataset.json's
+   ``preprocessing.resize``, :data:`CONVERT_RESIZE`): bilinear with antialiasing, rounded to
+   uint8 and stored losslessly (PNG), so the record holds exactly these pixels. The served graph
+   and predict apply it to original images; records are already at that size (a no-op).
+3. :func:`to_model_size`: bilinear without antialiasing to the model's input size, as the
+   training pipeline resized (a no-op at equal size).
+4. :func:`resize_back`: bilinear probabilities back to the image's size, then threshold/argmax.
+
+Masks follow images with :func:`resize_mask` (nearest neighbour). All functions take and give
+tensors and run eagerly or inside a ``tf.function``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# The resize ``convert --image-size`` applies, recorded in dataset.json (``preprocessing``) and
+# carried by run.json and the export's tfseg.json, so every later stage can reproduce it.
+CONVERT_RESIZE = {"method": "bilinear", "antialias": True, "dtype": "uint8", "format": "png"}
+# Largest decoded image (height x width) the serving graph and predict accept by default.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+def resize_record(size) -> dict:
+    """dataset.json's ``preprocessing`` for a conversion that resized its images to ``size``."""
+    return {"resize": dict(CONVERT_RESIZE, size=[int(s) for s in size])}
+
+
+def source_size(preprocessing: dict | None):
+    """The (h, w) convert resized to, or None when the records hold the original images."""
+    resize = (preprocessing or {}).get("resize") or None
+    return tuple(int(s) for s in resize["size"]) if resize else None
+
+
+def source_resize(image, preprocessing: dict | None):
+    """An original (H, W, C) image (or a (B, H, W, C) batch of one size) as ``convert
+    --image-size`` stored it: float32 0..255 pixels.
+
+    Bilinear with antialiasing to the recorded size, rounded and clipped to 0..255 (the uint8
+    PNG pixels of the record). Without a recorded resize, or at that size already, the image
+    is returned as float32 unchanged.
+    """
+    import tensorflow as tf
+
+    image = tf.cast(image, tf.float32)
+    size = source_size(preprocessing)
+    if size is None:
+        return image
+    same = tf.reduce_all(tf.equal(tf.shape(image)[-3:-1], size))
+
+    def resized():
+        x = tf.image.resize(image, size, method="bilinear", antialias=True)
+        return tf.clip_by_value(tf.round(x), 0.0, 255.0)
+
+    return tf.cond(same, lambda: image, resized)
+
+
+def to_model_size(image, size):
+    """(H, W, C) or (B, H, W, C) float32 pixels resized (bilinear) to the model's (h, w)."""
+    import tensorflow as tf
+
+    image = tf.cast(image, tf.float32)
+    size = tf.cast(size, tf.int32)
+    hw = tf.shape(image)[-3:-1]
+    same = tf.reduce_all(tf.equal(hw, size))
+    return tf.cond(same, lambda: image, lambda: tf.image.resize(image, size, method="bilinear"))
+
+
+def model_input(image, size, preprocessing: dict | None = None):
+    """An original image as the model takes it: :func:`source_resize`, then :func:`to_model_size`."""
+    return to_model_size(source_resize(image, preprocessing), size)
+
+
+def resize_mask(mask, size):
+    """(H, W, 1) labels resized with nearest neighbour to ``size`` (a no-op at equal size)."""
+    import tensorflow as tf
+
+    mask = tf.convert_to_tensor(mask)
+    size = tf.cast(size, tf.int32)
+    same = tf.reduce_all(tf.equal(tf.shape(mask)[-3:-1], size))
+    return tf.cond(same, lambda: mask, lambda: tf.image.resize(mask, size, method="nearest"))
+
+
+def resize_back(probs, size):
+    """(h, w, K) or (B, h, w, K) probabilities resized (bilinear) to the image's (H, W)."""
+    import tensorflow as tf
+
+    return tf.image.resize(probs, size, method="bilinear")
+
+
+def convert_resize(image: np.ndarray, mask: np.ndarray | None, size) -> tuple[np.ndarray, np.ndarray | None]:
+    """What ``convert --image-size`` stores: uint8 (h, w, C) pixels and (h, w) labels, numpy."""
+    import tensorflow as tf
+
+    if image.ndim == 2:
+        image = image[..., None]
+    rec = resize_record(size)
+    out = source_resize(tf.constant(image), rec).numpy().astype(np.uint8)
+    if mask is not None:
+        mask = resize_mask(tf.constant(mask[..., None] if mask.ndim == 2 else mask), size).numpy()[..., 0]
+    return out, mask
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding with header checks (bytes from clients are untrusted).
+# --------------------------------------------------------------------------------------------
+
+
+def _le(head, start: int, n: int):
+    """Little-endian unsigned integer from bytes head[start:start+n] (int64 tensor)."""
+    import tensorflow as tf
+
+    return tf.add_n([head[start + i] * (1 << (8 * i)) for i in range(n)]) if n > 1 else head[start]
+
+
+def _be(head, start: int, n: int):
+    import tensorflow as tf
+
+    return tf.add_n([head[start + i] * (1 << (8 * (n - 1 - i))) for i in range(n)])
+
+
+def _header_check(data, max_pixels: int):
+    """Asserts that ``data`` is a non-empty JPEG/PNG/GIF/BMP within ``max_pixels``, from its header.
+
+    Checking the header before decoding means a small file announcing a huge image (a
+    decompression bomb) is refused without allocating it.
+
+    Returns:
+      A list of assertion ops to use as control dependencies.
+    """
+    import tensorflow as tf
+
+    not_empty = tf.debugging.assert_greater(
+        tf.strings.length(data), 0, message="empty image string"
+    )
+    with tf.control_dependencies([not_empty]):
+        magic4 = tf.strings.substr(data, 0, 4)
+    is_png = tf.equal(magic4, b"\x89PNG")
+    is_gif = tf.equal(tf.strings.substr(data, 0, 3), b"GIF")
+    is_bmp = tf.equal(tf.strings.substr(data, 0, 2), b"BM")
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+    # Zero-padding to 32 bytes keeps the header slices in range for truncated files, whose
+    # decoding then fails on its own.
+    padded = tf.strings.substr(tf.strings.join([data, tf.constant(b"\0" * 32)]), 0, 32)
+    head = tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
+    # The first bytes go into the error as numbers: raw bytes (WebP, binary junk) would make the
+    # message undecodable for clients (a UnicodeDecodeError instead of InvalidArgument).
+    known = tf.debugging.Assert(
+        is_png | is_gif | is_bmp | is_jpeg,
+        ["input is not a JPEG, PNG, GIF or BMP image; its first bytes are", head[:8]],
+    )
+
+    def jpeg_hw():
+        shape = tf.io.extract_jpeg_shape(data, output_type=tf.int32)
+        return tf.cast(shape[0], tf.int64), tf.cast(shape[1], tf.int64)
+
+    bmp_h = _le(head, 22, 4)
+    bmp_h = tf.abs(tf.where(bmp_h >= 2**31, bmp_h - 2**32, bmp_h))  # negative = top-down rows
+    h, w = tf.case(
+        [
+            (is_png, lambda: (_be(head, 20, 4), _be(head, 16, 4))),
+            (is_gif, lambda: (_le(head, 8, 2), _le(head, 6, 2))),
+            (is_bmp, lambda: (bmp_h, _le(head, 18, 4))),
+            (is_jpeg, jpeg_hw),
+        ],
+        default=lambda: (tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
+    )
+    with tf.control_dependencies([known]):
+        size_ok = tf.debugging.assert_less_equal(
+            h * w, tf.constant(max_pixels, tf.int64),
+            message=f"image larger than the limit of {max_pixels} pixels",
+        )
+    return [not_empty, known, size_ok], is_gif | is_bmp
+
+
+def decode_image(data, channels: int, max_pixels: int):
+    """Validated decode of one encoded image (graph or eager).
+
+    Args:
+      data: scalar tf.string, JPEG/PNG/GIF/BMP bytes.
+      channels: 1 (converted to gray) or 3 (gray images are repeated to RGB).
+      max_pixels: largest height x width accepted.
+
+    Returns:
+      (H, W, channels) uint8.
+
+    Raises:
+      tf.errors.InvalidArgumentError: empty, not an image, corrupt, or above ``max_pixels``.
+    """
+    import tensorflow as tf
+
+    checks, gif_or_bmp = _header_check(data, max_pixels)
+    with tf.control_dependencies(checks):
+        if channels == 1:
+            # GIF and BMP decoders only produce colour; convert after decoding.
+            image = tf.cond(
+                gif_or_bmp,
+                lambda: tf.image.rgb_to_grayscale(tf.io.decode_image(data, channels=3, expand_animations=False)),
+                lambda: tf.io.decode_image(data, channels=1, expand_animations=False),
+            )
+        else:
+            image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+    image.set_shape([None, None, channels])
+    shape = tf.shape(image)
+    decoded_ok = tf.debugging.assert_less_equal(
+        tf.cast(shape[0], tf.int64) * tf.cast(shape[1], tf.int64), tf.constant(max_pixels, tf.int64),
+        message=f"image larger than the limit of {max_pixels} pixels",
+    )
+    with tf.control_dependencies([decoded_ok]):
+        return tf.identity(image)
+
+
