@@ -170,3 +170,29 @@ def test_predict_applies_the_volume_record_of_an_msd_conversion(tmp_path, msd_ca
     probs = inference.predict_volume(model, record, patch_size=(16, 16, 16))
     expected = inference.probs_to_mask(probs, False)
     assert (got_model_axes == expected).mean() > 0.999
+
+    # The export applies the same record in its graph: predict_ras_volume on the canonical volume.
+    import tensorflow as tf
+
+    from tfseg import export
+
+    version_dir = export.run_export(run, str(tmp_path / "exports"), "msd")
+    serve = tf.saved_model.load(version_dir).signatures["predict_ras_volume"]
+    canonical = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, np.float32)
+    served = serve(volume=tf.constant(canonical))["mask"].numpy()
+    predicted = np.asarray(nib.as_closest_canonical(got).dataobj)
+    assert served.shape == canonical.shape[:3]
+    assert (served == predicted).mean() > 0.999
+
+
+def test_volume_record_in_tensorflow_equals_numpy():
+    from tfseg import volumes
+
+    rng = np.random.default_rng(1)
+    ras = rng.normal(50, 10, (7, 6, 5, 3)).astype(np.float32)
+    ras[:2, :, :, 1] = 0  # outside the brain in one channel
+    record = volumes.volume_record(["a", "b", "c"], [2, 0, 1])
+    got = volumes.apply_record_tf(ras, record).numpy()
+    np.testing.assert_allclose(got, volumes.apply_record(ras, record), atol=1e-5)
+    assert got.shape == (5, 6, 7, 3)
+    np.testing.assert_array_equal(volumes.model_axes_to_ras_tf(got[..., 0]).numpy(), volumes.model_axes_to_ras(got[..., 0]))

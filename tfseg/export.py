@@ -45,7 +45,11 @@ whatever trained the model (:func:`with_precision`).
 A 3D model gets ``serving_default(volume: float32 (D, H, W, C))``, one z-scored volume (as
 conversion normalizes it), tiled in the graph with Gaussian-weighted overlapping patches like
 :func:`tfseg.inference.predict_volume` -> ``mask`` uint8 (D, H, W), ``probabilities`` float32
-(D, H, W, K); and ``predict_examples(example: string ())``, one tfseg 3D record.
+(D, H, W, K); ``predict_examples(example: string ())``, one tfseg 3D record; and
+``predict_ras_volume(volume: float32 (X, Y, Z, C))``, a NIfTI volume as read after
+reorientation to RAS+ (nibabel ``as_closest_canonical``), to which the graph applies the run's
+volume record (channel order, model axes, z-score; :mod:`tfseg.volumes`) -> ``mask`` uint8
+(X, Y, Z) in the same axes.
 
 Bad inputs (an empty string, bytes that are no JPEG/PNG/GIF/BMP, an image above ``max_pixels``
 judged from its header before decoding) fail the request with InvalidArgument.
@@ -332,6 +336,15 @@ class _Graphs:
         probs = self._tile(volume)
         return {"mask": self._to_mask(probs), "probabilities": probs}
 
+    def serve_ras_volume(self, volume):
+        """A canonical (RAS+) (X, Y, Z, C) volume as read from NIfTI: the run's volume record
+        (channel order, model axes, normalization; :mod:`tfseg.volumes`) applied in the graph;
+        the mask comes back in the same (X, Y, Z) axes."""
+        from tfseg import volumes
+
+        probs = self._tile(volumes.apply_record_tf(volume, self.preprocessing))
+        return {"mask": volumes.model_axes_to_ras_tf(self._to_mask(probs))}
+
     def serve_example_3d(self, example):
         import tensorflow as tf
 
@@ -381,6 +394,8 @@ def build_archive(model, cfg, max_pixels: int = DEFAULT_MAX_PIXELS, options=None
                              [tf.TensorSpec([None, None, None, c], tf.float32, name="volume")])
         archive.add_endpoint("predict_examples", tf.function(g.serve_example_3d),
                              [tf.TensorSpec([], tf.string, name="example")])
+        archive.add_endpoint("predict_ras_volume", tf.function(g.serve_ras_volume),
+                             [tf.TensorSpec([None, None, None, c], tf.float32, name="volume")])
     else:
         raise TfsegError(f"run.json: ndim must be 2 or 3, got {cfg['ndim']!r}")
     return archive

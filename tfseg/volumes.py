@@ -122,3 +122,38 @@ def write_mask(path: str, mask: np.ndarray, like) -> None:
     out.set_qform(like.affine)
     out.set_sform(like.affine)
     nib.save(out, path)
+
+
+def apply_record_tf(ras, record: dict | None):
+    """:func:`apply_record` as TensorFlow ops, for the export graph: a canonical (X, Y, Z, C)
+    float32 tensor -> the (D, H, W, C) volume the model takes (statistics in float64, as numpy)."""
+    import tensorflow as tf
+
+    record = record or {}
+    ras = tf.convert_to_tensor(ras, tf.float32)
+    order = record.get("source_channels")
+    if order is not None:
+        ras = tf.gather(ras, list(order), axis=-1)
+    volume = tf.reverse(tf.transpose(ras, [2, 1, 0, 3]), axis=[1])
+    normalization = record.get("normalization", NORMALIZATION)
+    if normalization in (None, "", "none"):
+        return volume
+    if normalization != NORMALIZATION:
+        raise ValueError(f"unknown normalization {normalization!r}")
+    x = tf.cast(volume, tf.float64)
+    inside = tf.cast(tf.not_equal(x, 0.0), tf.float64)
+    count = tf.reduce_sum(inside, axis=[0, 1, 2])
+    mean = tf.math.divide_no_nan(tf.reduce_sum(x * inside, axis=[0, 1, 2]), count)
+    var = tf.math.divide_no_nan(tf.reduce_sum(tf.square((x - mean) * inside), axis=[0, 1, 2]), count)
+    std = tf.sqrt(var)
+    std = tf.where(std > 1e-8, std, tf.ones_like(std))
+    return tf.cast(tf.where(inside > 0, (x - mean) / std, tf.zeros_like(x)), tf.float32)
+
+
+def model_axes_to_ras_tf(array):
+    """:func:`model_axes_to_ras` for a (D, H, W, ...) tensor."""
+    import tensorflow as tf
+
+    array = tf.convert_to_tensor(array)
+    rank = array.shape.rank
+    return tf.transpose(tf.reverse(array, axis=[1]), [2, 1, 0, *range(3, rank)])
