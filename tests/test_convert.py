@@ -13,7 +13,9 @@ from tfseg import schema
 from tfseg.convert.base import BadCase, Case, Loaded2D, Loaded3D
 from tfseg.convert.folder import FolderLayout
 from tfseg.convert import pipeline
-from tfseg.convert.pipeline import EncodeOptions, count_classes, encode_case, encode_png_gray, run_convert
+from tfseg.convert.encode import CaseStats, EncodeOptions, count_classes, encode_case, encode_png_gray
+from tfseg.convert.pipeline import run_convert
+from tfseg.convert.shards import shard_of
 from tfseg.errors import TfsegError
 
 
@@ -101,8 +103,8 @@ def test_encode_case_3d_counts_voxels():
 
 
 def test_shard_of_is_stable_and_spread():
-    shards = [pipeline.shard_of(f"case{i}", 4) for i in range(200)]
-    assert shards == [pipeline.shard_of(f"case{i}", 4) for i in range(200)]
+    shards = [shard_of(f"case{i}", 4) for i in range(200)]
+    assert shards == [shard_of(f"case{i}", 4) for i in range(200)]
     assert set(shards) == {0, 1, 2, 3}
 
 
@@ -133,9 +135,9 @@ def test_split_stats_combiner():
     from apache_beam.testing.util import assert_that, equal_to
 
     stats = [
-        ("train", pipeline.CaseStats((3, 1), (2, 2), "png")),
-        ("train", pipeline.CaseStats((0, 6), (2, 3), "jpeg")),
-        ("val", pipeline.CaseStats(None, (4, 4), "png")),
+        ("train", CaseStats((3, 1), (2, 2), "png")),
+        ("train", CaseStats((0, 6), (2, 3), "jpeg")),
+        ("val", CaseStats(None, (4, 4), "png")),
     ]
     expected = [
         ("train", {"count": 2, "labelled": 2, "class_pixel_counts": [3, 7], "image_formats": ["jpeg", "png"],

@@ -53,18 +53,13 @@ other runners report their totals when the job ends.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
-import io
 import json
 import logging
-import math
 import os
-import struct
 import threading
 import time
-import zlib
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable
 
 import apache_beam as beam
 import numpy as np
@@ -72,18 +67,26 @@ from apache_beam.metrics import Metrics
 from apache_beam.typehints import Dict, Tuple
 
 from tfseg import outputs, preprocess, schema
-from tfseg.convert.base import (
-    BadCase,
-    Case,
-    Layout,
-    LayoutInfo,
-    Loaded2D,
-    Loaded3D,
-    MAX_PIXELS,
-    _pil_reason,
-    assign_split,
-    hash_fraction,
-    parse_split_spec,
+from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, assign_split, parse_split_spec
+from tfseg.convert.checks import (
+    NothingConverted,
+    check_image_size,
+    check_input,
+    check_remote_path,
+    no_case_message,
+    one_line,
+)
+from tfseg.convert.encode import CaseStats, EncodeOptions, Encoded, encode_case
+from tfseg.convert.shards import (
+    SPILL_DIR,
+    count_shards,
+    file_bytes,
+    read_bytes,
+    shard_name,
+    shard_of,
+    spill_path,
+    upload,
+    write_bytes,
 )
 from tfseg.errors import TfsegError
 from tfseg.progress import Progress
@@ -91,245 +94,8 @@ from tfseg.progress import Progress
 log = logging.getLogger(__name__)
 
 NAMESPACE = "tfseg.convert"
-SHARD_TARGET_BYTES = 150 * 2**20
 STATS_FILE = "_stats.json"
 SHARDS_FILE = "_shards.json"
-# zlib level 3: ~4 ms for a 1918x1280 binary mask vs ~10 ms at 6, for a mask ~2x larger
-# (still ~2% of the JPEG beside it).
-_MASK_ZLIB_LEVEL = 3
-
-
-# --------------------------------------------------------------------------------------------
-# Per-case work (pure functions, run in the Beam workers; tested without Beam).
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class EncodeOptions:
-    """What a worker needs besides the layout.
-
-    Attributes:
-      ndim: 2 or 3.
-      channels: image channels the records hold.
-      num_classes: labels must be in [0, num_classes) or equal ``ignore_index``.
-      ignore_index: the ignore label, or None.
-      image_size: (H, W) to resize 2D cases to, or None to keep the originals.
-    """
-
-    ndim: int
-    channels: int
-    num_classes: int
-    ignore_index: int | None = None
-    image_size: tuple[int, int] | None = None
-
-
-class CaseStats(NamedTuple):
-    """Statistics of one converted case, combined per split.
-
-    Attributes:
-      class_counts: pixels (voxels) per class id, ignore excluded; None if unlabelled.
-      shape: (H, W) or (D, H, W) as stored.
-      image_format: ``"jpeg"``/``"png"`` for 2D, None for 3D.
-    """
-
-    class_counts: tuple[int, ...] | None
-    shape: tuple[int, ...]
-    image_format: str | None
-
-
-class Encoded(NamedTuple):
-    """One converted case on its way to a shard: its serialized record, or (when the job spills
-    records to disk, the default) the file holding it, so no PCollection carries pixel data."""
-
-    split: str
-    shard: int
-    case_id: str
-    record: bytes
-    stats: CaseStats
-    record_path: str = ""
-
-
-def encode_png_gray(array: np.ndarray, level: int = _MASK_ZLIB_LEVEL) -> bytes:
-    """Encodes (H, W) uint8 as an 8-bit grayscale PNG.
-
-    Written directly (filter type 0 + zlib) because PIL's adaptive row filtering makes it ~4x
-    slower on large masks, where filtering gains nothing.
-    """
-    a = np.ascontiguousarray(array, dtype=np.uint8)
-    h, w = a.shape
-    rows = np.empty((h, w + 1), np.uint8)
-    rows[:, 0] = 0
-    rows[:, 1:] = a
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), level)) + chunk(b"IEND", b""))
-
-
-def _label_file(case: Case) -> str:
-    paths = case.paths
-    for key in ("mask", "label", "labels", "seg", "annotation"):
-        if key in paths:
-            return paths[key]
-    return case.main_path
-
-
-def count_classes(labels: np.ndarray, opts: EncodeOptions, path: str) -> tuple[int, ...]:
-    """Pixels per class id, validating the label range.
-
-    Args:
-      labels: integer array of any shape.
-      path: the label file, named in the error.
-
-    Returns:
-      ``num_classes`` counts (ignore pixels excluded).
-
-    Raises:
-      BadCase: values outside [0, num_classes) other than the ignore index.
-    """
-    k = opts.num_classes
-    if labels.dtype != np.uint8:
-        lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
-        if lo < 0 or hi > 255:
-            raise BadCase(path, f"label values {lo}..{hi} outside 0..{k - 1}")
-        labels = labels.astype(np.uint8)
-    # For few classes, per-class count_nonzero is ~8x faster than bincount (which widens to intp).
-    if k <= 16:
-        counts = [int(np.count_nonzero(labels == c)) for c in range(k)]
-    else:
-        counts = np.bincount(labels.reshape(-1), minlength=256)[:k].tolist()
-    n_ignore = 0
-    if opts.ignore_index is not None and opts.ignore_index >= k:
-        n_ignore = int(np.count_nonzero(labels == opts.ignore_index))
-    if sum(counts) + n_ignore != labels.size:
-        bad = [int(v) for v in np.unique(labels) if v >= k and v != opts.ignore_index]
-        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-        extra = f" or {opts.ignore_index}" if opts.ignore_index is not None else ""
-        raise BadCase(path, f"label values [{shown}] outside 0..{k - 1}{extra}")
-    return tuple(counts)
-
-
-def _resize_2d(loaded: Loaded2D, size: tuple[int, int], path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """The image and mask as ``--image-size`` stores them (:func:`tfseg.preprocess.convert_resize`:
-    the one resize definition the served graph reproduces on originals). Encoded originals are
-    decoded with TensorFlow's decoders, as the served graph and the input pipeline decode them
-    (PIL's JPEG decoder gives other pixels: up to 5 levels apart on two thirds of them)."""
-    image = loaded.image
-    if image is None:
-        import tensorflow as tf
-
-        try:
-            image = preprocess.decode_image(tf.constant(loaded.image_bytes), loaded.shape[2], MAX_PIXELS).numpy()
-        except tf.errors.OpError as e:
-            reason = (e.message or "").strip().splitlines()[0] if e.message else type(e).__name__
-            raise BadCase(path, f"undecodable or truncated image ({reason})") from None
-    return preprocess.convert_resize(image, loaded.mask, size)
-
-
-def _encode_image(image: np.ndarray, fmt: str) -> bytes:
-    from PIL import Image
-
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    buf = io.BytesIO()
-    if fmt == "jpeg":
-        pil.save(buf, "JPEG", quality=95)
-    else:
-        pil.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def encode_case(loaded: Any, case: Case, opts: EncodeOptions) -> tuple[bytes, CaseStats]:
-    """Validates, optionally resizes, and serializes one loaded case.
-
-    Args:
-      loaded: the layout's Loaded2D or Loaded3D.
-      case: the case it came from (its files are named in errors).
-
-    Returns:
-      (serialized tf.train.Example, its CaseStats).
-
-    Raises:
-      BadCase: the case cannot be converted.
-    """
-    if isinstance(loaded, Loaded3D):
-        return _encode_3d(loaded, case, opts)
-    if not isinstance(loaded, Loaded2D):
-        raise TypeError(f"load_case returned {type(loaded).__name__}, expected Loaded2D or Loaded3D")
-    path = case.paths.get("image", case.main_path)
-    mask_path = _label_file(case)
-    height, width, channels = loaded.shape
-    if channels != opts.channels:
-        raise BadCase(path, f"image has {channels} channels, dataset has {opts.channels}")
-    mask = loaded.mask
-    if mask is not None:
-        if mask.ndim == 3 and mask.shape[-1] == 1:
-            mask = mask[..., 0]
-        if mask.shape != (height, width):
-            mh, mw = mask.shape[:2]
-            raise BadCase(mask_path, f"mask {mw}x{mh} != image {width}x{height}")
-        counts = count_classes(mask, opts, mask_path)
-        mask = mask.astype(np.uint8, copy=False)
-    if opts.image_size is not None and opts.image_size != (height, width):
-        # Lossless: the record holds exactly the pixels tfseg.preprocess.source_resize computes,
-        # so the served graph, given the original, sees what evaluation saw.
-        fmt = preprocess.CONVERT_RESIZE["format"]
-        image, mask = _resize_2d(dataclasses.replace(loaded, mask=mask), opts.image_size, path)
-        if mask is not None:
-            counts = count_classes(mask, opts, mask_path)
-        image_bytes = _encode_image(image, fmt)
-        height, width = opts.image_size
-    elif loaded.image_bytes is not None:
-        fmt, image_bytes = loaded.image_format, loaded.image_bytes
-    else:
-        fmt, image_bytes = "png", _encode_image(loaded.image, "png")
-    record = schema.encode_example_2d(
-        image_bytes=image_bytes,
-        image_format=fmt,
-        height=height,
-        width=width,
-        channels=channels,
-        mask_png=None if mask is None else encode_png_gray(mask),
-        source_id=case.case_id,
-    )
-    return record, CaseStats(counts if mask is not None else None, (height, width), fmt)
-
-
-def _encode_3d(loaded: Loaded3D, case: Case, opts: EncodeOptions) -> tuple[bytes, CaseStats]:
-    path = case.main_path
-    vol = loaded.volume
-    if vol.ndim != 4 or vol.shape[-1] != opts.channels:
-        raise BadCase(path, f"volume shape {vol.shape} is not (D, H, W, {opts.channels})")
-    if not np.all(np.isfinite(vol)):
-        raise BadCase(path, "volume has NaN or infinite values")
-    counts = None
-    label = loaded.label
-    if label is not None:
-        if label.shape != vol.shape[:3]:
-            raise BadCase(_label_file(case), f"label shape {label.shape} != volume {vol.shape[:3]}")
-        counts = count_classes(label, opts, _label_file(case))
-    try:
-        record = schema.encode_example_3d(volume=vol, label=label, spacing=loaded.spacing, source_id=case.case_id)
-    except ValueError as e:
-        raise BadCase(path, str(e)) from None
-    return record, CaseStats(counts, tuple(vol.shape[:3]), None)
-
-
-def shard_of(case_id: str, num_shards: int) -> int:
-    """The shard a case goes to: a stable hash of its id (same on every machine and run)."""
-    return min(num_shards - 1, int(hash_fraction("shard:" + case_id) * num_shards))
-
-
-def shard_name(split: str, index: int, num_shards: int, compression: str = "") -> str:
-    suffix = ".tfrecord.gz" if compression == "GZIP" else ".tfrecord"
-    return f"{split}-{index:05d}-of-{num_shards:05d}{suffix}"
-
-
-def _one_line(e: BaseException) -> str:
-    text = _pil_reason(e) if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,38 +103,6 @@ def _one_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 
 REJECTED = "rejected"
-
-
-def spill_path(spill_dir: str, split: str, shard: int, case_id: str) -> str:
-    """Where a spilled record lives until its shard is written."""
-    import hashlib
-
-    name = hashlib.sha1(case_id.encode("utf-8")).hexdigest() + ".rec"
-    return "/".join([spill_dir.rstrip("/"), f"{split}-{shard:05d}", name])
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.create(path, compression_type="uncompressed") as f:
-        f.write(data)
-
-
-def _read_bytes(path: str) -> bytes:
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return f.read()
-
-
-def _upload(local_path: str, path: str) -> None:
-    """Copies a local file to ``path`` on a filesystem Beam knows (gs://, s3://, hdfs://)."""
-    import shutil
-
-    from apache_beam.io.filesystems import FileSystems
-
-    with open(local_path, "rb") as fin, FileSystems.create(path, compression_type="uncompressed") as fout:
-        shutil.copyfileobj(fin, fout, 16 * 2**20)
 
 
 def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Case], spill_dir: str | None = None):
@@ -395,12 +129,12 @@ def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Ca
         return "rejected", {"file": e.path, "reason": e.reason, "case_id": case.case_id, "split": split}, 0
     except Exception as e:  # noqa: BLE001 - one bad file must not kill a many-hour job
         # One line in the log (the reason is also in rejected.jsonl); the traceback with -v.
-        log.warning("%s: rejected after an unexpected error: %s", case.main_path, _one_line(e))
+        log.warning("%s: rejected after an unexpected error: %s", case.main_path, one_line(e))
         log.debug("%s: traceback", case.main_path, exc_info=True)
-        return "rejected", {"file": case.main_path, "reason": _one_line(e), "case_id": case.case_id, "split": split}, 0
+        return "rejected", {"file": case.main_path, "reason": one_line(e), "case_id": case.case_id, "split": split}, 0
     if spill_dir:  # outside the try: a failing output filesystem fails the job, rejects nothing
         path = spill_path(spill_dir, split, shard, case.case_id)
-        _write_bytes(path, record)
+        write_bytes(path, record)
         msec = int((time.perf_counter() - t0) * 1000)
         return "ok", Encoded(split, shard, case.case_id, b"", stats, path), msec
     msec = int((time.perf_counter() - t0) * 1000)
@@ -501,11 +235,11 @@ def _progress_case(kind: str) -> None:
             bar.case_done(kind)
 
 
-def _in_launcher_process(options) -> bool:
+def in_launcher_process(options) -> bool:
     from apache_beam.options.pipeline_options import DirectOptions
 
     mode = options.view_as(DirectOptions).direct_running_mode
-    return _runner_name(options) in ("DirectRunner", "SwitchingDirectRunner") and mode in ("in_memory",
+    return runner_name(options) in ("DirectRunner", "SwitchingDirectRunner") and mode in ("in_memory",
                                                                                          "multi_threading")
 
 
@@ -597,9 +331,9 @@ class WriteShardFn(beam.DoFn):
         try:
             with tf.io.TFRecordWriter(target, options=options) as writer:
                 for _, record, path in records:
-                    writer.write(_read_bytes(path) if path else record)
+                    writer.write(read_bytes(path) if path else record)
             if remote:
-                _upload(target, outputs.join(self.output_dir, name))
+                upload(target, outputs.join(self.output_dir, name))
         finally:
             if remote:
                 with contextlib.suppress(OSError):
@@ -730,7 +464,7 @@ class _WriteJson(beam.DoFn):
         else:
             text = json.dumps(obj, sort_keys=True)
         if outputs.is_remote(self.path):
-            _write_bytes(self.path, text.encode("utf-8"))
+            write_bytes(self.path, text.encode("utf-8"))
         else:
             with open(self.path, "w") as f:
                 f.write(text)
@@ -752,9 +486,6 @@ class WriteRejected(beam.PTransform):
             | "Sort" >> beam.Map(lambda rows: sorted(rows, key=lambda r: (r["file"], r["case_id"], r["reason"])))
             | "Write" >> beam.ParDo(_WriteJson(self.path, jsonl=True))
         )
-
-
-SPILL_DIR = "_records"
 
 
 def build_pipeline(p, layout: Layout, keyed_cases: list[tuple[str, int, Case]], opts: EncodeOptions,
@@ -847,7 +578,7 @@ def resolve_runner(name: str) -> str:
         extra = {"dask": ' (pip install "dask[distributed]")', "dataflow": " (pip install 'apache-beam[gcp]')",
                  "interactive": " (pip install 'apache-beam[interactive]')"}
         hint = next((h for k, h in extra.items() if k in qualified.lower()), "")
-        raise TfsegError(f"--runner {name}: cannot load {qualified}: {_one_line(e)}{hint}") from None
+        raise TfsegError(f"--runner {name}: cannot load {qualified}: {one_line(e)}{hint}") from None
     except AttributeError:
         raise TfsegError(f"--runner {name}: {module} has no {cls}") from None
     from apache_beam.runners.runner import PipelineRunner
@@ -926,7 +657,7 @@ def check_beam_args(beam_args: Iterable[str], tfseg_options: Iterable[str] = ())
     return out
 
 
-def _pipeline_options(beam_args: Iterable[str]):
+def pipeline_options(beam_args: Iterable[str]):
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
     args = check_beam_args(beam_args)
@@ -954,13 +685,13 @@ def _pipeline_options(beam_args: Iterable[str]):
     return options
 
 
-def _runner_name(options) -> str:
+def runner_name(options) -> str:
     from apache_beam.options.pipeline_options import StandardOptions
 
     return str(options.view_as(StandardOptions).runner or "DirectRunner").rpartition(".")[2]
 
 
-def _dask_partitions(options, n_batches: int) -> None:
+def dask_partitions(options, n_batches: int) -> None:
     """On the DaskRunner, one dask partition per batch of cases (at most 256) unless the user set
     ``--dask_npartitions`` / ``--dask_partition_size``: Beam's default of 128 elements a
     partition would convert every batch in one task, on one worker."""
@@ -973,104 +704,6 @@ def _dask_partitions(options, n_batches: int) -> None:
     dask = options.view_as(DaskOptions)
     if not dask.npartitions and not dask.partition_size:
         dask.npartitions = max(1, min(256, n_batches))
-
-
-def _count_shards(case_bytes: int, n_cases: int, requested: int | None) -> int:
-    """Shards of a split: ``--num-shards``, else one per ~150 MB of input. Never from the
-    runner's worker count, so every runner writes the same shards (byte-identical output)."""
-    if requested:
-        return requested
-    n = max(1, math.ceil(case_bytes / SHARD_TARGET_BYTES))
-    return min(n, max(1, n_cases))
-
-
-def _file_bytes(case: Case, sizes: dict[str, int] | None = None) -> int:
-    """Bytes of a case's files (``sizes``: a remote input's listing, see base.file_sizes)."""
-    total = 0
-    for _, path in case.files:
-        if sizes:
-            total += sizes.get(path, 0)
-            continue
-        try:
-            total += os.path.getsize(path)
-        except OSError:
-            pass
-    return total
-
-
-def check_remote_path(path: str, option: str) -> None:
-    """A scheme path must be on a filesystem Beam's FileSystems knows (the job's workers read and
-    write through it), and name a folder inside the bucket.
-
-    Raises:
-      TfsegError: an unknown scheme (``ram://`` is TF's only), a missing extra, or a bucket root.
-    """
-    from apache_beam.io.filesystems import FileSystems
-
-    try:
-        FileSystems.get_filesystem(path)
-    except ValueError:
-        scheme = str(path).split("://", 1)[0]
-        hint = {"gs": " (pip install google-cloud-storage, or apache-beam[gcp])",
-                "s3": " (pip install apache-beam[aws])", "hdfs": " (pip install hdfs)"}.get(scheme, "")
-        raise TfsegError(f"{option} {path}: Beam has no filesystem for {scheme}:// here{hint}; convert reads and "
-                         "writes through Beam's FileSystems (local, gs://, s3://, hdfs://)") from None
-    rest = str(path).split("://", 1)[1].strip("/")
-    if "/" not in rest:
-        raise TfsegError(f"{option} {path}: is a bucket root; name a folder inside it (e.g. {path.rstrip('/')}/data)")
-
-
-def _check_input(input_dir: str) -> None:
-    from tfseg.convert.base import is_dir, is_remote
-
-    if is_remote(input_dir):
-        if not is_dir(input_dir):
-            raise TfsegError(f"{input_dir}: input folder not found (no object under it)")
-        return
-    if not os.path.exists(input_dir):
-        raise TfsegError(f"{input_dir}: input directory not found")
-    if not os.path.isdir(input_dir):
-        raise TfsegError(f"{input_dir}: --input must be a directory")
-    if not os.listdir(input_dir):
-        raise TfsegError(f"{input_dir}: input directory is empty")
-
-
-class NothingConverted(TfsegError):
-    """Every case was rejected: nothing is published. The CLI exits 1 for it (a data failure,
-    not a misuse; ``exit_code``), with the commonest reasons in the one-line message."""
-
-    exit_code = 1
-
-
-def _no_case_message(input_dir: str, rejected: list[dict]) -> str:
-    if not rejected:
-        return f"{input_dir}: no case converted; nothing was published"
-    reasons: dict[str, list[dict]] = {}
-    for row in rejected:
-        reasons.setdefault(row["reason"], []).append(row)
-    top = sorted(reasons.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-    first = "; ".join(f"{rows[0]['file']}: {reason}" + (f" (and {len(rows) - 1} alike)" if len(rows) > 1 else "")
-                      for reason, rows in top[:2])
-    more = f"; {len(top) - 2} other reasons" if len(top) > 2 else ""
-    return (f"{input_dir}: no case converted, all {len(rejected)} rejected, nothing was published: "
-            f"{first}{more}")
-
-
-def check_image_size(image_size) -> tuple[int, int] | None:
-    """Validates ``--image-size`` (H, W): positive, at most :data:`MAX_PIXELS` pixels.
-
-    Raises:
-      TfsegError: a non-positive side or too many pixels.
-    """
-    if image_size is None:
-        return None
-    h, w = (int(x) for x in image_size)
-    if h < 1 or w < 1:
-        raise TfsegError(f"--image-size {h}x{w}: sides must be positive")
-    if h * w > MAX_PIXELS:
-        raise TfsegError(f"--image-size {h}x{w}: {h * w} pixels exceeds the limit of {MAX_PIXELS} (2**26, "
-                         "e.g. 8192x8192)")
-    return h, w
 
 
 _SCRATCH_PREFIX = "tfseg-beam-"
@@ -1166,7 +799,7 @@ def run_convert(
 def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, split, image_size, num_shards,
                  compression, strict, overwrite, beam_args, threads, progress_stream) -> dict:
     global _PROGRESS
-    _check_input(input_dir)
+    check_input(input_dir)
     compression = (compression or "").upper()
     if compression in ("NONE",):
         compression = ""
@@ -1179,7 +812,7 @@ def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, spli
     except ValueError as e:
         raise TfsegError(f"--split: {e}") from None
     image_size = check_image_size(image_size)
-    options = _pipeline_options(beam_args)
+    options = pipeline_options(beam_args)
     layout = make_layout(layout_name, layout_options)
     if outputs.is_remote(input_dir) and not layout.remote_input:
         raise TfsegError(f"--input {input_dir}: the {layout_name} layout reads local input only; copy it to a local "
@@ -1205,7 +838,7 @@ def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, spli
     for case in sorted(cases, key=lambda c: c.case_id):
         by_split.setdefault(assign_split(case, spec), []).append(case)
     shards = {
-        s: _count_shards(sum(_file_bytes(c, sizes) for c in cs), len(cs), num_shards)
+        s: count_shards(sum(file_bytes(c, sizes) for c in cs), len(cs), num_shards)
         for s, cs in sorted(by_split.items())
     }
     keyed = [(s, shard_of(c.case_id, shards[s]), c) for s, cs in sorted(by_split.items()) for c in cs]
@@ -1219,13 +852,13 @@ def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, spli
     with outputs.publish_dir(output_dir, "convert", complete_marker=schema.DATASET_JSON, overwrite=overwrite,
                              inputs=[("--input", input_dir)]) as tmp:
         with beam_scratch_dir():
-            _dask_partitions(options, len(batch_cases(keyed, 2 * (threads or default_threads()))))
+            dask_partitions(options, len(batch_cases(keyed, 2 * (threads or default_threads()))))
             p = beam.Pipeline(options=options)
             build_pipeline(p, layout, keyed, opts, tmp, shards, compression, threads)
             bar = ConvertProgress(len(keyed), progress_stream) if progress_stream is not None else None
-            if bar is not None and not _in_launcher_process(options):
+            if bar is not None and not in_launcher_process(options):
                 log.info("%s converts in its own workers: progress shows when the job ends (meanwhile see the "
-                         "runner's UI)", _runner_name(options))
+                         "runner's UI)", runner_name(options))
             finished = False
             try:
                 _PROGRESS = bar
@@ -1236,7 +869,7 @@ def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, spli
                 raise
             except Exception as e:  # noqa: BLE001 - the runner's own errors (a cluster unreachable, ...)
                 log.debug("the Beam job failed", exc_info=True)
-                raise TfsegError(f"the Beam job failed on {_runner_name(options)}: {_one_line(e)} "
+                raise TfsegError(f"the Beam job failed on {runner_name(options)}: {one_line(e)} "
                                  "(nothing was published; -v shows the traceback)") from None
             finally:
                 _PROGRESS = None
@@ -1246,7 +879,7 @@ def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, spli
                     bar.stream.write("\r\033[K" if finished else "\n")
                     bar.stream.flush()
             if state is not None and str(state).split(".")[-1] not in ("DONE", "UNKNOWN"):
-                raise TfsegError(f"the Beam job ended {state} on {_runner_name(options)}; nothing was published")
+                raise TfsegError(f"the Beam job ended {state} on {runner_name(options)}; nothing was published")
             _log_metrics(result)
             client = getattr(result, "client", None)  # the DaskRunner's own dask.distributed Client
             if client is not None and hasattr(client, "close"):
@@ -1278,7 +911,7 @@ def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, spli
                              f"for {len(keyed)} cases; nothing was written (try --direct_running_mode=in_memory)")
         if n_written == 0:
             # Raised inside the publishing block: nothing is published, an older output stays.
-            raise NothingConverted(_no_case_message(input_dir, rejected))
+            raise NothingConverted(no_case_message(input_dir, rejected))
         if rejected and strict:
             first = rejected[0]
             raise TfsegError(
