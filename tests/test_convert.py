@@ -12,9 +12,9 @@ from PIL import Image
 from tfseg import schema
 from tfseg.convert.base import BadCase, Case, Loaded2D, Loaded3D
 from tfseg.convert.folder import FolderLayout
-from tfseg.convert import pipeline
+from tfseg.convert import transforms
 from tfseg.convert.encode import CaseStats, EncodeOptions, count_classes, encode_case, encode_png_gray
-from tfseg.convert.pipeline import run_convert
+from tfseg.convert.pipeline import NothingConverted, run_convert
 from tfseg.convert.shards import shard_of
 from tfseg.errors import TfsegError
 
@@ -121,11 +121,11 @@ def test_convert_cases_transform_tags_rejections(folder_sample, tmp_path):
     bad = Case("ghost", (("image", str(tmp_path / "ghost.png")),))
     opts = EncodeOptions(ndim=2, channels=layout.channels, num_classes=2)
     with TestPipeline() as p:
-        out = (p | beam.Create(pipeline.batch_cases([("train", 0, c) for c in cases + [bad]], 3))
-               | pipeline.ConvertCases(layout, opts))
+        out = (p | beam.Create(transforms.batch_cases([("train", 0, c) for c in cases + [bad]], 3))
+               | transforms.ConvertCases(layout, opts))
         assert_that(out["examples"] | "Ids" >> beam.Map(lambda e: e.case_id),
                     equal_to([c.case_id for c in cases]), label="examples")
-        assert_that(out[pipeline.REJECTED] | "Files" >> beam.Map(lambda r: (r["case_id"], r["reason"])),
+        assert_that(out[transforms.REJECTED] | "Files" >> beam.Map(lambda r: (r["case_id"], r["reason"])),
                     equal_to([("ghost", "no mask (masks/ghost.* absent)")]), label="rejected")
 
 
@@ -146,7 +146,7 @@ def test_split_stats_combiner():
                  "size": {"height": {"min": 4, "max": 4, "mean": 4.0}, "width": {"min": 4, "max": 4, "mean": 4.0}}}),
     ]
     with TestPipeline() as p:
-        out = p | beam.Create(stats) | beam.CombinePerKey(pipeline.SplitStatsFn())
+        out = p | beam.Create(stats) | beam.CombinePerKey(transforms.SplitStatsFn())
         assert_that(out, equal_to(expected))
 
 
@@ -184,7 +184,7 @@ def test_bad_inputs_are_rejected_and_listed(folder_sample, tmp_path):
     # Labels out of range: a 3-class run over {0, 255} masks rejects every masked case, so no case
     # is converted: the conversion fails (exit 1 in the CLI) naming the value, nothing published.
     out3 = str(tmp_path / "out3")
-    with pytest.raises(pipeline.NothingConverted,
+    with pytest.raises(NothingConverted,
                        match=r"no case converted, all 8 rejected.*masks/vein_\d+.png: label values \[255\] outside "
                              r"0..2 \(and 3 alike\)"):
         run_convert("folder", root, out3, layout_options={"num_classes": 3}, split="train=1")

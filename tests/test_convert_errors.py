@@ -105,7 +105,7 @@ def test_misuse_is_one_line_exit_2_before_any_work(raw, tmp_path):
 
 
 def test_runner_short_names_are_accepted():
-    from tfseg.convert.pipeline import check_beam_args, resolve_runner
+    from tfseg.convert.runners import check_beam_args, resolve_runner
 
     assert resolve_runner("direct") == "DirectRunner"
     assert resolve_runner("DIRECTRUNNER") == "DirectRunner"

@@ -257,7 +257,7 @@ def test_oversized_images_and_bombs_are_rejected_cases(tmp_path, monkeypatch, ca
 
 
 def test_image_size_bound():
-    from tfseg.convert.pipeline import check_image_size
+    from tfseg.convert.checks import check_image_size
 
     assert check_image_size((8192, 8192)) == (8192, 8192)
     with pytest.raises(TfsegError, match=r"--image-size 8193x8192: 67117056 pixels exceeds the limit of 67108864"):

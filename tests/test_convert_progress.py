@@ -5,7 +5,8 @@ import io
 import os
 import re
 
-from tfseg.convert.pipeline import REJECTED, ConvertProgress, run_convert
+from tfseg.convert.pipeline import run_convert
+from tfseg.convert.transforms import REJECTED, ConvertProgress
 
 
 class Clock:

@@ -116,7 +116,7 @@ def test_dask_and_multiprocessing_write_the_direct_runners_shards(raw, dask_clus
 
 
 def test_fully_qualified_dask_runner_name_is_accepted():
-    from tfseg.convert.pipeline import check_beam_args, resolve_runner
+    from tfseg.convert.runners import check_beam_args, resolve_runner
 
     qualified = "apache_beam.runners.dask.dask_runner.DaskRunner"
     assert resolve_runner("dask") == qualified

@@ -119,7 +119,8 @@ def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, comp
     An option neither tfseg nor Beam knows is an error. Exit 1 when every case was rejected.
     """
     from tfseg.config import parse_size
-    from tfseg.convert.pipeline import NothingConverted, check_beam_args, run_convert
+    from tfseg.convert.pipeline import NothingConverted, run_convert
+    from tfseg.convert.runners import check_beam_args
 
     takes_value = False
     for arg in ctx.args:
