@@ -241,7 +241,7 @@ def test_server_mode_posts_to_rest_stub(setup2d, rest_stub, tmp_path):
 
 def test_beam_run_inference_writes_what_the_local_predictor_writes(setup2d, tmp_path, monkeypatch):
     pytest.importorskip("apache_beam")
-    from tfseg import beam_inference
+    from tfseg.predict import beam as beam_inference
 
     s = setup2d
     inp = tmp_path / "in"

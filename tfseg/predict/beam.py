@@ -11,9 +11,10 @@ which Keras 3 cannot do for a SavedModel, so :class:`SavedModelHandler` uses
 ``tf.saved_model.load``) and the inference function, which calls the ``serving_default``
 signature with the encoded images of a batch (any sizes) and crops each mask to its image. A
 RUN_DIR or a TF Serving server (``--server``) goes through the same RunInference with
-:class:`PredictorHandler`, a base ``ModelHandler`` around :func:`tfseg.predict.make_predictor`.
+:class:`PredictorHandler`, a base ``ModelHandler`` around :func:`tfseg.predict.predictors.make_predictor`.
 Both fall back to one input at a time when a batch fails, so a bad file fails alone, as in the
-local predictor, and the masks are the same bytes the local predictor writes.
+local predictor, and the masks are the same bytes the local predictor writes
+(:mod:`tfseg.predict.writers`).
 
 Beam's ``tensorflow_inference`` module imports ``tensorflow_hub`` at import time, only for the
 ``hub.resolve`` of its default loader, which tfseg replaces. tensorflow_hub requires tf-keras
@@ -30,6 +31,12 @@ import types
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from tfseg import volumes
+from tfseg.predict.base import NEEDS_3D
+from tfseg.predict.inputs import resolve_model
+from tfseg.predict.predictors import call_image_signature, call_volume_signature, make_predictor
+from tfseg.predict.writers import write_image_outputs, write_volume_outputs
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +59,6 @@ def _import_tf_handler():
 TFModelHandlerTensor = _import_tf_handler()
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult  # noqa: E402
-
-
-def _as_error(e: Exception) -> str:
-    from tfseg.predict import _graph_error_line
-
-    message = getattr(e, "message", None)
-    return _graph_error_line(message) if message else str(e)
 
 
 def _run_items(predict_images, predict_volume, batch: Sequence[tuple]) -> list[Any]:
@@ -91,29 +91,9 @@ def saved_model_inference_fn(model, batch: Sequence[tuple], inference_args: dict
                              ) -> Iterable[PredictionResult]:
     """TFModelHandlerTensor's ``inference_fn`` for a tfseg export: ``serving_default`` on the
     encoded images of the batch (2D) or on each volume (3D)."""
-    import tensorflow as tf
-
     serve = model.signatures["serving_default"]
-
-    def predict_images(datas):
-        try:
-            out = serve(image_bytes=tf.constant(list(datas), dtype=tf.string))
-        except tf.errors.InvalidArgumentError as e:
-            raise ValueError(_as_error(e)) from None
-        except TypeError:
-            raise ValueError("this export is a 3D model; give it volumes") from None
-        masks, hs, ws = out["mask"].numpy(), out["height"].numpy(), out["width"].numpy()
-        return [masks[k, : hs[k], : ws[k]] for k in range(len(datas))]
-
-    def predict_volume(volume):
-        try:
-            return serve(volume=tf.constant(volume, tf.float32))["mask"].numpy()
-        except TypeError:
-            raise ValueError("this export is a 2D model; give it images") from None
-        except tf.errors.InvalidArgumentError as e:
-            raise ValueError(_as_error(e)) from None
-
-    results = _run_items(predict_images, predict_volume, batch)
+    results = _run_items(lambda datas: call_image_signature(serve, datas),
+                         lambda volume: call_volume_signature(serve, volume), batch)
     return [PredictionResult(example, inference, model_id) for example, inference in zip(batch, results)]
 
 
@@ -138,21 +118,19 @@ class SavedModelHandler(TFModelHandlerTensor):
 
 class PredictorHandler(ModelHandler):
     """RunInference for a RUN_DIR (Keras, tiled / TTA) or a TF Serving server: one
-    :func:`tfseg.predict.make_predictor` per worker."""
+    :func:`tfseg.predict.predictors.make_predictor` per worker."""
 
     def __init__(self, model_path: str, predictor_kwargs: dict, *, max_batch_size: int = 8):
         super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
         self.model_path, self.predictor_kwargs = model_path, dict(predictor_kwargs)
 
     def load_model(self):
-        from tfseg.predict import make_predictor
-
         return make_predictor(self.model_path, **self.predictor_kwargs)
 
     def run_inference(self, batch, model, inference_args=None) -> Iterable[PredictionResult]:
         def predict_volume(volume):
-            if getattr(model, "ndim", 2) != 3:
-                raise ValueError("volumes need a 3D model (a local run or export directory)")
+            if model.ndim != 3:
+                raise ValueError(NEEDS_3D)
             return model.predict_volume(volume)
 
         results = _run_items(model.predict_images, predict_volume, batch)
@@ -172,8 +150,8 @@ def run_pipeline(model_path: str, items: Sequence[tuple[str, str, str]], output_
     records the local predictor would return (same order as ``items``).
 
     Args:
-      facts: :func:`tfseg.predict.model_facts`: the writer's names and colours, and the model's
-        ``ndim`` and ``channels`` (volumes are read with them).
+      facts: :func:`tfseg.predict.predictors.model_facts`: the writer's names and colours, and the
+        model's ``ndim``, ``channels`` and ``preprocessing`` (volumes are read with them).
     """
     import json
 
@@ -181,13 +159,11 @@ def run_pipeline(model_path: str, items: Sequence[tuple[str, str, str]], output_
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from tfseg import predict, volumes
-
     server = predictor_kwargs.get("server")
     if server:
         handler = PredictorHandler(model_path, predictor_kwargs, max_batch_size=batch_size)
     else:
-        kind, path = predict.resolve_model(model_path)
+        kind, path = resolve_model(model_path)
         if kind == "export":
             handler = SavedModelHandler(path, max_batch_size=batch_size)
         else:
@@ -200,7 +176,7 @@ def run_pipeline(model_path: str, items: Sequence[tuple[str, str, str]], output_
                 with open(path, "rb") as f:
                     return [((path, kind, stem), ("image", f.read()))]
             if facts.ndim != 3:
-                raise ValueError("volumes need a 3D model (a local run or export directory)")
+                raise ValueError(NEEDS_3D)
             volume, _ = volumes.read_volume(path, facts.channels, facts.preprocessing)
             return [((path, kind, stem), ("volume", volume))]
         except (OSError, ValueError) as e:
@@ -214,16 +190,12 @@ def run_pipeline(model_path: str, items: Sequence[tuple[str, str, str]], output_
         if isinstance(mask, dict):
             return json.dumps({"input": path, "error": mask["error"]})
         if kind == "image":
-            record = predict._write_image_outputs(facts, path, result.example[1], stem, np.asarray(mask),
-                                                  output_dir, overlay)
+            record = write_image_outputs(facts, path, result.example[1], stem, np.asarray(mask), output_dir, overlay)
         else:
             import nibabel as nib
 
-            volumes.write_mask(os.path.join(output_dir, stem + ".nii.gz"), np.asarray(mask), nib.load(path))
-            record = {"input": path, "output": stem + ".nii.gz", "shape": list(np.shape(mask))}
-            if overlay:
-                record["overlay"] = predict._write_volume_overlay(facts, result.example[1], np.asarray(mask), stem,
-                                                                  output_dir)
+            record = write_volume_outputs(facts, path, result.example[1], nib.load(path), stem, np.asarray(mask),
+                                          output_dir, overlay)
         return json.dumps(record)
 
     results_prefix = os.path.join(output_dir, ".beam-results")

@@ -1,0 +1,73 @@
+"""The predictor interface: what ``tfseg predict`` asks of a model, wherever the model runs.
+
+An export run in-process, a fit run's Keras model, and a model on a TF Serving server (REST or
+gRPC) all describe their model with the same attributes and predict through the same two methods,
+so the job (:mod:`tfseg.predict.run`) and the Beam handlers (:mod:`tfseg.predict.beam`) never ask
+which one they hold. :class:`ModelFacts` is the description alone, read without loading the model.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+# The one answer to a volume given to a model that only takes images (a 2D model, a served model).
+NEEDS_3D = "volumes need a 3D model (a local run or export directory)"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What reading a model's inputs and writing its masks need, without the model.
+
+    Attributes:
+      ndim: 2 (images) or 3 (volumes).
+      channels: the input channels the model takes; None when unknown (a served model, which is
+        sent each image's original bytes).
+      class_names: the class names; None when unknown (a served model).
+      colors: (K, 3) uint8 palette the masks and overlays are written with.
+      ignore_index: the label id of unlabelled pixels, or None.
+      preprocessing: the 3D preprocessing record applied to volumes as they are read
+        (:func:`tfseg.volumes.read_volume`); ``{}`` where there is none.
+    """
+
+    ndim: int
+    channels: int | None
+    class_names: list[str] | None
+    colors: np.ndarray
+    ignore_index: int | None
+    preprocessing: dict
+
+
+class Predictor(abc.ABC):
+    """A model that turns encoded images into masks, and (3D models) volumes into masks.
+
+    Implementations set the attributes of :class:`ModelFacts` (``ndim``, ``channels``,
+    ``class_names``, ``colors``, ``ignore_index``, ``preprocessing``) in their constructor.
+    """
+
+    ndim: int
+    channels: int | None
+    class_names: list[str] | None
+    colors: np.ndarray
+    ignore_index: int | None
+    preprocessing: dict
+
+    @abc.abstractmethod
+    def predict_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
+        """(H, W) uint8 masks of class ids, one per encoded image (JPEG, PNG, GIF, BMP), each at
+        its image's size.
+
+        Raises:
+          ValueError: an image the model rejects, or a 3D model (one bad image fails the call).
+        """
+
+    @abc.abstractmethod
+    def predict_volume(self, volume: np.ndarray) -> np.ndarray:
+        """The (D, H, W) uint8 mask of a (D, H, W, C) float32 volume read with ``preprocessing``.
+
+        Raises:
+          ValueError: a volume the model rejects, or a model that only takes images.
+        """

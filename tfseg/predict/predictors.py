@@ -1,0 +1,201 @@
+"""The local predictors, and which predictor a ``--model`` gets.
+
+  SavedModelPredictor  an export's ``serving_default`` signature in-process (the graph TF Serving runs);
+  KerasPredictor       a fit run's Keras model through :mod:`tfseg.inference` (resize or tiled, flip TTA);
+  make_predictor       the predictor for a ``--model`` (with ``server``: a TF Serving client,
+                       :mod:`tfseg.predict.serving`);
+  model_facts          a model's :class:`~tfseg.predict.base.ModelFacts` without loading it.
+
+:func:`call_image_signature` and :func:`call_volume_signature` run an export's ``serving_default``;
+the Beam job's SavedModel handler (:mod:`tfseg.predict.beam`) calls them too.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from tfseg import rundir
+from tfseg.errors import TfsegError
+from tfseg.predict.base import ModelFacts, Predictor
+from tfseg.predict.inputs import resolve_model
+
+
+def graph_error_line(message: str) -> str:
+    """The informative line of a TensorFlow graph error (the assertion or the decoder's message)."""
+    skip = ("Graph execution error", "Detected at node", "<stack traces unavailable>")
+    for line in message.splitlines():
+        line = line.strip()
+        if line and not line.startswith(skip) and not line.startswith("[["):
+            return line.replace("assertion failed: ", "").split(" [Condition")[0]
+    return message.strip().splitlines()[0] if message.strip() else "invalid input"
+
+
+def call_image_signature(serve, images: Sequence[bytes]) -> list[np.ndarray]:
+    """An export's ``serving_default`` on encoded images (any sizes): each mask cropped to its image.
+
+    Raises:
+      ValueError: an image the graph rejects (its message), or a 3D export.
+    """
+    import tensorflow as tf
+
+    try:
+        out = serve(image_bytes=tf.constant(list(images), dtype=tf.string))
+    except tf.errors.InvalidArgumentError as e:
+        raise ValueError(graph_error_line(e.message)) from None
+    except TypeError:  # the signature has no image_bytes
+        raise ValueError("this export is a 3D model; give it volumes") from None
+    masks, hs, ws = out["mask"].numpy(), out["height"].numpy(), out["width"].numpy()
+    return [masks[k, : hs[k], : ws[k]] for k in range(len(images))]
+
+
+def call_volume_signature(serve, volume: np.ndarray) -> np.ndarray:
+    """An export's ``serving_default`` on one (D, H, W, C) volume: its (D, H, W) mask.
+
+    Raises:
+      ValueError: a volume the graph rejects (its message), or a 2D export.
+    """
+    import tensorflow as tf
+
+    try:
+        return serve(volume=tf.constant(volume, tf.float32))["mask"].numpy()
+    except TypeError:  # the signature has no volume
+        raise ValueError("this export is a 2D model; give it images") from None
+    except tf.errors.InvalidArgumentError as e:
+        raise ValueError(graph_error_line(e.message)) from None
+
+
+class SavedModelPredictor(Predictor):
+    """Runs an export's signatures in-process (the same graph TF Serving runs)."""
+
+    def __init__(self, version_dir: str):
+        import tensorflow as tf
+
+        from tfseg import visualize
+        from tfseg.export import METADATA, read_metadata
+
+        self.meta = read_metadata(version_dir)
+        run = rundir.RunInfo.from_json(self.meta, os.path.join(version_dir, METADATA))
+        self.channels, self.ndim = run.channels, run.ndim
+        self.class_names = list(run.class_names)
+        self.colors = visualize.dataset_colors({"num_classes": run.num_classes,
+                                                "class_colors": self.meta.get("class_colors")})
+        self.ignore_index = run.ignore_index
+        self.preprocessing = run.preprocessing  # 3D: applied as volumes are read (tfseg.volumes)
+        self._loaded = tf.saved_model.load(version_dir)
+        self._serve = self._loaded.signatures["serving_default"]
+
+    def predict_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
+        if self.ndim != 2:
+            raise ValueError("this export is a 3D model; give it volumes")
+        return call_image_signature(self._serve, images)
+
+    def predict_volume(self, volume: np.ndarray) -> np.ndarray:
+        if self.ndim != 3:
+            raise ValueError("this export is a 2D model; give it images")
+        return call_volume_signature(self._serve, volume)
+
+
+class KerasPredictor(Predictor):
+    """Runs a fit run's Keras model through :mod:`tfseg.inference` (resize or tiled)."""
+
+    def __init__(self, run_dir: str, *, tile: bool = False, tta: bool = False, overlap: float | None = None,
+                 batch_size: int = 8):
+        from tfseg import visualize
+        from tfseg.export import with_precision
+
+        self.cfg = rundir.load_run_config(run_dir)
+        self.run = rundir.RunInfo.from_json(self.cfg, os.path.join(run_dir, rundir.RUN_JSON))
+        # float32 whatever trained it, as evaluate scores it and export serves it by default.
+        self.model = with_precision(rundir.load_model(run_dir), "float32")
+        self.channels, self.ndim = self.run.channels, self.run.ndim
+        self.class_names = list(self.run.class_names)
+        self.colors = visualize.run_colors(self.cfg)
+        self.ignore_index = self.run.ignore_index
+        self.binary = self.run.binary
+        self.preprocessing = self.run.preprocessing
+        self.tta = rundir.test_time_flips(run_dir, self.run, tta)
+        self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
+
+    def predict_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
+        import tensorflow as tf
+
+        from tfseg import inference, preprocess
+
+        if self.ndim != 2:
+            raise ValueError("this run is a 3D model; give it volumes")
+        out = []
+        for data in images:
+            # The export's decoder, run eagerly: same pixels and same input checks as serving.
+            try:
+                arr = preprocess.decode_image(tf.constant(data), self.channels, preprocess.DEFAULT_MAX_PIXELS).numpy()
+            except tf.errors.InvalidArgumentError as e:
+                raise ValueError(graph_error_line(e.message)) from None
+            probs = inference.predict_image(
+                self.model, arr, size=self.run.size, mode="tile" if self.tile else "resize",
+                overlap=0.25 if self.overlap is None else self.overlap, batch_size=self.batch_size, tta=self.tta,
+                preprocessing=self.preprocessing,
+            )
+            out.append(inference.probs_to_mask(probs, self.binary))
+        return out
+
+    def predict_volume(self, volume: np.ndarray) -> np.ndarray:
+        from tfseg import inference
+
+        if self.ndim != 3:
+            raise ValueError("this run is a 2D model; give it images")
+        probs = inference.predict_volume(
+            self.model, volume, patch_size=self.run.size,
+            overlap=0.5 if self.overlap is None else self.overlap, batch_size=2, tta=self.tta,
+        )
+        return inference.probs_to_mask(probs, self.binary)
+
+
+def make_predictor(model_path: str, *, server: str | None = None, grpc: bool = False, tile: bool = False,
+                   tta: bool = False, overlap: float | None = None, batch_size: int = 8,
+                   model_version: int | None = None) -> Predictor:
+    """The predictor for ``model_path``: an export version or NAME directory, a RUN_DIR, or with
+    ``server`` (``HOST:PORT``) the NAME of a served model (a path's last component is used).
+
+    Raises:
+      TfsegError: a path that is no model, or ``tile``/``tta`` for an export (its graph runs them).
+    """
+    if server:
+        from tfseg.predict.serving import GrpcClient, RestClient
+
+        cls = GrpcClient if grpc else RestClient
+        return cls(server, os.path.basename(os.path.normpath(model_path)), version=model_version)
+    kind, path = resolve_model(model_path)
+    if kind == "export":
+        if tile or tta:
+            raise TfsegError(f"{model_path}: --tile/--tta are an export's own (its graph runs them); "
+                             "export with `tfseg export --tile/--tta`, or predict from the run directory")
+        return SavedModelPredictor(path)
+    return KerasPredictor(path, tile=tile, tta=tta, overlap=overlap, batch_size=batch_size)
+
+
+def model_facts(model_path: str, server: str | None = None) -> ModelFacts:
+    """What reading a model's inputs and writing its masks need, from its tfseg.json / run.json
+    without loading it (``server``: what a client knows of a served model)."""
+    from tfseg import visualize
+
+    if server:
+        from tfseg.predict.serving import served_model_facts
+
+        return served_model_facts()
+    kind, path = resolve_model(model_path)
+    if kind == "export":
+        from tfseg.export import read_metadata
+
+        meta = read_metadata(path)
+        k = int(meta.get("num_classes") or len(meta.get("class_names") or []))
+        colors = visualize.dataset_colors({"num_classes": k, "class_colors": meta.get("class_colors")})
+    else:
+        meta = rundir.load_run_config(path)
+        k = int(meta.get("num_classes") or len(meta.get("class_names") or []))
+        colors = visualize.run_colors(meta)
+    return ModelFacts(class_names=visualize.class_names_or_default(meta.get("class_names"), k), colors=colors,
+                      ignore_index=meta.get("ignore_index"), ndim=int(meta["ndim"]),
+                      channels=int(meta["channels"]), preprocessing=dict(meta.get("preprocessing") or {}))

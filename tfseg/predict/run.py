@@ -1,0 +1,155 @@
+"""run_predict: the predict stage from an input folder to a published folder of masks.
+
+The local job reads the inputs in batches, predicts them with one
+:class:`~tfseg.predict.base.Predictor` and writes each result (:mod:`tfseg.predict.writers`); with
+``runner`` the same job runs as a Beam pipeline (:mod:`tfseg.predict.beam`). A file that fails is
+a record in ``predict_summary.json``; the rest are still written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Callable, Iterable, Sequence
+
+from tfseg import outputs
+from tfseg import volumes as volume_io
+from tfseg.errors import TfsegError
+from tfseg.predict.base import NEEDS_3D, Predictor
+from tfseg.predict.inputs import list_inputs, resolve_model
+from tfseg.predict.predictors import make_predictor, model_facts
+from tfseg.predict.writers import write_image_outputs, write_volume_outputs
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_JSON = "predict_summary.json"
+
+
+def _predict_batch(predictor: Predictor, batch: Sequence[tuple[str, str, str]], output_dir: str,
+                   overlay: bool = False) -> list[dict]:
+    """Predicts and writes one batch of inputs; returns a result record per input."""
+    results = []
+    images = [item for item in batch if item[1] == "image"]
+    volumes = [item for item in batch if item[1] == "volume"]
+    if images:
+        datas = []
+        for path, _, _ in images:
+            datas.append(outputs.read_bytes(path))
+        try:
+            masks = predictor.predict_images(datas)
+        except ValueError as e:
+            masks = None
+            if len(images) == 1:
+                results.append({"input": images[0][0], "error": str(e)})
+            else:
+                # One bad image fails the whole batch in the graph; find it by going one by one.
+                for item in images:
+                    results.extend(_predict_batch(predictor, [item], output_dir, overlay))
+        for (path, _, stem), data, mask in zip(images, datas, masks or []):
+            results.append(write_image_outputs(predictor, path, data, stem, mask, output_dir, overlay))
+    for path, _, stem in volumes:
+        try:
+            if predictor.ndim != 3:
+                raise ValueError(NEEDS_3D)
+            volume, img = volume_io.read_volume(path, predictor.channels, predictor.preprocessing)
+            mask = predictor.predict_volume(volume)
+            results.append(write_volume_outputs(predictor, path, volume, img, stem, mask, output_dir, overlay))
+        except ValueError as e:
+            results.append({"input": path, "error": str(e)})
+    return results
+
+
+def _beam_predict(model_path, items, output_dir, *, runner, beam_args, batch_size, predictor_kwargs,
+                  overlay: bool = False) -> list[dict]:
+    """The job as a Beam pipeline with RunInference (:mod:`tfseg.predict.beam`)."""
+    from tfseg.predict import beam
+
+    facts = model_facts(model_path, predictor_kwargs.get("server"))
+    return beam.run_pipeline(model_path, items, output_dir, runner=runner, beam_args=beam_args,
+                             batch_size=batch_size, predictor_kwargs=predictor_kwargs, facts=facts, overlay=overlay)
+
+
+def run_predict(
+    model_path: str,
+    input_dir: str,
+    output_dir: str,
+    *,
+    batch_size: int = 8,
+    server: str | None = None,
+    grpc: bool = False,
+    model_version: int | None = None,
+    runner: str | None = None,
+    beam_args: Iterable[str] = (),
+    tile: bool = False,
+    tta: bool = False,
+    overlap: float | None = None,
+    overwrite: bool = False,
+    overlay: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Writes a mask for every image and volume in ``input_dir`` to ``output_dir``.
+
+    Args:
+      model_path: export version dir, export NAME dir, or RUN_DIR; with ``server``, the served
+        model's NAME (a path's last component is used).
+      input_dir: directory of images and/or NIfTI volumes.
+      output_dir: published atomically; refused when it exists unless ``overwrite``.
+      batch_size: images per model call (per request with ``server``).
+      server: ``HOST:PORT`` of a running TF Serving server (REST port, or gRPC port with ``grpc``).
+      model_version: the served version (default: the server's latest).
+      runner: a Beam runner name to run the job as a Beam pipeline.
+      beam_args: extra Beam pipeline options.
+      tile, tta, overlap: sliding-window / flip-TTA inference (RUN_DIR only).
+      overlay: also write ``overlays/STEM.jpg|png``: the input with its mask blended over it and a
+        legend of the classes present (volumes: the middle axial slice).
+      progress: called with the number of inputs finished after each batch.
+
+    Returns:
+      Summary dict: ``written``, ``failed`` (list of {input, error}), ``output``, ``seconds``,
+      ``model``; also written as ``predict_summary.json``.
+    """
+    if batch_size < 1:
+        raise TfsegError(f"--batch-size {batch_size}: must be >= 1")
+    items = list_inputs(input_dir)
+    start = time.time()
+    predictor_kwargs = dict(server=server, grpc=grpc, tile=tile, tta=tta, overlap=overlap,
+                            batch_size=batch_size, model_version=model_version)
+    owned = dict(complete_marker=SUMMARY_JSON, overwrite=overwrite,
+                 inputs=[("--input", input_dir)] + ([] if server else [("--model", model_path)]))
+    outputs.claim(output_dir, "predict", **owned)
+    with outputs.publish_dir(output_dir, "predict", **owned) as tmp:
+        if runner:
+            if not server:
+                resolve_model(model_path)  # fail on a bad path before starting the pipeline
+            results = _beam_predict(model_path, items, tmp, runner=runner, beam_args=beam_args,
+                                    batch_size=batch_size, predictor_kwargs=predictor_kwargs, overlay=overlay)
+            if progress:
+                progress(len(items))
+        else:
+            predictor = make_predictor(model_path, **predictor_kwargs)
+            results = []
+            for i in range(0, len(items), batch_size):
+                batch = items[i : i + batch_size]
+                results.extend(_predict_batch(predictor, batch, tmp, overlay))
+                if progress:
+                    progress(len(batch))
+        failed = [r for r in results if "error" in r]
+        for r in failed:
+            logger.warning("%s: %s", r["input"], r["error"])
+        summary = {
+            "model": model_path if server else outputs.normalize(model_path),
+            "server": server,
+            "input": outputs.normalize(input_dir),
+            "output": outputs.normalize(output_dir),
+            "written": len(results) - len(failed),
+            "failed": failed,
+            "seconds": round(time.time() - start, 3),
+        }
+        if not summary["written"]:
+            raise TfsegError(f"{input_dir}: none of the {len(results)} inputs could be predicted; "
+                             f"first: {failed[0]['input']}: {failed[0]['error']}")
+        with open(os.path.join(tmp, SUMMARY_JSON), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
