@@ -14,6 +14,7 @@ import os
 from tfseg.convert.base import Case, hash_fraction
 
 
+# Input bytes a shard holds by default (:func:`count_shards`).
 SHARD_TARGET_BYTES = 150 * 2**20
 
 
@@ -50,6 +51,7 @@ def file_bytes(case: Case, sizes: dict[str, int] | None = None) -> int:
     return total
 
 
+# Spilled records live under OUTPUT/_records until their shard is written.
 SPILL_DIR = "_records"
 
 
@@ -62,6 +64,7 @@ def spill_path(spill_dir: str, split: str, shard: int, case_id: str) -> str:
 
 
 def write_bytes(path: str, data: bytes) -> None:
+    """Writes ``path`` through Beam's FileSystems (local or remote)."""
     from apache_beam.io.filesystems import FileSystems
 
     with FileSystems.create(path, compression_type="uncompressed") as f:
@@ -69,6 +72,7 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def read_bytes(path: str) -> bytes:
+    """Reads ``path`` through Beam's FileSystems (local or remote)."""
     from apache_beam.io.filesystems import FileSystems
 
     with FileSystems.open(path, compression_type="uncompressed") as f:

@@ -177,7 +177,6 @@ class ConvertProgress(Progress):
 
 # The launcher's bar while a job runs; None in worker processes (their updates are dropped).
 _PROGRESS: ConvertProgress | None = None
-
 _PROGRESS_LOCK = threading.Lock()
 
 
