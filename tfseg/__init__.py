@@ -3,7 +3,7 @@
 Stages talk only through files, like TFX components:
 
     convert  -> sharded TFRecords + dataset.json      (tfseg.convert)
-    fit      -> RUN_DIR with checkpoints and history  (tfseg.train)
+    fit      -> RUN_DIR with checkpoints and history  (tfseg.fit)
     evaluate -> metrics.json, report.md, pictures     (tfseg.evaluate)
     export   -> TF Serving SavedModel NAME/VERSION/   (tfseg.export)
     predict  -> masks                                 (tfseg.predict)

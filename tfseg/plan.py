@@ -640,7 +640,7 @@ def run_plan(data_dir: str, *, budget: str = DEFAULT_BUDGET, output: str | None 
 
 
 # --------------------------------------------------------------------------------------------
-# Time-budgeted training (used by tfseg.train)
+# Time-budgeted training (used by tfseg.fit.run)
 # --------------------------------------------------------------------------------------------
 
 

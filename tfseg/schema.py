@@ -1,7 +1,7 @@
 """The on-disk contract between the convert stage and every later stage.
 
 One module owns the TFRecord feature keys and the ``dataset.json`` sidecar, so the Beam writer
-(:mod:`tfseg.convert.pipeline`) and the tf.data reader (:mod:`tfseg.data`) cannot drift apart.
+(:mod:`tfseg.convert.encode`) and the tf.data reader (:mod:`tfseg.data`) cannot drift apart.
 
 2D examples use TF Model Garden's semantic segmentation keys, so tfseg records can be read by
 Model Garden's ``official/vision`` segmentation decoder and vice versa::

@@ -2,8 +2,10 @@
 
 A layout reads one dataset in its original on-disk layout. It lists cases cheaply (paths only,
 on the launcher), and loads one case into numpy arrays (in a Beam worker). Everything shared
-(validation, resizing, encoding, statistics, sharding, splits) lives in
-:mod:`tfseg.convert.pipeline`, so a new layout is two small functions.
+(validation, resizing and encoding in :mod:`tfseg.convert.encode`, sharding in
+:mod:`tfseg.convert.shards`, the Beam graph and statistics in :mod:`tfseg.convert.transforms`,
+the launcher in :mod:`tfseg.convert.pipeline`) is written once, so a new layout is two small
+functions.
 """
 
 from __future__ import annotations
@@ -285,7 +287,7 @@ _PIL_FORMATS = {"JPEG": "jpeg", "PNG": "png"}
 # The largest image (height x width) convert decodes, and the largest --image-size: 2**26 =
 # 67,108,864 pixels (8192 x 8192). Decoding, validating and encoding one RGB case of that size
 # peaks at about 10 bytes a pixel (~0.7 GB); the conversion job also bounds how many pixels its
-# threads hold at once (tfseg.convert.pipeline), so a conversion stays under ~4 GB of memory.
+# threads hold at once (tfseg.convert.transforms), so a conversion stays under ~4 GB of memory.
 MAX_PIXELS = 2**26
 
 
