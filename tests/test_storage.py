@@ -76,5 +76,10 @@ def test_fit_evaluate_export_predict_on_ram_filesystem(tmp_path, monkeypatch):
     assert mask.shape == (40, 48)
     expected = served.signatures["serving_default"](tf.constant([open(tmp_path / "p.png", "rb").read()]))
     np.testing.assert_array_equal(mask, np.squeeze(expected["mask"].numpy()[0]).astype(mask.dtype))
+    # The Beam job (RunInference) reads its inputs through the same filesystem layer.
+    summary = run_predict(f"{root}/exports/squares", photos, f"{root}/masks-beam", runner="DirectRunner")
+    assert summary["written"] == 1 and not summary["failed"], summary
+    beam_mask = np.array(Image.open(__import__("io").BytesIO(outputs.read_bytes(f"{root}/masks-beam/p.png"))))
+    np.testing.assert_array_equal(beam_mask, mask)
 
     assert not os.path.exists(tmp_path / "ram:"), "an os call wrote a local folder named ram:"

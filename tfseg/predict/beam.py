@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from tfseg import volumes
+from tfseg import outputs, volumes
 from tfseg.predict.base import NEEDS_3D
 from tfseg.predict.inputs import resolve_model
 from tfseg.predict.predictors import call_image_signature, call_volume_signature, make_predictor
@@ -173,8 +173,8 @@ def run_pipeline(model_path: str, items: Sequence[tuple[str, str, str]], output_
         path, kind, stem = item
         try:
             if kind == "image":
-                with open(path, "rb") as f:
-                    return [((path, kind, stem), ("image", f.read()))]
+                # Through tf.io.gfile, like the local job: gs://, s3:// and ram:// inputs too.
+                return [((path, kind, stem), ("image", outputs.read_bytes(path)))]
             if facts.ndim != 3:
                 raise ValueError(NEEDS_3D)
             volume, _ = volumes.read_volume(path, facts.channels, facts.preprocessing)
