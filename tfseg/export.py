@@ -62,7 +62,6 @@ import logging
 import os
 import re
 
-import numpy as np
 
 from tfseg import outputs, preprocess, rundir
 from tfseg.errors import TfsegError
@@ -166,7 +165,7 @@ class _Graphs:
     """The tf.functions of one export; closes over the model, the run's facts and the inference
     options (:class:`Inference`)."""
 
-    def __init__(self, model, run: rundir.RunInfo, max_pixels: int, options: "Inference"):
+    def __init__(self, model, run: rundir.RunInfo, max_pixels: int, options):
         self.model = model
         self.channels = run.channels
         self.binary = run.binary
