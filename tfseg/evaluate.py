@@ -361,6 +361,7 @@ class _ServedModel:
         return self._fn(volume=tf.constant(np.asarray(image, np.float32)))["mask"].numpy()
 
 
+@outputs.holding_locks
 def run_evaluate(
     run_dir: str | None,
     data_dir: str,

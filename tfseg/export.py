@@ -567,6 +567,7 @@ response = stub.Predict(request, 30.0)
 # --------------------------------------------------------------------------------------------
 
 
+@outputs.holding_locks
 def run_export(
     run_dir: str,
     export_base: str,
@@ -614,8 +615,14 @@ def run_export(
     options = InferenceOptions.make(run.ndim, tile=tile, flips=rundir.test_time_flips(run_dir, run, tta))
     # EXPORT_BASE collects every export (NAME/VERSION/ + models.config): it must be new, empty,
     # or an earlier `tfseg export` output; it never overlaps the run it exports.
-    outputs.claim(export_base, "export", complete_marker=None, overwrite=True, inputs=[("--run", run_dir)])
+    outputs.claim(export_base, "export", complete_marker=None, overwrite=True, inputs=[("--run", run_dir)],
+                  lock=False)
+    model = rundir.load_model(run_dir)  # a broken model fails before EXPORT_BASE is created
+    outputs.claim_container(export_base, "export", inputs=[("--run", run_dir)])
     model_dir = os.path.join(export_base, name)
+    # One writer per model name: a version number is allocated and published under this lock,
+    # so two exports never hand out (or replace) the same version.
+    outputs.acquire_lock(model_dir, "export", option="--name")
     if version is None:
         existing = list_versions(model_dir)
         version = (existing[-1] + 1) if existing else 1
@@ -625,7 +632,6 @@ def run_export(
     if outputs.exists(final) and not overwrite:
         raise TfsegError(f"{final}: version {version} already exists; pass --overwrite or another --version")
 
-    model = rundir.load_model(run_dir)
     trained_precision = model_precision(model)
     archive = build_archive(with_precision(model, precision), run, max_pixels, options)
     # The run's facts (rundir.RunInfo's keys, so RunInfo.from_json reads tfseg.json back);
@@ -636,7 +642,6 @@ def run_export(
                  "version": int(version), "class_colors": _class_colors(cfg)})
     # TF Serving watches NAME/ and would load a half-written version: write beside it (a
     # dot-prefixed, non-numeric name it ignores) and rename.
-    outputs.claim_container(export_base, "export", inputs=[("--run", run_dir)])
     with outputs.publish_dir(final, "export", complete_marker="saved_model.pb", overwrite=overwrite,
                              option="--version") as tmp:
         archive.write_out(tmp, verbose=False)

@@ -30,7 +30,9 @@ disk); ``ram://`` and the TF stages keep ``tf.io.gfile``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -38,6 +40,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 from typing import Iterable, Iterator
 
@@ -49,6 +52,9 @@ OWNER_FILE = ".tfseg-output.json"
 # Names starting with this are tfseg's own bookkeeping (staging folders, other workers' files).
 INTERNAL_PREFIX = ".tfseg-"
 STAGING_PREFIX = INTERNAL_PREFIX + "staging-"
+LOCK_PREFIX = INTERNAL_PREFIX + "lock-"
+# A result that could not be published (see publish_dir) is left beside the output under this suffix.
+UNPUBLISHED_SUFFIX = ".unpublished-"
 
 STAGES = ("sample", "convert", "fit", "evaluate", "export", "predict", "run")
 
@@ -452,8 +458,158 @@ def _check_writable_location(path: str, option: str) -> None:
         raise TfsegError(f"{option} {path}: no permission to write in {target}")
 
 
+# --------------------------------------------------------------------------------------------
+# One writer per output.
+# --------------------------------------------------------------------------------------------
+
+# Lock files this process holds: lock path -> token. Released by the stage entry point that took
+# them (:func:`holding_locks`), or at exit.
+_HELD: dict[str, str] = {}
+# What each held output held when it was claimed (lock path -> relative paths): publish_dir
+# replaces or removes nothing that appeared since.
+_SEEN: dict[str, frozenset[str]] = {}
+
+
+def lock_path(path: str) -> str:
+    """The lock file of output ``path``: ``.tfseg-lock-NAME`` beside it (inside it would move
+    with the folder when a staged output is renamed into place)."""
+    final = normalize(path)
+    return join(dirname(final), LOCK_PREFIX + basename(final))
+
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (/proc), or None: with the pid
+    it names one process, so a lock is not held by whatever process reuses a dead writer's pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_alive(holder: dict) -> bool | None:
+    """True/False for a holder on this host; None when it runs elsewhere (cannot be checked)."""
+    if holder.get("host") != socket.gethostname():
+        return None
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or not pid_alive(pid):
+        return False
+    started = holder.get("proc_start")
+    return started is None or _proc_start(pid) in (None, started)
+
+
+def _describe(holder: dict) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
+    return (f"`tfseg {holder.get('stage', '?')}` (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+            f"started {when})")
+
+
+def _read_holder(lock: str) -> dict:
+    try:
+        holder = json.loads(read_text(lock))
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}  # torn or unreadable: a writer died while creating it
+
+
+def _create_exclusive(lock: str, content: str) -> bool:
+    """Creates ``lock`` holding ``content`` unless it exists. Local disks: O_EXCL, atomic. Other
+    filesystems have no exclusive create through tf.io.gfile or Beam: write, then read back."""
+    if is_remote(lock):
+        if exists(lock):
+            return False
+        atomic_write_text(lock, content)
+        return read_text(lock) == content
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(content)
+    return True
+
+
+def acquire_lock(path: str, stage: str, *, option: str = "--output") -> None:
+    """Makes this process the one writer of output ``path`` until the stage entry point returns.
+
+    Re-entrant within a process. A lock left by a dead process of this host is taken over (with
+    a log line); a live holder, or one on another host, refuses the command.
+
+    Raises:
+      TfsegError: another writer holds the output (naming it), exit code 2.
+    """
+    lock = lock_path(path)
+    if lock in _HELD:
+        return
+    token = json.dumps({"stage": stage, "host": socket.gethostname(), "pid": os.getpid(),
+                        "proc_start": _proc_start(os.getpid()), "time": time.time(),
+                        "output": normalize(path), "id": uuid.uuid4().hex})
+    for _ in range(5):
+        if _create_exclusive(lock, token):
+            _HELD[lock] = token
+            return
+        holder = _read_holder(lock)
+        alive = _holder_alive(holder) if holder else False
+        if alive is False and holder == _read_holder(lock):
+            logger.warning("%s: taking over the lock of %s, which no longer runs", path, _describe(holder))
+            # Renamed aside first: of two processes taking over at once, one rename succeeds.
+            if is_remote(lock):
+                remove(lock)
+            else:
+                aside = f"{lock}.stale-{uuid.uuid4().hex[:8]}"
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(lock, aside)
+                    os.unlink(aside)
+            continue
+        if not holder:
+            time.sleep(0.2)  # being written this instant
+            continue
+        hint = "" if alive else f"; if that process no longer runs, remove {lock}"
+        raise TfsegError(f"{option} {path}: another {_describe(holder)} is writing it; "
+                         f"wait for it to finish or choose another {option}{hint}")
+    raise TfsegError(f"{option} {path}: could not take its lock {lock}")
+
+
+def release_lock(path: str) -> None:
+    """Removes this process's lock on ``path`` (only if the file still holds our token)."""
+    lock = lock_path(path)
+    token = _HELD.pop(lock, None)
+    _SEEN.pop(lock, None)
+    if token is not None:
+        with contextlib.suppress(OSError):
+            if read_text(lock) == token:
+                remove(lock)
+
+
+def _release_from(mark: int) -> None:
+    for lock in list(_HELD)[mark:]:
+        token = _HELD.pop(lock)
+        _SEEN.pop(lock, None)
+        with contextlib.suppress(Exception):
+            if read_text(lock) == token:
+                remove(lock)
+
+
+atexit.register(_release_from, 0)
+
+
+def holding_locks(fn):
+    """Decorates a stage entry point: the locks it takes are released when it returns or fails."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        mark = len(_HELD)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _release_from(mark)
+
+    return wrapper
+
+
 def claim(path: str, stage: str, *, complete_marker: str | None, overwrite: bool = False,
-          inputs: Iterable[tuple[str, str]] = (), option: str = "--output") -> str:
+          inputs: Iterable[tuple[str, str]] = (), option: str = "--output", lock: bool = True) -> str:
     """Checks, before any work, that ``stage`` may write its output at ``path``.
 
     Args:
@@ -464,6 +620,8 @@ def claim(path: str, stage: str, *, complete_marker: str | None, overwrite: bool
       overwrite: the user asked to replace an earlier complete output of the same stage.
       inputs: ``(option, path)`` pairs the output must not equal, contain or lie inside.
       option: the option name used in messages.
+      lock: take the output's lock (:func:`acquire_lock`) first, held until the stage entry
+        point returns; False for long-lived folders that several writers add to.
 
     Returns:
       ``"absent"`` (or an empty folder), ``"unfinished"`` (an earlier output of this stage
@@ -475,6 +633,69 @@ def claim(path: str, stage: str, *, complete_marker: str | None, overwrite: bool
     assert stage in STAGES, stage
     check_not_overlapping(path, inputs, option=option)
     _check_writable_location(path, option)
+    if not lock:
+        return _claim_state(path, stage, complete_marker, overwrite, option)
+    held = lock_path(path) in _HELD
+    acquire_lock(path, stage, option=option)
+    try:
+        state = _claim_state(path, stage, complete_marker, overwrite, option)
+        if not held:
+            _SEEN[lock_path(path)] = _snapshot(path)
+        return state
+    except BaseException:
+        if not held:
+            release_lock(path)
+        raise
+
+
+def _snapshot(path: str) -> frozenset[str]:
+    """Relative paths of everything under folder ``path`` now (empty when it does not exist):
+    what a claim saw, so that publishing can tell what appeared since."""
+    if not isdir(path):
+        return frozenset()
+    if not is_remote(path):
+        root = os.path.abspath(path)
+        seen = set()
+        for folder, dirs, files in os.walk(root):
+            rel = os.path.relpath(folder, root)
+            seen.update(os.path.normpath(os.path.join(rel, n)) for n in dirs + files)
+        return frozenset(seen)
+    base = str(path).rstrip("/")
+    seen = set()
+    for folder, dirs, files in _gfile().walk(base):
+        rel = str(folder).rstrip("/")[len(base):].strip("/")
+        seen.update(f"{rel}/{n.rstrip('/')}" if rel else n.rstrip("/") for n in list(dirs) + list(files))
+    return frozenset(seen)
+
+
+def _appeared(path: str, seen: frozenset[str]) -> list[str]:
+    """Entries of ``path`` that were not there when the output was claimed (tfseg's own internal
+    files excepted)."""
+    return sorted(e for e in _snapshot(path) - seen if not basename(e).startswith(INTERNAL_PREFIX))
+
+
+def _refuse_publish(final: str, staging: str, stage: str, new: list[str], option: str) -> None:
+    """Keeps the staged result under a visible name beside ``final`` and fails, naming ``new``."""
+    kept = f"{normalize(final)}{UNPUBLISHED_SUFFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    if is_remote(staging) or is_remote(final):
+        kept = staging  # no rename on object stores: the staged copy stays where it is
+    else:
+        os.rename(staging, kept)
+    shown = ", ".join(safe(n) for n in new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+    raise TfsegError(f"{option} {final}: changed while tfseg {stage} ran (new: {shown}); nothing in it was "
+                     f"replaced or removed, and the result is in {kept}")
+
+
+def safe(text: str) -> str:
+    """``text`` with control characters escaped, for one-line messages (a file may be named
+    ``"a\nerror: b.png"``)."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _claim_state(path: str, stage: str, complete_marker: str | None, overwrite: bool, option: str) -> str:
     if not exists(path):
         return "absent"
     if not isdir(path):
@@ -557,13 +778,29 @@ def publish_dir(final: str, stage: str, *, complete_marker: str | None, overwrit
     """Yields a fresh staging folder; on success its content becomes ``final``.
 
     The stage writes its completion marker last inside the staging folder. The ownership rule
-    is checked again here (the folder may have changed since :func:`claim`).
+    is checked again here, and once more at the moment of publishing: ``final`` may then hold
+    only what the first claim of this process saw. Anything that appeared since is never
+    replaced or removed: the command fails naming it and leaves its result beside ``final``
+    (``NAME.unpublished-*``).
 
     Raises:
-      TfsegError: the output is refused (see :func:`claim`).
+      TfsegError: the output is refused (see :func:`claim`), or changed while the stage ran.
     """
+    held = lock_path(final) in _HELD
     state = claim(final, stage, complete_marker=complete_marker, overwrite=overwrite, inputs=inputs,
                   option=option)
+    seen = _SEEN.get(lock_path(final), frozenset())
+    try:
+        with _staged(final, stage, state, seen, complete_marker, option) as staging:
+            yield staging
+    finally:
+        if not held:
+            release_lock(final)
+
+
+@contextlib.contextmanager
+def _staged(final: str, stage: str, state: str, seen: frozenset[str], complete_marker: str | None,
+            option: str) -> Iterator[str]:
     # Remote outputs are staged on the local disk (so stages write with plain file calls, PIL and
     # matplotlib included) and uploaded; local ones beside the final folder (same filesystem:
     # published by rename). Under beam_filesystems() (convert) remote outputs are staged beside
@@ -583,27 +820,42 @@ def publish_dir(final: str, stage: str, *, complete_marker: str | None, overwrit
     if complete_marker is not None and not isfile(join(staging, complete_marker)):
         rmtree(staging)
         raise RuntimeError(f"tfseg {stage} did not write its completion marker {complete_marker}")
+    new = _appeared(final, seen)
+    if new:
+        _refuse_publish(final, staging, stage, new, option)
     if is_remote(final):
-        _publish_by_copy(staging, final, complete_marker, replace=state != "absent")
+        _publish_by_copy(staging, final, complete_marker, seen=seen if state != "absent" else frozenset())
         rmtree(staging)
         return
     final = os.path.abspath(final)
-    if os.path.isdir(final):
-        # An empty folder, or our own earlier output (claim() checked): swap it out.
+    if os.path.lexists(final):
+        # An empty folder, or our own earlier output (claim() checked): swap it out, and look
+        # once more at what it holds now that no one can add to it.
         old = os.path.join(parent, _staging_name(final) + "-old")
         os.rename(final, old)
+        new = _appeared(old, seen)
+        if new:
+            os.rename(old, final)
+            _refuse_publish(final, staging, stage, new, option)
         os.rename(staging, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.rename(staging, final)
+        try:
+            os.rename(staging, final)
+        except OSError:  # a folder with content appeared this instant
+            _refuse_publish(final, staging, stage, _appeared(final, seen) or [basename(final)], option)
 
 
-def _publish_by_copy(staging: str, final: str, complete_marker: str | None, *, replace: bool) -> None:
-    """Object stores: drop the old completion marker, replace the files, write the marker last."""
-    if replace:
+def _publish_by_copy(staging: str, final: str, complete_marker: str | None, *, seen: frozenset[str]) -> None:
+    """Object stores: drop the old completion marker, remove the old output's files (only those
+    the claim saw), copy the new ones and write the marker last."""
+    if seen:
         if complete_marker:
             remove(join(final, complete_marker))
-        rmtree(final)
+        for rel in sorted(seen, key=lambda r: -r.count("/")):
+            target = join(final, *rel.split("/"))
+            if isfile(target):
+                remove(target)
     g = _gfile()
     if is_remote(staging):  # staged on the same store (beam_filesystems)
         rels = [p[len(staging.rstrip("/")) + 1:] for p, _ in _beam_files_under(staging)]
@@ -628,5 +880,5 @@ def claim_container(path: str, stage: str, *, inputs: Iterable[tuple[str, str]] 
     Raises:
       TfsegError: the folder is refused; nothing was touched.
     """
-    if claim(path, stage, complete_marker=None, overwrite=True, inputs=inputs, option=option) == "absent":
+    if claim(path, stage, complete_marker=None, overwrite=True, inputs=inputs, option=option, lock=False) == "absent":
         mark_owned(path, stage)

@@ -129,6 +129,7 @@ def _stage_done(stage: str, paths: dict[str, str]) -> bool:
     raise ValueError(stage)
 
 
+@outputs.holding_locks
 def run_pipeline(
     cfg: dict,
     input_dir: str,
@@ -154,6 +155,7 @@ def run_pipeline(
         outputs.claim_container(workdir, "run", inputs=[("--input", input_dir)], option="--workdir")
     else:
         outputs.claim_container(workdir, "run", option="--workdir")
+    outputs.acquire_lock(workdir, "run", option="--workdir")  # one `tfseg run` per workdir
     paths = stage_paths(workdir, cfg)
     wanted = [s for s in STAGES if s in set(stages)]
     summary: dict = {"workdir": workdir, "paths": paths, "skipped": []}
@@ -242,6 +244,7 @@ def demo_overrides(cfg: dict) -> list[str]:
             for k, v in sets.items()]
 
 
+@outputs.holding_locks
 def run_demo(
     workdir: str,
     *,
@@ -258,6 +261,7 @@ def run_demo(
     cfg = load_pipeline(pipeline, [*demo_overrides(base), *overrides])
     workdir = os.path.abspath(workdir)
     outputs.claim_container(workdir, "run", option="--workdir")
+    outputs.acquire_lock(workdir, "run", option="--workdir")
     raw = os.path.join(workdir, DEMO_RAW)
     count = int((cfg.get("demo") or {}).get("sample_count", 32))
     if outputs.owner(raw) != "sample":
@@ -279,6 +283,7 @@ def _inside_demo_workdir(input_dir: str, workdir: str) -> bool:
             and outputs.owner(input_dir) == "sample")
 
 
+@outputs.holding_locks
 def write_sample(layout: str, output: str, *, count: int, seed: int) -> None:
     """`tfseg sample`: a layout's synthetic dataset, published as a whole or not at all."""
     from tfseg.convert import get_layout_class

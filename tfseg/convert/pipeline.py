@@ -100,6 +100,7 @@ def make_layout(layout_name: str, layout_options: dict | None = None) -> Layout:
     return cls(**options)
 
 
+@outputs.holding_locks
 def run_convert(
     layout_name: str,
     input_dir: str,

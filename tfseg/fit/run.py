@@ -31,6 +31,7 @@ _MONITOR_PREFERENCE = ("mean_iou", "iou", "dice")
 _IDENTITY_KEYS = ("model", "model_kwargs", "ndim", "channels", "num_classes", "image_size", "patch_size")
 
 
+@outputs.holding_locks
 def run_fit(config: dict, *, callbacks: list | None = None) -> str:
     """Trains a model on a converted dataset; resumable.
 
@@ -64,7 +65,9 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
     previous = None
     # A new folder or an earlier fit (continued or resumed); never another stage's or a user's
     # folder, never the dataset. Other workers' folders (.tfseg-worker-*) may appear first.
-    outputs.claim(final_dir, "fit", complete_marker=None, overwrite=True, inputs=[("--data", cfg.data)])
+    # Only the chief locks it: the workers of one multi-worker run share the folder.
+    outputs.claim(final_dir, "fit", complete_marker=None, overwrite=True, inputs=[("--data", cfg.data)],
+                  lock=chief)
     if outputs.isfile(run_json):
         previous = json.loads(outputs.read_text(run_json))
         _check_same_run(final_dir, previous, record)

@@ -71,6 +71,7 @@ def _beam_predict(model_path, items, output_dir, *, runner, beam_args, batch_siz
                              batch_size=batch_size, predictor_kwargs=predictor_kwargs, facts=facts, overlay=overlay)
 
 
+@outputs.holding_locks
 def run_predict(
     model_path: str,
     input_dir: str,
