@@ -15,6 +15,11 @@ LAYOUTS = {
     "folder": "tfseg.convert.folder:FolderLayout",
     "msd-brain": "tfseg.convert.brats:MsdBrainLayout",
     "brats": "tfseg.convert.brats:BratsLayout",
+    "coco": "tfseg.convert.coco:CocoLayout",
+    "cityscapes": "tfseg.convert.cityscapes:CityscapesLayout",
+    "ade20k": "tfseg.convert.ade20k:Ade20kLayout",
+    "labelme": "tfseg.convert.labelme:LabelmeLayout",
+    "cvat-mask": "tfseg.convert.cvat_mask:CvatMaskLayout",
 }
 
 

@@ -1,0 +1,663 @@
+"""COCO-format JSON (instances or panoptic) -> semantic masks.
+
+Most annotation tools export COCO (CVAT, Label Studio, Roboflow, ...). Recognised layouts:
+
+- COCO itself: ``annotations/instances_{train,val}2017.json`` + ``train2017/``, ``val2017/``;
+- CVAT: ``annotations/instances_default.json`` + ``images/``;
+- Roboflow: ``{train,valid,test}/_annotations.coco.json`` beside the images;
+- any other ``*.json`` holding ``images``, ``annotations`` and ``categories`` (``--annotations``
+  names the file(s) when the search is ambiguous; ``--image-dir`` the folder ``file_name`` is
+  relative to when it is not found by itself).
+
+JSON files found: ``instances_*.json`` when there are any, else ``panoptic_*.json``, else every
+other ``*.json`` (at most three folders deep) that is a COCO file. Each file's images folder is
+the first of ``ROOT/<name>`` (``instances_val2017`` -> ``val2017``), ``ROOT/images/<name>``, the
+JSON's own folder, ``ROOT/images``, ``ROOT`` that holds its images. When the files name at least
+two of train/val/test (``instances_train2017``, ``valid/_annotations.coco.json``), those are the
+splits; otherwise cases split by hash (``--split``).
+
+Rules (instances), the same as COCO-Stuff's and most converters':
+
+- classes: ``background`` (0), then the categories in the order of their COCO ids (1..K), names
+  from the JSON; ``--categories a,b,c`` picks and orders a subset (1..n); annotations of the other
+  categories are left out (their pixels are background unless a picked object covers them). A
+  category no annotation uses keeps its class (with no pixels);
+- polygons and RLE (compressed or not) are decoded by ``pycocotools``, the format's reference
+  library, at the size the JSON gives the image;
+- overlaps: the smaller object on top (objects painted in decreasing pixel area; equal areas in
+  increasing annotation id, so the later annotation wins);
+- ``iscrowd`` regions are the ignore index (255) wherever no non-crowd object covers them;
+- a polygon part with fewer than 3 points has no area and is dropped (pycocotools would read a
+  2-point part as a bounding box); a polygon with an odd number of coordinates, an RLE of another
+  size than its image, an unknown ``category_id`` reject the case, naming the annotation;
+- images without annotations (of the picked categories): kept as all-background by default
+  (``--empty-images drop`` leaves them out);
+- an image whose file is not the size the JSON says rejects the case (the annotations would not
+  fit it); an image listed twice with the same file and id is one case; a file listed under two
+  ids (or an id listed with two files) rejects the case, naming both.
+
+Panoptic (``panoptic_*.json`` whose annotations carry ``segments_info``, PNGs in the folder of
+the JSON's name): the same code with the PNG's segments instead of rasterized objects. Classes
+are the categories in id order (0..K-1), no background (COCO panoptic labels every pixel);
+unlabelled (id 0) and crowd segments are 255. With ``--categories`` class 0 is ``background``
+(every other category) and the picked ones follow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+
+import numpy as np
+
+from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, read_image
+from tfseg.errors import TfsegError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+EMPTY_IMAGES = ("keep", "drop")
+_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def official_split(name: str) -> str | None:
+    """``instances_val2017`` / ``valid`` / ``Training`` -> ``val`` / ``val`` / ``train``; None
+    when the name says nothing."""
+    for token in re.split(r"[^a-z]+", name.lower()):
+        if token in ("train", "training", "trainval"):
+            return "train"
+        if token in ("val", "valid", "validation", "minival", "dev"):
+            return "val"
+        if token in ("test", "testing", "testdev"):
+            return "test"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class CocoCase(Case):
+    """A case carrying its image's annotations (compact JSON), so a Beam worker needs nothing but
+    the case: no worker re-reads a many-MB annotation file.
+
+    Attributes:
+      payload: ``{"json", "image_id", "height", "width", "anns": [[class, iscrowd, segmentation,
+        ann_id]]}`` (instances) or ``{..., "segments": {segment id: class}}`` (panoptic).
+      error: a reason found while listing (an image listed twice); the case is rejected with it.
+    """
+
+    payload: str = ""
+    error: str = ""
+
+
+def _load_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise TfsegError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TfsegError(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not is_coco(doc):
+        raise TfsegError(f"{path}: not a COCO file (needs lists 'images', 'annotations' and 'categories')")
+    return doc
+
+
+def is_coco(doc) -> bool:
+    return isinstance(doc, dict) and all(isinstance(doc.get(k), list) for k in ("images", "annotations", "categories"))
+
+
+def _is_panoptic(doc: dict) -> bool:
+    return any(isinstance(a, dict) and "segments_info" in a for a in doc["annotations"][:50])
+
+
+def _short_stem(path: str) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return re.sub(r"^(instances|panoptic)_", "", stem)
+
+
+def find_annotation_files(root: str, max_depth: int = 3) -> list[str]:
+    """The COCO JSON files under ``root`` (module docstring for the order of preference)."""
+    found = []
+    base_depth = root.rstrip(os.sep).count(os.sep)
+    for d, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
+        if d.count(os.sep) - base_depth >= max_depth:
+            subdirs[:] = []
+        found += [os.path.join(d, f) for f in sorted(files) if f.lower().endswith(".json")]
+    for prefix in ("instances_", "panoptic_"):
+        chosen = [p for p in found if os.path.basename(p).startswith(prefix)]
+        if chosen:
+            return chosen
+    skip = ("captions_", "person_keypoints_", "image_info_")
+    out = []
+    for p in found:
+        if os.path.basename(p).startswith(skip):
+            continue
+        try:
+            with open(p, encoding="utf-8") as f:
+                head = f.read(1 << 16)
+        except (OSError, UnicodeDecodeError):
+            continue
+        if '"images"' in head or '"categories"' in head or '"annotations"' in head:
+            out.append(p)
+    return out
+
+
+class CocoLayout(Layout):
+    """COCO-format JSON + images (module docstring).
+
+    Args:
+      annotations: the JSON file(s), comma-separated, relative to the input or absolute
+        (default: found under the input).
+      categories: comma-separated category names (or ids) to keep, in class order.
+      empty_images: ``keep`` (all background, the default) or ``drop``.
+      image_dir: the folder ``file_name`` is relative to, relative to the input (default: found).
+    """
+
+    name = "coco"
+
+    def __init__(self, annotations: str | None = None, categories: str | None = None,
+                 empty_images: str = "keep", image_dir: str | None = None):
+        if empty_images not in EMPTY_IMAGES:
+            raise TfsegError(f"--empty-images {empty_images!r}: choose keep or drop")
+        self.annotations = annotations
+        self.categories = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
+        if categories is not None and not self.categories:
+            raise TfsegError("--categories: no category named")
+        self.empty_images = empty_images
+        self.image_dir = image_dir
+        self.panoptic = False
+        self.class_names: tuple[str, ...] | None = None
+        self.mapping: dict = {}
+        self._all_categories: set = set()
+
+    # ---------------------------------------------------------------------------- listing
+
+    def info(self) -> LayoutInfo:
+        if self.class_names is None:
+            raise RuntimeError("CocoLayout.info() before list_cases(): the categories are not known yet")
+        kind = "panoptic" if self.panoptic else "instances"
+        return LayoutInfo(name=self.name, ndim=2, channels=3, class_names=self.class_names,
+                          ignore_index=IGNORE_INDEX, label_mapping=dict(self.mapping),
+                          label_convention=f"coco {kind}: see label_mapping['rules']")
+
+    def _annotation_files(self, root: str) -> list[str]:
+        if self.annotations:
+            paths = [p.strip() for p in self.annotations.split(",") if p.strip()]
+            paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in paths]
+            for p in paths:
+                if not os.path.isfile(p):
+                    raise TfsegError(f"{p}: --annotations file not found")
+            return paths
+        paths = find_annotation_files(root)
+        if not paths:
+            raise TfsegError(f"{root}: no COCO annotation file (*.json with images, annotations and categories); "
+                             "pass --annotations FILE")
+        return paths
+
+    def list_cases(self, root: str) -> list[Case]:
+        files = self._annotation_files(root)
+        docs = [(p, _load_json(p)) for p in files]
+        kinds = {_is_panoptic(d) for _, d in docs}
+        if len(kinds) > 1:
+            raise TfsegError(f"{root}: both instances and panoptic files found ({', '.join(files)}); "
+                             "pick one kind with --annotations")
+        self.panoptic = kinds.pop()
+        cat_names = self._categories(docs)
+        self._all_categories = set(cat_names)
+        table, self.class_names = self._class_table(cat_names)
+        splits = {p: official_split(_short_stem(p)) or official_split(os.path.basename(os.path.dirname(p)))
+                  for p in files}
+        use_official = len({s for s in splits.values() if s}) >= 2
+        stats = {"images": 0, "empty_kept": 0, "empty_dropped": 0, "degenerate_polygons": 0,
+                 "annotations_of_other_categories": 0, "annotations_without_image": 0}
+        used_classes: set[int] = set()
+        cases = []
+        for path, doc in docs:
+            cases += self._cases_of(root, path, doc, table, splits[path] if use_official else None, stats,
+                                    used_classes)
+        ids = [c.case_id for c in cases]
+        if len(set(ids)) != len(ids):  # the same file name in two JSON files: prefix the file's name
+            cases = [dataclasses.replace(c, case_id=f"{_short_stem(c.paths['annotation'])}/{c.case_id}")
+                     for c in cases]
+        synthetic_background = not (self.panoptic and not self.categories)  # class 0 is no category
+        unused = [n for i, n in enumerate(self.class_names)
+                  if i not in used_classes and not (i == 0 and synthetic_background)]
+        if unused:
+            log.info("coco: %d categor%s without any annotation keep their class (no pixels): %s", len(unused),
+                     "y" if len(unused) == 1 else "ies", ", ".join(unused[:10]) + (", ..." if len(unused) > 10 else ""))
+        if stats["degenerate_polygons"]:
+            log.warning("coco: %d polygon part(s) with fewer than 3 points dropped (no area)",
+                        stats["degenerate_polygons"])
+        if stats["empty_dropped"]:
+            log.info("coco: %d image(s) without annotations dropped (--empty-images drop)", stats["empty_dropped"])
+        self.mapping = {
+            "source": "coco",
+            "kind": "panoptic" if self.panoptic else "instances",
+            "annotation_files": [os.path.relpath(p, root) if p.startswith(root) else p for p in files],
+            "table": {str(k): v for k, v in sorted(table.items())},
+            "category_names": {str(k): cat_names[k] for k in sorted(cat_names)},
+            "rules": _RULES_PANOPTIC if self.panoptic else _RULES_INSTANCES,
+            "empty_images": self.empty_images,
+            "counts": stats,
+            "categories_without_annotations": unused,
+        }
+        return cases
+
+    def _categories(self, docs) -> dict[int, str]:
+        names: dict[int, str] = {}
+        for path, doc in docs:
+            for c in doc["categories"]:
+                if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
+                    raise TfsegError(f"{path}: category {c!r} needs an integer 'id' and a 'name'")
+                if names.setdefault(c["id"], c["name"]) != c["name"]:
+                    raise TfsegError(f"{path}: category id {c['id']} is {c['name']!r} here and "
+                                     f"{names[c['id']]!r} in another file")
+        if not names:
+            raise TfsegError(f"{docs[0][0]}: no categories")
+        return names
+
+    def _class_table(self, cat_names: dict[int, str]) -> tuple[dict[int, int], tuple[str, ...]]:
+        """{COCO category id: class id} and the class names."""
+        order = sorted(cat_names)
+        if self.categories:
+            by_name = {}
+            for cid in order:
+                by_name.setdefault(cat_names[cid], cid)
+            picked = []
+            for token in self.categories:
+                if token in by_name:
+                    picked.append(by_name[token])
+                elif token.isdigit() and int(token) in cat_names:
+                    picked.append(int(token))
+                else:
+                    shown = ", ".join(cat_names[c] for c in order[:20]) + (", ..." if len(order) > 20 else "")
+                    raise TfsegError(f"--categories: {token!r} is not a category of the dataset ({shown})")
+            if len(set(picked)) != len(picked):
+                raise TfsegError(f"--categories names a category twice: {','.join(self.categories)}")
+            order, first = picked, 1
+        else:
+            first = 0 if self.panoptic else 1
+        names = ([] if first == 0 else ["background"]) + [cat_names[c] for c in order]
+        seen: dict[str, int] = {}
+        for n in names:
+            seen[n] = seen.get(n, 0) + 1
+        # Two categories of one name (rare, but tools allow it) stay apart by their id.
+        names = [n if seen[n] == 1 or i < first else f"{n} (id {order[i - first]})" for i, n in enumerate(names)]
+        if len(names) < 2:
+            names = ["background", *names] if first == 0 else names
+        if len(names) > 255:
+            raise TfsegError(f"{len(names)} classes: tfseg's masks hold at most 255 classes (255 is ignore); "
+                             "pick fewer with --categories")
+        return {c: i + first for i, c in enumerate(order)}, tuple(names)
+
+    def _image_base(self, root: str, path: str, images: list[dict]) -> str:
+        if self.image_dir:
+            base = self.image_dir if os.path.isabs(self.image_dir) else os.path.join(root, self.image_dir)
+            if not os.path.isdir(base):
+                raise TfsegError(f"{base}: --image-dir folder not found")
+            return base
+        stem = _short_stem(path)
+        here = os.path.dirname(path)
+        candidates = [os.path.join(root, stem), os.path.join(root, "images", stem), here, os.path.join(root, "images"),
+                      root, os.path.join(here, "images"), os.path.join(os.path.dirname(here), stem),
+                      os.path.join(os.path.dirname(here), "images")]
+        if self.panoptic:
+            candidates = [c for c in candidates if os.path.basename(c) != f"panoptic_{stem}"]
+        names = [str(im.get("file_name", "")) for im in images[:50]]
+        best, best_n = None, 0
+        for c in dict.fromkeys(candidates):
+            if not os.path.isdir(c):
+                continue
+            n = sum(_resolve(c, n) is not None for n in names)
+            if n > best_n:
+                best, best_n = c, n
+        if best is None:
+            raise TfsegError(f"{path}: none of its images found beside it (tried {', '.join(candidates[:5])}); "
+                             "pass --image-dir")
+        return best
+
+    def _panoptic_dir(self, root: str, path: str) -> str:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        here = os.path.dirname(path)
+        for c in (os.path.join(here, stem), os.path.join(root, stem), os.path.join(root, "annotations", stem)):
+            if os.path.isdir(c):
+                return c
+        raise TfsegError(f"{path}: panoptic PNG folder {stem}/ not found beside it")
+
+    def _cases_of(self, root, path, doc, table, split, stats, used_classes) -> list[Case]:
+        images = [im for im in doc["images"] if isinstance(im, dict)]
+        base = self._image_base(root, path, images)
+        png_dir = self._panoptic_dir(root, path) if self.panoptic else None
+        # Images by id and by file: the same entry twice is one image; a conflict rejects the case.
+        by_id: dict = {}
+        conflicts: dict = {}
+        for im in images:
+            iid, fn = im.get("id"), im.get("file_name")
+            if not isinstance(fn, str) or iid is None:
+                raise TfsegError(f"{path}: image entry {str(im)[:80]} needs an 'id' and a 'file_name'")
+            if iid in by_id and by_id[iid]["file_name"] != fn:
+                conflicts[iid] = f"image id {iid} listed twice, as {by_id[iid]['file_name']} and {fn}"
+                continue
+            by_id.setdefault(iid, im)
+        by_file: dict[str, list] = {}
+        for iid, im in by_id.items():
+            by_file.setdefault(im["file_name"], []).append(iid)
+        for fn, iids in by_file.items():
+            if len(iids) > 1:
+                for iid in iids:
+                    conflicts[iid] = f"{fn} listed twice, as image ids {', '.join(map(str, iids))}"
+        anns: dict = {}
+        for a in doc["annotations"]:
+            if not isinstance(a, dict):
+                continue
+            if a.get("image_id") not in by_id:
+                stats["annotations_without_image"] += 1
+                continue
+            anns.setdefault(a["image_id"], []).append(a)
+        if stats["annotations_without_image"]:
+            log.warning("%s: %d annotation(s) name an image id not in 'images'; left out", path,
+                        stats["annotations_without_image"])
+        cases = []
+        for iid, im in by_id.items():
+            error = conflicts.get(iid, "")
+            if self.panoptic:
+                payload = self._panoptic_payload(anns.get(iid, []), table, png_dir, used_classes)
+                if payload is None:
+                    error = error or f"image id {iid} has no panoptic annotation"
+                    payload = {"segments": {}, "png": ""}
+                empty = False
+            else:
+                payload = self._instance_payload(anns.get(iid, []), table, stats, used_classes)
+                empty = not payload["anns"]
+            if empty and not error:
+                if self.empty_images == "drop":
+                    stats["empty_dropped"] += 1
+                    continue
+                stats["empty_kept"] += 1
+            payload.update(json=path, image_id=iid, height=im.get("height"), width=im.get("width"))
+            image = _resolve(base, im["file_name"]) or os.path.join(base, im["file_name"])
+            files = [("image", image), ("annotation", path)]
+            if self.panoptic and payload.get("png"):
+                files.append(("mask", payload["png"]))
+            rel = os.path.splitext(im["file_name"].replace("\\", "/").lstrip("./"))[0]
+            stats["images"] += 1
+            cases.append(CocoCase(case_id=rel, files=tuple(files), group=rel, split=split,
+                                  payload=json.dumps(payload, separators=(",", ":")), error=error))
+        return cases
+
+    def _instance_payload(self, anns, table, stats, used_classes) -> dict:
+        out = []
+        for a in anns:
+            cat = a.get("category_id")
+            if cat not in table:
+                if cat in self._all_categories:
+                    stats["annotations_of_other_categories"] += 1
+                    continue
+                out.append([-1, 0, None, a.get("id"), cat])  # rejected by load_case, naming it
+                continue
+            segm = a.get("segmentation")
+            if isinstance(segm, list):
+                parts = [p for p in segm if not (isinstance(p, list) and len(p) < 6)]
+                stats["degenerate_polygons"] += len(segm) - len(parts)
+                if not parts:
+                    continue
+                segm = parts
+            elif segm is None:
+                continue
+            used_classes.add(table[cat])
+            out.append([table[cat], int(bool(a.get("iscrowd", 0))), segm, a.get("id")])
+        return {"anns": out}
+
+    def _panoptic_payload(self, anns, table, png_dir, used_classes) -> dict | None:
+        if not anns:
+            return None
+        a = anns[0]
+        segments = {}
+        for s in a.get("segments_info") or []:
+            cat = s.get("category_id")
+            if s.get("iscrowd"):
+                cls = IGNORE_INDEX
+            elif cat in table:
+                cls = table[cat]
+                used_classes.add(cls)
+            elif self.categories and cat in self._all_categories:
+                cls = 0  # another category: background
+            else:
+                cls = -1  # unknown category id: load_case rejects the case naming it
+            segments[str(s.get("id"))] = [cls, cat]
+        return {"segments": segments, "png": os.path.join(png_dir, str(a.get("file_name", "")))}
+
+    # ---------------------------------------------------------------------------- loading
+
+    def load_case(self, case: Case) -> Loaded2D:
+        paths = case.paths
+        json_path = paths["annotation"]
+        if case.error:
+            raise BadCase(json_path, case.error)
+        p = json.loads(case.payload)
+        image = paths["image"]
+        if not os.path.isfile(image):
+            raise BadCase(image, f"listed in {os.path.basename(json_path)} (image id {p['image_id']}) but missing")
+        loaded = read_image(image, 3)
+        height, width = loaded.shape[:2]
+        h, w = p.get("height"), p.get("width")
+        if self.panoptic:
+            loaded.mask = panoptic_mask(paths.get("mask") or p.get("png") or "", p["segments"], json_path)
+            return loaded
+        if (h, w) != (height, width):
+            if not (isinstance(h, int) and isinstance(w, int)):
+                raise BadCase(json_path, f"image id {p['image_id']} has no integer height and width")
+            raise BadCase(image, f"image is {width}x{height} but {os.path.basename(json_path)} lists image id "
+                                 f"{p['image_id']} as {w}x{h}: its annotations do not fit the file")
+        loaded.mask = rasterize(p["anns"], h, w, json_path)
+        return loaded
+
+    @classmethod
+    def make_sample(cls, output: str, count: int, seed: int = 0, *, image_size: tuple[int, int] = (96, 128)) -> None:
+        """Writes ``count`` images in COCO 2017's layout (``annotations/instances_{train,val}2017.json``,
+        ``train2017/``, ``val2017/``; 1 in 5 to val): persons (ellipse polygons), cars (4-point
+        polygons), dogs (triangles or compressed RLE), sometimes a crowd of persons (uncompressed
+        RLE, ``iscrowd``), overlapping; every 7th image has no annotation; one polygon carries a
+        2-point part; the category ``bottle`` has no annotation (COCO's own awkward cases)."""
+        from PIL import Image
+        from pycocotools import mask as mask_utils
+
+        rng = np.random.default_rng(seed)
+        h, w = image_size
+        categories = [{"id": cid, "name": name, "supercategory": sup} for cid, name, sup in SAMPLE_CATEGORIES]
+        colour = {1: (200, 60, 50), 3: (40, 70, 200), 18: (60, 170, 60)}
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        docs = {s: {"info": {"description": "tfseg sample in COCO format"}, "licenses": [], "images": [],
+                    "annotations": [], "categories": categories} for s in ("train2017", "val2017")}
+        ann_id = 1
+        for i in range(count):
+            split = "val2017" if count > 1 and i % 5 == 4 else "train2017"
+            img = np.broadcast_to(rng.uniform(90, 160, 3), (h, w, 3)).copy()
+            img += 15 * np.sin(xx / rng.uniform(5, 12))[..., None]
+            iid = i + 1
+            anns = []
+            for _ in range(0 if i % 7 == 6 else int(rng.integers(1, 4))):
+                cat = int(rng.choice([1, 3, 18]))
+                cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+                ry, rx = rng.uniform(0.1, 0.3) * h, rng.uniform(0.1, 0.3) * w
+                if cat == 1:
+                    t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+                    pts = np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], 1)
+                elif cat == 3:
+                    pts = np.array([[cx - rx, cy - ry], [cx + rx, cy - ry], [cx + rx, cy + ry], [cx - rx, cy + ry]])
+                else:
+                    pts = np.array([[cx, cy - ry], [cx + rx, cy + ry], [cx - rx, cy + ry]])
+                poly = [round(float(v), 2) for v in np.clip(pts, 0, [w - 1, h - 1]).reshape(-1)]
+                segm = [poly]
+                if cat == 18 and rng.uniform() < 0.5:  # a compressed RLE object
+                    m = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([poly], h, w)))
+                    rle = mask_utils.encode(np.asfortranarray(m))
+                    segm = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
+                elif ann_id == 2:
+                    segm = [poly, [round(cx, 2), round(cy, 2), round(cx + 3, 2), round(cy + 2, 2)]]  # 2 points
+                anns.append({"id": ann_id, "image_id": iid, "category_id": cat, "segmentation": segm, "iscrowd": 0})
+                ann_id += 1
+            if i % 4 == 1:  # a crowd of small persons, uncompressed RLE
+                crowd = np.zeros((h, w), bool)
+                for _ in range(5):
+                    by, bx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
+                    crowd |= ((yy - by) / (0.06 * h)) ** 2 + ((xx - bx) / (0.04 * w)) ** 2 < 1
+                anns.append({"id": ann_id, "image_id": iid, "category_id": 1, "iscrowd": 1,
+                             "segmentation": {"size": [h, w], "counts": _rle_counts(crowd)}})
+                ann_id += 1
+            for a in anns:
+                rle = segmentation_rle(a["segmentation"], h, w, a["id"], "sample")
+                a["area"] = float(mask_utils.area(rle))
+                a["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
+            # The picture follows the label rules: crowd first, then objects from large to small.
+            for a in sorted(anns, key=lambda a: (not a["iscrowd"], -a["area"], a["id"])):
+                m = mask_utils.decode(segmentation_rle(a["segmentation"], h, w, a["id"], "sample")).astype(bool)
+                img[m] = colour[a["category_id"]]
+            img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
+            file_name = f"{iid:012d}.jpg"
+            os.makedirs(os.path.join(output, split), exist_ok=True)
+            Image.fromarray(img).save(os.path.join(output, split, file_name), quality=92)
+            docs[split]["images"].append({"id": iid, "file_name": file_name, "height": h, "width": w})
+            docs[split]["annotations"] += anns
+        os.makedirs(os.path.join(output, "annotations"), exist_ok=True)
+        for split, doc in docs.items():
+            if doc["images"]:
+                with open(os.path.join(output, "annotations", f"instances_{split}.json"), "w") as f:
+                    json.dump(doc, f)
+        log.info("wrote %d COCO-format samples to %s", count, output)
+
+
+SAMPLE_CATEGORIES = ((1, "person", "person"), (3, "car", "vehicle"), (18, "dog", "animal"), (44, "bottle", "kitchen"))
+
+
+def _rle_counts(mask: np.ndarray) -> list[int]:
+    """An uncompressed COCO RLE of a boolean mask: run lengths in column-major order, zeros first."""
+    flat = np.asarray(mask, bool).T.reshape(-1)
+    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    return ([0] + runs) if flat.size and flat[0] else runs
+
+
+_RULES_INSTANCES = (
+    "class 0 background, categories in COCO id order (or --categories order); polygons and RLE decoded "
+    "by pycocotools; the smaller object on top (painted by decreasing pixel area, ties by annotation id); "
+    "iscrowd regions 255 (ignore) unless a non-crowd object covers them; polygon parts under 3 points dropped"
+)
+_RULES_PANOPTIC = (
+    "categories in COCO id order (no background; with --categories class 0 is every other category); "
+    "segment ids R + 256 G + 65536 B; id 0 (unlabelled) and iscrowd segments 255 (ignore)"
+)
+
+
+def _resolve(base: str, file_name: str) -> str | None:
+    """The image file ``file_name`` names under ``base`` (also by its base name, for tools that
+    record a path from the annotator's machine), or None."""
+    p = os.path.join(base, file_name)
+    if os.path.isfile(p):
+        return p
+    p = os.path.join(base, os.path.basename(file_name.replace("\\", "/")))
+    return p if os.path.isfile(p) else None
+
+
+def segmentation_rle(segm, h: int, w: int, ann_id, path: str):
+    """One annotation's segmentation (polygons, uncompressed or compressed RLE) as a pycocotools
+    RLE at (h, w), or None when nothing is left of it.
+
+    Raises:
+      BadCase: malformed polygons, an RLE of another size, an unknown kind.
+    """
+    from pycocotools import mask as mask_utils
+
+    try:
+        if isinstance(segm, list):
+            polys = []
+            for part in segm:
+                if not isinstance(part, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         for v in part):
+                    raise BadCase(path, f"annotation {ann_id}: polygon is not a list of numbers")
+                if len(part) % 2:
+                    raise BadCase(path, f"annotation {ann_id}: polygon has an odd number ({len(part)}) of coordinates")
+                if len(part) >= 6:  # fewer than 3 points: no area (and pycocotools reads 4 numbers as a box)
+                    polys.append([float(v) for v in part])
+            if not polys:
+                return None
+            return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+        if isinstance(segm, dict) and "counts" in segm and "size" in segm:
+            size = [int(v) for v in segm["size"]]
+            if size != [h, w]:
+                raise BadCase(path, f"annotation {ann_id}: RLE of {size[1]}x{size[0]} for an image of {w}x{h}")
+            if isinstance(segm["counts"], list):
+                if sum(segm["counts"]) != h * w:
+                    raise BadCase(path, f"annotation {ann_id}: RLE counts sum to {sum(segm['counts'])}, "
+                                        f"not {w}x{h} = {h * w} pixels")
+                return mask_utils.frPyObjects(segm, h, w)
+            counts = segm["counts"]
+            return {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    except BadCase:
+        raise
+    except (TypeError, ValueError, UnicodeEncodeError) as e:
+        raise BadCase(path, f"annotation {ann_id}: undecodable segmentation ({e})") from None
+    raise BadCase(path, f"annotation {ann_id}: segmentation is neither polygons nor RLE")
+
+
+def rasterize(anns: list, h: int, w: int, path: str) -> np.ndarray:
+    """Instance annotations -> (h, w) uint8 class ids by the rules of the module docstring.
+
+    Args:
+      anns: ``[class id, iscrowd, segmentation, annotation id]`` rows (class -1: an unknown
+        category, the 5th item its id).
+    """
+    from pycocotools import mask as mask_utils
+
+    out = np.zeros((h, w), np.uint8)
+    crowd, objects = [], []
+    for row in anns:
+        cls, iscrowd, segm, ann_id = row[:4]
+        if cls < 0:
+            raise BadCase(path, f"annotation {ann_id}: category_id {row[4]} is not in the categories")
+        rle = segmentation_rle(segm, h, w, ann_id, path)
+        if rle is None:
+            continue
+        if iscrowd:
+            crowd.append(rle)
+        else:
+            area = int(mask_utils.area(rle))
+            objects.append((-area, ann_id if isinstance(ann_id, (int, float)) else 0, cls, rle))
+    try:
+        for rle in crowd:
+            out[mask_utils.decode(rle).astype(bool)] = IGNORE_INDEX
+        objects.sort(key=lambda o: (o[0], o[1]))
+        for _, _, cls, rle in objects:
+            out[mask_utils.decode(rle).astype(bool)] = cls
+    except (TypeError, ValueError) as e:
+        raise BadCase(path, f"undecodable RLE ({e})") from None
+    return out
+
+
+def panoptic_mask(png: str, segments: dict, json_path: str) -> np.ndarray:
+    """A COCO panoptic PNG (segment id = R + 256 G + 65536 B) -> (H, W) uint8 class ids."""
+    from tfseg.convert.base import read_label_image
+
+    if not png or not os.path.isfile(png):
+        raise BadCase(png or json_path, "panoptic PNG missing")
+    rgb = read_label_image(png)
+    if rgb.ndim != 3:
+        raise BadCase(png, "panoptic PNG is not RGB")
+    ids = rgb[..., 0].astype(np.int64) + 256 * rgb[..., 1].astype(np.int64) + 65536 * rgb[..., 2].astype(np.int64)
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    lut = np.empty(len(uniq), np.uint8)
+    for j, sid in enumerate(uniq.tolist()):
+        if sid == 0:
+            lut[j] = IGNORE_INDEX
+            continue
+        if str(sid) not in segments:
+            raise BadCase(png, f"segment id {sid} is not in the segments_info of {os.path.basename(json_path)}")
+        cls, cat = segments[str(sid)]
+        if cls < 0:
+            raise BadCase(json_path, f"segment {sid}: category_id {cat} is not in the categories")
+        lut[j] = cls
+    return lut[inverse.reshape(ids.shape)]

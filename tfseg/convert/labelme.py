@@ -1,0 +1,358 @@
+"""LabelMe JSON annotations (github.com/wkentaro/labelme): a folder of images, each with a
+``STEM.json`` of shapes, rasterized into class masks.
+
+Input: any folder (searched recursively) of LabelMe JSON files (``shapes``, ``imagePath``,
+``imageHeight``, ``imageWidth``, optionally ``imageData``); each file's image is ``imagePath``
+relative to the JSON, else the image of the same stem beside it, else the base64 ``imageData``
+the file embeds. Images without a JSON are not annotated and are left out (logged).
+
+Shapes, painted in the file's order (a later shape on top, as LabelMe's own ``shapes_to_label``
+and ``labelme2voc`` do), filled and outlined by PIL's ImageDraw:
+
+- ``polygon``: 3 or more points; a polygon with fewer points has no area and is dropped (LabelMe
+  refuses to export it);
+- ``rectangle``: two opposite corners (more points: their bounding box);
+- ``circle``: the centre and a point on the circle;
+- ``mask``: a base64 PNG of the box between its two points;
+- ``line``, ``linestrip``, ``point``: no area, left out (counted in the log).
+
+Classes: ``--labels`` fixes their order, as a file (one label a line, LabelMe's ``labels.txt``
+convention: ``__ignore__`` marks the label whose pixels are ignored (255), ``_background_`` is
+class 0) or a comma-separated list; ``background`` is class 0 when the list does not name it.
+A shape whose label is not in the list rejects the case, naming the label(s). Without
+``--labels`` the classes are ``background`` and every label found, sorted by name.
+``__ignore__`` shapes are 255 either way. Splits: by the top folder's name when the files sit
+in at least two of train/val/test folders, else by hash (``--split``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+
+import numpy as np
+
+from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, check_pixels, read_image
+from tfseg.convert.coco import official_split
+from tfseg.errors import TfsegError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+IGNORE_LABEL = "__ignore__"
+BACKGROUND_LABELS = ("_background_", "background")
+AREA_SHAPES = ("polygon", "rectangle", "circle", "mask")
+NO_AREA_SHAPES = ("line", "linestrip", "point", "points")
+_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def parse_labels(value: str) -> list[str]:
+    """``--labels``: a file of one label a line (blank lines and ``#`` comments skipped) or a
+    comma-separated list -> the class names in order (``__ignore__`` left out, ``_background_``
+    / ``background`` first, added when missing).
+
+    Raises:
+      TfsegError: an unreadable file, a label named twice, or background not first.
+    """
+    if os.path.isfile(value):
+        try:
+            with open(value, encoding="utf-8") as f:
+                raw = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        except (OSError, UnicodeDecodeError) as e:
+            raise TfsegError(f"{value}: cannot read --labels ({getattr(e, 'strerror', None) or e})") from None
+        where = value
+    else:
+        raw = [v.strip() for v in value.split(",") if v.strip()]
+        where = "--labels"
+    names = [n for n in raw if n != IGNORE_LABEL]
+    if not names:
+        raise TfsegError(f"{where}: no label")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise TfsegError(f"{where}: label {dup[0]!r} given twice")
+    bg = [i for i, n in enumerate(names) if n in BACKGROUND_LABELS]
+    if len(bg) > 1 or (bg and bg[0] != 0):
+        raise TfsegError(f"{where}: the background label must come first (it is class 0), and only once")
+    if not bg:
+        names = ["background", *names]
+    names[0] = "background"
+    return names
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise BadCase(path, f"cannot read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadCase(path, f"not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), list):
+        raise BadCase(path, "not a LabelMe file (no 'shapes' list)")
+    return doc
+
+
+def _labelme_files(root: str) -> list[str]:
+    out = []
+    for d, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
+        for f in sorted(files):
+            if not f.lower().endswith(".json"):
+                continue
+            p = os.path.join(d, f)
+            try:
+                with open(p, encoding="utf-8") as fh:
+                    head = fh.read(4096)
+            except (OSError, UnicodeDecodeError):
+                continue
+            if '"shapes"' in head or '"imagePath"' in head or '"version"' in head:
+                out.append(p)
+    return out
+
+
+class LabelmeLayout(Layout):
+    """LabelMe JSON folders (module docstring).
+
+    Args:
+      labels: class order: a file (one label a line) or a comma-separated list.
+    """
+
+    name = "labelme"
+
+    def __init__(self, labels: str | None = None):
+        self.labels_option = labels
+        self.class_names: tuple[str, ...] | None = tuple(parse_labels(labels)) if labels else None
+        self.counts: dict = {}
+
+    def info(self) -> LayoutInfo:
+        if self.class_names is None:
+            raise RuntimeError("LabelmeLayout.info() before list_cases(): the labels are not known yet")
+        mapping = {"labels_from": "--labels" if self.labels_option else "the labels found, sorted",
+                   "rules": "shapes painted in file order (later on top) by PIL ImageDraw, fill and outline; "
+                            "polygons under 3 points, lines and points left out; __ignore__ -> 255",
+                   "counts": dict(self.counts)}
+        return LayoutInfo(name=self.name, ndim=2, channels=3, class_names=self.class_names,
+                          ignore_index=IGNORE_INDEX, label_mapping=mapping)
+
+    def list_cases(self, root: str) -> list[Case]:
+        files = _labelme_files(root)
+        if not files:
+            raise TfsegError(f"{root}: no LabelMe JSON files (*.json with 'shapes')")
+        found: set[str] = set()
+        no_area = few_points = 0
+        stems = set()
+        for p in files:
+            stems.add(os.path.splitext(p)[0])
+            try:
+                doc = _read_json(p)
+            except BadCase:
+                continue  # the worker rejects it with the reason
+            for s in doc["shapes"]:
+                if not isinstance(s, dict):
+                    continue
+                kind = s.get("shape_type") or "polygon"
+                if kind in NO_AREA_SHAPES:
+                    no_area += 1
+                    continue
+                if kind == "polygon" and len(s.get("points") or []) < 3:
+                    few_points += 1
+                if isinstance(s.get("label"), str):
+                    found.add(s["label"])
+        found -= {IGNORE_LABEL, *BACKGROUND_LABELS}
+        if self.class_names is None:
+            self.class_names = ("background", *sorted(found))
+        unknown = sorted(found - set(self.class_names))
+        if unknown:
+            log.warning("labelme: label(s) not in --labels reject their cases: %s", ", ".join(unknown[:10]))
+        if len(self.class_names) > 255:
+            raise TfsegError(f"{len(self.class_names)} labels: tfseg's masks hold at most 255 classes")
+        unannotated = 0
+        for d, subdirs, names in os.walk(root):
+            subdirs[:] = [s for s in subdirs if not s.startswith(".")]
+            unannotated += sum(os.path.splitext(n)[1].lower() in _IMAGE_EXT
+                               and os.path.join(d, os.path.splitext(n)[0]) not in stems for n in names)
+        if unannotated:
+            log.info("labelme: %d image(s) without a JSON file left out", unannotated)
+        if no_area or few_points:
+            log.info("labelme: %d line/point shape(s) and %d polygon(s) under 3 points have no area; left out",
+                     no_area, few_points)
+        self.counts = {"json_files": len(files), "images_without_json": unannotated,
+                       "shapes_without_area": no_area, "polygons_under_3_points": few_points}
+        rels = [os.path.relpath(p, root) for p in files]
+        tops = {r: official_split(r.split(os.sep)[0]) if os.sep in r else None for r in rels}
+        use_official = len({s for s in tops.values() if s}) >= 2
+        return [Case(case_id=os.path.splitext(r)[0].replace(os.sep, "/"), files=(("annotation", p),),
+                     split=tops[r] if use_official else None) for p, r in zip(files, rels)]
+
+    def load_case(self, case: Case) -> Loaded2D:
+        path = case.paths["annotation"]
+        doc = _read_json(path)
+        loaded = _load_image(path, doc)
+        height, width = loaded.shape[:2]
+        h, w = doc.get("imageHeight"), doc.get("imageWidth")
+        if h is not None and w is not None and (h, w) != (height, width):
+            raise BadCase(path, f"shapes drawn on a {w}x{h} image, but the image is {width}x{height}")
+        table = {n: i for i, n in enumerate(self.class_names)}
+        table.update({IGNORE_LABEL: IGNORE_INDEX, "_background_": 0, "background": 0})
+        unknown = sorted({s.get("label") for s in doc["shapes"] if isinstance(s, dict)
+                          and s.get("label") not in table and (s.get("shape_type") or "polygon") not in NO_AREA_SHAPES},
+                         key=str)
+        if unknown:
+            raise BadCase(path, f"label(s) {', '.join(map(repr, unknown))} not in --labels "
+                                f"({', '.join(self.class_names[:8])}{', ...' if len(self.class_names) > 8 else ''})")
+        loaded.mask = shapes_to_mask(doc["shapes"], height, width, table, path)
+        return loaded
+
+    @classmethod
+    def make_sample(cls, output: str, count: int, seed: int = 0, *, image_size: tuple[int, int] = (96, 128)) -> None:
+        """Writes ``count`` images with LabelMe 5 JSON files beside them (``cat`` polygons,
+        ``box`` rectangles, ``ball`` circles, sometimes overlapping, an ``__ignore__`` polygon, a
+        line shape; one file embeds its image as ``imageData`` with no image file), plus
+        ``labels.txt`` in LabelMe's convention."""
+        from PIL import Image, ImageDraw
+
+        rng = np.random.default_rng(seed)
+        h, w = image_size
+        os.makedirs(output, exist_ok=True)
+        colour = {"cat": (210, 140, 60), "box": (60, 90, 200), "ball": (60, 190, 90), IGNORE_LABEL: (240, 240, 240)}
+        for i in range(count):
+            img = Image.fromarray(np.broadcast_to(rng.uniform(70, 150, 3), (h, w, 3)).astype(np.uint8))
+            draw = ImageDraw.Draw(img)
+            shapes = []
+            for _ in range(int(rng.integers(1, 4))):
+                kind = ("polygon", "rectangle", "circle")[int(rng.integers(0, 3))]
+                cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+                r = rng.uniform(0.1, 0.25) * min(h, w)
+                if kind == "polygon":
+                    t = np.sort(rng.uniform(0, 2 * np.pi, 6))
+                    pts = [[float(cx + r * np.cos(a)), float(cy + r * np.sin(a))] for a in t]
+                    label = "cat"
+                elif kind == "rectangle":
+                    pts = [[float(cx - r), float(cy - r * 0.6)], [float(cx + r), float(cy + r * 0.6)]]
+                    label = "box"
+                else:
+                    pts = [[float(cx), float(cy)], [float(cx + r * 0.6), float(cy)]]
+                    label = "ball"
+                shapes.append({"label": label, "points": [[round(x, 2), round(y, 2)] for x, y in pts],
+                               "group_id": None, "description": "", "shape_type": kind, "flags": {}})
+            if i % 4 == 3:
+                shapes.append({"label": IGNORE_LABEL, "points": [[2.0, 2.0], [20.0, 2.0], [10.0, 12.0]],
+                               "group_id": None, "description": "", "shape_type": "polygon", "flags": {}})
+            if i % 5 == 2:
+                shapes.append({"label": "cat", "points": [[5.0, float(h - 5)], [40.0, float(h - 8)]], "group_id": None,
+                               "description": "", "shape_type": "line", "flags": {}})
+            for s in shapes:
+                _draw_shape(draw, s, colour[s["label"]] if s["label"] in colour else (0, 0, 0), "sample")
+            arr = np.clip(np.asarray(img, np.float32) + rng.normal(0, 5, (h, w, 3)), 0, 255).astype(np.uint8)
+            stem = f"img_{i:04d}"
+            doc = {"version": "5.4.1", "flags": {}, "shapes": shapes, "imagePath": f"{stem}.jpg", "imageData": None,
+                   "imageHeight": h, "imageWidth": w}
+            if i == 1:  # embedded image, no file
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="PNG")
+                doc["imageData"] = base64.b64encode(buf.getvalue()).decode("ascii")
+                doc["imagePath"] = f"{stem}.png"
+            else:
+                Image.fromarray(arr).save(os.path.join(output, f"{stem}.jpg"), quality=92)
+            with open(os.path.join(output, f"{stem}.json"), "w") as f:
+                json.dump(doc, f, indent=2)
+        with open(os.path.join(output, "labels.txt"), "w") as f:
+            f.write(f"{IGNORE_LABEL}\n_background_\ncat\nbox\nball\n")
+        log.info("wrote %d LabelMe samples to %s", count, output)
+
+
+def _load_image(json_path: str, doc: dict) -> Loaded2D:
+    here = os.path.dirname(json_path)
+    candidates = []
+    if isinstance(doc.get("imagePath"), str) and doc["imagePath"]:
+        rel = doc["imagePath"].replace("\\", "/")
+        candidates += [os.path.join(here, rel), os.path.join(here, os.path.basename(rel))]
+    stem = os.path.splitext(json_path)[0]
+    candidates += [stem + ext for ext in _IMAGE_EXT] + [stem + ext.upper() for ext in _IMAGE_EXT]
+    for c in candidates:
+        if os.path.isfile(c):
+            return read_image(c, 3)
+    data = doc.get("imageData")
+    if not data:
+        raise BadCase(json_path, f"image {doc.get('imagePath')!r} not found and no imageData embedded")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(base64.b64decode(data, validate=False)))
+        check_pixels(img.size[0], img.size[1], json_path, "embedded image")
+        pixels = np.asarray(img.convert("RGB"))
+    except (binascii.Error, ValueError, OSError, UnidentifiedImageError) as e:
+        raise BadCase(json_path, f"imageData is not a decodable image ({e})") from None
+    return Loaded2D(image=pixels, mask=None)
+
+
+def _draw_shape(draw, shape: dict, value, path: str, canvas=None) -> bool:
+    """Draws one shape with ``value`` (fill and outline); False for shapes without area."""
+    kind = shape.get("shape_type") or "polygon"
+    try:
+        pts = [(float(x), float(y)) for x, y in shape.get("points") or []]
+    except (TypeError, ValueError):
+        raise BadCase(path, f"shape {shape.get('label')!r}: points are not [x, y] pairs") from None
+    if kind in NO_AREA_SHAPES:
+        return False
+    if kind == "polygon":
+        if len(pts) < 3:
+            return False
+        draw.polygon(pts, outline=value, fill=value)
+    elif kind == "rectangle":
+        if len(pts) < 2:
+            raise BadCase(path, f"rectangle {shape.get('label')!r} has {len(pts)} point(s), needs 2")
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        draw.rectangle([min(xs), min(ys), max(xs), max(ys)], outline=value, fill=value)
+    elif kind == "circle":
+        if len(pts) != 2:
+            raise BadCase(path, f"circle {shape.get('label')!r} has {len(pts)} point(s), needs 2 (centre, edge)")
+        (cx, cy), (ex, ey) = pts
+        r = float(np.hypot(ex - cx, ey - cy))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=value, fill=value)
+    elif kind == "mask":
+        if canvas is None:
+            raise BadCase(path, f"mask shape {shape.get('label')!r} cannot be drawn here")
+        _paste_mask(canvas, shape, pts, value, path)
+    else:
+        raise BadCase(path, f"shape {shape.get('label')!r}: unknown shape_type {kind!r}")
+    return True
+
+
+def _paste_mask(target, shape, pts, value, path):
+    from PIL import Image
+
+    try:
+        m = np.asarray(Image.open(io.BytesIO(base64.b64decode(shape.get("mask") or "")))).astype(bool)
+    except (binascii.Error, ValueError, OSError) as e:
+        raise BadCase(path, f"mask shape {shape.get('label')!r}: undecodable mask ({e})") from None
+    if m.ndim == 3:
+        m = m.any(-1)
+    x0, y0 = int(round(min(p[0] for p in pts))), int(round(min(p[1] for p in pts)))
+    canvas = np.array(target)
+    h, w = canvas.shape[:2]
+    ys, xs = np.nonzero(m)
+    ys, xs = ys + y0, xs + x0
+    keep = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+    canvas[ys[keep], xs[keep]] = value
+    target.paste(Image.fromarray(canvas))
+
+
+def shapes_to_mask(shapes: list, height: int, width: int, table: dict[str, int], path: str) -> np.ndarray:
+    """LabelMe shapes -> (height, width) uint8 class ids, in file order (later on top).
+
+    Args:
+      table: label -> class id (the ignore label -> 255).
+    """
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for s in shapes:
+        if isinstance(s, dict) and s.get("label") in table:
+            _draw_shape(draw, s, table[s["label"]], path, canvas)
+    return np.asarray(canvas)
