@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from tfseg.convert import LAYOUTS
 from tfseg.errors import TfsegError
 
 
@@ -66,7 +67,7 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command()
-@click.option("--dataset", "dataset", required=True, help="Layout: carvana, isic, voc, ccp, folder, msd-brain, brats.")
+@click.option("--dataset", "dataset", required=True, help=f"Layout: {', '.join(LAYOUTS)}.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder to write the sample to.")
 @click.option("--count", default=32, show_default=True, type=click.IntRange(min=1), help="Number of cases.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
@@ -81,7 +82,7 @@ def sample(dataset: str, output: str, count: int, seed: int) -> None:
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--dataset", "dataset", required=True, help="Layout: carvana, isic, voc, ccp, folder, msd-brain, brats.")
+@click.option("--dataset", "dataset", required=True, help=f"Layout: {', '.join(LAYOUTS)}.")
 @click.option("--input", "input_dir", required=True, help="The dataset's root, in its original layout.")
 @click.option("--output", required=True, help="Output folder (shards + dataset.json), published atomically.")
 @click.option("--split", default="train=0.8,val=0.1,test=0.1", show_default=True,
@@ -95,7 +96,7 @@ def sample(dataset: str, output: str, count: int, seed: int) -> None:
               type=click.Choice(["none", "gzip"], case_sensitive=False))
 @click.option("--strict", is_flag=True, help="Fail (nothing written) if any case is rejected.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing complete output.")
-@click.option("--image-dir", default=None, help="folder: images folder, relative to --input.")
+@click.option("--image-dir", default=None, help="folder, coco: images folder, relative to --input.")
 @click.option("--mask-dir", default=None, help="folder: masks folder, relative to --input.")
 @click.option("--mask-suffix", default=None, help="folder: mask stem = image stem + suffix (e.g. _mask).")
 @click.option("--num-classes", default=None, type=int,
@@ -108,10 +109,18 @@ def sample(dataset: str, output: str, count: int, seed: int) -> None:
 @click.option("--mask-threshold", default=None, type=int,
               help="folder: binarize masks, value >= T is class 1 (for lossily saved masks).")
 @click.option("--label-set", default=None, help="ccp: 'seed' (14 classes, default) or 'full' (59).")
+@click.option("--annotations", default=None,
+              help="coco: the COCO JSON file(s), comma-separated, relative to --input (default: found).")
+@click.option("--categories", default=None,
+              help="coco: category names (or ids) to keep, comma-separated, in class order (default: all).")
+@click.option("--empty-images", default=None, type=click.Choice(["keep", "drop"]),
+              help="coco: images without annotations kept as background (default) or dropped.")
+@click.option("--labels", default=None,
+              help="labelme: class order, a labels.txt (one a line) or a comma-separated list (default: sorted).")
 @click.pass_context
 def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, compression, strict, overwrite,
             image_dir, mask_dir, mask_suffix, num_classes, ignore_index, palette, class_names, mask_threshold,
-            label_set) -> None:
+            label_set, annotations, categories, empty_images, labels) -> None:
     """Convert a dataset from its original layout into sharded TFRecords + dataset.json (Apache Beam).
 
     Extra arguments go to Beam's PipelineOptions, e.g. --direct_num_workers=2 or
@@ -137,7 +146,9 @@ def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, comp
         raise TfsegError(f"--image-size: {e}") from None
     layout_options = {"image_dir": image_dir, "mask_dir": mask_dir, "mask_suffix": mask_suffix,
                       "num_classes": num_classes, "ignore_index": ignore_index, "palette": palette,
-                      "class_names": class_names, "mask_threshold": mask_threshold, "label_set": label_set}
+                      "class_names": class_names, "mask_threshold": mask_threshold, "label_set": label_set,
+                      "annotations": annotations, "categories": categories, "empty_images": empty_images,
+                      "labels": labels}
     try:
         summary = run_convert(
             dataset, input_dir, output,
@@ -362,7 +373,7 @@ def _metric_table(metrics: dict) -> str:
               help="Without PIPELINE: the raw layout (as convert --dataset); the recipe is planned automatically.")
 @click.option("--budget", default=None, help="Without PIPELINE: training wall time for the plan and fit [default: 1h].")
 @click.option("--split", default=None, help="Without PIPELINE: convert's --split.")
-@click.option("--image-dir", default=None, help="folder: images folder, relative to --input.")
+@click.option("--image-dir", default=None, help="folder, coco: images folder, relative to --input.")
 @click.option("--mask-dir", default=None, help="folder: masks folder, relative to --input.")
 @click.option("--mask-suffix", default=None, help="folder: mask stem = image stem + suffix.")
 @click.option("--num-classes", default=None, type=int, help="folder: number of classes.")
@@ -371,6 +382,10 @@ def _metric_table(metrics: dict) -> str:
 @click.option("--class-names", default=None, type=click.Path(dir_okay=False), help="folder: class names file.")
 @click.option("--mask-threshold", default=None, type=int, help="folder: binarize masks at this value.")
 @click.option("--label-set", default=None, help="ccp: 'seed' or 'full'.")
+@click.option("--annotations", default=None, help="coco: the COCO JSON file(s), relative to --input.")
+@click.option("--categories", default=None, help="coco: category names to keep, in class order.")
+@click.option("--empty-images", default=None, type=click.Choice(["keep", "drop"]), help="coco: keep or drop.")
+@click.option("--labels", default=None, help="labelme: class order (labels.txt or a comma-separated list).")
 def run_cmd(pipeline, input_dir, workdir, overrides, stages, layout, budget, split, **layout_options):
     """Run PIPELINE (a shipped name like `carvana`, or a YAML file): convert -> fit -> evaluate -> export.
 
