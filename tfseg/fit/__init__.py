@@ -6,7 +6,7 @@ replicas) before anything trains, writes ``RUN_DIR/run.json``, builds and compil
 the tf.distribute strategy's scope under the chosen precision policy, and trains with Keras
 ``model.fit`` (which distributes the global batches over the replicas).
 
-Resume: the Keras ``BackupAndRestore`` state in ``RUN_DIR/backup`` (kept after training) holds the
+Resume: the crash-safe backup (tfseg.fit.backup) in ``RUN_DIR/backup`` (kept after training) holds the
 weights, the optimizer state and the number of finished epochs. Re-running the same command after
 a crash continues from the last finished epoch; a larger ``epochs`` continues a finished run; the
 same ``epochs`` on a finished run does nothing. ``history.csv`` is trimmed to the finished epochs

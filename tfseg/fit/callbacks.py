@@ -12,6 +12,7 @@ import os
 from tfseg import outputs, rundir
 from tfseg.errors import TfsegError
 from tfseg.fit.config import FitConfig
+from tfseg.fit.backup import atomic_checkpoint, make_backup_callback
 from tfseg.fit.history import BACKUP_DIR, history_writer, monitored_values, replay_patience
 
 CHECKPOINT_DIR = "checkpoints"
@@ -43,7 +44,7 @@ def make_callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, rows: 
     ]
     if validation:
         cbs.append(
-            keras.callbacks.ModelCheckpoint(
+            atomic_checkpoint(
                 os.path.join(ckpt, BEST_CHECKPOINT),
                 monitor=monitor,
                 mode=mode,
@@ -51,7 +52,7 @@ def make_callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, rows: 
                 initial_value_threshold=best,
             )
         )
-    cbs.append(keras.callbacks.ModelCheckpoint(os.path.join(ckpt, LAST_CHECKPOINT)))
+    cbs.append(atomic_checkpoint(os.path.join(ckpt, LAST_CHECKPOINT)))
     if cfg.schedule == "plateau":
         cbs.append(
             _resumable(keras.callbacks.ReduceLROnPlateau)(
@@ -76,9 +77,7 @@ def make_callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, rows: 
 
             cbs.append(PredictionImages(cfg.data, cfg.validation_split, os.path.join(run_dir, LOGS_DIR),
                                         epochs=cfg.epochs))
-    cbs.append(
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, BACKUP_DIR), delete_checkpoint=False)
-    )
+    cbs.append(make_backup_callback(os.path.join(run_dir, BACKUP_DIR)))  # crash-safe BackupAndRestore
     return cbs
 
 

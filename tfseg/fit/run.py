@@ -15,6 +15,7 @@ import time
 
 from tfseg import bnstats, outputs, rundir, runtime
 from tfseg.errors import TfsegError
+from tfseg.fit import backup
 from tfseg.fit.callbacks import BEST_CHECKPOINT, CHECKPOINT_DIR, TrainingDiverged, make_callbacks, set_learning_rate
 from tfseg.fit.checks import FitPlan, check_against_dataset
 from tfseg.fit.config import FitConfig
@@ -77,7 +78,8 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
         # wait on each other's collectives forever.
         outputs.rmtree(os.path.join(run_dir, BACKUP_DIR))
         outputs.copy_tree(os.path.join(final_dir, BACKUP_DIR), os.path.join(run_dir, BACKUP_DIR))
-    finished = backup_epoch(run_dir)
+    # A backup torn by a kill or a full disk falls back to the previous epoch's, or to a fresh start.
+    finished = backup.recover(run_dir, BACKUP_DIR)
     budget_seconds, budget_record, planned_epochs = None, None, cfg.epochs
     if cfg.budget is not None:
         # The budget decides the epochs: resolved after the first timed epoch and kept in

@@ -1,0 +1,198 @@
+"""Crash-consistent training state: the backup a resumed fit starts from, and the checkpoints.
+
+Keras's ``BackupAndRestore`` and ``ModelCheckpoint`` write their files in place: a kill -9 or a
+full disk while ``latest.weights.h5`` is written leaves a torn HDF5 file, and every later fit
+on the folder failed on it. Here every file is written under a temporary name and renamed, and
+the backup keeps the previous epoch's pair beside the latest:
+
+    RUN_DIR/backup/latest.weights.h5   + training_metadata.json   (epoch N)
+    RUN_DIR/backup/previous.weights.h5 + previous_metadata.json   (epoch N-1)
+
+Each metadata file records the epoch and the SHA-256 of its weights file. On resume,
+:func:`recover` verifies the latest pair (metadata readable, the weights file the one it names, the HDF5 file
+opens and every dataset reads) and falls back to the previous pair, or to a fresh start, saying
+which in one log line; a torn backup is never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+
+from tfseg import outputs
+
+logger = logging.getLogger(__name__)
+
+LATEST_WEIGHTS = "latest.weights.h5"
+LATEST_META = "training_metadata.json"  # Keras's name, so older run folders resume too
+PREVIOUS_WEIGHTS = "previous.weights.h5"
+PREVIOUS_META = "previous_metadata.json"
+
+
+def replace_file(src: str, dst: str) -> None:
+    """Moves file ``src`` over ``dst`` in one step where the filesystem can (a rename)."""
+    if outputs.is_remote(dst):
+        import tensorflow as tf
+
+        tf.io.gfile.rename(src, dst, overwrite=True)
+    else:
+        os.replace(src, dst)
+
+
+def _tmp_name(folder: str, name: str) -> str:
+    return outputs.join(folder, f"{outputs.INTERNAL_PREFIX}tmp-{os.getpid()}-{name}")
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_weights_file(path: str, digest: str | None = None) -> str | None:
+    """Why the HDF5 weights file ``path`` cannot be trusted, or None when it reads whole (and,
+    given ``digest``, is the file its metadata was written for)."""
+    if not outputs.isfile(path):
+        return "missing"
+    data = outputs.read_bytes(path)
+    if digest is not None and _digest(data) != digest:
+        return "checksum differs from its metadata: torn or replaced"
+    import io
+
+    import h5py
+
+    try:
+        with h5py.File(io.BytesIO(data), "r") as f:
+            # Reading every dataset: a torn file fails here if not at open.
+            f.visititems(lambda name, obj: obj[()] if isinstance(obj, h5py.Dataset) else None)
+    except Exception as e:  # noqa: BLE001 - h5py raises OSError, KeyError, ValueError on damage
+        return f"unreadable HDF5 ({outputs.safe(str(e).splitlines()[0] if str(e) else type(e).__name__)})"
+    return None
+
+
+def _read_meta(path: str) -> dict | None:
+    try:
+        text = outputs.read_text(path).strip()
+        # TF's ram:// filesystem may not truncate on rewrite: the last JSON object is the current one.
+        decoder, record, pos = json.JSONDecoder(), None, 0
+        while pos < len(text):
+            record, pos = decoder.raw_decode(text, pos)
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+        return record if isinstance(record, dict) and int(record.get("epoch", -1)) >= 0 else None
+    except Exception:  # noqa: BLE001 - absent or torn
+        return None
+
+
+def _verify(folder: str, weights: str, meta: str) -> tuple[int | None, str]:
+    """(epoch, "") for a pair that reads whole, else (None, why)."""
+    record = _read_meta(outputs.join(folder, meta))
+    if record is None:
+        return None, f"{meta} missing or unreadable"
+    why = check_weights_file(outputs.join(folder, weights), record.get("sha256"))
+    if why:
+        return None, f"{weights}: {why}"
+    return int(record["epoch"]), ""
+
+
+def recover(run_dir: str, backup_dir: str = "backup") -> int:
+    """Leaves ``RUN_DIR/backup`` holding a verified latest pair (or none) and returns its epoch.
+
+    A torn latest pair is replaced by the previous one; with neither readable the broken files
+    are removed (tfseg's own) and the fit starts over. Each fallback is one warning line.
+    """
+    folder = outputs.join(run_dir, backup_dir)
+    if not outputs.isdir(folder):
+        return 0
+    if not outputs.exists(outputs.join(folder, LATEST_WEIGHTS)) and not outputs.exists(
+            outputs.join(folder, LATEST_META)) and not outputs.exists(outputs.join(folder, PREVIOUS_WEIGHTS)):
+        return 0
+    epoch, why = _verify(folder, LATEST_WEIGHTS, LATEST_META)
+    if epoch is not None:
+        return epoch
+    prev, prev_why = _verify(folder, PREVIOUS_WEIGHTS, PREVIOUS_META)
+    if prev is not None:
+        logger.warning("%s: the latest backup cannot be read (%s); resuming from the previous one, after "
+                       "epoch %d", run_dir, why, prev)
+        replace_file(outputs.join(folder, PREVIOUS_WEIGHTS), outputs.join(folder, LATEST_WEIGHTS))
+        replace_file(outputs.join(folder, PREVIOUS_META), outputs.join(folder, LATEST_META))
+        return prev
+    logger.warning("%s: the backup cannot be read (%s%s); starting over from epoch 1", run_dir, why,
+                   f"; previous: {prev_why}" if outputs.exists(outputs.join(folder, PREVIOUS_WEIGHTS)) else "")
+    for name in (LATEST_WEIGHTS, LATEST_META, PREVIOUS_WEIGHTS, PREVIOUS_META):
+        outputs.remove(outputs.join(folder, name))
+    return 0
+
+
+def make_backup_callback(backup_dir: str):
+    """A ``BackupAndRestore`` replacement whose files are renamed into place (see the module)."""
+    import keras
+
+    class CrashSafeBackup(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            weights = outputs.join(backup_dir, LATEST_WEIGHTS)
+            record = _read_meta(outputs.join(backup_dir, LATEST_META))
+            if record is None or not outputs.isfile(weights):
+                return
+            if self.model.optimizer is not None and not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)
+            self.model.load_weights(weights)
+            self.model._initial_epoch = int(record["epoch"])  # what Keras's BackupAndRestore sets
+
+        def on_epoch_end(self, epoch, logs=None):
+            save(self.model, backup_dir, epoch + 1)
+
+    return CrashSafeBackup()
+
+
+def save(model, backup_dir: str, epoch: int) -> None:
+    """Writes the backup of ``epoch`` finished epochs: new files under temporary names, then
+    latest -> previous and the new pair -> latest, each a rename."""
+    outputs.makedirs(backup_dir)
+    local = not outputs.is_remote(backup_dir)
+    tmp_weights = _tmp_name(backup_dir, LATEST_WEIGHTS) if local else None
+    if tmp_weights is None:  # h5py writes local files: stage there, then copy up
+        fd, staged = tempfile.mkstemp(suffix=".weights.h5")
+        os.close(fd)
+    else:
+        staged = tmp_weights
+    try:
+        model.save_weights(staged, overwrite=True)
+        with open(staged, "rb") as f:
+            digest = _digest(f.read())
+        if tmp_weights is None:
+            tmp_weights = _tmp_name(backup_dir, LATEST_WEIGHTS)
+            outputs.copy_file(staged, tmp_weights)
+    finally:
+        if staged != tmp_weights and os.path.exists(staged):
+            os.unlink(staged)
+    tmp_meta = _tmp_name(backup_dir, LATEST_META)
+    outputs.atomic_write_json(tmp_meta, {"epoch": int(epoch), "batch": 0, "sha256": digest})
+    latest_w, latest_m = outputs.join(backup_dir, LATEST_WEIGHTS), outputs.join(backup_dir, LATEST_META)
+    if outputs.isfile(latest_w) and _read_meta(latest_m) is not None:
+        replace_file(latest_w, outputs.join(backup_dir, PREVIOUS_WEIGHTS))
+        replace_file(latest_m, outputs.join(backup_dir, PREVIOUS_META))
+    replace_file(tmp_weights, latest_w)
+    replace_file(tmp_meta, latest_m)
+
+
+def atomic_checkpoint(filepath: str, **kwargs):
+    """``keras.callbacks.ModelCheckpoint`` whose file is written under a temporary name and
+    renamed: a checkpoint on disk is always a whole one."""
+    import keras
+
+    class AtomicCheckpoint(keras.callbacks.ModelCheckpoint):
+        def _get_file_path(self, epoch, batch, logs):
+            final = super()._get_file_path(epoch, batch, logs)
+            return _tmp_name(os.path.dirname(final) if not outputs.is_remote(final) else outputs.dirname(final),
+                             outputs.basename(final))
+
+        def _save_model(self, epoch, batch, logs):
+            super()._save_model(epoch, batch, logs)
+            tmp = self._get_file_path(epoch, batch, logs)
+            if outputs.exists(tmp):
+                replace_file(tmp, super()._get_file_path(epoch, batch, logs))
+
+    return AtomicCheckpoint(filepath, **kwargs)
