@@ -209,11 +209,13 @@ class Ade20kLayout(Layout):
             top, bottom = int(h * rng.uniform(0.1, 0.2)), int(h * rng.uniform(0.6, 0.75))
             ann[:top] = ceiling
             ann[bottom:] = floor
-            wy, wx = int(rng.integers(top + 2, bottom - 12)), int(rng.integers(2, w - 24))
-            ann[wy:wy + 10, wx:wx + 20] = window
-            fy, fx = int(rng.integers(bottom - 10, h - 10)), int(rng.integers(0, w - 40))
-            ann[fy:fy + 10, fx:fx + 36] = bed if i % 2 else table
-            ann[top:top + 6, w // 2:w // 2 + 4] = lamp
+            wh, ww = max(2, h // 10), max(4, w // 6)
+            wy, wx = int(rng.integers(top + 1, max(top + 2, bottom - wh))), int(rng.integers(0, w - ww))
+            ann[wy:wy + wh, wx:wx + ww] = window
+            fh, fw = max(2, h // 10), max(6, w // 3)
+            fy, fx = int(rng.integers(bottom - fh, h - fh)), int(rng.integers(0, w - fw))
+            ann[fy:fy + fh, fx:fx + fw] = bed if i % 2 else table
+            ann[top:top + max(2, h // 16), w // 2:w // 2 + max(2, w // 32)] = lamp
             ann[:3, :] = 0  # a strip nobody labelled
             img = np.zeros((h, w, 3), np.float32)
             for v, c in colours.items():

@@ -68,6 +68,9 @@ class CityscapesLayout(Layout):
 
     name = "cityscapes"
 
+    def __init__(self):  # no options (an explicit signature, so an option given names this layout)
+        pass
+
     def info(self) -> LayoutInfo:
         lut, names, colours = label_table()
         mapping = {

@@ -27,8 +27,8 @@ Rules (instances), the same as COCO-Stuff's and most converters':
 - overlaps: the smaller object on top (objects painted in decreasing pixel area; equal areas in
   increasing annotation id, so the later annotation wins);
 - ``iscrowd`` regions are the ignore index (255) wherever no non-crowd object covers them;
-- a polygon part with fewer than 3 points has no area and is dropped (pycocotools would read a
-  2-point part as a bounding box); a polygon with an odd number of coordinates, an RLE of another
+- a polygon part with fewer than 3 points has no area and is dropped (pycocotools alone would
+  take a 2-point part for a bounding box); a polygon with an odd number of coordinates, an RLE of another
   size than its image, an unknown ``category_id`` reject the case, naming the annotation;
 - images without annotations (of the picked categories): kept as all-background by default
   (``--empty-images drop`` leaves them out);
@@ -331,29 +331,31 @@ class CocoLayout(Layout):
         images = [im for im in doc["images"] if isinstance(im, dict)]
         base = self._image_base(root, path, images)
         png_dir = self._panoptic_dir(root, path) if self.panoptic else None
-        # Images by id and by file: the same entry twice is one image; a conflict rejects the case.
-        by_id: dict = {}
-        conflicts: dict = {}
+        # The same entry twice is one image; a file under two ids, or an id with two files, rejects
+        # the case (the annotations cannot be attributed), naming both.
+        entries: dict[tuple, dict] = {}
         for im in images:
             iid, fn = im.get("id"), im.get("file_name")
             if not isinstance(fn, str) or iid is None:
                 raise TfsegError(f"{path}: image entry {str(im)[:80]} needs an 'id' and a 'file_name'")
-            if iid in by_id and by_id[iid]["file_name"] != fn:
-                conflicts[iid] = f"image id {iid} listed twice, as {by_id[iid]['file_name']} and {fn}"
-                continue
-            by_id.setdefault(iid, im)
-        by_file: dict[str, list] = {}
-        for iid, im in by_id.items():
-            by_file.setdefault(im["file_name"], []).append(iid)
-        for fn, iids in by_file.items():
+            entries.setdefault((iid, fn), im)
+        files_of: dict = {}
+        ids_of: dict[str, list] = {}
+        for iid, fn in entries:
+            files_of.setdefault(iid, []).append(fn)
+            ids_of.setdefault(fn, []).append(iid)
+        conflicts: dict[str, str] = {}
+        for fn, iids in ids_of.items():
             if len(iids) > 1:
-                for iid in iids:
-                    conflicts[iid] = f"{fn} listed twice, as image ids {', '.join(map(str, iids))}"
+                conflicts[fn] = f"{fn} listed twice, as image ids {', '.join(map(str, iids))}"
+            elif len(files_of[iids[0]]) > 1:
+                conflicts[fn] = f"image id {iids[0]} listed twice, as {' and '.join(files_of[iids[0]])}"
+        known_ids = set(files_of)
         anns: dict = {}
         for a in doc["annotations"]:
             if not isinstance(a, dict):
                 continue
-            if a.get("image_id") not in by_id:
+            if a.get("image_id") not in known_ids:
                 stats["annotations_without_image"] += 1
                 continue
             anns.setdefault(a["image_id"], []).append(a)
@@ -361,8 +363,10 @@ class CocoLayout(Layout):
             log.warning("%s: %d annotation(s) name an image id not in 'images'; left out", path,
                         stats["annotations_without_image"])
         cases = []
-        for iid, im in by_id.items():
-            error = conflicts.get(iid, "")
+        for fn, iids in ids_of.items():
+            iid = iids[0]
+            im = entries[(iid, fn)]
+            error = conflicts.get(fn, "")
             if self.panoptic:
                 payload = self._panoptic_payload(anns.get(iid, []), table, png_dir, used_classes)
                 if payload is None:
