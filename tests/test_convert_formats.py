@@ -229,6 +229,30 @@ def test_coco_awkward_cases(coco_awkward, tmp_path):
     assert records2["a"][2][3, 3] == 0 and info2.label_mapping["counts"]["empty_dropped"] == 3  # b, d, f
 
 
+def test_coco_roboflow_export(tmp_path):
+    """Roboflow's shape: {train,valid}/_annotations.coco.json beside the images, the same file name
+    in both folders, and an id-0 super-category that no annotation uses."""
+    root = str(tmp_path / "rf")
+    cats = [{"id": 0, "name": "cells", "supercategory": "none"}, {"id": 1, "name": "cell", "supercategory": "cells"}]
+    for folder in ("train", "valid"):
+        save_jpeg(os.path.join(root, folder, "x_jpg.rf.1.jpg"), 10, 12)
+        doc = {"images": [{"id": 0, "file_name": "x_jpg.rf.1.jpg", "height": 10, "width": 12}],
+               "annotations": [{"id": 0, "image_id": 0, "category_id": 1, "iscrowd": 0,
+                                "segmentation": [[0, 0, 6, 0, 6, 6, 0, 6]]}], "categories": cats}
+        with open(os.path.join(root, folder, "_annotations.coco.json"), "w") as f:
+            json.dump(doc, f)
+    out = str(tmp_path / "out")
+    run_convert("coco", root, out)
+    info, records = read_records(out)
+    assert info.class_names == ["background", "cells", "cell"]
+    assert sorted(records) == ["train/_annotations.coco/x_jpg.rf.1", "valid/_annotations.coco/x_jpg.rf.1"]
+    assert {k.split("/")[0]: v[0] for k, v in records.items()} == {"train": "train", "valid": "val"}
+    expected = np.zeros((10, 12), np.uint8)
+    expected[0:6, 0:6] = 2
+    for _, _, mask in records.values():
+        np.testing.assert_array_equal(mask, expected)
+
+
 def test_coco_option_errors(coco_awkward, tmp_path):
     with pytest.raises(TfsegError, match=r"--categories: 'cat' is not a category of the dataset \(person, car"):
         run_convert("coco", coco_awkward, str(tmp_path / "o1"), layout_options={"categories": "person,cat"})
@@ -526,10 +550,11 @@ def test_cli_run_coco_automatic_plan(tmp_path):
                         "--count", "30"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "tfseg.cli", "run", "--dataset", "coco", "--input", raw,
-                        "--workdir", work, "--budget", "40s", "--categories", "person,car,dog"],
-                       capture_output=True, text=True)
+                        "--workdir", work, "--budget", "40s"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mean IoU" in r.stdout
     info = schema.load_dataset_info(os.path.join(work, "data"))
-    assert info.class_names == ["background", "person", "car", "dog"]
+    # bottle has no pixels: the plan, the class weights and the metrics live with an empty class
+    assert info.class_names == ["background", "person", "car", "dog", "bottle"]
+    assert info.class_pixel_counts["train"][4] == 0
     assert os.path.isfile(os.path.join(work, "plan.yaml"))

@@ -219,9 +219,9 @@ class CocoLayout(Layout):
             cases += self._cases_of(root, path, doc, table, splits[path] if use_official else None, stats,
                                     used_classes)
         ids = [c.case_id for c in cases]
-        if len(set(ids)) != len(ids):  # the same file name in two JSON files: prefix the file's name
-            cases = [dataclasses.replace(c, case_id=f"{_short_stem(c.paths['annotation'])}/{c.case_id}")
-                     for c in cases]
+        if len(set(ids)) != len(ids):  # the same file name in two JSON files: prefix the JSON's path
+            label = {p: os.path.splitext(os.path.relpath(p, root))[0].replace(os.sep, "/") for p in files}
+            cases = [dataclasses.replace(c, case_id=f"{label[c.paths['annotation']]}/{c.case_id}") for c in cases]
         synthetic_background = not (self.panoptic and not self.categories)  # class 0 is no category
         unused = [n for i, n in enumerate(self.class_names)
                   if i not in used_classes and not (i == 0 and synthetic_background)]

@@ -109,7 +109,7 @@ def _labelme_files(root: str) -> list[str]:
                     head = fh.read(4096)
             except (OSError, UnicodeDecodeError):
                 continue
-            if '"shapes"' in head or '"imagePath"' in head or '"version"' in head:
+            if '"shapes"' in head:  # LabelMe writes version, flags, shapes first
                 out.append(p)
     return out
 
@@ -145,12 +145,17 @@ class LabelmeLayout(Layout):
         found: set[str] = set()
         no_area = few_points = 0
         stems = set()
+        images: dict[str, str] = {}  # for the shard sizes; load_case finds the image again
         for p in files:
             stems.add(os.path.splitext(p)[0])
             try:
                 doc = _read_json(p)
             except BadCase:
                 continue  # the worker rejects it with the reason
+            image = _image_file(p, doc)
+            if image:
+                images[p] = image
+                stems.add(os.path.splitext(image)[0])
             for s in doc["shapes"]:
                 if not isinstance(s, dict):
                     continue
@@ -185,7 +190,8 @@ class LabelmeLayout(Layout):
         rels = [os.path.relpath(p, root) for p in files]
         tops = {r: official_split(r.split(os.sep)[0]) if os.sep in r else None for r in rels}
         use_official = len({s for s in tops.values() if s}) >= 2
-        return [Case(case_id=os.path.splitext(r)[0].replace(os.sep, "/"), files=(("annotation", p),),
+        return [Case(case_id=os.path.splitext(r)[0].replace(os.sep, "/"),
+                     files=(("annotation", p),) + ((("image", images[p]),) if p in images else ()),
                      split=tops[r] if use_official else None) for p, r in zip(files, rels)]
 
     def load_case(self, case: Case) -> Loaded2D:
@@ -265,7 +271,9 @@ class LabelmeLayout(Layout):
         log.info("wrote %d LabelMe samples to %s", count, output)
 
 
-def _load_image(json_path: str, doc: dict) -> Loaded2D:
+def _image_file(json_path: str, doc: dict) -> str | None:
+    """The image file of a LabelMe JSON: ``imagePath`` relative to it, else its own stem with an
+    image extension; None when there is none (the image may be embedded)."""
     here = os.path.dirname(json_path)
     candidates = []
     if isinstance(doc.get("imagePath"), str) and doc["imagePath"]:
@@ -273,9 +281,13 @@ def _load_image(json_path: str, doc: dict) -> Loaded2D:
         candidates += [os.path.join(here, rel), os.path.join(here, os.path.basename(rel))]
     stem = os.path.splitext(json_path)[0]
     candidates += [stem + ext for ext in _IMAGE_EXT] + [stem + ext.upper() for ext in _IMAGE_EXT]
-    for c in candidates:
-        if os.path.isfile(c):
-            return read_image(c, 3)
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+def _load_image(json_path: str, doc: dict) -> Loaded2D:
+    image = _image_file(json_path, doc)
+    if image:
+        return read_image(image, 3)
     data = doc.get("imageData")
     if not data:
         raise BadCase(json_path, f"image {doc.get('imagePath')!r} not found and no imageData embedded")
