@@ -277,13 +277,28 @@ def evaluate(run_dir, export_dir, data_dir, split, output, samples, tile, tta, m
               show_default=True, help="What the served graph computes in, whatever trained the model.")
 @click.option("--tta", is_flag=True, help="Average over the flips the model was trained with, in the graph.")
 @click.option("--tile", is_flag=True, help="2D: tile the full-resolution image at the training size, in the graph.")
-def export_cmd(run_dir, export_base, name, version, max_pixels, overwrite, precision, tta, tile):
-    """Export a fit run as a TF Serving SavedModel (decode, resize or tile, TTA, threshold in the graph)."""
+@click.option("--format", "fmt", type=click.Choice(["savedmodel", "litert"]), default="savedmodel", show_default=True,
+              help="litert: VERSION/model.tflite for phones and boards (2D; uint8 image at the model size in).")
+@click.option("--quantize", type=click.Choice(["none", "float16", "int8"]), default="none", show_default=True,
+              help="--format litert: float16 weights, or int8 calibrated on the run's training records.")
+@click.option("--calibration-records", type=click.IntRange(1), default=None,
+              help="--quantize int8: training records to calibrate on [default: 200].")
+@click.option("--calibration-data", type=click.Path(file_okay=False), default=None,
+              help="--quantize int8: dataset to calibrate on (its train split) [default: the run's data].")
+def export_cmd(run_dir, export_base, name, version, max_pixels, overwrite, precision, tta, tile, fmt, quantize,
+               calibration_records, calibration_data):
+    """Export a fit run as a TF Serving SavedModel (decode, resize or tile, TTA, threshold in the graph),
+    or with --format litert as a LiteRT model."""
     from tfseg import export
 
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
     path = export.run_export(run_dir, export_base, name, version, overwrite=overwrite, precision=precision,
-                             tta=tta, tile=tile, **kwargs)
+                             tta=tta, tile=tile, format=fmt, quantize=quantize,
+                             calibration_records=calibration_records, calibration_data=calibration_data, **kwargs)
+    if fmt == "litert":
+        click.echo(f"{path}: exported {name} version {os.path.basename(path)} as LiteRT ({quantize}); how to call "
+                   f"it: {os.path.join(export_base, name, 'README.md')}")
+        return
     click.echo(f"{path}: exported {name} version {os.path.basename(path)}; serve it with the command in "
                f"{os.path.join(export_base, name, 'README.md')}")
 

@@ -327,14 +327,14 @@ def _run_facts(run: rundir.RunInfo, info: schema.DatasetInfo, where: str, data_d
 
 def _export_version(model_dir: str) -> str:
     """EXPORTS/NAME/VERSION, or the highest version of EXPORTS/NAME."""
-    from tfseg import export
+    from tfseg import export, litert
 
-    if outputs.isfile(os.path.join(model_dir, "saved_model.pb")):
+    if outputs.isfile(os.path.join(model_dir, "saved_model.pb")) or litert.is_litert_version(model_dir):
         return model_dir
     versions = export.list_versions(model_dir)
     if not versions:
         raise TfsegError(f"--model {model_dir}: not a `tfseg export` NAME or NAME/VERSION directory "
-                         "(no saved_model.pb)")
+                         "(no saved_model.pb or model.tflite)")
     return os.path.join(model_dir, str(versions[-1]))
 
 
@@ -450,7 +450,14 @@ def run_evaluate(
 
     mode, flips = options.mode, options.tta_flip_axes
     if export_dir is not None:
-        served = _ServedModel(model_path, facts["ndim"])
+        from tfseg import litert
+
+        if litert.is_litert_version(model_path):  # through the LiteRT interpreter, resized outside the model
+            from tfseg.predict.litert import LiteRtPredictor
+
+            served = LiteRtPredictor(model_path)
+        else:
+            served = _ServedModel(model_path, facts["ndim"])
     else:
         from tfseg.export import with_precision
 

@@ -83,12 +83,13 @@ METADATA = os.path.join("assets.extra", "tfseg.json")
 
 
 def list_versions(model_dir: str) -> list[int]:
-    """Numbered version subdirectories holding a saved_model.pb, ascending."""
+    """Numbered version subdirectories holding a saved_model.pb (or a LiteRT model.tflite), ascending."""
     if not outputs.isdir(model_dir):
         return []
     out = []
     for entry in outputs.listdir(model_dir):
-        if entry.isdigit() and outputs.isfile(os.path.join(model_dir, entry, "saved_model.pb")):
+        if entry.isdigit() and any(outputs.isfile(os.path.join(model_dir, entry, f))
+                                   for f in ("saved_model.pb", "model.tflite")):
             out.append(int(entry))
     return sorted(out)
 
@@ -579,8 +580,12 @@ def run_export(
     precision: str = DEFAULT_PRECISION,
     tta: bool = False,
     tile: bool = False,
+    format: str = "savedmodel",
+    quantize: str = "none",
+    calibration_records: int | None = None,
+    calibration_data: str | None = None,
 ) -> str:
-    """Exports RUN_DIR's model as EXPORT_BASE/NAME/VERSION for TF Serving.
+    """Exports RUN_DIR's model as EXPORT_BASE/NAME/VERSION for TF Serving (or LiteRT).
 
     Args:
       run_dir: a completed `tfseg fit` run directory.
@@ -596,6 +601,9 @@ def run_export(
         ``tfseg evaluate --tta`` scores it).
       tile: 2D: tile at the training size over the full-resolution image instead of resizing
         it (as ``tfseg evaluate --tile``); 3D volumes are always tiled.
+      format: ``savedmodel`` (TF Serving) or ``litert`` (VERSION/model.tflite, :mod:`tfseg.litert`;
+        2D only, no tile/TTA/precision; not added to models.config).
+      quantize, calibration_records, calibration_data: LiteRT only (:func:`tfseg.litert.write_export`).
 
     Returns:
       The version directory written.
@@ -610,7 +618,15 @@ def run_export(
         raise TfsegError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
     cfg = rundir.load_run_config(run_dir)
     run = rundir.RunInfo.from_json(cfg, os.path.join(run_dir, rundir.RUN_JSON))
+    from tfseg import litert
     from tfseg.inference import InferenceOptions
+
+    if format not in litert.FORMATS:
+        raise TfsegError(f"--format {format!r}: choose from {', '.join(litert.FORMATS)}")
+    if format == "litert":
+        litert.check_exportable(run, quantize=quantize, tile=tile, tta=tta, precision=precision)
+    elif quantize != "none" or calibration_records or calibration_data:
+        raise TfsegError("--quantize/--calibration-records/--calibration-data: for --format litert only")
 
     options = InferenceOptions.make(run.ndim, tile=tile, flips=rundir.test_time_flips(run_dir, run, tta))
     # EXPORT_BASE collects every export (NAME/VERSION/ + models.config): it must be new, empty,
@@ -628,18 +644,27 @@ def run_export(
         version = (existing[-1] + 1) if existing else 1
     if int(version) < 1:
         raise TfsegError(f"--version {version}: must be a positive integer")
+    litert.check_one_format(model_dir, format)
     final = os.path.join(model_dir, str(int(version)))
     if outputs.exists(final) and not overwrite:
         raise TfsegError(f"{final}: version {version} already exists; pass --overwrite or another --version")
 
     trained_precision = model_precision(model)
-    archive = build_archive(with_precision(model, precision), run, max_pixels, options)
     # The run's facts (rundir.RunInfo's keys, so RunInfo.from_json reads tfseg.json back);
     # "precision" is what the served graph computes in.
     meta = run.to_json()
     meta.update({"precision": precision, "trained_precision": trained_precision, "inference": options.to_json()})
     meta.update({"max_pixels": int(max_pixels), "run_dir": outputs.normalize(run_dir), "name": name,
                  "version": int(version), "class_colors": _class_colors(cfg)})
+    if format == "litert":
+        meta = litert.write_export(
+            with_precision(model, "float32"), run, meta, final, overwrite=overwrite, quantize=quantize,
+            calibration_records=calibration_records or litert.DEFAULT_CALIBRATION_RECORDS,
+            calibration_data=calibration_data or cfg.get("data_dir"))
+        atomic_write_text(os.path.join(model_dir, "README.md"), litert.readme(name, meta, _colour_table(cfg)))
+        logger.info("exported %s version %s (LiteRT, %s) to %s", name, version, quantize, final)
+        return final
+    archive = build_archive(with_precision(model, precision), run, max_pixels, options)
     # TF Serving watches NAME/ and would load a half-written version: write beside it (a
     # dot-prefixed, non-numeric name it ignores) and rename.
     with outputs.publish_dir(final, "export", complete_marker="saved_model.pb", overwrite=overwrite,

@@ -64,20 +64,26 @@ def list_inputs(input_dir: str) -> list[tuple[str, str, str]]:
 
 
 def resolve_model(model_path: str) -> tuple[str, str]:
-    """Classifies ``model_path`` as ``("export", version_dir)`` or ``("run", run_dir)``.
+    """Classifies ``model_path`` as ``("export", version_dir)``, ``("litert", version_dir)`` (a LiteRT
+    export, :mod:`tfseg.litert`) or ``("run", run_dir)``.
 
     Raises:
       TfsegError: none of an export version, an export NAME directory, or a finished run.
     """
     from tfseg.export import list_versions
+    from tfseg.litert import is_litert_version
 
     if outputs.isfile(os.path.join(model_path, "saved_model.pb")):
         return "export", model_path
+    if is_litert_version(model_path):
+        return "litert", model_path
     versions = list_versions(model_path)
     if versions:
-        return "export", os.path.join(model_path, str(versions[-1]))
+        path = os.path.join(model_path, str(versions[-1]))
+        return ("litert" if is_litert_version(path) else "export"), path
     if outputs.isfile(os.path.join(model_path, rundir.RUN_JSON)):
         return "run", model_path
     raise TfsegError(
-        f"{model_path}: not an export version (saved_model.pb), an export NAME directory or a run directory (run.json)"
+        f"{model_path}: not an export version (saved_model.pb or model.tflite), an export NAME directory or a run "
+        "directory (run.json)"
     )

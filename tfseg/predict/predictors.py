@@ -1,6 +1,7 @@
 """The local predictors, and which predictor a ``--model`` gets.
 
   SavedModelPredictor  an export's ``serving_default`` signature in-process (the graph TF Serving runs);
+  LiteRtPredictor      a LiteRT export through the LiteRT interpreter (:mod:`tfseg.predict.litert`);
   KerasPredictor       a fit run's Keras model through :mod:`tfseg.inference` (resize or tiled, flip TTA);
   make_predictor       the predictor for a ``--model`` (with ``server``: a TF Serving client,
                        :mod:`tfseg.predict.serving`);
@@ -168,10 +169,14 @@ def make_predictor(model_path: str, *, server: str | None = None, grpc: bool = F
         cls = GrpcClient if grpc else RestClient
         return cls(server, os.path.basename(os.path.normpath(model_path)), version=model_version)
     kind, path = resolve_model(model_path)
-    if kind == "export":
+    if kind in ("export", "litert"):
         if tile or tta:
             raise TfsegError(f"{model_path}: --tile/--tta are an export's own (its graph runs them); "
                              "export with `tfseg export --tile/--tta`, or predict from the run directory")
+        if kind == "litert":
+            from tfseg.predict.litert import LiteRtPredictor
+
+            return LiteRtPredictor(path)
         return SavedModelPredictor(path)
     return KerasPredictor(path, tile=tile, tta=tta, overlap=overlap, batch_size=batch_size)
 
@@ -186,7 +191,7 @@ def model_facts(model_path: str, server: str | None = None) -> ModelFacts:
 
         return served_model_facts()
     kind, path = resolve_model(model_path)
-    if kind == "export":
+    if kind in ("export", "litert"):
         from tfseg.export import read_metadata
 
         meta = read_metadata(path)
