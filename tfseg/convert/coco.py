@@ -39,8 +39,8 @@ Rules (instances), the same as COCO-Stuff's and most converters':
 Panoptic (``panoptic_*.json`` whose annotations carry ``segments_info``, PNGs in the folder of
 the JSON's name): the same code with the PNG's segments instead of rasterized objects. Classes
 are the categories in id order (0..K-1), no background (COCO panoptic labels every pixel);
-unlabelled (id 0) and crowd segments are 255. With ``--categories`` class 0 is ``background``
-(every other category) and the picked ones follow.
+unlabelled (id 0) and crowd segments are 255. With ``--categories`` (or a single category)
+class 0 is ``background`` (every other category) and the picked ones follow.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ class CocoLayout(Layout):
         if len(set(ids)) != len(ids):  # the same file name in two JSON files: prefix the JSON's path
             label = {p: os.path.splitext(os.path.relpath(p, root))[0].replace(os.sep, "/") for p in files}
             cases = [dataclasses.replace(c, case_id=f"{label[c.paths['annotation']]}/{c.case_id}") for c in cases]
-        synthetic_background = not (self.panoptic and not self.categories)  # class 0 is no category
+        synthetic_background = 0 not in table.values()  # class 0 is no category: background
         unused = [n for i, n in enumerate(self.class_names)
                   if i not in used_classes and not (i == 0 and synthetic_background)]
         if unused:
@@ -279,15 +279,15 @@ class CocoLayout(Layout):
                 raise TfsegError(f"--categories names a category twice: {','.join(self.categories)}")
             order, first = picked, 1
         else:
-            first = 0 if self.panoptic else 1
+            # Panoptic labels every pixel with a category: no background class, unless there is a
+            # single category (a segmentation needs two classes).
+            first = 0 if self.panoptic and len(order) > 1 else 1
         names = ([] if first == 0 else ["background"]) + [cat_names[c] for c in order]
         seen: dict[str, int] = {}
         for n in names:
             seen[n] = seen.get(n, 0) + 1
         # Two categories of one name (rare, but tools allow it) stay apart by their id.
         names = [n if seen[n] == 1 or i < first else f"{n} (id {order[i - first]})" for i, n in enumerate(names)]
-        if len(names) < 2:
-            names = ["background", *names] if first == 0 else names
         if len(names) > 255:
             raise TfsegError(f"{len(names)} classes: tfseg's masks hold at most 255 classes (255 is ignore); "
                              "pick fewer with --categories")
