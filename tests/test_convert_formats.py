@@ -176,7 +176,8 @@ def coco_awkward(tmp_path):
         {"id": 20, "image_id": 2, "category_id": 3, "iscrowd": 0, "segmentation": [[0, 0, 10, 0, 10, 10]]},
         {"id": 30, "image_id": 3, "category_id": 3, "iscrowd": 0, "segmentation": [[0, 0, 10, 0, 10, 10]]},
         {"id": 50, "image_id": 5, "category_id": 3, "iscrowd": 0, "segmentation": [[0, 0, 10, 0, 10, 10]]},
-        {"id": 60, "image_id": 6, "category_id": 1, "iscrowd": 1, "segmentation": _uncompressed(np.ones((10, 10), bool))},
+        {"id": 60, "image_id": 6, "category_id": 1, "iscrowd": 1,
+         "segmentation": _uncompressed(np.ones((10, 10), bool))},
     ]
     categories = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"},
                   {"id": 90, "name": "unused"}]
@@ -531,7 +532,10 @@ def test_cvat_labelmap_errors(tmp_path):
 @pytest.mark.parametrize("layout", ["coco", "cityscapes", "ade20k", "labelme", "cvat-mask"])
 def test_cli_sample_convert_round_trip(layout, tmp_path):
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "tfseg.cli", *a], capture_output=True, text=True)  # noqa: E731
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "tfseg.cli", *args], capture_output=True, text=True)
+
     r = run("sample", "--dataset", layout, "--output", raw, "--count", "10")
     assert r.returncode == 0, r.stderr
     extra = ["--labels", os.path.join(raw, "labels.txt")] if layout == "labelme" else []

@@ -70,7 +70,8 @@ def baseline(raw: str, out: str) -> dict[str, np.ndarray]:
                 for a, m in anns:
                     if a["iscrowd"]:
                         mask[m] = 255
-                for a, m in sorted((x for x in anns if not x[0]["iscrowd"]), key=lambda x: (-int(x[1].sum()), x[0]["id"])):
+                objects = [x for x in anns if not x[0]["iscrowd"]]
+                for a, m in sorted(objects, key=lambda x: (-int(x[1].sum()), x[0]["id"])):
                     mask[m] = classes[a["category_id"]]
                 buf = io.BytesIO()
                 Image.fromarray(mask).save(buf, format="PNG")

@@ -105,7 +105,8 @@ def read_object_list(path: str) -> list[str]:
     rows = list(csv.reader(io.StringIO(text), delimiter="\t" if "\t" in first else ","))
     header = [h.strip().lower() for h in rows[0]] if rows else []
     if "name" not in header or "idx" not in header:
-        raise TfsegError(f"{path}: expected the columns Idx and Name (objectInfo150 format), found {rows[0] if rows else []}")
+        raise TfsegError(f"{path}: expected the columns Idx and Name (objectInfo150 format), "
+                         f"found {rows[0] if rows else []}")
     col_name, col_idx = header.index("name"), header.index("idx")
     names: dict[int, str] = {}
     for row in rows[1:]:

@@ -186,7 +186,8 @@ class CityscapesLayout(Layout):
             Image.fromarray(img).save(os.path.join(img_dir, stem + IMAGE_SUFFIX))
             Image.fromarray(lab).save(os.path.join(gt_dir, stem + LABEL_SUFFIX))
             Image.fromarray(colour).save(os.path.join(gt_dir, stem + "_gtFine_color.png"))
-            Image.fromarray(inst.astype(np.int32), mode="I").save(os.path.join(gt_dir, stem + "_gtFine_instanceIds.png"))
+            Image.fromarray(inst.astype(np.int32), mode="I").save(
+                os.path.join(gt_dir, stem + "_gtFine_instanceIds.png"))
         log.info("wrote %d Cityscapes-layout samples to %s", count, output)
 
 

@@ -92,7 +92,8 @@ class CvatMaskLayout(Layout):
         labelmap = os.path.join(root, LABELMAP)
         sets = os.path.join(root, "ImageSets", "Segmentation")
         if not os.path.isfile(labelmap) or not os.path.isdir(os.path.join(root, "SegmentationClass")):
-            raise TfsegError(f"{root}: not a CVAT segmentation-mask export (expected {LABELMAP} and SegmentationClass/)")
+            raise TfsegError(f"{root}: not a CVAT segmentation-mask export "
+                             f"(expected {LABELMAP} and SegmentationClass/)")
         self.names, self.colours = read_labelmap(labelmap)
         image_dir = os.path.join(root, "JPEGImages")
         if not os.path.isdir(image_dir):
