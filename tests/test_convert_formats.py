@@ -470,6 +470,16 @@ def test_labelme_polygon_hand_checked(tmp_path):
     expected[5:8, 5:8] = 2
     np.testing.assert_array_equal(mask, expected)
 
+    # a LabelMe 5 "mask" shape: a PNG of the box between its two points, pasted at the first
+    buf = io.BytesIO()
+    Image.fromarray(np.array([[1, 0, 1], [1, 1, 0]], bool)).save(buf, format="PNG")
+    shape = {"label": "a", "points": [[4, 1], [6, 2]], "shape_type": "mask",
+             "mask": base64.b64encode(buf.getvalue()).decode("ascii")}
+    mask = shapes_to_mask([shape], 4, 8, {"a": 1}, "x.json")
+    expected = np.zeros((4, 8), np.uint8)
+    expected[1:3, 4:7] = [[1, 0, 1], [1, 1, 0]]
+    np.testing.assert_array_equal(mask, expected)
+
 
 # ------------------------------------------------------------------------------------- cvat-mask
 
