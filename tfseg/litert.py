@@ -30,9 +30,11 @@ Quantization (``--quantize``):
 * ``float16``: float16 weights (half the file), dequantized to float32 when loaded on CPU;
 * ``int8``: post-training full-integer quantization calibrated on ``--calibration-records``
   training records of the run's dataset, brought to the model size as the predictor brings
-  images. Every op is int8 where the converter can (``TFLITE_BUILTINS_INT8``); where it cannot,
-  the conversion falls back to float kernels for those ops, and tfseg.json's
-  ``litert.float_ops`` lists them. The input stays uint8 pixels as they are (quantization
+  images, with the int8 op set (``TFLITE_BUILTINS_INT8``). The converter may still leave an op
+  in float between a dequantize and a quantize (Improved U-Net's instance-norm ``NEG`` and
+  ``SQUARE``); where the int8 op set refuses an op outright the conversion is redone with float
+  kernels allowed. Either way tfseg.json's ``litert.float_ops`` lists the float ops, read from
+  the .tflite file (:func:`op_summary`), and ``litert.full_integer`` says whether there are none. The input stays uint8 pixels as they are (quantization
   scale 1, zero point 0, pinned by a fake-quant range on the input); ``probabilities`` come
   out dequantized to float32.
 
@@ -400,7 +402,7 @@ def readme(name: str, meta: dict, colour_table: str) -> str:
         quant = (f"int8 post-training quantization calibrated on {calib.get('records')} training records; "
                  + ("every op runs in integers (full-integer), the probabilities are dequantized at the end."
                     if lit.get("full_integer") else
-                    "ops left in float (no int8 kernel): "
+                    "ops the converter left in float: "
                     + ", ".join(f"`{o}` x{n}" for o, n in (lit.get("float_ops") or {}).items()) + "."))
     elif lit["quantize"] == "float16":
         quant = "float16 weights (half the size), computed in float32 on CPUs."
