@@ -5,6 +5,7 @@ TensorFlow and Beam are imported inside the commands, so ``tfseg --help`` answer
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -19,11 +20,48 @@ class _Group(click.Group):
     """Turns TfsegError (and a few well-known user errors) into one line and exit code 2."""
 
     def invoke(self, ctx):
+        from tfseg import interrupts
+
+        interrupts.install()  # SIGTERM / SIGINT: one line, exit 143 / 130, within seconds
         try:
             return super().invoke(ctx)
         except TfsegError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {safe(e)}", err=True)
             sys.exit(getattr(e, "exit_code", 2))  # 1 for data failures (nothing converted), 2 for misuse
+        except interrupts.Interrupted as e:
+            click.echo(interrupts.message(e.signum), err=True)
+            sys.exit(e.exit_code)
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            click.echo(interrupts.message(interrupts.signal.SIGINT), err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - a full disk reaches us as OSError, h5py's, TF's or Beam's error
+            if not _disk_full(e):
+                raise
+            from tfseg import outputs
+
+            where = getattr(e, "filename", None) or outputs.last_claimed() or "the output"
+            click.echo(f"error: {safe(where)}: no space left on the device; nothing was published, and the same "
+                       "command resumes once space is freed", err=True)
+            sys.exit(1)
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a full disk or quota."""
+    seen = 0
+    while e is not None and seen < 10:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def safe(message) -> str:
+    """One line: control characters in names (a file called "a\nerror: b.png") escaped."""
+    from tfseg.outputs import safe as escape
+
+    return escape(str(message))
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -43,6 +81,24 @@ def _setup_logging(verbose: bool) -> None:
     # does not use them (install apache-beam[gcp] for Dataflow and the warning goes away).
     for handler in logging.getLogger().handlers:
         handler.addFilter(lambda record: "apitools not found" not in record.getMessage())
+        handler.addFilter(_one_line_records(verbose))
+
+
+def _one_line_records(verbose: bool):
+    """A log filter: control characters in messages escaped (a file named "a\nerror: x.png"
+    stays on one line); without -v, Beam's logged tracebacks are dropped, since the command
+    ends with its own one-line error."""
+    from tfseg.outputs import safe
+
+    def keep(record: logging.LogRecord) -> bool:
+        if not verbose and record.exc_info and record.name.startswith("apache_beam"):
+            return False
+        message = record.getMessage()
+        if not message.isprintable():
+            record.msg, record.args = safe(message), ()
+        return True
+
+    return keep
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -185,6 +241,8 @@ def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, comp
     "--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16", "auto"])
 )
 @click.option("--cpu-replicas", type=int, help="Mirror over N logical CPU devices.")
+@click.option("--peer-timeout", type=float,
+              help="Multi-worker (TF_CONFIG): seconds to wait for the other workers (default 300).")
 @click.option("--jit-compile/--no-jit-compile", default=None, help="XLA (default: on for GPUs).")
 @click.option("--steps-per-epoch", type=int)
 @click.option("--validation-split", help="Split to validate on (default val; '' for none).")

@@ -631,6 +631,7 @@ def claim(path: str, stage: str, *, complete_marker: str | None, overwrite: bool
       TfsegError: the output is refused; nothing was touched.
     """
     assert stage in STAGES, stage
+    _LAST_CLAIMED[:] = [str(path)]
     check_not_overlapping(path, inputs, option=option)
     _check_writable_location(path, option)
     if not lock:
@@ -646,6 +647,14 @@ def claim(path: str, stage: str, *, complete_marker: str | None, overwrite: bool
         if not held:
             release_lock(path)
         raise
+
+
+_LAST_CLAIMED: list[str] = []
+
+
+def last_claimed() -> str | None:
+    """The output this process claimed last (named in the CLI's full-disk line)."""
+    return _LAST_CLAIMED[-1] if _LAST_CLAIMED else None
 
 
 def _snapshot(path: str) -> frozenset[str]:

@@ -19,6 +19,7 @@ float32 probabilities, (B, H, W, 1) sigmoid for binary tasks or (B, H, W, K) sof
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -250,9 +251,52 @@ def load_model(run_dir: str, which: str = MODEL_FILE):
 
     import tfseg.models  # noqa: F401  registers tfseg's custom layers and losses for deserialization
 
-    model = keras.saving.load_model(path, compile=False)
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as e:  # noqa: BLE001 - zipfile, h5py, Keras's safe mode: one line each
+        from tfseg.outputs import safe
+
+        detail = safe(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        if "lambda" in detail.lower() and "safe" in detail.lower():
+            detail = "it holds a Lambda layer, whose Python code Keras's safe mode refuses to load"
+        elif type(e).__name__ in ("BadZipFile", "FileNotFoundError", "EOFError") or "zip" in detail.lower():
+            detail = "not a complete .keras file (truncated, or not a zip archive); re-run `tfseg fit` to publish it again"
+        raise TfsegError(f"{path}: cannot load the model: {detail[:300]}") from None
     check_finite_weights(model, path)
+    with contextlib.suppress(OSError):
+        run_json = os.path.join(run_dir, RUN_JSON)
+        from tfseg import outputs
+
+        if outputs.isfile(run_json):
+            check_model_facts(model, RunInfo.from_json(json.loads(outputs.read_text(run_json)), run_json), path)
     return model
+
+
+def check_model_facts(model, run: "RunInfo", where: str) -> None:
+    """Refuses a model whose input or head disagrees with its run.json / tfseg.json facts.
+
+    Raises:
+      TfsegError: naming the fact, the recorded value and the model's.
+    """
+    inputs = tuple(model.inputs[0].shape) if model.inputs else None
+    out = tuple(model.outputs[0].shape) if model.outputs else None
+    if inputs is not None:
+        if len(inputs) != run.ndim + 2:
+            raise TfsegError(f"{where}: run.json says ndim {run.ndim}, the model takes {len(inputs) - 2}D inputs")
+        if inputs[-1] is not None and int(inputs[-1]) != run.channels:
+            raise TfsegError(f"{where}: run.json says {run.channels} channel(s), the model takes {inputs[-1]}")
+        spatial = inputs[1:-1]
+        if all(d is not None for d in spatial) and tuple(int(d) for d in spatial) != tuple(run.size):
+            raise TfsegError(f"{where}: run.json's {run.size_key} is {'x'.join(map(str, run.size))}, the model takes "
+                             f"{'x'.join(str(int(d)) for d in spatial)}")
+    if run.binary and run.num_classes != 2:
+        raise TfsegError(f"{where}: run.json says {run.num_classes} classes with a one-unit sigmoid head, which "
+                         "separates 2")
+    if out is not None and out[-1] is not None:
+        units = 1 if run.binary else run.num_classes
+        if int(out[-1]) != units:
+            raise TfsegError(f"{where}: run.json says {run.num_classes} classes ({run.head} head of {units} unit(s)), "
+                             f"the model's head has {out[-1]}")
 
 
 def check_finite_weights(model, where: str) -> None:

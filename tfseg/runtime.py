@@ -23,6 +23,7 @@ import logging
 import os
 
 from tfseg.errors import TfsegError
+from tfseg.watchdog import unreachable  # noqa: F401 - fit names the silent peers with it
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,36 @@ def tf_config() -> dict | None:
         cfg = json.loads(text)
     except json.JSONDecodeError as e:
         raise TfsegError(f"TF_CONFIG: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or "cluster" not in cfg:
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("cluster"), dict):
         raise TfsegError("TF_CONFIG: expected a JSON object with 'cluster' and 'task'")
+    task = cfg.get("task") or {}
+    kind, index = task.get("type", "worker"), task.get("index", 0)
+    members = cfg["cluster"].get(kind)
+    if not isinstance(members, list) or not members:
+        raise TfsegError(f"TF_CONFIG: task type {kind!r} has no addresses in the cluster "
+                         f"({', '.join(sorted(cfg['cluster'])) or 'empty'})")
+    if not isinstance(index, int) or not 0 <= index < len(members):
+        raise TfsegError(f"TF_CONFIG: task index {index!r} is outside the cluster's {len(members)} {kind} "
+                         f"address(es)")
     return cfg
+
+
+def peers() -> list[tuple[str, str]]:
+    """(task name, address) of every other member of the TF_CONFIG cluster."""
+    cfg = tf_config() or {}
+    task = cfg.get("task") or {}
+    me = (task.get("type", "worker"), task.get("index", 0))
+    return [(f"{kind} {i}", addr) for kind, addrs in sorted(cfg.get("cluster", {}).items())
+            for i, addr in enumerate(addrs) if (kind, i) != me]
+
+
+def own_address() -> str | None:
+    """This task's ``host:port`` in TF_CONFIG."""
+    cfg = tf_config() or {}
+    task = cfg.get("task") or {}
+    members = cfg.get("cluster", {}).get(task.get("type", "worker")) or []
+    index = task.get("index", 0)
+    return members[index] if isinstance(index, int) and 0 <= index < len(members) else None
 
 
 def is_chief() -> bool:
@@ -132,7 +160,7 @@ def configure_cpu_replicas(n: int) -> None:
         ) from None
 
 
-def make_strategy(cpu_replicas: int | None = None):
+def make_strategy(cpu_replicas: int | None = None, peer_timeout: float = 300.0):
     """Creates the tf.distribute strategy for this process (see the module docstring).
 
     Call this before any other TensorFlow work: both the logical CPU split and the
@@ -141,6 +169,7 @@ def make_strategy(cpu_replicas: int | None = None):
     Args:
       cpu_replicas: split the CPU into this many logical devices and mirror over them;
         None or 0 for the automatic choice.
+      peer_timeout: multi-worker: seconds a collective may wait for the other workers.
 
     Returns:
       A ``tf.distribute.Strategy``.
@@ -155,7 +184,14 @@ def make_strategy(cpu_replicas: int | None = None):
     if tf_config() is not None:
         if cpu_replicas and int(cpu_replicas) > 1:
             raise TfsegError("--cpu-replicas cannot be combined with TF_CONFIG (multi-worker training)")
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        from tfseg.watchdog import Deadline, wait_for_peers
+
+        wait_for_peers(own_address(), peers(), peer_timeout, "TF_CONFIG: waiting for the other workers")
+
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=float(peer_timeout))
+        # TensorFlow waits here for every worker, holding the GIL: guarded from outside Python.
+        with Deadline(peer_timeout, peers(), "TF_CONFIG: waiting for the other workers"):
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         logger.info("MultiWorkerMirroredStrategy: %d replicas in sync", strategy.num_replicas_in_sync)
         return strategy
     if cpu_replicas and int(cpu_replicas) > 1:

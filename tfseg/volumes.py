@@ -107,6 +107,11 @@ def read_volume(path: str, channels: int, record: dict | None = None):
         data = data[..., None]
     if data.ndim != 4 or data.shape[-1] != channels:
         raise ValueError(f"volume shape {data.shape}: the model needs (X, Y, Z, {channels})")
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        # A NaN reaches every statistic and the z-score: the mask came out all background.
+        raise ValueError(f"{bad} of {data.size} voxels are NaN or infinite; tfseg does not guess values for them "
+                         "(replace them, e.g. by 0 outside the brain, and predict again)")
     return apply_record(data, record), img
 
 

@@ -378,8 +378,9 @@ def _read_nifti(path: str, *, ndim: int, integer: bool = False) -> tuple[np.ndar
             raise BadCase(path, f"label values {sorted(int(v) for v in np.unique(data[data < 0]))} are negative")
         return data, zooms
     data = data.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(data)):
-        raise BadCase(path, "non-finite intensities")
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise BadCase(path, f"{bad} of {data.size} voxels are NaN or infinite")
     return data, zooms
 
 

@@ -196,3 +196,17 @@ def atomic_checkpoint(filepath: str, **kwargs):
                 replace_file(tmp, super()._get_file_path(epoch, batch, logs))
 
     return AtomicCheckpoint(filepath, **kwargs)
+
+
+def remove_torn_files(run_dir: str, folders=("backup", "checkpoints")) -> None:
+    """Removes the temporary files (``.tfseg-tmp-PID-*``) that dead fits left half written."""
+    prefix = f"{outputs.INTERNAL_PREFIX}tmp-"
+    for folder in folders:
+        path = outputs.join(run_dir, folder)
+        if not outputs.isdir(path):
+            continue
+        for name in outputs.listdir(path):
+            pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+            if pid.isdigit() and not outputs.pid_alive(int(pid)):
+                logger.info("removing %s, left half written by an interrupted fit", outputs.join(path, name))
+                outputs.remove(outputs.join(path, name))

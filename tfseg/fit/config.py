@@ -59,6 +59,8 @@ class FitConfig:
       monitor: the metric that picks the best checkpoint (e.g. ``val_mean_iou``); ``"auto"``.
       num_classes: optional check against dataset.json.
       seed: random seed for shuffling, augmentation and weight initialization.
+      peer_timeout: multi-worker (TF_CONFIG): seconds to wait for the other workers at start-up
+        and in each collective before exiting with a line naming those that did not answer.
       deterministic: deterministic input order (slower).
       cache: cache decoded training examples in memory.
       tensorboard: write TensorBoard logs to RUN_DIR/logs.
@@ -97,6 +99,7 @@ class FitConfig:
     monitor: str = "auto"
     num_classes: int | None = None
     seed: int | None = None
+    peer_timeout: float = 300.0
     deterministic: bool = False
     cache: bool = False
     tensorboard: bool = True
@@ -180,12 +183,13 @@ _INT_KEYS = {
     "epochs", "batch_size", "plateau_patience", "cpu_replicas", "steps_per_epoch",
     "validation_steps", "early_stopping", "num_classes", "seed", "verbose",
 }
-_FLOAT_KEYS = {"learning_rate", "weight_decay", "momentum", "plateau_factor", "min_learning_rate"}
+_FLOAT_KEYS = {"peer_timeout", "learning_rate", "weight_decay", "momentum", "plateau_factor", "min_learning_rate"}
 _BOOL_KEYS = {"deterministic", "cache", "tensorboard"}
 _ANY = lambda v: True  # noqa: E731
 # (key, lower check, upper check, wording) for numbers whose sign or range matters.
 _RANGES = (
     ("learning_rate", lambda v: v > 0, _ANY, "> 0"),
+    ("peer_timeout", lambda v: v > 0, _ANY, "> 0 seconds"),
     ("weight_decay", lambda v: v >= 0, _ANY, ">= 0"),
     ("momentum", lambda v: v >= 0, lambda v: v < 1, "in [0, 1)"),
     ("plateau_factor", lambda v: v > 0, lambda v: v < 1, "in (0, 1)"),

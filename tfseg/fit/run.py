@@ -79,6 +79,7 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
         outputs.rmtree(os.path.join(run_dir, BACKUP_DIR))
         outputs.copy_tree(os.path.join(final_dir, BACKUP_DIR), os.path.join(run_dir, BACKUP_DIR))
     # A backup torn by a kill or a full disk falls back to the previous epoch's, or to a fresh start.
+    backup.remove_torn_files(run_dir)
     finished = backup.recover(run_dir, BACKUP_DIR)
     budget_seconds, budget_record, planned_epochs = None, None, cfg.epochs
     if cfg.budget is not None:
@@ -107,7 +108,7 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
 
     # The strategy comes first: logical CPUs and multi-worker collectives must be configured
     # before TensorFlow initializes.
-    strategy = runtime.make_strategy(cfg.cpu_replicas)
+    strategy = runtime.make_strategy(cfg.cpu_replicas, cfg.peer_timeout)
     replicas = strategy.num_replicas_in_sync
     if cfg.batch_size % replicas:
         raise TfsegError(
@@ -256,6 +257,14 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
                 verbose=_keras_verbosity(cfg.verbose),
                 shuffle=False,  # the tf.data pipeline shuffles
             )
+        except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.CancelledError) as e:
+            if not multi_worker:
+                raise
+            down = runtime.unreachable(runtime.peers())
+            raise TfsegError(
+                f"{final_dir}: a collective found no answer within {cfg.peer_timeout:g} s (--peer-timeout)"
+                + (f" from {', '.join(down)}" if down else "") + "; the same command on every worker resumes "
+                "from the last finished epoch") from None
         except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
             from tfseg.data.input import find_bad_shard
 

@@ -1,0 +1,93 @@
+"""Prompt stops: SIGTERM and SIGINT end every command within seconds, with one line.
+
+Python runs signal handlers in the main thread between bytecodes, so a main thread blocked in
+TensorFlow's C++ (a multi-worker start-up waiting for its peers, a collective) or in a Beam job
+never sees them: such a process ignored SIGTERM. :func:`install` keeps Python's handlers (they
+raise :class:`Interrupted` where the main thread can unwind, running every ``finally``: staging
+folders are removed, locks released) and adds a watcher thread woken by the signal's wakeup
+byte: if the main thread has not finished unwinding after :data:`GRACE_SECONDS`, or a second
+signal comes, it writes the line itself and ends the process. Either way the state left is one
+the same command resumes (staging folders of dead processes are removed by the next run, their
+locks taken over, fit resumes from its crash-safe backup).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+GRACE_SECONDS = 10.0
+
+_installed = False
+_first_signal: list[float] = []
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread by SIGINT or SIGTERM (a BaseException, like KeyboardInterrupt,
+    so that ``except Exception`` blocks do not swallow it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = EXIT_CODES.get(signum, 1)
+
+
+def message(signum: int) -> str:
+    name = signal.Signals(signum).name
+    return (f"error: interrupted by {name}; nothing was published, and the same command resumes "
+            "(or starts over) where this one stopped")
+
+
+def _handler(signum, frame):  # noqa: ARG001 - signal handler signature
+    if _first_signal:
+        return  # the watcher ends the process; unwinding is under way
+    _first_signal.append(time.monotonic())
+    raise Interrupted(signum)
+
+
+def _watch(fd: int) -> None:
+    seen = 0
+    while True:
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            return
+        for signum in data:
+            if signum not in EXIT_CODES:
+                continue
+            seen += 1
+            if seen == 1:
+                threading.Thread(target=_deadline, args=(signum,), daemon=True).start()
+            else:
+                _exit_now(signum)
+
+
+def _deadline(signum: int) -> None:
+    time.sleep(GRACE_SECONDS)
+    _exit_now(signum)
+
+
+def _exit_now(signum: int) -> None:
+    try:
+        sys.stderr.write(message(signum) + "\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(EXIT_CODES[signum])
+
+
+def install() -> None:
+    """Installs the handlers and the watcher (main thread only; once per process)."""
+    global _installed
+    if _installed or threading.current_thread() is not threading.main_thread():
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    for signum in EXIT_CODES:
+        signal.signal(signum, _handler)
+    threading.Thread(target=_watch, args=(r,), name="tfseg-signals", daemon=True).start()
+    _installed = True
