@@ -651,6 +651,24 @@ def claim(path: str, stage: str, *, complete_marker: str | None, overwrite: bool
 
 _LAST_CLAIMED: list[str] = []
 
+PAUSE_ENV = "TFSEG_TEST_PAUSE_AT"
+
+
+def pause_point(name: str) -> None:
+    """A named step where a test may stop this process (for a kill -9 at that moment): with
+    ``TFSEG_TEST_PAUSE_AT=name`` the process writes ``TFSEG_TEST_PAUSE_FILE`` (its pid) and waits
+    there until killed. Points: ``publish`` (a staged output complete, not yet renamed into place),
+    ``backup`` (a fit's new backup written under its temporary name, not yet renamed),
+    ``backup-rename`` (half-way through renaming the old pair aside), ``epoch``
+    (a fit's epoch finished and backed up)."""
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    flag = os.environ.get("TFSEG_TEST_PAUSE_FILE")
+    if flag:
+        atomic_write_text(flag, str(os.getpid()))
+    while True:
+        time.sleep(1)
+
 
 def last_claimed() -> str | None:
     """The output this process claimed last (named in the CLI's full-disk line)."""
@@ -829,6 +847,7 @@ def _staged(final: str, stage: str, state: str, seen: frozenset[str], complete_m
     if complete_marker is not None and not isfile(join(staging, complete_marker)):
         rmtree(staging)
         raise RuntimeError(f"tfseg {stage} did not write its completion marker {complete_marker}")
+    pause_point("publish")
     new = _appeared(final, seen)
     if new:
         _refuse_publish(final, staging, stage, new, option)

@@ -143,6 +143,7 @@ def make_backup_callback(backup_dir: str):
 
         def on_epoch_end(self, epoch, logs=None):
             save(self.model, backup_dir, epoch + 1)
+            outputs.pause_point("epoch")
 
     return CrashSafeBackup()
 
@@ -171,8 +172,10 @@ def save(model, backup_dir: str, epoch: int) -> None:
     tmp_meta = _tmp_name(backup_dir, LATEST_META)
     outputs.atomic_write_json(tmp_meta, {"epoch": int(epoch), "batch": 0, "sha256": digest})
     latest_w, latest_m = outputs.join(backup_dir, LATEST_WEIGHTS), outputs.join(backup_dir, LATEST_META)
+    outputs.pause_point("backup")
     if outputs.isfile(latest_w) and _read_meta(latest_m) is not None:
         replace_file(latest_w, outputs.join(backup_dir, PREVIOUS_WEIGHTS))
+        outputs.pause_point("backup-rename")
         replace_file(latest_m, outputs.join(backup_dir, PREVIOUS_META))
     replace_file(tmp_weights, latest_w)
     replace_file(tmp_meta, latest_m)
