@@ -191,3 +191,13 @@ def test_dataset_json_with_wrong_types_is_one_line_naming_file_and_key(tmp_path)
         f.write('{"name": ')
     with pytest.raises(TfsegError, match=r"not a valid tfseg dataset.json \(Expecting value, line 1\)"):
         schema.load_dataset_info(str(tmp_path))
+
+
+def test_an_option_a_layout_without_its_own_init_does_not_take_is_one_line():
+    """voc and isic define no __init__ (object's takes *args, **kwargs): the option is still named."""
+    from tfseg.convert.pipeline import make_layout
+    from tfseg.errors import TfsegError
+
+    for name in ("voc", "isic"):
+        with pytest.raises(TfsegError, match=f"--categories does not apply to --dataset {name}"):
+            make_layout(name, {"categories": "person"})

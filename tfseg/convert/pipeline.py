@@ -92,7 +92,7 @@ def make_layout(layout_name: str, layout_options: dict | None = None) -> Layout:
 
     cls = get_layout_class(layout_name)
     options = {k: v for k, v in (layout_options or {}).items() if v is not None}
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters  # the class: object.__init__ takes *args, **kwargs
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key in options:
         if key not in params and not takes_any:
