@@ -106,3 +106,18 @@ def test_render_markdown_binary_sections():
     # The lesion row of the dataset-level table: IoU 2/3, precision 1, recall 2/3, Dice 4/5.
     assert "| lesion | 0.6667 | 1.0000 | 0.6667 | 0.8000 | 3 |" in md
     assert "## Regions" not in md
+
+
+def test_history_plot_reads_a_run_on_a_non_local_filesystem(tmp_path):
+    """history.png was silently missing for gs:// and ram:// runs (report read with open())."""
+    import tensorflow as tf
+
+    from tfseg import report
+
+    csv_path = "ram://report-history/history.csv"
+    with tf.io.gfile.GFile(csv_path, "w") as f:
+        f.write("epoch,loss,mean_iou,val_loss,val_mean_iou\n0,1.0,0.2,1.1,0.1\n1,0.5,0.4,0.6,0.3\n")
+    assert report.read_history(csv_path)["val_mean_iou"] == [0.1, 0.3]
+    png = str(tmp_path / "history.png")
+    assert report.plot_history(csv_path, png, monitor="val_mean_iou") == png
+    assert os.path.getsize(png) > 0

@@ -82,3 +82,19 @@ def test_fit_writes_run_info_keys(tmp_path):
     assert record["head"] == "softmax" and record["training_flip_axes"] == [0, 1]
     assert record["image_size"] == [32, 32] and record["loss"] == "ce"
     assert RunInfo.from_json(record).flip_axes == (0, 1)
+
+
+def test_run_facts_carry_the_datasets_class_colours():
+    """RunInfo.from_dataset always recorded None: class_colors was no field of DatasetInfo."""
+    from tfseg import rundir, schema
+
+    base = dict(name="folder", ndim=2, channels=3, num_classes=3, class_names=["a", "b", "c"])
+    given = schema.DatasetInfo(**base, class_colors=[[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    assert rundir.RunInfo.from_dataset(given, (32, 32)).class_colors == ((1, 2, 3), (4, 5, 6), (7, 8, 9))
+    # A folder layout's palette, keyed by colour: class 2 is (0, 255, 0) however the keys are ordered.
+    palette = schema.DatasetInfo(**base, label_mapping={"palette": {"0,255,0": {"id": 2}, "255,0,0": {"id": 1}}})
+    colors = rundir.RunInfo.from_dataset(palette, (32, 32)).class_colors
+    assert colors[1] == (255, 0, 0) and colors[2] == (0, 255, 0)
+    # Read back from dataset.json.
+    again = schema.DatasetInfo.from_dict(json.loads(given.to_json()))
+    assert again.class_colors == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]

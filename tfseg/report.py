@@ -13,13 +13,14 @@ Pictures:
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
 from typing import Sequence
 
 import numpy as np
+
+from tfseg import outputs
 
 from tfseg.visualize import IGNORE_COLOR, colorize, overlay, to_display, voc_colormap  # noqa: F401
 
@@ -146,9 +147,11 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str)
 
 
 def read_history(path: str) -> dict[str, list[float]]:
-    """Reads a Keras CSVLogger file into ``{column: [value per epoch]}`` (non-numbers -> NaN)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    """Reads a Keras CSVLogger file, on any filesystem, into ``{column: [value per epoch]}``
+    (non-numbers -> NaN)."""
+    from tfseg.fit.history import read_csv_rows
+
+    rows = read_csv_rows(path)
     cols: dict[str, list[float]] = {}
     for row in rows:
         for key, value in row.items():
@@ -194,7 +197,7 @@ def plot_history(history_csv: str, path: str, *, monitor: str | None = None) -> 
     Returns:
       ``path``, or None when the file is missing or has no epochs (nothing written).
     """
-    if not os.path.isfile(history_csv):
+    if not outputs.isfile(history_csv):
         log.warning("%s: not found; no training history plot", history_csv)
         return None
     hist = read_history(history_csv)

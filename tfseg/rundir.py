@@ -102,12 +102,15 @@ class RunInfo:
     @classmethod
     def from_dataset(cls, info, size, **facts) -> "RunInfo":
         """The facts of a run about to train on ``info`` (a :class:`tfseg.schema.DatasetInfo`)."""
+        from tfseg.visualize import dataset_colors
         ndim = int(info.ndim)
         return cls(
             ndim=ndim, channels=int(info.channels), num_classes=int(info.num_classes),
             head="sigmoid" if info.binary else "softmax", class_names=tuple(info.class_names),
             size=tuple(int(s) for s in size),
-            class_colors=_colors_or_none(getattr(info, "class_colors", None), info.num_classes),
+            # The dataset's colours however it defines them (class_colors, a palette, VOC's map):
+            # recorded, so evaluate, export and predict need not find the dataset again.
+            class_colors=_colors_or_none(dataset_colors(info).tolist(), info.num_classes),
             ignore_index=info.ignore_index, regions=dict(info.regions or {}),
             modalities=tuple(info.modalities or ()), normalization=NORMALIZATION.get(ndim, ""),
             preprocessing=dict(getattr(info, "preprocessing", None) or {}), **facts,

@@ -262,6 +262,8 @@ class DatasetInfo:
       num_classes: number of classes including background; 2 for binary tasks.
       class_names: one name per class id.
       ignore_index: the label value that marks pixels to ignore (VOC's 255), or None.
+      class_colors: [R, G, B] per class when the layout defines them (else the palette in
+        label_mapping, VOC's map or tfseg's fixed map: :func:`tfseg.visualize.dataset_colors`).
       label_mapping: the mapping applied from the source labels, e.g. CCP's 59 -> 14
         (``{"source_names": [...], "table": {source_id: target_id}}``), or {}.
       splits: ``{"train": {"count": N, "files": [...]}, ...}``; files are relative to the json.
@@ -289,6 +291,7 @@ class DatasetInfo:
     class_names: list[str]
     ignore_index: int | None = None
     label_mapping: dict = dataclasses.field(default_factory=dict)
+    class_colors: list | None = None
     splits: dict = dataclasses.field(default_factory=dict)
     class_pixel_counts: dict = dataclasses.field(default_factory=dict)
     size_summary: dict = dataclasses.field(default_factory=dict)

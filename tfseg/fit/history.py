@@ -40,7 +40,11 @@ def backup_epoch(run_dir: str) -> int:
 
 def read_history(run_dir: str) -> list[dict]:
     """The rows of RUN_DIR/history.csv as dicts (strings), [] when absent."""
-    path = os.path.join(run_dir, rundir.HISTORY_CSV)
+    return read_csv_rows(os.path.join(run_dir, rundir.HISTORY_CSV))
+
+
+def read_csv_rows(path: str) -> list[dict]:
+    """The rows of a CSV file on any filesystem (local, gs://, ram://), [] when absent."""
     if not outputs.isfile(path):
         return []
     return list(csv.DictReader(io.StringIO(outputs.read_text(path), newline="")))
