@@ -1,7 +1,7 @@
 """Building blocks shared by tfseg's model builders.
 
 One code path serves 2D and 3D, as MONAI's ``spatial_dims``: :func:`ops_for` picks ``Conv2D`` or
-``Conv3D`` (and friends) from the number of spatial dimensions of the input.
+:class:`Conv3D` (and friends) from the number of spatial dimensions of the input.
 
 Every block takes a ``name`` prefix and names its layers deterministically (``f"{name}_conv"``,
 ``f"{name}_bn"``, ...) so checkpoints and summaries are stable across builds.
@@ -13,12 +13,60 @@ import dataclasses
 from typing import Callable
 
 import keras
+from keras import ops as kops
 
 from tfseg.models.norm import FusedBatchNorm
 
 # Layers that must run in float32 under a mixed precision policy: the logits and everything after
 # them, so probabilities (and the losses computed from them) keep full precision.
 HEAD_DTYPE = "float32"
+
+
+def bf16_conv3d_filter_grad_is_wrong(depth, kernel_depth: int, padding: str, dilation: int = 1) -> bool:
+    """Whether TensorFlow's bfloat16 ``Conv3DBackpropFilterV2`` on CPU gets this convolution wrong.
+
+    The kernel gradient of a bfloat16 3D convolution with ``"same"`` padding is wrong when the
+    input's depth (the first spatial axis) is larger than 1 and smaller than the kernel's extent
+    along it: relative errors around 1 against a float64 reference, and now and then garbage from
+    uninitialized memory (1e33, inf, NaN). Measured on TensorFlow 2.21 with oneDNN on an
+    AVX512-BF16 CPU over 1824 shapes (depth 1-8, kernel depth 1/2/3/5, strides 1/2, "same"/"valid"):
+    every wrong case has 1 < depth < kernel depth and "same" padding; the forward convolution, the
+    input gradient, float16, float32 and 2D convolutions are right. In a U-Net this is the level
+    whose depth is 2 (a 16^3 patch at depth 4, a 32^3 patch at depth 5): the cause of the "loss nan"
+    divergences of issue 20. ``tests/test_numerics.py`` re-runs the sweep against this rule.
+
+    Args:
+      depth: the input's static depth, or None when unknown (then False: nothing to decide on).
+      kernel_depth, dilation: the kernel's size and dilation along the depth.
+      padding: the layer's padding (``"same"`` or ``"valid"``).
+    """
+    if depth is None or str(padding).lower() != "same":
+        return False
+    extent = (int(kernel_depth) - 1) * int(dilation) + 1
+    return 1 < int(depth) < extent
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class Conv3D(keras.layers.Conv3D):
+    """``keras.layers.Conv3D`` that convolves in float32 where the bfloat16 kernel gradient is wrong.
+
+    Under ``mixed_bfloat16``, a call whose input depth makes TensorFlow's bfloat16 kernel gradient
+    wrong (:func:`bf16_conv3d_filter_grad_is_wrong`, decided from the static shape when the layer
+    is traced) casts the input and kernel to float32 for the convolution (forward, input gradient
+    and kernel gradient run in float32) and the result back to the compute dtype; every other call
+    is Keras's bfloat16 convolution. The affected layers are the small ones at the bottom of a
+    U-Net (depth 2), so the cost is small (BENCHMARKS.md, issue 20). Same weights, same config
+    as Keras's layer: weight files of either load into the other.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        depth = inputs.shape[1] if self.data_format == "channels_last" else inputs.shape[2]
+        if kops.dtype(inputs) == "bfloat16" and bf16_conv3d_filter_grad_is_wrong(
+            depth, self.kernel_size[0], self.padding, self.dilation_rate[0]
+        ):
+            outputs = super().convolution_op(kops.cast(inputs, "float32"), kops.cast(kernel, "float32"))
+            return kops.cast(outputs, "bfloat16")
+        return super().convolution_op(inputs, kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +99,7 @@ def ops_for(ndim: int) -> SpatialOps:
     if ndim == 3:
         return SpatialOps(
             3,
-            keras.layers.Conv3D,
+            Conv3D,
             keras.layers.Conv3DTranspose,
             keras.layers.MaxPooling3D,
             keras.layers.UpSampling3D,
