@@ -274,3 +274,24 @@ def test_plan_document_converts_like_the_dataset_was_converted():
                               "image_size": "64x96"}
     assert doc["dataset"] == "folder" and doc["fit"] == {"model": "unet"} and doc["reasons"] == {"loss": "why"}
     assert "convert" not in plan_document({"name": "x"}, plan)
+
+
+def test_flip_rule_mirrors_photographs_and_keeps_sides():
+    """Issue 21: a 12-class street scene lost its left-right flips because the pavement sits
+    off-centre under left-hand traffic; a mirrored photo is still a plausible photo. Data with a
+    side or a reading direction is never mirrored, and grayscale scans keep the symmetry test."""
+    from tfseg.plan import choose_flips
+
+    street = _fp([[0.5, 0.5], [0.7, 0.22], [0.3, 0.5]], mirror=(0.5, 0.03))  # pavement on the left
+    street["channels"] = 3
+    axes, why = choose_flips(street)
+    assert axes == [1] and "colour photographs" in why
+    scan = dict(street, channels=1)  # the same statistics on a grayscale scan: a side matters
+    assert choose_flips(scan)[0] == []
+    lungs = _fp([[0.5, 0.5], [0.5, 0.3], [0.5, 0.7]], mirror=(0.0, 0.0))
+    lungs.update(channels=3, class_names=["background", "left_lung", "right_lung"])
+    axes, why = choose_flips(lungs)
+    assert 1 not in axes and "left_lung" in why
+    text = dict(street, class_names=["background", "text", "photo"])
+    assert choose_flips(text)[0] == []
+    assert choose_flips(lungs, "lr")[0] == [1]  # --flips overrides

@@ -19,12 +19,16 @@ The fingerprint (:func:`fingerprint`) reads dataset.json and a sample of the tra
 
 The rules (:func:`make_plan`), each with its reason in the printed table and in plan.yaml:
 
-1. **flips**: a left-right (up-down) flip is used only when the data looks the same mirrored along
-   that axis: every class found in at least 10% of the sampled images has its mean position
-   within 0.1 of the middle along it, and the image's mean-intensity profile along it differs
-   from its mirror by at most 0.15 of the intensity spread. Upright photos (hair at the top, shoes at the bottom, sky above) fail the up-down
-   test, so they are never flipped upside down; dermoscopy lesions pass both. 3D volumes are
-   mirrored along all axes (nnU-Net's default). ``--flips`` overrides.
+1. **flips**: an up-down flip is used only when the data looks the same mirrored along that
+   axis: every class found in at least 10% of the sampled images has its mean position within
+   0.1 of the middle along it, and the image's mean-intensity profile along it differs from its
+   mirror by at most 0.15 of the intensity spread. Upright photos (hair at the top, shoes at the
+   bottom, sky above) fail it, so they are never flipped upside down; dermoscopy lesions pass.
+   Left-right: never when a class name carries a side or a reading direction (``left_lung``,
+   ``text``, ``digit``: a mirror would mislabel); always for colour photographs (3 channels:
+   people, streets, scenes; a mirrored photo is a plausible photo wherever one class sits);
+   otherwise (grayscale scans, other channel counts) by the same symmetry test as up-down. 3D
+   volumes are mirrored along all axes (nnU-Net's default). ``--flips`` overrides.
 2. **input size**: the median image size, aspect kept, scaled down (never up) to the largest size
    at which the budget allows ``TARGET_EPOCHS`` epochs (from a measured step time, time taken as
    proportional to pixels), but not below a floor: short side 64 px and the smallest class's
@@ -295,6 +299,10 @@ def receptive_field(depth: int) -> int:
     return int(rf)
 
 
+# Class names that give an image a side or a reading direction: mirroring would swap or garble them.
+_SIDED = re.compile(r"(^|[^a-z])(left|right|text|word|letter|digit|character)", re.IGNORECASE)
+
+
 def choose_flips(fp: dict, override: str = "auto") -> tuple[list[int], str]:
     """Spatial axes safe to flip (0 = top-bottom, 1 = left-right in 2D), with the reason."""
     ndim = fp["ndim"]
@@ -309,17 +317,28 @@ def choose_flips(fp: dict, override: str = "auto") -> tuple[list[int], str]:
         return [0, 1, 2], "3D volume: mirrored along every axis (nnU-Net's default)"
     axes, why = [], []
     names = {0: "up-down", 1: "left-right"}
+    sided = [n for n in fp["class_names"] if _SIDED.search(str(n))]
+    photos = int(fp.get("channels") or 0) == 3
     for axis in (0, 1):
         off = [(abs(p[axis] - 0.5), c) for c, p in enumerate(fp["class_position"])
                if p is not None and c > 0 and fp["class_presence"][c] >= MIN_PRESENCE]
         worst = max(off) if off else (0.0, None)
         mirror = fp["intensity_mirror_difference"][axis]
-        ok = worst[0] <= SYMMETRY_TOLERANCE and mirror <= INTENSITY_TOLERANCE
+        symmetric = worst[0] <= SYMMETRY_TOLERANCE and mirror <= INTENSITY_TOLERANCE
+        cls = fp["class_names"][worst[1]] if worst[1] is not None else "-"
+        evidence = (f"{cls} centred {worst[0]:.2f} off the middle, limit {SYMMETRY_TOLERANCE}; intensity mirror "
+                    f"difference {mirror:.2f}, limit {INTENSITY_TOLERANCE}")
+        if axis == 1 and sided:
+            ok, reason = False, f"class names carry a side or a reading direction ({sided[0]}): a mirror would mislabel"
+        elif axis == 1 and photos and not symmetric:
+            # Where one class sits says nothing about whether a mirrored photo is a plausible photo
+            # (pavement off-centre under left-hand traffic mirrors into right-hand traffic).
+            ok, reason = True, f"colour photographs: a mirrored photo is a plausible photo ({evidence})"
+        else:
+            ok, reason = symmetric, evidence
         if ok:
             axes.append(axis)
-        cls = fp["class_names"][worst[1]] if worst[1] is not None else "-"
-        why.append(f"{names[axis]} {'yes' if ok else 'no'} ({cls} centred {worst[0]:.2f} off the middle, "
-                   f"limit {SYMMETRY_TOLERANCE}; intensity mirror difference {mirror:.2f}, limit {INTENSITY_TOLERANCE})")
+        why.append(f"{names[axis]} {'yes' if ok else 'no'} ({reason})")
     return axes, "; ".join(why)
 
 
