@@ -121,6 +121,44 @@ def test_rule_covers_every_wrong_bf16_conv3d_kernel_gradient():
     assert not missed, f"bfloat16 kernel gradients wrong outside the rule: {missed}"
 
 
+def test_bf16_conv2d_kernel_gradient_is_right():
+    """2D models need no rule: TensorFlow's bfloat16 Conv2DBackpropFilter is right at every small
+    height/kernel combination (the 3D bug's analogue), against numpy (a depth-1 3D convolution)."""
+    rng = np.random.default_rng(1)
+    for height in range(1, 6):
+        for k in (1, 2, 3, 5):
+            for stride in (1, 2):
+                x = _bf16(rng.standard_normal((2, height, 7, 6)))
+                outs = [_pads(s, k, stride, "SAME")[0] for s in (height, 7)]
+                dy = _bf16(rng.standard_normal((2, *outs, 5)))
+                got = tf.raw_ops.Conv2DBackpropFilter(
+                    input=tf.constant(x, tf.bfloat16), filter_sizes=(k, k, 6, 5),
+                    out_backprop=tf.constant(dy, tf.bfloat16), strides=[1, stride, stride, 1], padding="SAME",
+                ).numpy()
+                ref = np_conv3d_filter_grad(x[:, None], dy[:, None], (1, k, k, 6, 5), stride, "SAME")[0]
+                assert _rel_err(got, ref) < 0.03, (height, k, stride)
+
+
+@pytest.mark.parametrize("name", ["bce", "bce_dice", "dice", "focal", "tversky", "ce", "ce_dice"])
+def test_losses_finite_on_saturated_bf16_predictions(name):
+    """The loss terms the issue suspected (logs, the Dice denominator) on bfloat16 probabilities
+    of exactly 0 and 1, an absent class and an all-ignored batch: finite values and gradients."""
+    from tfseg.losses import get_loss
+
+    binary = name.startswith("bce")
+    k = 2 if binary else 3
+    logits = tf.Variable(np.array([[[60.0, -60.0, 0.0], [-60.0, 60.0, 0.0]]], "float32").reshape(1, 1, 2, 3))
+    truth = np.array([[[1], [1]]], "float32").reshape(1, 1, 2, 1)  # class 2 never present
+    loss = get_loss(name, num_classes=k, ignore_index=255)
+    for y in (truth, np.full_like(truth, 255)):
+        with tf.GradientTape() as tape:
+            z = tf.cast(logits[..., :1] if binary else logits, tf.bfloat16)
+            probs = tf.sigmoid(z) if binary else tf.nn.softmax(z)
+            value = loss(y, probs)
+        grad = tape.gradient(value, logits)
+        assert np.isfinite(float(value)) and np.isfinite(grad.numpy()).all(), (name, float(value))
+
+
 def test_rule():
     assert bf16_conv3d_filter_grad_is_wrong(2, 3, "same")
     assert bf16_conv3d_filter_grad_is_wrong(4, 5, "SAME")

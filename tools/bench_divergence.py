@@ -12,8 +12,11 @@
    * 3d: ``msd-brain`` (6 cases), ``--model unet --epochs 1 --batch-size 2 --patch-size 16x16x16``;
    * 2d: ``carvana`` (16 cases: train 8, val 4), ``--model unet --epochs 1 --batch-size 2 --image-size 32x32``.
 
-   A fit counts as diverged when fit's health guard stops it (non-finite loss or weights) or its
-   validation loss is not finite. To keep 120 fits affordable, each fit stops after the first
+   Each fit runs in a fresh Python process, as a user's ``tfseg fit`` does: the bug behind issue 20
+   reads uninitialized memory, so whether a wrong gradient is harmless or 1e33 depends on what the
+   process's allocator held before (in one long process, 0 of 8 fits without the fix diverged;
+   ``--in-process`` runs them that way). A fit counts as diverged when fit's health guard stops it
+   (non-finite loss or weights) or its validation loss is not finite. To keep 120 fits affordable, each fit stops after the first
    epoch's training steps, the batch-norm statistics re-estimate and the validation pass (every
    computation that can go non-finite) and skips what follows them (checkpoint writes, the
    end-of-fit health check, publishing); ``--full`` runs the fits to the end.
@@ -128,7 +131,23 @@ def one_fit(data: str, out: str, seed: int, size_key: str, size: str, precision:
     return {"diverged": bool(why), "why": why, "seconds": round(time.time() - started, 1)}
 
 
-def bench_divergence(work: str, arms: list[str], seeds: int, first_seed: int, fix: bool, full: bool) -> dict:
+def _fit_in_child(job: dict) -> dict:
+    """:func:`one_fit` in a fresh process (``--child``)."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"fit child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def _child(job: dict) -> None:
+    with without_fix(not job.pop("fix")):
+        print(json.dumps(one_fit(**job)), flush=True)
+
+
+def bench_divergence(work: str, arms: list[str], seeds: int, first_seed: int, fix: bool, full: bool,
+                     in_process: bool = False) -> dict:
     import keras
 
     result = {}
@@ -136,13 +155,18 @@ def bench_divergence(work: str, arms: list[str], seeds: int, first_seed: int, fi
         layout, count, size_key, size, precision = ARMS[arm]
         data = sample_data(work, layout, count)
         runs = []
-        with without_fix(not fix):
-            for seed in range(first_seed, first_seed + seeds):
-                r = one_fit(data, os.path.join(work, f"run-{arm}"), seed, size_key, size, precision, full)
+        for seed in range(first_seed, first_seed + seeds):
+            job = dict(data=data, out=os.path.join(work, f"run-{arm}"), seed=seed, size_key=size_key, size=size,
+                       precision=precision, full=full)
+            if in_process:
+                with without_fix(not fix):
+                    r = one_fit(**job)
                 keras.backend.clear_session()
-                runs.append({"seed": seed, **r})
-                print(f"{arm} seed {seed}: {'DIVERGED ' + r['why'] if r['diverged'] else 'ok'} ({r['seconds']} s)",
-                      flush=True)
+            else:
+                r = _fit_in_child({**job, "fix": fix})
+            runs.append({"seed": seed, **r})
+            print(f"{arm} seed {seed}: {'DIVERGED ' + r['why'] if r['diverged'] else 'ok'} ({r['seconds']} s)",
+                  flush=True)
         result[arm] = {
             "diverged": sum(r["diverged"] for r in runs), "runs": len(runs),
             "diverged_seeds": [r["seed"] for r in runs if r["diverged"]],
@@ -151,7 +175,7 @@ def bench_divergence(work: str, arms: list[str], seeds: int, first_seed: int, fi
         }
     from tfseg import runtime
 
-    return {"fix": fix, "full_fits": full, "auto_precision": runtime.resolve_precision("auto", num_gpus=0),
+    return {"fix": fix, "full_fits": full, "in_process": in_process, "auto_precision": runtime.resolve_precision("auto", num_gpus=0),
             "arms": result}
 
 
@@ -251,6 +275,8 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--without-fix", action="store_true", help="the code before the issue-20 fix")
     parser.add_argument("--full", action="store_true", help="run every fit to the end (slower)")
+    parser.add_argument("--in-process", action="store_true", help="all fits in this process (see 1.)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--brats", default=os.path.join("..", "shared", "data", "brats"))
     parser.add_argument("--epochs", type=int, default=5, help="brats: epochs per run")
     parser.add_argument("--brats-seeds", type=int, default=2)
@@ -258,6 +284,8 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
+    if args.child:
+        return _child(json.loads(args.child))
     only = args.only or ["divergence"]
     work = args.work or tempfile.mkdtemp(prefix="tfseg-bench-divergence-")
     os.makedirs(work, exist_ok=True)
@@ -268,7 +296,7 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
         results["divergence"] = bench_divergence(work, arms, args.seeds, args.first_seed, not args.without_fix,
-                                                 args.full)
+                                                 args.full, args.in_process)
     if "speed" in only:
         results["speed"] = bench_speed()
     if "brats" in only:
