@@ -23,6 +23,12 @@
    ``--without-fix`` turns :func:`tfseg.models.layers.bf16_conv3d_filter_grad_is_wrong` off, so the
    3D U-Net's depth-2 level takes TensorFlow's bfloat16 kernel gradient again: the code as it was.
 
+   ``--only repro`` is the deterministic part: the default 3D U-Net (seed 0, 16^3, batch 2, the
+   first batch of the seeded sample pipeline), one training step in mixed_bfloat16 with and
+   without the fix; for each convolution at depth 2, the kernel gradient against numpy's float64
+   kernel gradient from the layer's own input and output gradient. Without the fix the error is
+   ~100% on every run (its size, up to 1e33, varies with the allocator); with it, bf16 rounding.
+
 2. speed: train steps/s of the default 3D U-Net (batch 2) at 16^3 and 32^3 patches in
    mixed_bfloat16 with the fix over without it (the layers whose depth is 2 convolve in float32),
    interleaved rounds in one process, median of rounds; plus float32 over bfloat16 for scale.
@@ -179,6 +185,77 @@ def bench_divergence(work: str, arms: list[str], seeds: int, first_seed: int, fi
             "arms": result}
 
 
+def _np_filter_grad(x, dy, kernel_shape):
+    """float64 numpy kernel gradient of a stride-1 "same" 3D convolution (NDHWC)."""
+    import numpy as np
+
+    k = kernel_shape[:3]
+    xp = np.pad(x, [(0, 0)] + [((kk - 1) // 2, kk - 1 - (kk - 1) // 2) for kk in k] + [(0, 0)])
+    d, h, w = x.shape[1:4]
+    dk = np.zeros(kernel_shape)
+    for a in range(k[0]):
+        for b in range(k[1]):
+            for c in range(k[2]):
+                dk[a, b, c] = np.einsum("nzyxi,nzyxo->io", xp[:, a:a + d, b:b + h, c:c + w], dy)
+    return dk
+
+
+def bench_repro(work: str, seed: int = 0) -> dict:
+    """The wrong kernel gradients of one seeded training step, without and with the fix."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tfseg import runtime
+    from tfseg.fit.checks import check_against_dataset
+    from tfseg.fit.config import FitConfig
+    from tfseg.fit.inputs import make_datasets
+    from tfseg.losses import get_loss
+    from tfseg.models import build_model
+    from tfseg.models import layers as L
+    from tfseg.schema import load_dataset_info
+
+    data = sample_data(work, "msd-brain", 6)
+    cfg = FitConfig.from_dict(dict(data=data, model="unet", output=os.path.join(work, "unused"), epochs=1,
+                                   batch_size=2, patch_size="16x16x16", seed=seed, deterministic=True))
+    info = load_dataset_info(data)
+    plan = check_against_dataset(cfg, info)
+    x, y = next(iter(make_datasets(cfg, plan, 2, False, (1, 2))[0]))
+    bf16 = lambda t: tf.cast(tf.cast(t, tf.bfloat16), tf.float64).numpy()  # noqa: E731
+    out = {}
+    affected = L.bf16_conv3d_filter_grad_is_wrong  # the rule itself, also while without_fix is on
+    old = runtime.set_precision("mixed_bfloat16")
+    try:
+        for fix in (False, True):
+            with without_fix(not fix):
+                keras.utils.set_random_seed(seed)
+                model = build_model("unet", input_shape=tuple(plan.size) + (info.channels,),
+                                    num_classes=info.num_classes)
+                convs = [c for c in model._flatten_layers() if isinstance(c, L.Conv3D) and c.compute_dtype == "bfloat16"
+                         and affected(c.input.shape[1], c.kernel_size[0], c.padding)]
+                probe = keras.Model(model.inputs[0], [c.input for c in convs] + [c.output for c in convs]
+                                    + list(model.outputs))
+                loss = get_loss(plan.loss, num_classes=info.num_classes)
+                with tf.GradientTape() as tape:
+                    outs = probe(x, training=True)
+                    value = loss(y, outs[-1])
+                assert len(outs) == 2 * len(convs) + 1 and convs
+                n = len(convs)
+                grads = tape.gradient(value, list(outs[n:2 * n]) + [c.kernel.value for c in convs])
+            rows = {}
+            for i, c in enumerate(convs):
+                ref = _np_filter_grad(bf16(outs[i]), bf16(grads[i]), tuple(c.kernel.shape))
+                got = grads[n + i].numpy().astype(np.float64)
+                err = float(np.abs(got - ref).max() / np.abs(ref).max()) if np.isfinite(got).all() else float("inf")
+                rows[c.name] = {"rel_err": float(f"{err:.3g}"), "max_abs_grad": float(f"{np.abs(got).max():.3g}"),
+                                "reference_max_abs": float(f"{np.abs(ref).max():.3g}")}
+            out["with_fix" if fix else "without_fix"] = rows
+    finally:
+        runtime.set_precision(old)
+    return {"setup": f"unet defaults, msd-brain sample, 16^3, batch 2, seed {seed}, loss {plan.loss}, step 1",
+            **out}
+
+
 def bench_speed(steps: int = 6, rounds: int = 3) -> dict:
     """Train steps/s of the default 3D U-Net with and without the fix (interleaved rounds)."""
     import keras
@@ -269,7 +346,7 @@ def bench_brats(work: str, source: str, epochs: int, seeds: int, patch: str) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["divergence", "speed", "brats"], action="append")
+    parser.add_argument("--only", choices=["divergence", "repro", "speed", "brats"], action="append")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--seeds", type=int, default=30)
     parser.add_argument("--first-seed", type=int, default=0)
@@ -297,6 +374,8 @@ def main() -> None:
             parser.error(f"unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
         results["divergence"] = bench_divergence(work, arms, args.seeds, args.first_seed, not args.without_fix,
                                                  args.full, args.in_process)
+    if "repro" in only:
+        results["repro"] = bench_repro(work)
     if "speed" in only:
         results["speed"] = bench_speed()
     if "brats" in only:
