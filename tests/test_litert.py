@@ -129,12 +129,12 @@ def test_model_input_is_the_recorded_preprocessing():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny U-Net trained 3 epochs on the squares dataset, exported float32 and int8."""
+    """A tiny U-Net trained 8 epochs on 48 squares (foreground IoU ~1 on val), exported float32 and int8."""
     from tfseg.export import run_export
 
     root = tmp_path_factory.mktemp("litert")
     data = helpers.write_2d_dataset(str(root / "data"), {"train": 48, "val": 8}, size=32)
-    run = helpers.fit(helpers.tiny_fit_config(data, str(root / "run"), epochs=3))
+    run = helpers.fit(helpers.tiny_fit_config(data, str(root / "run"), epochs=8, learning_rate=0.01))
     exports = str(root / "exports")
     f32 = run_export(run, exports, "sq", format="litert")
     i8 = run_export(run, exports, "sq", format="litert", quantize="int8", calibration_records=32)
@@ -202,7 +202,9 @@ def test_int8_masks_agree_with_float32(trained):
     b = np.stack([i8.mask(im.astype(np.uint8)) for im in images])
     agreement = float((a == b).mean())
     assert agreement >= INT8_AGREEMENT, agreement
-    assert float((a == masks).mean()) > 0.8  # the model learned something: agreement is not on noise
+    # The model learned the squares: agreement is not on an all-background mask (measured 1.0).
+    fg_iou = float(((a == 1) & (masks == 1)).sum() / ((a == 1) | (masks == 1)).sum())
+    assert fg_iou > 0.8, fg_iou
 
 
 def _tfseg(*args, cwd=None):

@@ -447,6 +447,8 @@ from ai_edge_litert.interpreter import Interpreter
 
 runner = Interpreter(model_path="{name}/VERSION/model.tflite").get_signature_runner("{lit['signature']}")
 image = Image.open("photo.jpg").convert("{'RGB' if c == 3 else 'L'}")
+# PIL's bilinear antialiases when shrinking, as `tfseg convert --image-size` does; the exact
+# reference of the steps above is tfseg.litert.model_input(image, size, preprocessing).
 x = np.asarray(image.resize(({w}, {h}), Image.BILINEAR), np.uint8).reshape(1, {h}, {w}, {c})
 out = runner({lit['input']['name']}=x)
 mask = Image.fromarray(out["mask"][0]).resize(image.size, Image.NEAREST)
@@ -455,10 +457,12 @@ mask = Image.fromarray(out["mask"][0]).resize(image.size, Image.NEAREST)
 ## Kotlin (Android, LiteRT: implementation "com.google.ai.edge.litert:litert:+")
 
 ```kotlin
+import android.graphics.Bitmap
 import org.tensorflow.lite.Interpreter
 import java.nio.ByteBuffer
 import java.nio.ByteOrder
 
+// loadModelFile: the asset memory-mapped (FileChannel.map), as in LiteRT's Android samples
 val interpreter = Interpreter(loadModelFile(context, "model.tflite"), Interpreter.Options().setNumThreads(4))
 val scaled = Bitmap.createScaledBitmap(bitmap, {w}, {h}, true)
 val input = ByteBuffer.allocateDirect({h} * {w} * {c}).order(ByteOrder.nativeOrder())
