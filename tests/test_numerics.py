@@ -169,25 +169,48 @@ def test_rule():
     assert not bf16_conv3d_filter_grad_is_wrong(None, 3, "same")
 
 
-@pytest.mark.parametrize("depth", [2, 4])
-def test_conv3d_layer_bf16_matches_float64(policy, depth):
-    """tfseg's Conv3D under mixed_bfloat16 at depth 2 (the case TensorFlow gets wrong) and 4:
-    output and kernel gradient equal numpy's float64 values on the same bfloat16 inputs."""
+@pytest.mark.parametrize("depth,kernel,stride,known", [(2, 3, 1, True), (4, 3, 1, True), (3, 5, 2, True),
+                                                      (3, 5, 2, False)])
+def test_conv3d_layer_bf16_matches_float64(policy, depth, kernel, stride, known):
+    """tfseg's Conv3D under mixed_bfloat16 where TensorFlow's kernel gradient is wrong (depth 2,
+    kernel 3; depth 3, kernel 5, stride 2: the zero-padded "valid" convolution; the same with
+    unknown sizes: the float32 fallback) and where it is right (depth 4): output and kernel
+    gradient equal numpy's float64 values on the same bfloat16 inputs."""
     policy("mixed_bfloat16")
     rng = np.random.default_rng(depth)
-    layer = Conv3D(7, 3, padding="same", use_bias=False)
+    layer = Conv3D(7, kernel, strides=stride, padding="same", use_bias=False)
     x = _bf16(rng.standard_normal((2, depth, 5, 6, 8)))
     layer.build(x.shape)
-    kernel = _bf16(rng.standard_normal(layer.kernel.shape) * 0.2)
-    layer.kernel.assign(kernel.astype(np.float32))
-    w = _bf16(rng.standard_normal((2, depth, 5, 6, 7)))
-    with tf.GradientTape() as tape:
-        y = layer(tf.constant(x, tf.float32))
-        loss = tf.reduce_sum(tf.cast(y, tf.float32) * w)
-    grad = tape.gradient(loss, layer.kernel.value)
+    kernel_values = _bf16(rng.standard_normal(layer.kernel.shape) * 0.2)
+    layer.kernel.assign(kernel_values.astype(np.float32))
+    ref_y = np_conv3d(x, kernel_values, stride)
+    w = _bf16(rng.standard_normal(ref_y.shape))
+
+    def step(inputs):
+        with tf.GradientTape() as tape:
+            y = layer(inputs)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * w)
+        return y, tape.gradient(loss, layer.kernel.value)
+
+    if not known:  # traced with unknown height and width: the stride-2 padding is unknown
+        step = tf.function(step, input_signature=[tf.TensorSpec((2, depth, None, None, 8), tf.float32)])
+    y, grad = step(tf.constant(x, tf.float32))
     assert y.dtype == tf.bfloat16
-    assert _rel_err(y.numpy(), np_conv3d(x, kernel)) < 0.01
-    assert _rel_err(grad.numpy(), np_conv3d_filter_grad(x, w, kernel.shape)) < 0.01
+    assert _rel_err(y.numpy(), ref_y) < 0.01
+    assert _rel_err(grad.numpy(), np_conv3d_filter_grad(x, w, kernel_values.shape, stride)) < 0.01
+
+
+def test_same_padding_matches_tensorflow():
+    from tfseg.models.layers import same_padding
+
+    for size in range(1, 7):
+        for k in (1, 2, 3, 5):
+            for s in (1, 2, 3):
+                out, before = _pads(size, k, s, "SAME")
+                total = max((out - 1) * s + k - size, 0)
+                assert same_padding(size, k, s) == (before, total - before)
+    assert same_padding(None, 3, 1) == (1, 1) and same_padding(None, 3, 2) is None
+    assert same_padding(2, 3, 1, dilation=2) == (2, 2)
 
 
 def test_conv3d_config_and_weights_interchange_with_keras():

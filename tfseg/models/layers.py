@@ -33,7 +33,8 @@ def bf16_conv3d_filter_grad_is_wrong(depth, kernel_depth: int, padding: str, dil
     every wrong case has 1 < depth < kernel depth and "same" padding; the forward convolution, the
     input gradient, float16, float32 and 2D convolutions are right. In a U-Net this is the level
     whose depth is 2 (a 16^3 patch at depth 4, a 32^3 patch at depth 5): the cause of the "loss nan"
-    divergences of issue 20. ``tests/test_numerics.py`` re-runs the sweep against this rule.
+    divergences of issue 20. ``tests/test_numerics.py`` re-runs the sweep against this rule; with
+    "valid" padding the kernel is right, which is how :class:`Conv3D` avoids the bug.
 
     Args:
       depth: the input's static depth, or None when unknown (then False: nothing to decide on).
@@ -46,27 +47,48 @@ def bf16_conv3d_filter_grad_is_wrong(depth, kernel_depth: int, padding: str, dil
     return 1 < int(depth) < extent
 
 
+def same_padding(size, kernel: int, stride: int, dilation: int = 1):
+    """TensorFlow's "same" padding of one axis as (before, after); None when it depends on an
+    unknown size (strides > 1 only: at stride 1 it is the kernel's extent - 1 at any size)."""
+    extent = (int(kernel) - 1) * int(dilation) + 1
+    if int(stride) == 1:
+        total = extent - 1
+    elif size is None:
+        return None
+    else:
+        out = -(-int(size) // int(stride))
+        total = max((out - 1) * int(stride) + extent - int(size), 0)
+    return total // 2, total - total // 2
+
+
 @keras.saving.register_keras_serializable(package="tfseg")
 class Conv3D(keras.layers.Conv3D):
-    """``keras.layers.Conv3D`` that convolves in float32 where the bfloat16 kernel gradient is wrong.
+    """``keras.layers.Conv3D`` that avoids TensorFlow's wrong bfloat16 kernel gradient (issue 20).
 
     Under ``mixed_bfloat16``, a call whose input depth makes TensorFlow's bfloat16 kernel gradient
     wrong (:func:`bf16_conv3d_filter_grad_is_wrong`, decided from the static shape when the layer
-    is traced) casts the input and kernel to float32 for the convolution (forward, input gradient
-    and kernel gradient run in float32) and the result back to the compute dtype; every other call
-    is Keras's bfloat16 convolution. The affected layers are the small ones at the bottom of a
-    U-Net (depth 2), so the cost is small (BENCHMARKS.md, issue 20). Same weights, same config
-    as Keras's layer: weight files of either load into the other.
+    is traced) pads its input with zeros exactly as "same" padding would and convolves with
+    "valid" padding: the same output, still in bfloat16, and a kernel gradient computed on an input
+    at least as deep as the kernel, where the bfloat16 kernel is right. Where a padding depends on
+    an unknown size (strides > 1), the call convolves in float32 instead (input and kernel cast,
+    the result cast back). Every other call is Keras's convolution. Same weights and config as
+    Keras's layer: weight files of either load into the other.
     """
 
     def convolution_op(self, inputs, kernel):
-        depth = inputs.shape[1] if self.data_format == "channels_last" else inputs.shape[2]
-        if kops.dtype(inputs) == "bfloat16" and bf16_conv3d_filter_grad_is_wrong(
-            depth, self.kernel_size[0], self.padding, self.dilation_rate[0]
+        shape = inputs.shape
+        if self.data_format != "channels_last" or kops.dtype(inputs) != "bfloat16" or (
+            not bf16_conv3d_filter_grad_is_wrong(shape[1], self.kernel_size[0], self.padding, self.dilation_rate[0])
         ):
+            return super().convolution_op(inputs, kernel)
+        pads = [same_padding(size, k, s, d) for size, k, s, d in
+                zip(shape[1:4], self.kernel_size, self.strides, self.dilation_rate)]
+        if any(p is None for p in pads):
             outputs = super().convolution_op(kops.cast(inputs, "float32"), kops.cast(kernel, "float32"))
             return kops.cast(outputs, "bfloat16")
-        return super().convolution_op(inputs, kernel)
+        padded = kops.pad(inputs, [(0, 0), *pads, (0, 0)])
+        return kops.conv(padded, kernel, strides=list(self.strides), padding="valid",
+                         dilation_rate=self.dilation_rate, data_format=self.data_format)
 
 
 @dataclasses.dataclass(frozen=True)
