@@ -88,7 +88,8 @@ def where_killed(run_dir: str, epochs: int) -> str:
     if not os.path.isfile(os.path.join(run_dir, "run.json")):
         return "start-up"
     if os.path.isfile(os.path.join(run_dir, "model.keras")):
-        return "after publishing"
+        completed = json.load(open(os.path.join(run_dir, "run.json"))).get("completed_epochs")
+        return "after publishing" if completed == epochs else "model.keras published, run.json not yet"
     tmp = [n for sub in ("backup", "checkpoints") if os.path.isdir(os.path.join(run_dir, sub))
            for n in os.listdir(os.path.join(run_dir, sub)) if n.startswith(".tfseg-tmp-")]
     if tmp:
