@@ -272,7 +272,7 @@ def test_3d_model_bf16_kernel_gradients_match_float64(policy, name, shape, kwarg
 @pytest.mark.slow
 def test_default_3d_bf16_fit_never_diverges(tmp_path):
     """5 seeds of the issue's default 3D fit (msd-brain sample, 16^3, batch 2, auto precision),
-    through tools/bench_divergence.py; before the fix about 3 runs in 4 diverged on this CPU."""
+    through tools/bench_divergence.py (fresh processes); before the fix 3 of 10 diverged on this CPU."""
     out = tmp_path / "result.json"
     subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "bench_divergence.py"), "--seeds", "5", "--arms", "3d-bf16",

@@ -30,7 +30,8 @@
    ~100% on every run (its size, up to 1e33, varies with the allocator); with it, bf16 rounding.
 
 2. speed: train steps/s of the default 3D U-Net (batch 2) at 16^3 and 32^3 patches in
-   mixed_bfloat16 with the fix over without it (the layers whose depth is 2 convolve in float32),
+   mixed_bfloat16 with the fix over without it (the layers at depth 2 convolve a zero-padded input
+   with "valid" padding),
    interleaved rounds in one process, median of rounds; plus float32 over bfloat16 for scale.
 
 3. brats: the shared BraTS volumes (converted here), ``--epochs`` (5) epochs of the default 3D
