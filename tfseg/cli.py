@@ -26,6 +26,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except TfsegError as e:
+            if _disk_full(e):  # a runner's failure wrapped in one line (convert's Beam job)
+                _echo_disk_full(e)
             click.echo(f"error: {safe(e)}", err=True)
             sys.exit(getattr(e, "exit_code", 2))  # 1 for data failures (nothing converted), 2 for misuse
         except interrupts.Interrupted as e:
@@ -37,12 +39,16 @@ class _Group(click.Group):
         except Exception as e:  # noqa: BLE001 - a full disk reaches us as OSError, h5py's, TF's or Beam's error
             if not _disk_full(e):
                 raise
-            from tfseg import outputs
+            _echo_disk_full(e)
 
-            where = getattr(e, "filename", None) or outputs.last_claimed() or "the output"
-            click.echo(f"error: {safe(where)}: no space left on the device; nothing was published, and the same "
-                       "command resumes once space is freed", err=True)
-            sys.exit(1)
+
+def _echo_disk_full(e: BaseException) -> None:
+    from tfseg import outputs
+
+    where = getattr(e, "filename", None) or outputs.last_claimed() or "the output"
+    click.echo(f"error: {safe(where)}: no space left on the device; nothing was published, and the same "
+               "command resumes once space is freed", err=True)
+    sys.exit(1)
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -134,7 +140,7 @@ def sample(dataset: str, output: str, count: int, seed: int) -> None:
 
     get_layout_class(dataset)  # an unknown layout fails before anything is written
     write_sample(dataset, output, count=count, seed=seed)
-    click.echo(f"wrote {count} {dataset} sample cases to {output}")
+    click.echo(safe(f"wrote {count} {dataset} sample cases to {output}"))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -214,12 +220,12 @@ def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, comp
             overwrite=overwrite, beam_args=list(ctx.args), progress_stream=sys.stderr,
         )
     except NothingConverted as e:  # a data failure, not a misuse: exit 1
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {safe(e)}", err=True)
         sys.exit(1)
     counts = ", ".join(f"{s} {n}" for s, n in summary["splits"].items())
-    click.echo(f"converted {dataset}: {counts}; rejected {summary['rejected']}"
+    click.echo(safe(f"converted {dataset}: {counts}; rejected {summary['rejected']}"
                f"{' (see rejected.jsonl)' if summary['rejected'] else ''} -> {summary['output']} "
-               f"({summary['seconds']:.1f} s)")
+               f"({summary['seconds']:.1f} s)"))
 
 # --- fit commands (owned by the fit stage) ---
 
@@ -281,7 +287,7 @@ def plan_cmd(data_dir, budget, output, flips, sample):
     doc = run_plan(data_dir, budget=budget, output=output, flips=flips, sample=sample)
     click.echo(doc["table"])
     if output:
-        click.echo(f"plan: {output}  (tfseg fit --config {output} --output RUN)")
+        click.echo(safe(f"plan: {output}  (tfseg fit --config {output} --output RUN)"))
 
 
 # --- evaluate commands (owned by the evaluate stage) ---
@@ -315,7 +321,7 @@ def evaluate(run_dir, export_dir, data_dir, split, output, samples, tile, tta, m
             max_examples=max_examples, overwrite=overwrite, progress=bar.update, export_dir=export_dir,
         )
     click.echo(_metric_table(m))
-    click.echo(f"report:  {os.path.join(output, 'report.md')}")
+    click.echo(safe(f"report:  {os.path.join(output, 'report.md')}"))
 
 
 # --- export/predict commands (owned by the export/predict stage) ---
@@ -354,11 +360,11 @@ def export_cmd(run_dir, export_base, name, version, max_pixels, overwrite, preci
                              tta=tta, tile=tile, format=fmt, quantize=quantize,
                              calibration_records=calibration_records, calibration_data=calibration_data, **kwargs)
     if fmt == "litert":
-        click.echo(f"{path}: exported {name} version {os.path.basename(path)} as LiteRT ({quantize}); how to call "
-                   f"it: {os.path.join(export_base, name, 'README.md')}")
+        click.echo(safe(f"{path}: exported {name} version {os.path.basename(path)} as LiteRT ({quantize}); how to call "
+                   f"it: {os.path.join(export_base, name, 'README.md')}"))
         return
-    click.echo(f"{path}: exported {name} version {os.path.basename(path)}; serve it with the command in "
-               f"{os.path.join(export_base, name, 'README.md')}")
+    click.echo(safe(f"{path}: exported {name} version {os.path.basename(path)}; serve it with the command in "
+               f"{os.path.join(export_base, name, 'README.md')}"))
 
 
 @cli.command("predict")
@@ -392,9 +398,9 @@ def predict_cmd(model_path, input_dir, output_dir, batch_size, server, grpc, mod
             model_version=model_version, runner=runner, beam_args=beam_args, tile=tile, tta=tta,
             overlay=overlay, overwrite=overwrite, progress=bar.update,
         )
-    click.echo(f"{output_dir}: {s['written']} masks written, {len(s['failed'])} failed, {s['seconds']:.1f} s"
+    click.echo(safe(f"{output_dir}: {s['written']} masks written, {len(s['failed'])} failed, {s['seconds']:.1f} s"
                + (" (+ overlays/)" if overlay and s["written"] else "")
-               + (f" (see {os.path.join(output_dir, 'predict_summary.json')})" if s["failed"] else ""))
+               + (f" (see {os.path.join(output_dir, 'predict_summary.json')})" if s["failed"] else "")))
 
 # --- run/demo commands (owned by the run/demo stage) ---
 
@@ -409,9 +415,9 @@ def _echo_summary(summary: dict) -> None:
     if metrics:
         click.echo(_metric_table(metrics))
     if summary.get("report"):
-        click.echo(f"report:  {summary['report']}")
+        click.echo(safe(f"report:  {summary['report']}"))
     if summary.get("export"):
-        click.echo(f"export:  {summary['export']}  (serve it with tensorflow/serving; see its README.md)")
+        click.echo(safe(f"export:  {summary['export']}  (serve it with tensorflow/serving; see its README.md)"))
 
 
 def _metric_table(metrics: dict) -> str:

@@ -468,6 +468,8 @@ _HELD: dict[str, str] = {}
 # What each held output held when it was claimed (lock path -> relative paths): publish_dir
 # replaces or removes nothing that appeared since.
 _SEEN: dict[str, frozenset[str]] = {}
+# Open descriptors of the local lock files this process holds (their kernel locks).
+_FDS: dict[str, int] = {}
 
 
 def lock_path(path: str) -> str:
@@ -512,29 +514,49 @@ def _read_holder(lock: str) -> dict:
         return {}  # torn or unreadable: a writer died while creating it
 
 
-def _create_exclusive(lock: str, content: str) -> bool:
-    """Creates ``lock`` holding ``content`` unless it exists. Local disks: O_EXCL, atomic. Other
-    filesystems have no exclusive create through tf.io.gfile or Beam: write, then read back."""
-    if is_remote(lock):
-        if exists(lock):
-            return False
-        atomic_write_text(lock, content)
-        return read_text(lock) == content
+def _lock_local(lock: str, token: str) -> int | None:
+    """Takes the kernel lock (``flock``) on local lock file ``lock`` and writes ``token`` in it;
+    the open descriptor, or None when another live process holds it. The kernel drops the lock
+    when its process dies, however it dies: a dead writer never blocks, and the file it left is
+    only a record."""
+    import fcntl
+
     os.makedirs(os.path.dirname(lock), exist_ok=True)
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(content)
-    return True
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder removed this file while we opened it: lock the new one
+            break
+        os.close(fd)
+    previous = os.read(fd, 1 << 16).decode("utf-8", "replace").strip()
+    if previous:
+        try:
+            holder = json.loads(previous)
+        except ValueError:
+            holder = {}
+        if isinstance(holder, dict) and holder:
+            logger.warning("%s: taking over the lock of %s, which no longer runs", holder.get("output", lock),
+                           _describe(holder))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, token.encode("utf-8"), 0)
+    return fd
 
 
 def acquire_lock(path: str, stage: str, *, option: str = "--output") -> None:
     """Makes this process the one writer of output ``path`` until the stage entry point returns.
 
-    Re-entrant within a process. A lock left by a dead process of this host is taken over (with
-    a log line); a live holder, or one on another host, refuses the command.
+    Re-entrant within a process. Local disks: a kernel lock (``flock``) on the lock file, which
+    dies with its process (a dead writer's lock is taken over with a log line). Other
+    filesystems have no exclusive create through tf.io.gfile or Beam: the lock file is written
+    and read back, a dead holder on this host is taken over, one on another host never is.
 
     Raises:
       TfsegError: another writer holds the output (naming it), exit code 2.
@@ -545,50 +567,59 @@ def acquire_lock(path: str, stage: str, *, option: str = "--output") -> None:
     token = json.dumps({"stage": stage, "host": socket.gethostname(), "pid": os.getpid(),
                         "proc_start": _proc_start(os.getpid()), "time": time.time(),
                         "output": normalize(path), "id": uuid.uuid4().hex})
-    for _ in range(5):
-        if _create_exclusive(lock, token):
+    if not is_remote(lock):
+        fd = _lock_local(lock, token)
+        if fd is not None:
             _HELD[lock] = token
+            _FDS[lock] = fd
             return
         holder = _read_holder(lock)
-        alive = _holder_alive(holder) if holder else False
-        if alive is False and holder == _read_holder(lock):
+        who = _describe(holder) if holder else "`tfseg` process"
+        raise TfsegError(f"{option} {path}: another {who} is writing it; wait for it to finish or choose "
+                         f"another {option}")
+    for _ in range(5):
+        if not exists(lock):
+            atomic_write_text(lock, token)
+            if read_text(lock) == token:
+                _HELD[lock] = token
+                return
+            continue
+        holder = _read_holder(lock)
+        alive = _holder_alive(holder) if holder else None
+        if alive is False:
             logger.warning("%s: taking over the lock of %s, which no longer runs", path, _describe(holder))
-            # Renamed aside first: of two processes taking over at once, one rename succeeds.
-            if is_remote(lock):
-                remove(lock)
-            else:
-                aside = f"{lock}.stale-{uuid.uuid4().hex[:8]}"
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(lock, aside)
-                    os.unlink(aside)
+            remove(lock)
             continue
-        if not holder:
-            time.sleep(0.2)  # being written this instant
-            continue
+        who = _describe(holder) if holder else "`tfseg` process"
         hint = "" if alive else f"; if that process no longer runs, remove {lock}"
-        raise TfsegError(f"{option} {path}: another {_describe(holder)} is writing it; "
-                         f"wait for it to finish or choose another {option}{hint}")
+        raise TfsegError(f"{option} {path}: another {who} is writing it; wait for it to finish or choose "
+                         f"another {option}{hint}")
     raise TfsegError(f"{option} {path}: could not take its lock {lock}")
 
 
+def _unlock(lock: str, token: str) -> None:
+    fd = _FDS.pop(lock, None)
+    with contextlib.suppress(Exception):
+        if read_text(lock) == token:
+            remove(lock)  # while still holding it: a waiting opener re-checks the inode
+    if fd is not None:
+        os.close(fd)
+
+
 def release_lock(path: str) -> None:
-    """Removes this process's lock on ``path`` (only if the file still holds our token)."""
+    """Removes this process's lock on ``path``."""
     lock = lock_path(path)
     token = _HELD.pop(lock, None)
     _SEEN.pop(lock, None)
     if token is not None:
-        with contextlib.suppress(OSError):
-            if read_text(lock) == token:
-                remove(lock)
+        _unlock(lock, token)
 
 
 def _release_from(mark: int) -> None:
     for lock in list(_HELD)[mark:]:
         token = _HELD.pop(lock)
         _SEEN.pop(lock, None)
-        with contextlib.suppress(Exception):
-            if read_text(lock) == token:
-                remove(lock)
+        _unlock(lock, token)
 
 
 atexit.register(_release_from, 0)

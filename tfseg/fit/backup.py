@@ -112,6 +112,13 @@ def recover(run_dir: str, backup_dir: str = "backup") -> int:
     epoch, why = _verify(folder, LATEST_WEIGHTS, LATEST_META)
     if epoch is not None:
         return epoch
+    # Killed between renaming the old pair aside: the latest metadata already names the weights
+    # now under the previous name.
+    moved, _ = _verify(folder, PREVIOUS_WEIGHTS, LATEST_META)
+    if moved is not None:
+        logger.warning("%s: the backup was interrupted while being renamed; resuming after epoch %d", run_dir, moved)
+        replace_file(outputs.join(folder, PREVIOUS_WEIGHTS), outputs.join(folder, LATEST_WEIGHTS))
+        return moved
     prev, prev_why = _verify(folder, PREVIOUS_WEIGHTS, PREVIOUS_META)
     if prev is not None:
         logger.warning("%s: the latest backup cannot be read (%s); resuming from the previous one, after "

@@ -94,6 +94,11 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
         cfg = dataclasses.replace(cfg, epochs=int(budget_record["epochs"]) if budget_record else 100_000)
     model_path = os.path.join(run_dir, rundir.MODEL_FILE)
     if chief and outputs.isfile(model_path) and previous is not None:
+        if "health" not in previous and previous.get("completed_epochs") != finished:
+            # Killed between publishing model.keras and run.json's last rewrite: the backup knows.
+            previous.update(completed_epochs=finished, stopped_early=finished < cfg.epochs)
+            atomic_write_json(run_json, previous)
+            logger.info("%s: run.json completed after an interruption (%d epochs)", final_dir, finished)
         done = int(previous.get("completed_epochs") or finished)
         if previous.get("stopped_early"):
             logger.info("%s: stopped early after %d epoch(s); nothing to do (use a new --output to retrain)",
