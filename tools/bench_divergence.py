@@ -1,6 +1,6 @@
 """Issue 20: how often the default fit diverges, and what the bfloat16 fix costs.
 
-    python tools/bench_divergence.py                          # 30 seeds x 4 arms (long: ~1.5 h on 2 cores)
+    python tools/bench_divergence.py                          # 30 seeds x 4 arms (~45 min on 2 shared cores)
     python tools/bench_divergence.py --seeds 10 --arms 3d-bf16 --without-fix   # the "before" count
     python tools/bench_divergence.py --only speed             # cost of the fix, interleaved rounds
     python tools/bench_divergence.py --only brats --brats ../shared/data/brats  # bf16 vs float32 curves
