@@ -470,6 +470,7 @@ _HELD: dict[str, str] = {}
 _SEEN: dict[str, frozenset[str]] = {}
 # Open descriptors of the local lock files this process holds (their kernel locks).
 _FDS: dict[str, int] = {}
+_BEAM_LOCKS: set[str] = set()
 
 
 def lock_path(path: str) -> str:
@@ -582,6 +583,8 @@ def acquire_lock(path: str, stage: str, *, option: str = "--output") -> None:
             atomic_write_text(lock, token)
             if read_text(lock) == token:
                 _HELD[lock] = token
+                if uses_beam(lock):
+                    _BEAM_LOCKS.add(lock)
                 return
             continue
         holder = _read_holder(lock)
@@ -599,7 +602,10 @@ def acquire_lock(path: str, stage: str, *, option: str = "--output") -> None:
 
 def _unlock(lock: str, token: str) -> None:
     fd = _FDS.pop(lock, None)
-    with contextlib.suppress(Exception):
+    # A lock taken through Beam's FileSystems (convert on gs://) is removed through them too.
+    client = beam_filesystems() if lock in _BEAM_LOCKS else contextlib.nullcontext()
+    _BEAM_LOCKS.discard(lock)
+    with contextlib.suppress(Exception), client:
         if read_text(lock) == token:
             remove(lock)  # while still holding it: a waiting opener re-checks the inode
     if fd is not None:
