@@ -137,14 +137,18 @@ def main(argv=None) -> int:
     parser.add_argument("--rekill", type=float, default=0.5, help="chance that a re-run is killed too")
     parser.add_argument("--max-attempts", type=int, default=12, help="per fit; the last one is never killed")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", help="default: a temporary folder, removed at the end")
+    parser.add_argument("--workdir", help="a new or empty folder, kept (default: a temporary folder, removed "
+                                          "at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
 
     rng = random.Random(args.seed)
+    if args.workdir and os.path.isdir(args.workdir) and os.listdir(args.workdir):
+        # Another soak may be running there: its runs, its log are not ours to touch.
+        parser.error(f"--workdir {args.workdir}: not empty; choose a new or empty folder")
     work = args.workdir or tempfile.mkdtemp(prefix="tfseg-soak-")
     os.makedirs(work, exist_ok=True)
-    log = open(os.path.join(work, "soak.log"), "w")
+    log = open(os.path.join(work, "soak.log"), "x")
     data = os.path.join(work, "data")
     try:
         for cmd in (tfseg("sample", "--dataset", "carvana", "--output", os.path.join(work, "raw"), "--count", "16"),
