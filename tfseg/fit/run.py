@@ -357,6 +357,7 @@ def _publish_model(run_dir: str, model, use_best: bool) -> None:
         else:
             model.save(tmp)
         if local_dir:
+            os.chmod(tmp, 0o666 & ~outputs._umask())  # mkstemp makes 0600
             os.replace(tmp, final)
         else:
             outputs.copy_file(tmp, final)
