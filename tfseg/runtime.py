@@ -23,7 +23,6 @@ import logging
 import os
 
 from tfseg.errors import TfsegError
-from tfseg.watchdog import unreachable  # noqa: F401 - fit names the silent peers with it
 
 logger = logging.getLogger(__name__)
 

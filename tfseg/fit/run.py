@@ -22,6 +22,7 @@ from tfseg.fit.config import FitConfig
 from tfseg.fit.history import BACKUP_DIR, backup_epoch, trim_history
 from tfseg.fit.inputs import make_datasets, validation_plan
 from tfseg.outputs import atomic_write_json
+from tfseg.watchdog import unreachable
 from tfseg.schema import load_dataset_info
 
 logger = logging.getLogger(__name__)
@@ -262,10 +263,10 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
                 verbose=_keras_verbosity(cfg.verbose),
                 shuffle=False,  # the tf.data pipeline shuffles
             )
-        except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.CancelledError) as e:
+        except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.CancelledError):
             if not multi_worker:
                 raise
-            down = runtime.unreachable(runtime.peers())
+            down = unreachable(runtime.peers())
             raise TfsegError(
                 f"{final_dir}: a collective found no answer within {cfg.peer_timeout:g} s (--peer-timeout)"
                 + (f" from {', '.join(down)}" if down else "") + "; the same command on every worker resumes "
