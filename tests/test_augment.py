@@ -186,3 +186,59 @@ def test_augment_3d_rot90_on_non_square_patches_is_a_half_turn_and_intensity_is_
         a, b = np.polyfit(image[..., c].ravel(), x[..., c].ravel(), 1)
         assert 0.8 <= a <= 1.2 and -0.5 <= b <= 0.5
         np.testing.assert_allclose(x[..., c], a * image[..., c] + b, atol=1e-4)
+
+
+def _ramp(h, w):
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    image = np.stack([2.0 * x, 3.0 * y, np.zeros_like(x)], axis=-1)
+    mask = ((np.mgrid[0:h, 0:w][1] // 4) % 5).astype(np.int32)[..., None]
+    return image, mask
+
+
+@pytest.mark.parametrize("base, slope", [((40, 48), 1.0), ((80, 96), 0.5)])
+def test_crop_is_a_random_window_of_the_example_at_the_model_size(base, slope):
+    # A linear ramp stays linear under bilinear sampling, so each crop is read off exactly: its
+    # slope says the scale (the example resized to ``base``), its offset where the window lies.
+    image, mask = _ramp(40, 48)
+    cfg = aug.parse_augment({"crop": [16, 20]}, ndim=2, channels=3)
+    offsets = []
+    for k in range(24):
+        x, y = aug.augment_2d(tf.constant(image), tf.constant(mask), tf.constant([k, 7], tf.int64), cfg,
+                              base, mask_fill=255)
+        x, y = x.numpy(), y.numpy()
+        assert x.shape == (16, 20, 3) and y.shape == (16, 20, 1)
+        assert 255 not in y  # a window inside the example: nothing pulled from outside
+        cols = np.arange(20, dtype=np.float32)
+        inner = x[2:-2, 2:-2]
+        # Source column of output column c: (c + ox + 0.5) * slope - 0.5 (half-pixel centres).
+        ox = inner[..., 0] / 2.0 / slope - cols[2:-2] + 0.5 / slope - 0.5
+        oy = inner[..., 1] / 3.0 / slope - np.arange(16, dtype=np.float32)[2:-2, None] + 0.5 / slope - 0.5
+        np.testing.assert_allclose(ox, ox.mean(), atol=1e-2)
+        np.testing.assert_allclose(oy, oy.mean(), atol=1e-2)
+        offsets.append((oy.mean(), ox.mean()))
+    offsets = np.array(offsets)
+    margin = np.array(base) - np.array([16, 20])
+    assert (offsets >= -1e-2).all() and (offsets <= margin + 1e-2).all()
+    # The windows spread over the whole margin, both ends included.
+    assert (offsets.min(0) < 0.2 * margin).all() and (offsets.max(0) > 0.8 * margin).all()
+
+
+def test_crop_batches_have_the_crop_size_and_a_crop_larger_than_image_size_is_refused(tmp_path):
+    from helpers import write_2d_dataset
+
+    from tfseg.data import make_dataset
+
+    data = write_2d_dataset(str(tmp_path / "d"), {"train": 4})
+    ds = make_dataset(data, "train", batch_size=2, training=True, image_size=(32, 24),
+                      augment={"hflip": 0.5, "crop": [16, 12]}, seed=1)
+    images, masks = next(iter(ds))
+    assert images.shape == (2, 16, 12, 3) and masks.shape == (2, 16, 12, 1)
+    with pytest.raises(TfsegError, match="crop 40x12 is larger than image_size 32x24"):
+        make_dataset(data, "train", batch_size=2, training=True, image_size=(32, 24), augment={"crop": [40, 12]})
+
+
+def test_parse_augment_reads_crop_sizes():
+    assert aug.parse_augment({"crop": "24x16"}, ndim=2, channels=3).crop == (24, 16)
+    assert aug.parse_augment({"crop": [24, 16]}, ndim=2, channels=1).crop == (24, 16)
+    with pytest.raises(TfsegError, match="augment.crop"):
+        aug.parse_augment({"crop": "big"}, ndim=2, channels=3)

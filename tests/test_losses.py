@@ -201,3 +201,59 @@ def test_losses_compile_with_xla(num_classes):
         assert float(compiled(tf.constant(y, tf.int32), tf.constant(probs))) == pytest.approx(
             float(loss(y, probs)), rel=1e-5
         ), name
+
+
+def _lovasz_reference(labels, probs, valid):
+    """Berman et al.'s reference algorithm, one class at a time in plain numpy."""
+    per_class = []
+    for c in range(probs.shape[-1]):
+        fg = (labels[valid] == c).astype(np.float64)
+        if fg.sum() == 0:
+            continue
+        errors = np.abs(fg - probs[valid][:, c])
+        order = np.argsort(-errors, kind="stable")
+        fg_sorted = fg[order]
+        gts = fg_sorted.sum()
+        intersection = gts - np.cumsum(fg_sorted)
+        union = gts + np.cumsum(1.0 - fg_sorted)
+        jaccard = 1.0 - intersection / union
+        jaccard[1:] = jaccard[1:] - jaccard[:-1]
+        per_class.append(float(np.dot(errors[order], jaccard)))
+    return float(np.mean(per_class))
+
+
+def _lovasz_term(labels, probs, ignore_index=None, **kw):
+    both = get_loss("ce_dice", num_classes=probs.shape[-1], ignore_index=ignore_index, lovasz_weight=1.0, **kw)
+    base = get_loss("ce_dice", num_classes=probs.shape[-1], ignore_index=ignore_index, **kw)
+    y_true, y_pred = labels[None, ..., None], probs[None]
+    return float(both(y_true, y_pred)) - float(base(y_true, y_pred))
+
+
+def test_lovasz_of_hard_predictions_is_one_minus_iou():
+    # On 0/1 predictions the Lovasz extension is the set function itself: 1 - IoU per class.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=(6, 7))
+    pred = np.where(rng.random((6, 7)) < 0.7, labels, rng.integers(0, 3, size=(6, 7)))
+    probs = np.eye(3, dtype=np.float32)[pred]
+    ious = [(np.sum((labels == c) & (pred == c)) / np.sum((labels == c) | (pred == c))) for c in range(3)]
+    assert _lovasz_term(labels, probs) == pytest.approx(1.0 - np.mean(ious), abs=1e-5)
+
+
+def test_lovasz_matches_the_reference_on_soft_predictions_with_ignored_pixels():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, size=(9, 11))
+    labels[0, :5] = 255
+    logits = rng.normal(size=(9, 11, 4))
+    probs = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+    expected = _lovasz_reference(labels, probs, labels != 255)
+    assert _lovasz_term(labels, probs, ignore_index=255) == pytest.approx(expected, abs=1e-5)
+
+
+def test_lovasz_on_a_pixel_subset_uses_every_odd_strided_pixel():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, size=(10, 10))
+    probs = rng.dirichlet(np.ones(3), size=(10, 10)).astype(np.float32)
+    # 100 pixels, at most 30: stride ceil(100 / 30) = 4, made odd: 5.
+    flat_labels, flat_probs = labels.reshape(-1)[::5], probs.reshape(-1, 3)[::5]
+    expected = _lovasz_reference(flat_labels, flat_probs, np.ones_like(flat_labels, bool))
+    assert _lovasz_term(labels, probs, lovasz_pixels=30) == pytest.approx(expected, abs=1e-5)

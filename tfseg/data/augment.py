@@ -18,6 +18,10 @@ pipeline built with the same ``seed`` replays the same augmentations.
 ``noise``       maximum Gaussian noise std in 0..255 units; the std is uniform in [0, noise],
                 one draw per pixel shared by the channels
 ``blur``        probability of an averaging (box) blur of ``blur_kernel`` pixels (default 3)
+``crop``        ``[h, w]`` (or ``"hxw"``): train on random h x w windows of the example at the
+                model's size (``image_size``) instead of the whole of it, so a training step costs
+                the crop's pixels while the model learns the scale it runs at in validation,
+                evaluation and serving (a fully convolutional model takes both sizes)
 ==============  ==========================================================================
 
 Flips, rotation, shift, zoom and the resize to the model's size are one affine map, applied with
@@ -67,10 +71,12 @@ class Augment2D:
     noise: float = 0.0
     blur: float = 0.0
     blur_kernel: int = 3
+    crop: tuple[int, int] | None = None
 
     @property
     def geometric(self) -> bool:
-        return bool(self.hflip or self.vflip or self.rotate or self.shift or self.scale != (1.0, 1.0))
+        return bool(self.hflip or self.vflip or self.rotate or self.shift or self.scale != (1.0, 1.0)
+                    or self.crop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +104,17 @@ def _number(key: str, value: Any, lo: float, hi: float = math.inf) -> float:
     if not lo <= v <= hi:
         raise TfsegError(f"augment.{key}: {v} is outside [{lo}, {hi}]")
     return v
+
+
+def _crop(value) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    from tfseg.config import parse_size
+
+    try:
+        return parse_size(value, 2)
+    except (TfsegError, ValueError, TypeError):
+        raise TfsegError(f"augment.crop: expected [h, w] or \"hxw\", got {value!r}") from None
 
 
 def parse_augment(augment: dict | None, *, ndim: int, channels: int) -> Augment2D | Augment3D | None:
@@ -165,6 +182,7 @@ def parse_augment(augment: dict | None, *, ndim: int, channels: int) -> Augment2
         noise=_number("noise", augment.get("noise", 0), 0, 255),
         blur=_number("blur", augment.get("blur", 0), 0, 1),
         blur_kernel=kernel,
+        crop=_crop(augment.get("crop")),
     )
     if (out.hue or out.saturation) and channels != 3:
         raise TfsegError(f"augment.hue/saturation: need RGB images, this dataset has {channels} channel(s)")
@@ -177,7 +195,7 @@ def parse_augment(augment: dict | None, *, ndim: int, channels: int) -> Augment2
 
 
 def affine_transform(
-    in_hw, out_hw, *, flip_x=1.0, flip_y=1.0, angle=0.0, zoom=1.0, shift_x=0.0, shift_y=0.0
+    in_hw, out_hw, *, flip_x=1.0, flip_y=1.0, angle=0.0, zoom=1.0, shift_x=0.0, shift_y=0.0, base_hw=None
 ):
     """The ``ImageProjectiveTransformV3`` row for augment-then-resize, as one map.
 
@@ -193,6 +211,8 @@ def affine_transform(
       angle: rotation in radians.
       zoom: magnification (> 1 enlarges the content).
       shift_x, shift_y: translation in source pixels.
+      base_hw: the size the source is resized to when the output is a window of it (a crop);
+        None: ``out_hw`` (the whole image). The window is centred; shifts move it.
 
     Returns:
       (8,) float32: output pixel (x, y) samples source pixel
@@ -201,6 +221,7 @@ def affine_transform(
     f32 = lambda v: tf.cast(v, tf.float32)  # noqa: E731
     hi, wi = f32(in_hw[0]), f32(in_hw[1])
     ho, wo = f32(out_hw[0]), f32(out_hw[1])
+    hb, wb = (ho, wo) if base_hw is None else (f32(base_hw[0]), f32(base_hw[1]))
     flip_x, flip_y, angle, zoom = f32(flip_x), f32(flip_y), f32(angle), f32(zoom)
     shift_x, shift_y = f32(shift_x), f32(shift_y)
     # The forward map on centred source coordinates is q = R(angle) * zoom * F * p + t;
@@ -209,7 +230,7 @@ def affine_transform(
     c, s = tf.cos(angle) / zoom, tf.sin(angle) / zoom
     a00, a01 = flip_x * c, flip_x * s
     a10, a11 = -flip_y * s, flip_y * c
-    sx, sy = wi / wo, hi / ho
+    sx, sy = wi / wb, hi / hb
     m00, m01, m10, m11 = a00 * sx, a01 * sy, a10 * sx, a11 * sy
     ox, oy = 0.5 - wo / 2.0, 0.5 - ho / 2.0
     tx = a00 * shift_x + a01 * shift_y
@@ -258,7 +279,8 @@ def augment_2d(image, mask, seed, cfg: Augment2D, out_hw, mask_fill: int):
       mask: (H, W, 1) uint8 or int32 class ids.
       seed: (2,) int64, this example's seed.
       cfg: the settings.
-      out_hw: (2,) output height and width (the model size, or the input size).
+      out_hw: (2,) output height and width (the model size, or the input size); with
+        ``cfg.crop`` the size the crop is taken from, and the output is the crop.
       mask_fill: class id for pixels with no source (the ignore index, or 0).
 
     Returns:
@@ -270,6 +292,16 @@ def augment_2d(image, mask, seed, cfg: Augment2D, out_hw, mask_fill: int):
     if cfg.geometric:
         sign = lambda p, s: tf.where(_uniform(s, 0.0, 1.0) < p, -1.0, 1.0)  # noqa: E731
         lo, hi = cfg.scale
+        base_hw = None
+        crop_x = crop_y = 0.0
+        if cfg.crop:
+            # A window of the example at out_hw: a shift of up to half the margin, in source pixels.
+            base_hw, out_hw = out_hw, tf.constant(cfg.crop, tf.int32)
+            margin = tf.cast(base_hw, tf.float32) - tf.cast(out_hw, tf.float32)
+            scale_hw = tf.cast(in_hw, tf.float32) / tf.cast(base_hw, tf.float32)
+            crop_seed = tf.random.experimental.stateless_fold_in(seed, 12)  # the 12 draws above keep theirs
+            crop_y, crop_x = tf.unstack(
+                tf.random.stateless_uniform([2], seed=crop_seed, minval=-0.5, maxval=0.5) * margin * scale_hw)
         transform = affine_transform(
             in_hw, out_hw,
             flip_x=sign(cfg.hflip, seeds[0]),
@@ -277,8 +309,9 @@ def augment_2d(image, mask, seed, cfg: Augment2D, out_hw, mask_fill: int):
             angle=_uniform(seeds[2], -cfg.rotate, cfg.rotate) * (math.pi / 180.0),
             # Log-uniform so a range like [0.5, 2] zooms in and out equally often.
             zoom=tf.exp(_uniform(seeds[3], math.log(lo), math.log(hi) + 1e-12)),
-            shift_x=_uniform(seeds[4], -cfg.shift, cfg.shift) * tf.cast(in_hw[1], tf.float32),
-            shift_y=_uniform(seeds[5], -cfg.shift, cfg.shift) * tf.cast(in_hw[0], tf.float32),
+            shift_x=_uniform(seeds[4], -cfg.shift, cfg.shift) * tf.cast(in_hw[1], tf.float32) + crop_x,
+            shift_y=_uniform(seeds[5], -cfg.shift, cfg.shift) * tf.cast(in_hw[0], tf.float32) + crop_y,
+            base_hw=base_hw,
         )
         image, mask = warp(image, mask, transform, out_hw, mask_fill)
     else:

@@ -179,6 +179,12 @@ def make_dataset(
             raise TfsegError(f"{data_dir}: patch_size is for 3D data; this dataset is 2D (use image_size)")
         size = parse_size(image_size, 2) if image_size is not None else None
         static = _static_2d_size(info, split, size, batch_size)
+        shape = static
+        if cfg is not None and cfg.crop:
+            if static is not None and (cfg.crop[0] > static[0] or cfg.crop[1] > static[1]):
+                raise TfsegError(f"augment.crop {cfg.crop[0]}x{cfg.crop[1]} is larger than image_size "
+                                 f"{static[0]}x{static[1]}; a crop is a window of the example at image_size")
+            shape = cfg.crop
         if training:
             ds = ds.shuffle(shuffle_buffer, seed=s_examples, reshuffle_each_iteration=True)
         ds = _repeat(ds, repeat)
@@ -199,9 +205,9 @@ def make_dataset(
 
         def shaped(*args):
             image, mask = fn(*args)
-            if static is not None:
-                image.set_shape([static[0], static[1], info.channels])
-                mask.set_shape([static[0], static[1], 1])
+            if shape is not None:
+                image.set_shape([shape[0], shape[1], info.channels])
+                mask.set_shape([shape[0], shape[1], 1])
             return image, mask
 
         ds = ds.map(shaped, num_parallel_calls=AUTOTUNE, deterministic=deterministic)

@@ -81,6 +81,46 @@ def make_callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, rows: 
     return cbs
 
 
+def ema_callbacks():
+    """Two callbacks around tfseg's own for a fit whose optimizer keeps an EMA of the weights.
+
+    The first (put before everything) swaps the average into the model when validation begins,
+    or at the end of an epoch without validation, so the batch-norm statistics are re-estimated
+    for it, validation scores it and the checkpoints hold it. The second (put just before the
+    crash-safe backup) swaps the raw weights back at the end of the epoch, so the backup and
+    the next epoch's training continue from them. Keras's own ``SwapEMAWeights`` swaps back when
+    validation ends, before the checkpoints are written.
+    """
+    import keras
+
+    swapper = keras.callbacks.SwapEMAWeights()
+    state = {"in": False}
+
+    class EMAIn(keras.callbacks.Callback):
+        def set_model(self, model):
+            super().set_model(model)
+            swapper.set_model(model)
+
+        def _swap_in(self):
+            if not state["in"]:
+                swapper._swap_variables()
+                state["in"] = True
+
+        def on_test_begin(self, logs=None):
+            self._swap_in()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._swap_in()
+
+    class EMAOut(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if state["in"]:
+                swapper._swap_variables()
+                state["in"] = False
+
+    return EMAIn(), EMAOut()
+
+
 def _health_guard():
     """A callback, first in the list, that stops training on the first non-finite value.
 

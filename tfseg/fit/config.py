@@ -46,6 +46,9 @@ class FitConfig:
       weight_decay: AdamW's decoupled weight decay.
       momentum: SGD momentum.
       schedule: none | cosine (to 0 over all epochs) | plateau (ReduceLROnPlateau).
+      ema: momentum of an exponential moving average of the weights (Polyak averaging, updated
+        every step; e.g. 0.99), which validation scores and the checkpoints and the published model
+        hold; 0 turns it off.
       plateau_factor, plateau_patience, min_learning_rate: the plateau schedule's settings.
       precision: float32 | mixed_float16 | mixed_bfloat16 | auto (see :mod:`tfseg.runtime`).
       cpu_replicas: mirror over this many logical CPU devices (0: automatic strategy).
@@ -85,6 +88,7 @@ class FitConfig:
     weight_decay: float = 1e-4
     momentum: float = 0.9
     schedule: str = "none"
+    ema: float = 0.0
     plateau_factor: float = 0.5
     plateau_patience: int = 3
     min_learning_rate: float = 1e-6
@@ -183,7 +187,7 @@ _INT_KEYS = {
     "epochs", "batch_size", "plateau_patience", "cpu_replicas", "steps_per_epoch",
     "validation_steps", "early_stopping", "num_classes", "seed", "verbose",
 }
-_FLOAT_KEYS = {"peer_timeout", "learning_rate", "weight_decay", "momentum", "plateau_factor", "min_learning_rate"}
+_FLOAT_KEYS = {"ema", "peer_timeout", "learning_rate", "weight_decay", "momentum", "plateau_factor", "min_learning_rate"}
 _BOOL_KEYS = {"deterministic", "cache", "tensorboard"}
 _ANY = lambda v: True  # noqa: E731
 # (key, lower check, upper check, wording) for numbers whose sign or range matters.
@@ -192,6 +196,7 @@ _RANGES = (
     ("peer_timeout", lambda v: v > 0, _ANY, "> 0 seconds"),
     ("weight_decay", lambda v: v >= 0, _ANY, ">= 0"),
     ("momentum", lambda v: v >= 0, lambda v: v < 1, "in [0, 1)"),
+    ("ema", lambda v: v >= 0, lambda v: v < 1, "in [0, 1) (0 turns it off)"),
     ("plateau_factor", lambda v: v > 0, lambda v: v < 1, "in (0, 1)"),
     ("min_learning_rate", lambda v: v >= 0, _ANY, ">= 0"),
     ("plateau_patience", lambda v: v >= 0, _ANY, ">= 0"),

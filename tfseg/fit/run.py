@@ -16,7 +16,10 @@ import time
 from tfseg import bnstats, outputs, rundir, runtime
 from tfseg.errors import TfsegError
 from tfseg.fit import backup
-from tfseg.fit.callbacks import BEST_CHECKPOINT, CHECKPOINT_DIR, TrainingDiverged, make_callbacks, set_learning_rate
+from tfseg.fit.callbacks import (
+    BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, TrainingDiverged, ema_callbacks, make_callbacks,
+    set_learning_rate,
+)
 from tfseg.fit.checks import FitPlan, check_against_dataset
 from tfseg.fit.config import FitConfig
 from tfseg.fit.history import BACKUP_DIR, backup_epoch, trim_history
@@ -143,6 +146,9 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
     old_policy = runtime.set_precision(precision)
     try:
         input_shape = tuple(plan.size) + (info.channels,)
+        if info.ndim == 2 and (cfg.augment or {}).get("crop"):
+            # Trained on crops, run at image_size: the model takes any size (its convolutions do).
+            input_shape = (None, None, info.channels)
         with strategy.scope():
             try:
                 model = build_model(
@@ -213,6 +219,12 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
         )
         if bn_callback is not None:
             cbs.insert(0, bn_callback)
+        if cfg.ema:
+            # The average goes in before the statistics are re-estimated and validation runs, and
+            # out again just before the backup, which keeps the raw weights to resume from.
+            ema_in, ema_out = ema_callbacks()
+            cbs.insert(0, ema_in)
+            cbs.insert(len(cbs) - 1, ema_out)
         old_lr = ((previous or {}).get("config") or {}).get("learning_rate")
         if finished and old_lr is not None and old_lr != cfg.learning_rate and cfg.schedule != "cosine":
             # BackupAndRestore brings back the old run's learning-rate variable; a user who
@@ -287,7 +299,7 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
         target = budget_controller.total if budget_controller is not None and budget_controller.total else cfg.epochs
         stopped_early = completed < target
         if chief:
-            _publish_model(run_dir, model, use_best=val_ds is not None)
+            _publish_model(run_dir, model, use_best=val_ds is not None, use_last=bool(cfg.ema))
             record.update(health=bnstats.fit_health(run_dir, cfg, plan))
             record.update(completed_epochs=completed, stopped_early=stopped_early)
             atomic_write_json(os.path.join(run_dir, rundir.RUN_JSON), record)
@@ -323,13 +335,15 @@ def _make_optimizer(cfg: FitConfig, decay_steps: int):
     lr = cfg.learning_rate
     if cfg.schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, decay_steps))
+    # The average is updated in the training step; tfseg.fit.callbacks.ema_callbacks swaps it in.
+    ema = {"use_ema": True, "ema_momentum": cfg.ema} if cfg.ema else {}
     if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(lr)
+        return keras.optimizers.Adam(lr, **ema)
     if cfg.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
+        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay, **ema)
     if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=cfg.momentum)
-    return keras.optimizers.Adadelta(lr)
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum, **ema)
+    return keras.optimizers.Adadelta(lr, **ema)
 
 
 def _choose_monitor(cfg: FitConfig, metric_names: list[str], has_validation: bool) -> tuple[str, str]:
@@ -344,11 +358,14 @@ def _choose_monitor(cfg: FitConfig, metric_names: list[str], has_validation: boo
     return prefix + "loss", "min"
 
 
-def _publish_model(run_dir: str, model, use_best: bool) -> None:
+def _publish_model(run_dir: str, model, use_best: bool, use_last: bool = False) -> None:
     """Writes RUN_DIR/model.keras, the run's completion marker, in one step (the best checkpoint
-    when there is one): a rename on local disks, one object write on object stores."""
+    when there is one, else the last one with ``use_last``: it holds the averaged weights of an
+    EMA run): a rename on local disks, one object write on object stores."""
     final = os.path.join(run_dir, rundir.MODEL_FILE)
     best = os.path.join(run_dir, CHECKPOINT_DIR, BEST_CHECKPOINT)
+    if not (use_best and outputs.isfile(best)) and use_last:
+        use_best, best = True, os.path.join(run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT)
     local_dir = None if outputs.is_remote(run_dir) else run_dir
     fd, tmp = tempfile.mkstemp(prefix=".tfseg-model.", suffix=".keras", dir=local_dir)
     os.close(fd)

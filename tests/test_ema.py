@@ -1,0 +1,53 @@
+"""The weights' exponential moving average (``fit.ema``): what validation, checkpoints and
+backups see, against an average computed independently in numpy from the raw weights."""
+
+import keras
+import numpy as np
+
+from tfseg.fit.callbacks import ema_callbacks
+
+
+class _Record(keras.callbacks.Callback):
+    def __init__(self, log, hook):
+        super().__init__()
+        self.log, self.hook = log, hook
+
+    def _take(self, *_, **__):
+        self.log.append([v.numpy().copy() for v in self.model.trainable_variables])
+
+    def __getattribute__(self, name):
+        if name == object.__getattribute__(self, "hook"):
+            return object.__getattribute__(self, "_take")
+        return object.__getattribute__(self, name)
+
+
+def test_validation_and_checkpoints_see_the_average_and_the_backup_the_raw_weights():
+    keras.utils.set_random_seed(0)
+    momentum = 0.8
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=momentum), loss="mse")
+    x = np.random.default_rng(0).normal(size=(24, 3)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(24, 2)).astype("float32")
+    raw_steps, at_test, at_checkpoint, at_backup = [], [], [], []
+    ema_in, ema_out = ema_callbacks()
+    callbacks = [ema_in, _Record(at_test, "on_test_begin"), _Record(raw_steps, "on_train_batch_end"),
+                 _Record(at_checkpoint, "on_epoch_end"), ema_out, _Record(at_backup, "on_epoch_end")]
+    model.fit(x, y, batch_size=8, epochs=3, validation_data=(x, y), callbacks=callbacks, verbose=0, shuffle=False)
+
+    # Keras's EMA: the average starts at the first step's weights, then avg = m avg + (1 - m) w.
+    average, expected = None, []
+    for step, weights in enumerate(raw_steps):
+        average = [w.copy() for w in weights] if average is None else [
+            momentum * a + (1 - momentum) * w for a, w in zip(average, weights)]
+        if (step + 1) % 3 == 0:  # 3 steps an epoch
+            expected.append(average)
+    assert len(at_test) == len(at_checkpoint) == len(at_backup) == 3
+    for epoch in range(3):
+        for got, want in zip(at_test[epoch], expected[epoch]):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        for got, want in zip(at_checkpoint[epoch], expected[epoch]):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        raw = raw_steps[3 * epoch + 2]
+        for got, want in zip(at_backup[epoch], raw):  # Keras swaps by adding and subtracting
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(at_backup[epoch][0], at_checkpoint[epoch][0])
