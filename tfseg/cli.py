@@ -378,8 +378,10 @@ def export_cmd(run_dir, export_base, name, version, max_pixels, overwrite, preci
 @click.option("--server", default=None, metavar="HOST:PORT", help="Use a running TF Serving server (REST).")
 @click.option("--grpc", is_flag=True, help="With --server: use gRPC (needs tensorflow-serving-api).")
 @click.option("--model-version", type=click.IntRange(1), default=None, help="With --server: the served version.")
-@click.option("--runner", default=None, help="Run as a Beam pipeline on this runner (e.g. DirectRunner).")
-@click.option("--beam-arg", "beam_args", multiple=True, help="Extra Beam pipeline option (repeatable).")
+@click.option("--runner", default=None,
+              help="Run as a Beam pipeline on this runner (DirectRunner, dask, dataflow, ...).")
+@click.option("--beam-arg", "beam_args", multiple=True,
+              help="Extra Beam pipeline option (repeatable), e.g. --beam-arg=--dask_scheduler_file=F.")
 @click.option("--tile", is_flag=True, help="RUN_DIR, 2D: tile at the training size instead of resizing.")
 @click.option("--tta", is_flag=True, help="RUN_DIR: average over the flips the model was trained with.")
 @click.option("--overlay", is_flag=True,
@@ -388,10 +390,15 @@ def export_cmd(run_dir, export_base, name, version, max_pixels, overwrite, preci
 def predict_cmd(model_path, input_dir, output_dir, batch_size, server, grpc, model_version, runner, beam_args,
                 tile, tta, overlay, overwrite):
     """Write a mask (palette PNG of class ids, or NIfTI) for every image or volume in a directory."""
+    import contextlib
+
+    from tfseg import outputs
     from tfseg.predict import list_inputs, run_predict
     from tfseg.progress import Progress
 
-    total = len(list_inputs(input_dir))
+    # A Beam job lists remote inputs through Beam's FileSystems, as run_predict does.
+    with outputs.beam_filesystems() if runner else contextlib.nullcontext():
+        total = len(list_inputs(input_dir))
     with Progress(total, "predicting", unit="inputs") as bar:
         s = run_predict(
             model_path, input_dir, output_dir, batch_size=batch_size, server=server, grpc=grpc,

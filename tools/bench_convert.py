@@ -44,12 +44,12 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def make_data(root: str, count: int, distinct: int) -> None:
+def make_data(root: str, count: int, distinct: int, image_size: tuple[int, int] = (1280, 1918)) -> None:
     from tfseg.convert.carvana import CarvanaLayout
 
     seed_dir = os.path.join(root, "_distinct")
     # noise=1 gives ~190 KiB JPEGs, like Carvana's train_hq photos (its train/ ones are ~80 KiB).
-    CarvanaLayout.make_sample(seed_dir, distinct, seed=0, image_size=(1280, 1918), noise=1.0)
+    CarvanaLayout.make_sample(seed_dir, distinct, seed=0, image_size=image_size, noise=1.0)
     os.makedirs(os.path.join(root, "train"))
     os.makedirs(os.path.join(root, "train_masks"))
     stems = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(seed_dir, "train")))
@@ -116,6 +116,21 @@ class DaskCluster:
         except BaseException:
             self.close()
             raise
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the scheduler, nannies and workers so far (live processes)."""
+        import psutil
+
+        total = 0.0
+        for p in self.procs:
+            try:
+                proc = psutil.Process(p.pid)
+                for q in [proc] + proc.children(recursive=True):
+                    t = q.cpu_times()
+                    total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
 
     def close(self) -> None:
         import subprocess
@@ -210,10 +225,233 @@ def memory(argv=None) -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _subset(all_dir: str, root: str, n: int) -> None:
+    """``root``: hard links to the first ``n`` pairs of ``all_dir`` (no new bytes, same files)."""
+    os.makedirs(os.path.join(root, "train"))
+    os.makedirs(os.path.join(root, "train_masks"))
+    for f in sorted(os.listdir(os.path.join(all_dir, "train")))[:n]:
+        stem = os.path.splitext(f)[0]
+        os.link(os.path.join(all_dir, "train", f), os.path.join(root, "train", f))
+        os.link(os.path.join(all_dir, "train_masks", stem + "_mask.gif"),
+                os.path.join(root, "train_masks", stem + "_mask.gif"))
+
+
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)  # reaped children: multi_processing's SDK workers
+    return r.ru_utime + r.ru_stime
+
+
+def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares ``y = fixed + n * per_case`` over (n, y) points; (fixed, per_case)."""
+    n = np.array([p[0] for p in points], np.float64)
+    y = np.array([p[1] for p in points], np.float64)
+    per_case, fixed = np.polyfit(n, y, 1)
+    return float(fixed), float(per_case)
+
+
+def _task_profile(events: list[dict]) -> list[tuple[str, int, float, float]]:
+    """(task prefix, tasks, compute seconds, transfer seconds) from a dask task stream, largest first."""
+    import re
+
+    rows: dict[str, list] = {}
+    for e in events:
+        key = e["key"][0] if isinstance(e["key"], tuple) else e["key"]
+        prefix = re.sub(r"-[0-9a-f]{32}$", "", str(key))
+        row = rows.setdefault(prefix, [0, 0.0, 0.0])
+        row[0] += 1
+        for s in e.get("startstops", ()):
+            action, start, stop = (s["action"], s["start"], s["stop"]) if isinstance(s, dict) else s[:3]
+            if action == "compute":
+                row[1] += stop - start
+            elif action == "transfer":
+                row[2] += stop - start
+    return sorted(((k, v[0], v[1], v[2]) for k, v in rows.items()), key=lambda r: -r[2])
+
+
+def scaling(argv=None) -> None:
+    """``--scaling``: fixed and per-case cost of each runner at 1 and 2 workers (issue 24).
+
+    For every config (``MODE:WORKERS``) and job size, ``run_convert`` is timed on the same pairs
+    (hard links to one generated set); wall = fixed + n x per-case is fitted over the sizes, for
+    wall time and for CPU seconds (this process + reaped children, i.e. multi_processing's SDK
+    workers + the dask scheduler/nanny/worker processes). ``in_memory:W`` converts with W threads
+    in this process; ``multi_processing:W`` and ``dask:W`` run W worker processes with one
+    conversion thread each (a dask cluster per W, started and warmed with one 8-pair job before
+    the timings: a long-lived cluster, as a user's would be). Rounds alternate the configs (order
+    rotated each round); the best wall of each (config, size) counts. ``--profile`` records the
+    dask scheduler's task stream of the largest job per config and prints where the time went.
+    """
+    p = argparse.ArgumentParser(description="fixed vs per-case cost of the convert job's runners")
+    p.add_argument("--scaling", action="store_true")
+    p.add_argument("--sizes", default="50,200,800", help="job sizes (pairs)")
+    p.add_argument("--image-size", default="640x960", help="HxW of the generated pairs (Carvana: 1280x1918)")
+    p.add_argument("--configs", default="in_memory:1,in_memory:2,multi_processing:1,multi_processing:2,dask:1,dask:2")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--distinct", type=int, default=16)
+    p.add_argument("--profile", action="store_true", help="dask task stream of the largest job")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from tfseg.convert.pipeline import run_convert
+
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    configs = [c for c in args.configs.split(",") if c]
+    h, w = (int(v) for v in args.image_size.split("x"))
+    work = args.workdir or tempfile.mkdtemp(prefix="bench_convert_scaling_")
+    clusters: dict[int, DaskCluster] = {}
+    try:
+        t = time.perf_counter()
+        all_dir = os.path.join(work, "all")
+        make_data(all_dir, max(sizes + [8]), args.distinct, (h, w))
+        for n in sizes + [8]:
+            if not os.path.exists(os.path.join(work, f"n{n}")):
+                _subset(all_dir, os.path.join(work, f"n{n}"), n)
+        mean_kib = sum(os.path.getsize(os.path.join(all_dir, "train", f))
+                       for f in os.listdir(os.path.join(all_dir, "train"))) / max(sizes) / 1024
+        print(f"generated {max(sizes)} pairs of {w}x{h} JPEG (mean {mean_kib:.0f} KiB) + GIF in "
+              f"{time.perf_counter() - t:.1f} s; {os.cpu_count()} CPUs (shared cores); "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        import tensorflow  # noqa: F401  - import cost kept out of the timings
+
+        for c in configs:
+            mode, _, nw = c.partition(":")
+            if mode == "dask" and int(nw or 1) not in clusters:
+                os.makedirs(os.path.join(work, f"dask{nw}"), exist_ok=True)
+                clusters[int(nw or 1)] = DaskCluster(os.path.join(work, f"dask{nw}"), int(nw or 1))
+
+        def beam_args_of(config):
+            mode, _, nw = config.partition(":")
+            nw = int(nw or 1)
+            if mode == "dask":
+                return ["--runner", "dask", f"--dask_client_address={clusters[nw].address}"], 1, clusters[nw]
+            if mode == "multi_processing":
+                return ["--direct_running_mode=multi_processing", f"--direct_num_workers={nw}"], 1, None
+            return [f"--direct_running_mode={mode}"], nw, None
+
+        shards: dict[int, dict[str, dict[str, bytes]]] = {}
+
+        def run(config, n, r, keep=False):
+            beam_args, threads, cluster = beam_args_of(config)
+            out = os.path.join(work, f"out-{config.replace(':', '')}-{n}-{r}")
+            load = os.getloadavg()[0]
+            c0, k0 = time.process_time(), _children_cpu()
+            d0 = cluster.cpu_seconds() if cluster else 0.0
+            w0 = time.perf_counter()
+            try:
+                summary = run_convert("carvana", os.path.join(work, f"n{n}"), out, beam_args=beam_args,
+                                      threads=threads)
+                wall = time.perf_counter() - w0
+                cpu = (time.process_time() - c0) + (_children_cpu() - k0) + (
+                    (cluster.cpu_seconds() - d0) if cluster else 0.0)
+                if keep:
+                    shards.setdefault(n, {})[config] = {
+                        f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out)) if ".tfrecord" in f}
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+            assert sum(summary["splits"].values()) == n and summary["rejected"] == 0, summary
+            return wall, cpu, load
+
+        for c in configs:  # warm-up: imports in this process and in the dask workers
+            run(c, 8, -1) if not c.startswith("multi_processing") else None
+        rows: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+        for r in range(args.repeats):
+            order = configs[r % len(configs):] + configs[:r % len(configs)]
+            for n in sizes:
+                for c in order:
+                    wall, cpu, load = run(c, n, r, keep=(r == 0))
+                    rows.setdefault((c, n), []).append((wall, cpu, load))
+                    print(f"  round {r + 1} {c:>18} n={n:5d}: {wall:7.2f} s wall, {cpu:7.2f} CPU-s, "
+                          f"{cpu / n * 1000:6.1f} CPU-ms/case, load {load:.1f}", flush=True)
+        for n, by_config in sorted(shards.items()):
+            ref_name, ref = next(iter(by_config.items()))
+            for name, files in by_config.items():
+                assert files == ref, f"n={n}: {name}'s shards differ from {ref_name}'s"
+            print(f"n={n}: every config's shards byte-identical ({len(ref)} files)")
+
+        profile = {}
+        if args.profile:
+            from distributed import Client, get_task_stream
+
+            for c in configs:
+                mode, _, nw = c.partition(":")
+                if mode != "dask":
+                    continue
+                with Client(clusters[int(nw or 1)].address, timeout=60) as client:
+                    with get_task_stream(client) as ts:
+                        w0 = time.perf_counter()
+                        wall, cpu, load = run(c, sizes[-1], "profile")
+                    events = ts.data
+                prof = _task_profile(events)
+                spans = [(s["start"], s["stop"]) if isinstance(s, dict) else tuple(s[1:3])
+                         for e in events for s in e.get("startstops", ())]
+                window = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else 0.0
+                profile[c] = {"wall": round(wall, 2), "tasks": len(events), "task_window_s": round(window, 2),
+                              "cpu": round(cpu, 2),
+                              "prefixes": [{"prefix": k, "tasks": t, "compute_s": round(s, 2),
+                                            "transfer_s": round(x, 2)} for k, t, s, x in prof]}
+                busy = sum(s for _, _, s, _ in prof)
+                print(f"profile {c} n={sizes[-1]}: {wall:.2f} s wall ({window:.2f} s from the first task's start "
+                      f"to the last one's end, the rest in the launcher), {len(events)} dask tasks, {busy:.2f} s "
+                      f"of task compute, {cpu:.2f} CPU-s in all, load {load:.1f}")
+                for k, t, s, x in prof[:12]:
+                    print(f"    {k:60.60} {t:6d} tasks {s:7.2f} s compute {x:6.2f} s transfer")
+        _scaling_report(args, sizes, configs, rows, profile)
+    finally:
+        for cluster in clusters.values():
+            cluster.close()
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _scaling_report(args, sizes, configs, rows, profile) -> None:
+    best = {k: min(v) for k, v in rows.items()}  # the run with the best wall time
+    loads = [load for v in rows.values() for _, _, load in v]
+    print(f"\nshared cores: load average {min(loads):.1f}-{max(loads):.1f} during the timed runs; "
+          f"{args.image_size} pairs, sizes {sizes}, best of {args.repeats}")
+    print("| config | fixed (s) | per case (ms) | CPU fixed (s) | CPU per case (ms) | images/s at n="
+          f"{sizes[-1]} | CPU per case vs in_memory |")
+    print("|---|---|---|---|---|---|---|")
+    results = {}
+    for c in configs:
+        fixed, per_case = _fit([(n, best[(c, n)][0]) for n in sizes])
+        cfixed, cper = _fit([(n, best[(c, n)][1]) for n in sizes])
+        results[c] = {"fixed_s": round(fixed, 2), "per_case_ms": round(per_case * 1000, 1),
+                      "cpu_fixed_s": round(cfixed, 2), "cpu_per_case_ms": round(cper * 1000, 1),
+                      "walls": {n: round(best[(c, n)][0], 2) for n in sizes},
+                      "cpus": {n: round(best[(c, n)][1], 2) for n in sizes},
+                      "loads": {n: [round(x[2], 1) for x in rows[(c, n)]] for n in sizes},
+                      "images_per_s": round(sizes[-1] / best[(c, sizes[-1])][0], 2)}
+    ref = next((results[c] for c in configs if c.startswith("in_memory:1")), None) or next(
+        (results[c] for c in configs if c.startswith("in_memory")), None)
+    for c, r in results.items():
+        vs = f"{r['cpu_per_case_ms'] / ref['cpu_per_case_ms']:.2f}x" if ref else "-"
+        r["cpu_per_case_vs_in_memory"] = float(vs[:-1]) if ref else None
+        print(f"| {c} | {r['fixed_s']:.2f} | {r['per_case_ms']:.1f} | {r['cpu_fixed_s']:.2f} | "
+              f"{r['cpu_per_case_ms']:.1f} | {r['images_per_s']:.1f} | {vs} |")
+    for mode in sorted({c.partition(':')[0] for c in configs}):
+        one, two = f"{mode}:1", f"{mode}:2"
+        if one in results and two in results:
+            s = best[(one, sizes[-1])][0] / best[(two, sizes[-1])][0]
+            results[f"speedup_{mode}"] = round(s, 2)
+            print(f"{mode}: 2 workers / 1 worker at n={sizes[-1]}: {s:.2f}x (wall)")
+    if profile:
+        results["profile"] = profile
+    print(json.dumps(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--memory" in argv:
         return memory(argv)
+    if "--scaling" in argv:
+        return scaling(argv)
     if "--runners" in argv:
         argv.remove("--runners")
         argv = ["--count", "200", "--configs", "in_memory,multi_processing,dask", "--workers", "2"] + argv

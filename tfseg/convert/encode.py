@@ -58,15 +58,14 @@ class CaseStats(NamedTuple):
 
 
 class Encoded(NamedTuple):
-    """One converted case on its way to a shard: its serialized record, or (when the job spills
-    records to disk, the default) the file holding it, so no PCollection carries pixel data."""
+    """One converted case on its way to a shard: its serialized record (the convert job writes
+    it to its batch's fragment at once, so no PCollection of the job carries pixel data)."""
 
     split: str
     shard: int
     case_id: str
     record: bytes
     stats: CaseStats
-    record_path: str = ""
 
 
 def encode_png_gray(array: np.ndarray, level: int = _MASK_ZLIB_LEVEL) -> bytes:

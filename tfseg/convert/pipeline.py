@@ -5,7 +5,7 @@ runs the Beam job and writes dataset.json. The job's parts live beside it:
 
 - :mod:`tfseg.convert.base`: what a layout provides (list and load cases; splits, pixel budget).
 - :mod:`tfseg.convert.encode`: one case -> one record (validation, class counts, resizing).
-- :mod:`tfseg.convert.shards`: shard of a case, shard names and counts, spilled record files.
+- :mod:`tfseg.convert.shards`: shard of a case, shard names and counts, batch fragment files.
 - :mod:`tfseg.convert.transforms`: the Beam graph (convert, write shards, statistics, rejections).
 - :mod:`tfseg.convert.runners`: ``--runner`` and Beam options, the job's temp folder.
 - :mod:`tfseg.convert.checks`: input checks and the one-line errors convert reports.
@@ -25,7 +25,7 @@ Beam options after the tfseg ones go to PipelineOptions, e.g.::
 
 Remote paths (gs://, s3://, hdfs://) go through Beam's ``FileSystems`` only, on the launcher
 (listing, ownership checks, publishing: :func:`tfseg.outputs.beam_filesystems`) and in the
-workers (reading inputs, spilled records, JSON files; shards are written by TF's TFRecordWriter to
+workers (reading inputs, batch fragments, JSON files; shards are written by TF's TFRecordWriter to
 the worker's disk and uploaded, so their bytes equal a local conversion's). TF's own gs:// client
 is never used here (it ignores ``STORAGE_EMULATOR_HOST`` and the runner's credentials). A remote
 output is staged in a sibling folder of the same bucket, where the workers write.
@@ -70,8 +70,9 @@ from tfseg.convert.transforms import (
     SHARDS_FILE,
     STATS_FILE,
     ConvertProgress,
-    batch_cases,
+    batch_size,
     build_pipeline,
+    cut_batches,
     default_threads,
     set_progress,
 )
@@ -212,9 +213,11 @@ def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, spli
     with outputs.publish_dir(output_dir, "convert", complete_marker=schema.DATASET_JSON, overwrite=overwrite,
                              inputs=[("--input", input_dir)]) as tmp:
         with beam_scratch_dir():
-            dask_partitions(options, len(batch_cases(keyed, 2 * (threads or default_threads()))))
+            threads = threads or default_threads()
+            batches = cut_batches(keyed, batch_size(len(keyed), threads))
+            dask_partitions(options, len(batches))
             p = beam.Pipeline(options=options)
-            build_pipeline(p, layout, keyed, opts, tmp, shards, compression, threads)
+            build_pipeline(p, layout, keyed, opts, tmp, shards, compression, threads, batches=batches)
             bar = ConvertProgress(len(keyed), progress_stream) if progress_stream is not None else None
             if bar is not None and not in_launcher_process(options):
                 log.info("%s converts in its own workers: progress shows when the job ends (meanwhile see the "
@@ -247,7 +250,7 @@ def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, spli
 
         def read_json(name, default):
             path = outputs.join(tmp, name)
-            if not outputs.exists(path):  # GatherAll of an empty PCollection writes nothing
+            if not outputs.exists(path):
                 return default
             obj = json.loads(outputs.read_text(path))
             outputs.remove(path)

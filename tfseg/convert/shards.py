@@ -1,15 +1,19 @@
-"""Where records go: the shard of a case, shard names and counts, and spilled record files.
+"""Where records go: the shard of a case, shard names and counts, and batch fragments.
 
 A case's shard comes from a stable hash of its id and a split's shard count from its input size
-(never from the runner's workers), so every runner writes the same shards. Spilled records (one
-file a case, under ``_records/`` until its shard is written) and remote shards go through Beam's
-``FileSystems``, so gs://, s3:// and hdfs:// outputs work in every worker.
+(never from the runner's workers), so every runner writes the same shards. The workers that
+encode a batch of cases (all of one shard, consecutive by id) write its records to one fragment
+file under ``_records/`` (length-prefixed records, in id order); a shard is its fragments' records
+in batch order, so no record's bytes travel through a shuffle. Fragments and remote shards go
+through Beam's ``FileSystems``, so gs://, s3:// and hdfs:// outputs work in every worker.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import struct
+from typing import BinaryIO, Iterator
 
 from tfseg.convert.base import Case, hash_fraction
 
@@ -51,16 +55,61 @@ def file_bytes(case: Case, sizes: dict[str, int] | None = None) -> int:
     return total
 
 
-# Spilled records live under OUTPUT/_records until their shard is written.
+# Batch fragments live under OUTPUT/_records until their shard is written.
 SPILL_DIR = "_records"
 
+_LENGTH = struct.Struct("<Q")
 
-def spill_path(spill_dir: str, split: str, shard: int, case_id: str) -> str:
-    """Where a spilled record lives until its shard is written."""
-    import hashlib
 
-    name = hashlib.sha1(case_id.encode("utf-8")).hexdigest() + ".rec"
-    return "/".join([spill_dir.rstrip("/"), f"{split}-{shard:05d}", name])
+def fragment_path(spill_dir: str, split: str, shard: int, index: int) -> str:
+    """Where batch ``index`` of shard ``shard`` keeps its records until the shard is written
+    (the same path on a retry of the batch, which replaces it)."""
+    return "/".join([spill_dir.rstrip("/"), f"{split}-{shard:05d}", f"{index:06d}.frag"])
+
+
+def open_write(path: str) -> BinaryIO:
+    """A file opened for writing: plain ``open`` locally (folders made), Beam's FileSystems for
+    scheme paths."""
+    if "://" in path:
+        from apache_beam.io.filesystems import FileSystems
+
+        return FileSystems.create(path, compression_type="uncompressed")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return open(path, "wb")
+
+
+def open_read(path: str) -> BinaryIO:
+    if "://" in path:
+        from apache_beam.io.filesystems import FileSystems
+
+        return FileSystems.open(path, compression_type="uncompressed")
+    return open(path, "rb")
+
+
+def write_frame(f: BinaryIO, record: bytes) -> None:
+    """Appends one record to a fragment: its length (8 bytes, little-endian), then its bytes."""
+    f.write(_LENGTH.pack(len(record)))
+    f.write(record)
+
+
+def read_frames(path: str) -> Iterator[bytes]:
+    """The records of a fragment, in order.
+
+    Raises:
+      OSError: a truncated fragment (a worker died while writing it and was not retried).
+    """
+    with open_read(path) as f:
+        while True:
+            head = f.read(_LENGTH.size)
+            if not head:
+                return
+            if len(head) != _LENGTH.size:
+                raise OSError(f"{path}: truncated record fragment")
+            (n,) = _LENGTH.unpack(head)
+            record = f.read(n)
+            if len(record) != n:
+                raise OSError(f"{path}: truncated record fragment")
+            yield record
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -69,14 +118,6 @@ def write_bytes(path: str, data: bytes) -> None:
 
     with FileSystems.create(path, compression_type="uncompressed") as f:
         f.write(data)
-
-
-def read_bytes(path: str) -> bytes:
-    """Reads ``path`` through Beam's FileSystems (local or remote)."""
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return f.read()
 
 
 def upload(local_path: str, path: str) -> None:

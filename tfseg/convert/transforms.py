@@ -2,51 +2,69 @@
 
 Graph (all named PTransforms, added by :func:`build_pipeline`)::
 
-    Create(batches of (split, shard, Case)) -> ConvertCases (LoadAndEncode DoFn -> ("ok", Encoded)
-        | ("rejected", row); each record spilled to _records/ and passed on as its path)
-      examples -> WriteShards:  key (split, shard) -> GroupByKey -> write each shard sorted by id
-      examples -> SummarizeSplits: gathered, SplitStatsFn per split -> _stats.json
-      rejected -> WriteRejected: sorted -> rejected.jsonl
-      (shard list, stats, rejected) -> Flatten -> Done   (one sink that depends on everything)
+    Create(batches: ((split, shard, index), [(split, shard, Case), ...]), cut on the launcher,
+           each of one shard, consecutive by case id)
+      -> ConvertBatches (EncodeBatch DoFn: the batch's records -> one fragment file under
+         _records/; out goes one small BatchResult: fragment path, count, the batch's split
+         statistics accumulator, its rejections)
+      -> WriteShards: key (split, shard) + an empty slot per shard -> GroupByKey -> each shard
+         written from its fragments in batch order -> ShardResult (name, count, stats, rejections)
+      -> GatherAll -> WriteSummary: _shards.json, _stats.json, rejected.jsonl
 
 Shard keys come from a stable hash of the case id (:mod:`tfseg.convert.shards`) and each shard's
-records are sorted by case id, so converting the same input twice gives byte-identical shards
-whatever the runner's bundling (Beam's WriteToTFRecord starts bundles at random shards, hence not
-used); records are serialized deterministically (schema), so the bytes are the same in every
-process too.
+records are in case-id order (batches are consecutive id ranges of one shard, written in order),
+so converting the same input twice gives byte-identical shards whatever the runner's bundling
+(Beam's WriteToTFRecord starts bundles at random shards, hence not used); records are serialized
+deterministically (schema), so the bytes are the same in every process too.
+
+What crosses a shuffle is one small element per batch and then one per shard, never a record:
+on a distributed runner every shuffled element is serialized and every GroupByKey is a dask
+task shuffle whose task count grows with the partitions (tools/bench_convert.py --scaling; the
+per-case graph shuffled each case three times and took 3-4x the in-process CPU per case on Dask).
 
 The graph avoids what Beam's DaskRunner does not support, so the same job runs there: no
 multi-output ParDo (Dask merges tagged outputs into one bag), no output from finish_bundle
 (dropped; hence batches cut on the launcher instead of BatchElements), no CombineGlobally or
 CombinePerKey (side inputs / no output), and one final transform that reads every branch (Dask
-computes only the last transform's graph).
+computes only the last transform's graph): here the graph is one chain.
 
 DoFns and the functions they call are module-level, so Beam can pickle them to its workers.
-Progress (:class:`ConvertProgress`) counts cases as the LoadAndEncode DoFn finishes them when it
-runs in the launcher's process (:func:`set_progress`); other runners report their totals when the
+:class:`ConvertCases` (per-case output, records in the elements) is the composable form for
+pipelines that embed the conversion. Progress (:class:`ConvertProgress`) counts cases as the
+EncodeBatch or LoadAndEncode DoFn finishes them when it runs in the launcher's process (:func:`set_progress`); other runners report their totals when the
 job ends.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.typehints import Dict, Tuple
 
 from tfseg import outputs, schema
 from tfseg.convert.base import BadCase, Case, Layout
 from tfseg.convert.checks import one_line
 from tfseg.convert.encode import CaseStats, EncodeOptions, Encoded, encode_case
-from tfseg.convert.shards import SPILL_DIR, read_bytes, shard_name, spill_path, upload, write_bytes
+from tfseg.convert.shards import (
+    SPILL_DIR,
+    fragment_path,
+    open_write,
+    read_frames,
+    shard_name,
+    upload,
+    write_bytes,
+    write_frame,
+)
 from tfseg.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -57,11 +75,10 @@ SHARDS_FILE = "_shards.json"
 REJECTED = "rejected"
 
 
-def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Case], spill_dir: str | None = None):
+def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Case]):
     """Loads and encodes one case: ``("ok", Encoded, msec)`` or ``("rejected", row, msec)``.
 
     Thread-safe (layouts load with PIL/scipy/nibabel, which release the GIL while decoding).
-    With ``spill_dir`` the record is written to :func:`spill_path` and Encoded carries the path.
     The case's pixels count against the worker's pixel budget (:mod:`tfseg.convert.base`) until
     it is encoded.
     """
@@ -84,13 +101,43 @@ def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Ca
         log.warning("%s: rejected after an unexpected error: %s", case.main_path, one_line(e))
         log.debug("%s: traceback", case.main_path, exc_info=True)
         return "rejected", {"file": case.main_path, "reason": one_line(e), "case_id": case.case_id, "split": split}, 0
-    if spill_dir:  # outside the try: a failing output filesystem fails the job, rejects nothing
-        path = spill_path(spill_dir, split, shard, case.case_id)
-        write_bytes(path, record)
-        msec = int((time.perf_counter() - t0) * 1000)
-        return "ok", Encoded(split, shard, case.case_id, b"", stats, path), msec
     msec = int((time.perf_counter() - t0) * 1000)
     return "ok", Encoded(split, shard, case.case_id, record, stats), msec
+
+
+class _ThreadedConvert:
+    """A DoFn's conversion threads: cases of a batch converted by a small pool, results in order
+    with at most ``2 x threads`` of them held at once (a batch may be hundreds of cases)."""
+
+    def __init__(self, threads: int):
+        self.threads = max(1, threads)
+        self._pool = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_pool": None}
+
+    def setup(self):
+        if self.threads > 1 and self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tfseg-convert")
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def map(self, fn, items: list):
+        if self._pool is None or len(items) < 2:
+            yield from map(fn, items)
+            return
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(self._pool.submit(fn, item))
+            if len(pending) >= 2 * self.threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 class LoadAndEncodeFn(beam.DoFn):
@@ -106,43 +153,99 @@ class LoadAndEncodeFn(beam.DoFn):
     pickling of every record (see tools/bench_convert.py).
     """
 
-    def __init__(self, layout: Layout, opts: EncodeOptions, threads: int = 1, spill_dir: str | None = None):
+    def __init__(self, layout: Layout, opts: EncodeOptions, threads: int = 1):
         self.layout = layout
         self.opts = opts
-        self.threads = max(1, threads)
-        self.spill_dir = spill_dir
+        self.pool = _ThreadedConvert(threads)
         self.converted = Metrics.counter(NAMESPACE, "cases_converted")
         self.rejected = Metrics.counter(NAMESPACE, "cases_rejected")
         self.msec = Metrics.distribution(NAMESPACE, "case_msec")
-        self._pool = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_pool": None}
 
     def setup(self):
-        if self.threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tfseg-convert")
+        self.pool.setup()
 
     def teardown(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self.pool.teardown()
 
     def process(self, batch: list[tuple[str, int, Case]]):
-        run = self._pool.map if self._pool is not None and len(batch) > 1 else map
         # Metrics are updated here, in the bundle's thread: Beam ignores updates from others.
-        for kind, value, msec in run(lambda e: convert_one(self.layout, self.opts, e, self.spill_dir), batch):
-            if kind == "ok":
-                self.converted.inc()
-                self.msec.update(msec)
-            else:
-                self.rejected.inc()
-                # One line per rejection (the full list goes to rejected.jsonl).
-                log.warning("rejected %s: %s", value["file"], value["reason"])
-            _progress_case(kind)
+        for kind, value, msec in self.pool.map(lambda e: convert_one(self.layout, self.opts, e), batch):
+            _count_case(self, kind, value, msec)
             yield kind, value
+
+
+def _count_case(fn, kind: str, value, msec: int) -> None:
+    if kind == "ok":
+        fn.converted.inc()
+        fn.msec.update(msec)
+    else:
+        fn.rejected.inc()
+        # One line per rejection (the full list goes to rejected.jsonl).
+        log.warning("rejected %s: %s", value["file"], value["reason"])
+    _progress_case(kind)
+
+
+class BatchResult(NamedTuple):
+    """What a converted batch passes on (its records are in ``fragment``).
+
+    Attributes:
+      split, shard, index: the batch's key (:func:`cut_batches`).
+      fragment: the fragment file holding its records ("" when every case was rejected).
+      count: records in the fragment.
+      stats: :class:`SplitStatsFn` accumulator of those records, or None.
+      rejected: the rejected cases' rows.
+    """
+
+    split: str
+    shard: int
+    index: int
+    fragment: str
+    count: int
+    stats: Any
+    rejected: tuple
+
+
+class EncodeBatchFn(beam.DoFn):
+    """((split, shard, index), [(split, shard, Case), ...]) -> one :class:`BatchResult`: the
+    batch's records, in case-id order, written to its fragment by this worker; counted in Beam
+    Metrics like :class:`LoadAndEncodeFn`."""
+
+    def __init__(self, layout: Layout, opts: EncodeOptions, spill_dir: str, threads: int = 1):
+        self.layout = layout
+        self.opts = opts
+        self.spill_dir = spill_dir
+        self.pool = _ThreadedConvert(threads)
+        self.converted = Metrics.counter(NAMESPACE, "cases_converted")
+        self.rejected = Metrics.counter(NAMESPACE, "cases_rejected")
+        self.msec = Metrics.distribution(NAMESPACE, "case_msec")
+
+    def setup(self):
+        self.pool.setup()
+
+    def teardown(self):
+        self.pool.teardown()
+
+    def process(self, element):
+        (split, shard, index), batch = element
+        stats_fn = SplitStatsFn()
+        acc, rejected, count = None, [], 0
+        path = fragment_path(self.spill_dir, split, shard, index)
+        f = None
+        try:
+            for kind, value, msec in self.pool.map(lambda e: convert_one(self.layout, self.opts, e), batch):
+                _count_case(self, kind, value, msec)
+                if kind != "ok":
+                    rejected.append(value)
+                    continue
+                if f is None:  # a failing output filesystem fails the job, rejects nothing
+                    f = open_write(path)
+                write_frame(f, value.record)
+                acc = stats_fn.add_input(acc if acc is not None else stats_fn.create_accumulator(), value.stats)
+                count += 1
+        finally:
+            if f is not None:
+                f.close()
+        yield BatchResult(split, shard, index, path if count else "", count, acc, tuple(rejected))
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,33 +314,72 @@ def batch_cases(keyed_cases: list[tuple[str, int, Case]], size: int) -> list[lis
     return [list(keyed_cases[i:i + size]) for i in range(0, len(keyed_cases), size)]
 
 
+# Batches a job is cut into, at most (more when shards split them): enough for a few per worker
+# thread on a small cluster, few enough that the runner's per-batch costs (a dask task and its
+# shuffle tasks, a bundle, a fragment file) stay small beside the cases (bench_convert --scaling).
+TARGET_BATCHES = 64
+
+
+def batch_size(n_cases: int, threads: int, target: int = TARGET_BATCHES) -> int:
+    """Cases a batch holds: enough for the DoFn's ``threads`` and the job cut into about
+    ``target`` batches."""
+    return max(2 * max(1, threads), math.ceil(n_cases / max(1, target)))
+
+
+def cut_batches(keyed_cases: list[tuple[str, int, Case]], size: int
+                ) -> list[tuple[tuple[str, int, int], list[tuple[str, int, Case]]]]:
+    """((split, shard, index), cases) batches of at most ``size`` cases, each of one shard and
+    consecutive in case-id order, so a shard is its batches' records in index order. Cut on the
+    launcher: every run and runner sees the same batches."""
+    groups: dict[tuple[str, int], list] = {}
+    for split, shard, case in sorted(keyed_cases, key=lambda e: (e[0], e[1], e[2].case_id)):
+        groups.setdefault((split, shard), []).append((split, shard, case))
+    size = max(1, size)
+    return [((split, shard, i // size), cases[i:i + size])
+            for (split, shard), cases in sorted(groups.items()) for i in range(0, len(cases), size)]
+
+
 class ConvertCases(beam.PTransform):
     """Loads and encodes batches of cases (lists of (split, shard, Case), see
     :func:`batch_cases`); returns ``{"examples": PCollection[Encoded], "rejected":
-    PCollection[dict]}``.
+    PCollection[dict]}``: the per-case form, records in the elements, for pipelines that embed
+    the conversion (the convert job itself uses :class:`ConvertBatches`).
 
     Args:
       layout: the dataset layout (pickled to the workers).
       opts: validation/encoding options.
       threads: conversion threads per worker (default :func:`default_threads`).
-      spill_dir: write each record there (Encoded.record_path) instead of passing its bytes on.
     """
 
-    def __init__(self, layout: Layout, opts: EncodeOptions, threads: int | None = None, label: str | None = None,
-                 spill_dir: str | None = None):
+    def __init__(self, layout: Layout, opts: EncodeOptions, threads: int | None = None, label: str | None = None):
         super().__init__(label)
         self.layout = layout
         self.opts = opts
         self.threads = threads or default_threads()
-        self.spill_dir = spill_dir
 
     def expand(self, batches):
-        results = batches | "LoadAndEncode" >> beam.ParDo(
-            LoadAndEncodeFn(self.layout, self.opts, self.threads, self.spill_dir))
+        results = batches | "LoadAndEncode" >> beam.ParDo(LoadAndEncodeFn(self.layout, self.opts, self.threads))
         return {
             "examples": results | "Examples" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "ok" else []),
             REJECTED: results | "Rejections" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == REJECTED else []),
         }
+
+
+class ConvertBatches(beam.PTransform):
+    """Batches from :func:`cut_batches` -> one :class:`BatchResult` each, the records written
+    to fragments under ``spill_dir`` by the workers that encode them."""
+
+    def __init__(self, layout: Layout, opts: EncodeOptions, spill_dir: str, threads: int | None = None,
+                 label: str | None = None):
+        super().__init__(label)
+        self.layout = layout
+        self.opts = opts
+        self.spill_dir = spill_dir
+        self.threads = threads or default_threads()
+
+    def expand(self, batches):
+        return batches | "EncodeBatch" >> beam.ParDo(
+            EncodeBatchFn(self.layout, self.opts, self.spill_dir, self.threads))
 
 
 class GatherAll(beam.PTransform):
@@ -254,10 +396,20 @@ class GatherAll(beam.PTransform):
                 | "Values" >> beam.Map(lambda kv: list(kv[1])))
 
 
+class ShardResult(NamedTuple):
+    """A written shard: its file name, records, merged statistics accumulator and rejections."""
+
+    split: str
+    name: str
+    count: int
+    stats: Any
+    rejected: tuple
+
+
 class WriteShardFn(beam.DoFn):
-    """((split, shard), [(case_id, record, record_path) | None, ...]) -> (split, file name, count),
-    writing the shard with its records sorted by case id; spilled records are read one at a time
-    and deleted once the shard is written."""
+    """((split, shard), [BatchResult | None, ...]) -> :class:`ShardResult`, writing the shard
+    from its batches' fragments in index order (so in case-id order); fragments are deleted once
+    the shard is written."""
 
     def __init__(self, output_dir: str, compression: str, num_shards: dict[str, int]):
         self.output_dir = output_dir
@@ -269,7 +421,7 @@ class WriteShardFn(beam.DoFn):
         import tensorflow as tf
 
         (split, shard), values = element
-        records = sorted((v for v in values if v is not None), key=lambda v: v[0])
+        batches = sorted((v for v in values if v is not None), key=lambda b: b.index)
         name = shard_name(split, shard, self.num_shards[split], self.compression)
         options = tf.io.TFRecordOptions(compression_type=self.compression or None)
         remote = outputs.is_remote(self.output_dir)
@@ -283,27 +435,36 @@ class WriteShardFn(beam.DoFn):
             os.close(fd)
         else:
             target = os.path.join(self.output_dir, name)
+        count = 0
         try:
             with tf.io.TFRecordWriter(target, options=options) as writer:
-                for _, record, path in records:
-                    writer.write(read_bytes(path) if path else record)
+                for b in batches:
+                    if b.fragment:
+                        for record in read_frames(b.fragment):
+                            writer.write(record)
+                            count += 1
             if remote:
                 upload(target, outputs.join(self.output_dir, name))
         finally:
             if remote:
                 with contextlib.suppress(OSError):
                     os.unlink(target)
-        spilled = [path for _, _, path in records if path]
-        if spilled:
+        if count != sum(b.count for b in batches):
+            raise OSError(f"{name}: {count} records in its fragments, {sum(b.count for b in batches)} expected")
+        fragments = [b.fragment for b in batches if b.fragment]
+        if fragments:
             from apache_beam.io.filesystems import FileSystems
 
-            FileSystems.delete(spilled)
-        self.records.inc(len(records))
-        yield split, name, len(records)
+            FileSystems.delete(fragments)
+        stats_fn = SplitStatsFn()
+        accs = [b.stats for b in batches if b.stats is not None]
+        acc = stats_fn.merge_accumulators(accs) if accs else None
+        self.records.inc(count)
+        yield ShardResult(split, name, count, acc, tuple(r for b in batches for r in b.rejected))
 
 
-@beam.typehints.with_input_types(Encoded)
-@beam.typehints.with_output_types(Tuple[str, str, int])
+@beam.typehints.with_input_types(BatchResult)
+@beam.typehints.with_output_types(ShardResult)
 class WriteShards(beam.PTransform):
     """Writes every shard of every split (empty ones too, so dataset.json's list is complete)."""
 
@@ -313,10 +474,9 @@ class WriteShards(beam.PTransform):
         self.compression = compression
         self.num_shards = num_shards
 
-    def expand(self, examples):
-        keyed = examples | "KeyByShard" >> beam.Map(
-            lambda e: ((e.split, e.shard), (e.case_id, e.record, e.record_path)))
-        slots = examples.pipeline | "ShardSlots" >> beam.Create(
+    def expand(self, batches):
+        keyed = batches | "KeyByShard" >> beam.Map(lambda b: ((b.split, b.shard), b))
+        slots = batches.pipeline | "ShardSlots" >> beam.Create(
             [((s, i), None) for s, n in sorted(self.num_shards.items()) for i in range(n)])
         return (
             (keyed, slots)
@@ -383,92 +543,60 @@ class SplitStatsFn(beam.CombineFn):
         }
 
 
-def _combine_splits(pairs: list[tuple[str, CaseStats]]) -> dict:
-    fn = SplitStatsFn()
-    accs: dict[str, Any] = {}
-    for split, stats in pairs:
-        accs[split] = fn.add_input(accs.get(split) or fn.create_accumulator(), stats)
-    return {split: fn.extract_output(acc) for split, acc in sorted(accs.items())}
+def _write_text(path: str, text: str) -> None:
+    if outputs.is_remote(path):
+        write_bytes(path, text.encode("utf-8"))
+    else:
+        with open(path, "w") as f:
+            f.write(text)
 
 
-@beam.typehints.with_input_types(Encoded)
-class SummarizeSplits(beam.PTransform):
-    """Encoded -> one dict {split: SplitStatsFn output}.
+class WriteSummaryFn(beam.DoFn):
+    """[ShardResult, ...] (all of them) -> writes _shards.json ([split, name, count] rows),
+    _stats.json ({split: SplitStatsFn output}, splits with records) and rejected.jsonl (sorted
+    by file, so reruns give the same file); yields the folder."""
 
-    Gathered on one key and combined in one call rather than with CombinePerKey (per-case
-    statistics are a few numbers): the DaskRunner produced no output for CombinePerKey.
-    """
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
 
-    def expand(self, examples):
-        return (
-            examples
-            | "KeyBySplit" >> beam.Map(lambda e: (e.split, e.stats))
-            | "Gather" >> GatherAll()
-            | "CombinePerSplit" >> beam.Map(_combine_splits)
-        )
-
-
-class _WriteJson(beam.DoFn):
-    def __init__(self, path: str, jsonl: bool = False):
-        self.path = path
-        self.jsonl = jsonl
-
-    def process(self, obj):
-        if self.jsonl:
-            text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in obj)
-        else:
-            text = json.dumps(obj, sort_keys=True)
-        if outputs.is_remote(self.path):
-            write_bytes(self.path, text.encode("utf-8"))
-        else:
-            with open(self.path, "w") as f:
-                f.write(text)
-        yield self.path
-
-
-@beam.typehints.with_input_types(Dict[str, Any])
-class WriteRejected(beam.PTransform):
-    """Rejections -> rejected.jsonl, sorted by file so reruns give the same file."""
-
-    def __init__(self, path: str, label: str | None = None):
-        super().__init__(label)
-        self.path = path
-
-    def expand(self, rejected):
-        return (
-            rejected
-            | "ToList" >> GatherAll()
-            | "Sort" >> beam.Map(lambda rows: sorted(rows, key=lambda r: (r["file"], r["case_id"], r["reason"])))
-            | "Write" >> beam.ParDo(_WriteJson(self.path, jsonl=True))
-        )
+    def process(self, shards: list[ShardResult]):
+        fn = SplitStatsFn()
+        by_split: dict[str, list] = {}
+        for s in shards:
+            if s.stats is not None:
+                by_split.setdefault(s.split, []).append(s.stats)
+        stats = {split: fn.extract_output(fn.merge_accumulators(accs)) for split, accs in sorted(by_split.items())}
+        written = sorted([s.split, s.name, s.count] for s in shards)
+        rows = sorted((r for s in shards for r in s.rejected), key=lambda r: (r["file"], r["case_id"], r["reason"]))
+        _write_text(_join(self.output_dir, SHARDS_FILE), json.dumps(written, sort_keys=True))
+        _write_text(_join(self.output_dir, STATS_FILE), json.dumps(stats, sort_keys=True))
+        _write_text(_join(self.output_dir, schema.REJECTED_JSONL),
+                    "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+        yield self.output_dir
 
 
 def build_pipeline(p, layout: Layout, keyed_cases: list[tuple[str, int, Case]], opts: EncodeOptions,
                    output_dir: str, num_shards: dict[str, int], compression: str, threads: int | None = None,
-                   spill: bool = True) -> None:
+                   batches: list | None = None) -> None:
     """Adds the conversion graph to pipeline ``p`` (outputs land in ``output_dir``).
 
-    With ``spill`` (the default) each record goes to a file under ``output_dir/_records`` and only
-    its path travels through the shuffle, so memory does not grow with the dataset (the
-    DirectRunner keeps whole PCollections in memory); the files are deleted as shards are written.
+    Records go to batch fragments under ``output_dir/_records`` (deleted as shards are written)
+    and only small per-batch and per-shard results travel between stages, so memory does not
+    grow with the dataset (the DirectRunner keeps whole PCollections in memory) and a
+    distributed runner shuffles no pixel data.
+
+    Args:
+      batches: :func:`cut_batches` output (default: cut with :func:`batch_size`).
     """
-    spill_dir = _join(output_dir, SPILL_DIR) if spill else None
-    outputs = (
-        p
-        | "CreateBatches" >> beam.Create(batch_cases(keyed_cases, 2 * (threads or default_threads())))
-        | "ConvertCases" >> ConvertCases(layout, opts, threads, spill_dir=spill_dir)
-    )
-    examples = outputs["examples"]
-    shards = examples | "WriteShards" >> WriteShards(output_dir, compression, num_shards)
-    shard_list = (shards | "ShardsToList" >> GatherAll()
-                  | "WriteShardList" >> beam.ParDo(_WriteJson(_join(output_dir, SHARDS_FILE))))
-    stats = (examples | "SummarizeSplits" >> SummarizeSplits()
-             | "WriteStats" >> beam.ParDo(_WriteJson(_join(output_dir, STATS_FILE))))
-    rejected = outputs[REJECTED] | "WriteRejected" >> WriteRejected(_join(output_dir, schema.REJECTED_JSONL))
-    # One sink that depends on every branch, applied last: the DaskRunner computes only the last
-    # transform's graph, so a branch no later transform reads would never run there.
-    ((shard_list, stats, rejected) | "AllWritten" >> beam.Flatten()
-     | "Done" >> beam.Map(lambda path: path.rstrip("/").rsplit("/", 1)[-1]))
+    threads = threads or default_threads()
+    if batches is None:
+        batches = cut_batches(keyed_cases, batch_size(len(keyed_cases), threads))
+    (p
+     | "CreateBatches" >> beam.Create(batches)
+     | "ConvertBatches" >> ConvertBatches(layout, opts, _join(output_dir, SPILL_DIR), threads)
+     | "WriteShards" >> WriteShards(output_dir, compression, num_shards)
+     | "GatherShards" >> GatherAll()
+     | "WriteSummary" >> beam.ParDo(WriteSummaryFn(output_dir)))
 
 
 def _join(path: str, *parts: str) -> str:

@@ -1,8 +1,14 @@
 """`tfseg predict --runner`: batch inference as a Beam pipeline built on RunInference.
 
-    ReadInputs (path -> encoded image bytes / z-scored volume, keyed by the input)
-      | RunInference(KeyedModelHandler(handler))      # apache_beam.ml.inference.base
+    Create(batches of inputs, cut like the local job's) | Read (-> encoded image bytes /
+      z-scored volumes, keyed by the input; unreadable ones passed around as errors)
+      | RunInference(KeyedModelHandler(handler).with_no_batching())   # apache_beam.ml.inference.base
       | WriteMasks (palette PNG / NIfTI, overlays)    # the same writer as the local predictor
+      | GatherAll | WriteResults (one results file the launcher reads)
+
+The graph runs on the DirectRunner and on Beam's DaskRunner (``--runner dask``): no
+finish_bundle output (hence no BatchElements and no WriteToText, which the DaskRunner drops or
+cannot run), one output per ParDo, one final transform that reads every branch.
 
 The handler is Beam's TensorFlow model handler (``TFModelHandlerTensor`` of
 ``apache_beam.ml.inference.tensorflow_inference``) for an exported SavedModel, with two things
@@ -24,9 +30,11 @@ returns the path unchanged is registered before the import (:func:`_import_tf_ha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import types
 from typing import Any, Iterable, Sequence
 
@@ -143,21 +151,136 @@ class PredictorHandler(ModelHandler):
         return "tfseg_predict"
 
 
+def _read_batch(items: Sequence[tuple[str, str, str]], facts, beam_io: bool) -> list[tuple]:
+    """A batch of inputs -> ``("ok", [((path, kind, stem), (kind, data)), ...])`` for the readable
+    ones (one element: the batch RunInference gets) and ``("error", ((path, kind, stem),
+    {"error": message}))`` for each unreadable one. One output tagged by value: the DaskRunner
+    merges a multi-output ParDo's outputs into one bag."""
+    ok, out = [], []
+    for path, kind, stem in items:
+        key = (path, kind, stem)
+        try:
+            if kind == "image":
+                # Through tf.io.gfile, like the local job (gs://, s3://, ram://), or Beam's
+                # FileSystems where the launcher uses them (beam_io: gs:// with the runner's
+                # credentials or an emulator).
+                ok.append((key, ("image", _read_input(path, beam_io))))
+                continue
+            if facts.ndim != 3:
+                raise ValueError(NEEDS_3D)
+            with _local_input(path, beam_io) as local:
+                volume, _ = volumes.read_volume(local, facts.channels, facts.preprocessing)
+            ok.append((key, ("volume", volume)))
+        except (OSError, ValueError) as e:
+            out.append(("error", (key, {"error": str(e)})))
+    return ([("ok", ok)] if ok else []) + out
+
+
+def _read_input(path: str, beam_io: bool) -> bytes:
+    if beam_io and outputs.is_remote(path):
+        from tfseg.convert.shards import open_read
+
+        with open_read(path) as f:
+            return f.read()
+    return outputs.read_bytes(path)
+
+
+@contextlib.contextmanager
+def _local_input(path: str, beam_io: bool):
+    """``path``, or a local copy of it for the libraries that read local files (nibabel)."""
+    if not (beam_io and outputs.is_remote(path)):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="tfseg-predict-") as d:
+        local = os.path.join(d, outputs.basename(path))
+        with open(local, "wb") as f:
+            f.write(_read_input(path, beam_io))
+        yield local
+
+
+def _write_result(keyed, facts, output_dir: str, overlay: bool, beam_io: bool) -> str:
+    """(key, PredictionResult | {"error"}) -> the input's result record (JSON), its files written
+    under ``output_dir`` (remote with beam_io: written to a local folder, then uploaded through
+    Beam's FileSystems)."""
+    import json
+
+    (path, kind, stem), result = keyed
+    if isinstance(result, dict):  # read error, passed around RunInference
+        return json.dumps({"input": path, "error": result["error"]})
+    mask = result.inference
+    if isinstance(mask, dict):
+        return json.dumps({"input": path, "error": mask["error"]})
+    remote = beam_io and outputs.is_remote(output_dir)
+    with contextlib.ExitStack() as stack:
+        target = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfseg-predict-")) if remote else output_dir
+        if kind == "image":
+            record = write_image_outputs(facts, path, result.example[1], stem, np.asarray(mask), target, overlay)
+        else:
+            import nibabel as nib
+
+            local = stack.enter_context(_local_input(path, beam_io))
+            record = write_volume_outputs(facts, path, result.example[1], nib.load(local), stem, np.asarray(mask),
+                                          target, overlay)
+        if remote:
+            from tfseg.convert.shards import upload
+
+            for rel in [record["output"]] + ([record["overlay"]] if record.get("overlay") else []):
+                upload(os.path.join(target, rel), outputs.join(output_dir, *rel.split(os.sep)))
+    return json.dumps(record)
+
+
+class _WriteResults:
+    """[record JSON, ...] -> the results file (``.beam-results.jsonl`` in the output folder)."""
+
+    def __init__(self, path: str, beam_io: bool):
+        self.path, self.beam_io = path, beam_io
+
+    def __call__(self, lines: list[str]) -> str:
+        text = "".join(line + "\n" for line in lines).encode("utf-8")
+        if self.beam_io and outputs.is_remote(self.path):
+            from tfseg.convert.shards import write_bytes
+
+            write_bytes(self.path, text)
+        else:
+            with open(self.path, "wb") as f:
+                f.write(text)
+        return self.path
+
+
+RESULTS_FILE = ".beam-results.jsonl"
+
+
 def run_pipeline(model_path: str, items: Sequence[tuple[str, str, str]], output_dir: str, *, runner: str,
                  beam_args: Iterable[str], batch_size: int, predictor_kwargs: dict, facts,
-                 overlay: bool = False) -> list[dict]:
+                 overlay: bool = False, beam_io: bool = False) -> list[dict]:
     """Runs the RunInference pipeline over ``items`` ((path, kind, stem)); returns the result
     records the local predictor would return (same order as ``items``).
 
+    The inputs are cut into batches of ``batch_size`` on the launcher, the same batches as the
+    local job's, and RunInference runs without its own batching (``with_no_batching``): Beam's
+    BatchElements emits each bundle's last batch from finish_bundle, which the DaskRunner drops,
+    and the same batches give the model the same calls as the local predictor on every runner.
+
     Args:
+      runner: a runner name :func:`tfseg.convert.runners.resolve_runner` knows (``DirectRunner``,
+        ``dask``, ``dataflow``, ...).
       facts: :func:`tfseg.predict.predictors.model_facts`: the writer's names and colours, and the
         model's ``ndim``, ``channels`` and ``preprocessing`` (volumes are read with them).
+      beam_io: read remote inputs and write remote outputs through Beam's FileSystems (the
+        launcher runs in :func:`tfseg.outputs.beam_filesystems`).
+
+    Raises:
+      TfsegError: an unknown runner or Beam option, or the job failed on the runner (one line).
     """
     import json
 
     import apache_beam as beam
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from tfseg.convert.checks import one_line
+    from tfseg.convert.runners import dask_partitions, pipeline_options, runner_name
+    from tfseg.convert.transforms import GatherAll
+    from tfseg.errors import TfsegError
 
     server = predictor_kwargs.get("server")
     if server:
@@ -169,50 +292,38 @@ def run_pipeline(model_path: str, items: Sequence[tuple[str, str, str]], output_
         else:
             handler = PredictorHandler(path, predictor_kwargs, max_batch_size=batch_size)
 
-    def read(item):
-        path, kind, stem = item
-        try:
-            if kind == "image":
-                # Through tf.io.gfile, like the local job: gs://, s3:// and ram:// inputs too.
-                return [((path, kind, stem), ("image", outputs.read_bytes(path)))]
-            if facts.ndim != 3:
-                raise ValueError(NEEDS_3D)
-            volume, _ = volumes.read_volume(path, facts.channels, facts.preprocessing)
-            return [((path, kind, stem), ("volume", volume))]
-        except (OSError, ValueError) as e:
-            return [((path, kind, stem), ("error", str(e)))]
-
-    def write(keyed):
-        (path, kind, stem), result = keyed
-        if isinstance(result, dict):  # read error, passed around RunInference
-            return json.dumps({"input": path, "error": result["error"]})
-        mask = result.inference
-        if isinstance(mask, dict):
-            return json.dumps({"input": path, "error": mask["error"]})
-        if kind == "image":
-            record = write_image_outputs(facts, path, result.example[1], stem, np.asarray(mask), output_dir, overlay)
-        else:
-            import nibabel as nib
-
-            record = write_volume_outputs(facts, path, result.example[1], nib.load(path), stem, np.asarray(mask),
-                                          output_dir, overlay)
-        return json.dumps(record)
-
-    results_prefix = os.path.join(output_dir, ".beam-results")
-    options = PipelineOptions(list(beam_args), runner=runner)
-    with beam.Pipeline(options=options) as p:
-        read_ = (p | "ListInputs" >> beam.Create([tuple(i) for i in items]) | "Read" >> beam.FlatMap(read))
-        ok = read_ | "Readable" >> beam.Filter(lambda kv: kv[1][0] != "error")
-        bad = read_ | "Unreadable" >> beam.Filter(lambda kv: kv[1][0] == "error") | "AsResult" >> beam.Map(
-            lambda kv: (kv[0], {"error": kv[1][1]}))
-        predicted = ok | "RunInference" >> RunInference(KeyedModelHandler(handler))
-        _ = ((predicted, bad) | "All" >> beam.Flatten() | "WriteMasks" >> beam.Map(write)
-             | "WriteResults" >> beam.io.WriteToText(results_prefix, file_name_suffix=".jsonl"))
+    batches = [[tuple(i) for i in items[k:k + batch_size]] for k in range(0, len(items), batch_size)]
+    results_path = outputs.join(output_dir, RESULTS_FILE) if outputs.is_remote(output_dir) else os.path.join(
+        output_dir, RESULTS_FILE)
+    options = pipeline_options(["--runner", runner, *beam_args])
+    dask_partitions(options, len(batches))
+    p = beam.Pipeline(options=options)
+    read_ = (p | "ListInputs" >> beam.Create(batches)
+             | "Read" >> beam.FlatMap(_read_batch, facts, beam_io))
+    ok = read_ | "Readable" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "ok" else [])
+    bad = read_ | "Unreadable" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == "error" else [])
+    predicted = ok | "RunInference" >> RunInference(KeyedModelHandler(handler).with_no_batching())
+    _ = ((predicted, bad) | "All" >> beam.Flatten()
+         | "WriteMasks" >> beam.Map(_write_result, facts, output_dir, overlay, beam_io)
+         | "Gather" >> GatherAll()
+         | "WriteResults" >> beam.Map(_WriteResults(results_path, beam_io)))
+    try:
+        result = p.run()
+        state = result.wait_until_finish()
+    except Exception as e:  # noqa: BLE001 - the runner's own errors (a cluster unreachable, ...)
+        log.debug("the Beam job failed", exc_info=True)
+        raise TfsegError(f"the Beam job failed on {runner_name(options)}: {one_line(e)} "
+                         "(nothing was published; -v shows the traceback)") from None
+    finally:
+        client = getattr(locals().get("result"), "client", None)  # the DaskRunner's dask.distributed Client
+        if client is not None and hasattr(client, "close"):
+            client.close()
+    if state is not None and str(state).split(".")[-1] not in ("DONE", "UNKNOWN"):
+        raise TfsegError(f"the Beam job ended {state} on {runner_name(options)}; nothing was published")
     records = []
-    for name in sorted(os.listdir(output_dir)):
-        if name.startswith(".beam-results"):
-            with open(os.path.join(output_dir, name)) as f:
-                records.extend(json.loads(line) for line in f if line.strip())
-            os.unlink(os.path.join(output_dir, name))
+    if outputs.exists(results_path):
+        text = outputs.read_text(results_path) if outputs.is_remote(results_path) else open(results_path).read()
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        outputs.remove(results_path)
     order = {path: i for i, (path, _, _) in enumerate(items)}
     return sorted(records, key=lambda r: order.get(r["input"], len(order)))

@@ -67,8 +67,12 @@ def _beam_predict(model_path, items, output_dir, *, runner, beam_args, batch_siz
     from tfseg.predict import beam
 
     facts = model_facts(model_path, predictor_kwargs.get("server"))
+    # Remote inputs and outputs through Beam's FileSystems in the workers too, where the
+    # launcher uses them (run_predict enters beam_filesystems for a runner).
+    beam_io = any(outputs.uses_beam(item[0]) for item in items[:1]) or outputs.uses_beam(output_dir)
     return beam.run_pipeline(model_path, items, output_dir, runner=runner, beam_args=beam_args,
-                             batch_size=batch_size, predictor_kwargs=predictor_kwargs, facts=facts, overlay=overlay)
+                             batch_size=batch_size, predictor_kwargs=predictor_kwargs, facts=facts, overlay=overlay,
+                             beam_io=beam_io)
 
 
 @outputs.holding_locks
@@ -113,6 +117,22 @@ def run_predict(
     """
     if batch_size < 1:
         raise TfsegError(f"--batch-size {batch_size}: must be >= 1")
+    if runner:
+        # A Beam job (DaskRunner, Dataflow, ...) reads and writes gs://, s3://, hdfs:// through
+        # Beam's FileSystems, on the launcher (listing, ownership, publishing) and in its
+        # workers, like convert: they honour the runner's credentials and STORAGE_EMULATOR_HOST,
+        # where TF's gs:// client may not. A remote output is staged on the same store.
+        with outputs.beam_filesystems():
+            return _run_predict(model_path, input_dir, output_dir, batch_size=batch_size, server=server, grpc=grpc,
+                                model_version=model_version, runner=runner, beam_args=beam_args, tile=tile, tta=tta,
+                                overlap=overlap, overwrite=overwrite, overlay=overlay, progress=progress)
+    return _run_predict(model_path, input_dir, output_dir, batch_size=batch_size, server=server, grpc=grpc,
+                        model_version=model_version, runner=runner, beam_args=beam_args, tile=tile, tta=tta,
+                        overlap=overlap, overwrite=overwrite, overlay=overlay, progress=progress)
+
+
+def _run_predict(model_path, input_dir, output_dir, *, batch_size, server, grpc, model_version, runner, beam_args,
+                 tile, tta, overlap, overwrite, overlay, progress) -> dict:
     items = list_inputs(input_dir)
     start = time.time()
     predictor_kwargs = dict(server=server, grpc=grpc, tile=tile, tta=tta, overlap=overlap,
@@ -151,6 +171,9 @@ def run_predict(
         if not summary["written"]:
             raise TfsegError(f"{input_dir}: none of the {len(results)} inputs could be predicted; "
                              f"first: {failed[0]['input']}: {failed[0]['error']}")
-        with open(os.path.join(tmp, SUMMARY_JSON), "w") as f:
-            json.dump(summary, f, indent=2)
+        if outputs.is_remote(tmp):  # staged on the store (a runner's job under beam_filesystems)
+            outputs.atomic_write_text(outputs.join(tmp, SUMMARY_JSON), json.dumps(summary, indent=2))
+        else:
+            with open(os.path.join(tmp, SUMMARY_JSON), "w") as f:
+                json.dump(summary, f, indent=2)
     return summary
