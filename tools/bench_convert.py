@@ -243,6 +243,21 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _settle_children(keep: set[int], timeout: float = 15.0) -> None:
+    """Waits until this process has no children left but ``keep`` (the dask cluster), so that
+    RUSAGE_CHILDREN holds every SDK worker of the job: the FnApiRunner reaps its multi_processing
+    workers from background threads, after the job has returned."""
+    import psutil
+
+    end = time.time() + timeout
+    me = psutil.Process()
+    while time.time() < end:
+        if not [c for c in me.children() if c.pid not in keep and c.status() != psutil.STATUS_ZOMBIE]:
+            time.sleep(0.2)  # the reaping thread's wait() after the exit
+            return
+        time.sleep(0.1)
+
+
 def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     """Least squares ``y = fixed + n * per_case`` over (n, y) points; (fixed, per_case)."""
     n = np.array([p[0] for p in points], np.float64)
@@ -345,6 +360,7 @@ def scaling(argv=None) -> None:
                 summary = run_convert("carvana", os.path.join(work, f"n{n}"), out, beam_args=beam_args,
                                       threads=threads)
                 wall = time.perf_counter() - w0
+                _settle_children({p.pid for c in clusters.values() for p in c.procs})
                 cpu = (time.process_time() - c0) + (_children_cpu() - k0) + (
                     (cluster.cpu_seconds() - d0) if cluster else 0.0)
                 if keep:
@@ -399,7 +415,8 @@ def scaling(argv=None) -> None:
                       f"of task compute, {cpu:.2f} CPU-s in all, load {load:.1f}")
                 for k, t, s, x in prof[:12]:
                     print(f"    {k:60.60} {t:6d} tasks {s:7.2f} s compute {x:6.2f} s transfer")
-        _scaling_report(args, sizes, configs, rows, profile)
+        if rows:
+            _scaling_report(args, sizes, configs, rows, profile)
     finally:
         for cluster in clusters.values():
             cluster.close()

@@ -86,6 +86,44 @@ def open_read(path: str) -> BinaryIO:
     return open(path, "rb")
 
 
+def _crc32c():
+    """CRC-32C (Castagnoli): google-crc32c's (hardware) where installed, else crcmod's, which
+    apache-beam[tfrecord] requires."""
+    try:
+        import google_crc32c
+
+        return google_crc32c.value
+    except ImportError:
+        import crcmod.predefined
+
+        return crcmod.predefined.mkPredefinedCrcFun("crc-32c")
+
+
+_CRC = None
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's checksum: CRC-32C rotated right by 15 bits plus 0xa282ead8."""
+    global _CRC
+    if _CRC is None:
+        _CRC = _crc32c()
+    crc = _CRC(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+_U32 = struct.Struct("<I")
+
+
+def write_tfrecord(f: BinaryIO, record: bytes) -> None:
+    """Appends ``record`` to an uncompressed TFRecord file as TF's TFRecordWriter frames it
+    (length, its masked CRC, data, its masked CRC), without importing TensorFlow in the worker."""
+    head = _LENGTH.pack(len(record))
+    f.write(head)
+    f.write(_U32.pack(masked_crc32c(head)))
+    f.write(record)
+    f.write(_U32.pack(masked_crc32c(record)))
+
+
 def write_frame(f: BinaryIO, record: bytes) -> None:
     """Appends one record to a fragment: its length (8 bytes, little-endian), then its bytes."""
     f.write(_LENGTH.pack(len(record)))

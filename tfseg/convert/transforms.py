@@ -64,6 +64,7 @@ from tfseg.convert.shards import (
     upload,
     write_bytes,
     write_frame,
+    write_tfrecord,
 )
 from tfseg.progress import Progress
 
@@ -418,37 +419,21 @@ class WriteShardFn(beam.DoFn):
         self.records = Metrics.counter(NAMESPACE, "records_written")
 
     def process(self, element):
-        import tensorflow as tf
-
         (split, shard), values = element
         batches = sorted((v for v in values if v is not None), key=lambda b: b.index)
         name = shard_name(split, shard, self.num_shards[split], self.compression)
-        options = tf.io.TFRecordOptions(compression_type=self.compression or None)
-        remote = outputs.is_remote(self.output_dir)
-        if remote:
-            # TF's gs:// client may not reach the store the runner's FileSystems reach (an
-            # emulator, other credentials): the shard is written by TF's writer to local disk
-            # (the same bytes as a local conversion) and uploaded through Beam's FileSystems.
-            import tempfile
-
-            fd, target = tempfile.mkstemp(prefix=f".{name}.", suffix=".part")
-            os.close(fd)
+        records = (record for b in batches if b.fragment for record in read_frames(b.fragment))
+        if self.compression:
+            count = self._write_with_tf(name, records)
         else:
-            target = os.path.join(self.output_dir, name)
-        count = 0
-        try:
-            with tf.io.TFRecordWriter(target, options=options) as writer:
-                for b in batches:
-                    if b.fragment:
-                        for record in read_frames(b.fragment):
-                            writer.write(record)
-                            count += 1
-            if remote:
-                upload(target, outputs.join(self.output_dir, name))
-        finally:
-            if remote:
-                with contextlib.suppress(OSError):
-                    os.unlink(target)
+            # Framed here as TF's writer frames them (the same bytes; no TensorFlow import in
+            # the workers, seconds of each multi_processing worker's start-up), straight to
+            # the output's filesystem.
+            count = 0
+            with open_write(_join(self.output_dir, name)) as f:
+                for record in records:
+                    write_tfrecord(f, record)
+                    count += 1
         if count != sum(b.count for b in batches):
             raise OSError(f"{name}: {count} records in its fragments, {sum(b.count for b in batches)} expected")
         fragments = [b.fragment for b in batches if b.fragment]
@@ -461,6 +446,35 @@ class WriteShardFn(beam.DoFn):
         acc = stats_fn.merge_accumulators(accs) if accs else None
         self.records.inc(count)
         yield ShardResult(split, name, count, acc, tuple(r for b in batches for r in b.rejected))
+
+    def _write_with_tf(self, name: str, records) -> int:
+        """A compressed shard, by TF's TFRecordWriter (its gzip stream is the reference bytes)."""
+        import tensorflow as tf
+
+        options = tf.io.TFRecordOptions(compression_type=self.compression)
+        remote = outputs.is_remote(self.output_dir)
+        if remote:
+            # TF's gs:// client may not reach the store the runner's FileSystems reach (an
+            # emulator, other credentials): written to local disk and uploaded through Beam's.
+            import tempfile
+
+            fd, target = tempfile.mkstemp(prefix=f".{name}.", suffix=".part")
+            os.close(fd)
+        else:
+            target = os.path.join(self.output_dir, name)
+        count = 0
+        try:
+            with tf.io.TFRecordWriter(target, options=options) as writer:
+                for record in records:
+                    writer.write(record)
+                    count += 1
+            if remote:
+                upload(target, outputs.join(self.output_dir, name))
+        finally:
+            if remote:
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
+        return count
 
 
 @beam.typehints.with_input_types(BatchResult)
