@@ -67,13 +67,12 @@ from tfseg.convert.runners import (
 from tfseg.convert.shards import SPILL_DIR, count_shards, file_bytes, shard_of
 from tfseg.convert.transforms import (
     NAMESPACE,
-    SHARDS_FILE,
-    STATS_FILE,
     ConvertProgress,
     batch_size,
     build_pipeline,
     cut_batches,
     default_threads,
+    read_summaries,
     set_progress,
 )
 from tfseg.errors import TfsegError
@@ -248,21 +247,10 @@ def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, spli
             if client is not None and hasattr(client, "close"):
                 client.close()  # else it outlives the job (and logs errors once the cluster goes)
 
-        def read_json(name, default):
-            path = outputs.join(tmp, name)
-            if not outputs.exists(path):
-                return default
-            obj = json.loads(outputs.read_text(path))
-            outputs.remove(path)
-            return obj
-
-        stats = read_json(STATS_FILE, {})
-        written = read_json(SHARDS_FILE, [])
+        written, stats, rejected = read_summaries(tmp)
         outputs.rmtree(outputs.join(tmp, SPILL_DIR))
-        rejected_path = outputs.join(tmp, schema.REJECTED_JSONL)
-        if not outputs.exists(rejected_path):
-            outputs.atomic_write_text(rejected_path, "")
-        rejected = [json.loads(line) for line in outputs.read_text(rejected_path).splitlines() if line.strip()]
+        outputs.atomic_write_text(outputs.join(tmp, schema.REJECTED_JSONL),
+                                  "".join(json.dumps(row, sort_keys=True) + "\n" for row in rejected))
         n_written = sum(n for _, _, n in written)
         if bar is not None:  # the totals (all of them for runners whose workers could not report)
             bar.rejected = len(rejected)

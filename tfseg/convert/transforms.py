@@ -8,8 +8,10 @@ Graph (all named PTransforms, added by :func:`build_pipeline`)::
          _records/; out goes one small BatchResult: fragment path, count, the batch's split
          statistics accumulator, its rejections)
       -> WriteShards: key (split, shard) + an empty slot per shard -> GroupByKey -> each shard
-         written from its fragments in batch order -> ShardResult (name, count, stats, rejections)
-      -> GatherAll -> WriteSummary: _shards.json, _stats.json, rejected.jsonl
+         written from its fragments in batch order, its summary (count, statistics
+         accumulator, rejections) to _shards/SPLIT-SHARD.json
+    then the launcher merges the summaries (read_summaries): dataset.json's counts and
+    statistics, rejected.jsonl
 
 Shard keys come from a stable hash of the case id (:mod:`tfseg.convert.shards`) and each shard's
 records are in case-id order (batches are consecutive id ranges of one shard, written in order),
@@ -17,10 +19,10 @@ so converting the same input twice gives byte-identical shards whatever the runn
 (Beam's WriteToTFRecord starts bundles at random shards, hence not used); records are serialized
 deterministically (schema), so the bytes are the same in every process too.
 
-What crosses a shuffle is one small element per batch and then one per shard, never a record:
-on a distributed runner every shuffled element is serialized and every GroupByKey is a dask
-task shuffle whose task count grows with the partitions (tools/bench_convert.py --scaling; the
-per-case graph shuffled each case three times and took 3-4x the in-process CPU per case on Dask).
+What crosses the one shuffle is one small element per batch, never a record: on a distributed
+runner every shuffled element is serialized and every GroupByKey is a dask task shuffle whose
+task count grows with the partitions (tools/bench_convert.py --scaling: the per-case graph, with
+four shuffles, took 27-41x the in-process CPU per case on Dask).
 
 The graph avoids what Beam's DaskRunner does not support, so the same job runs there: no
 multi-output ParDo (Dask merges tagged outputs into one bag), no output from finish_bundle
@@ -51,7 +53,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from tfseg import outputs, schema
+from tfseg import outputs
 from tfseg.convert.base import BadCase, Case, Layout
 from tfseg.convert.checks import one_line
 from tfseg.convert.encode import CaseStats, EncodeOptions, Encoded, encode_case
@@ -71,8 +73,7 @@ from tfseg.progress import Progress
 log = logging.getLogger(__name__)
 
 NAMESPACE = "tfseg.convert"
-STATS_FILE = "_stats.json"
-SHARDS_FILE = "_shards.json"
+SUMMARY_DIR = "_shards"  # one summary a shard (count, statistics, rejections) until the launcher merges them
 REJECTED = "rejected"
 
 
@@ -397,20 +398,11 @@ class GatherAll(beam.PTransform):
                 | "Values" >> beam.Map(lambda kv: list(kv[1])))
 
 
-class ShardResult(NamedTuple):
-    """A written shard: its file name, records, merged statistics accumulator and rejections."""
-
-    split: str
-    name: str
-    count: int
-    stats: Any
-    rejected: tuple
-
-
 class WriteShardFn(beam.DoFn):
-    """((split, shard), [BatchResult | None, ...]) -> :class:`ShardResult`, writing the shard
-    from its batches' fragments in index order (so in case-id order); fragments are deleted once
-    the shard is written."""
+    """((split, shard), [BatchResult | None, ...]) -> the shard's file name, writing the shard
+    from its batches' fragments in index order (so in case-id order) and its summary (count,
+    statistics accumulator, rejections) to ``_shards/SPLIT-SHARD.json``; fragments are deleted
+    once the shard is written."""
 
     def __init__(self, output_dir: str, compression: str, num_shards: dict[str, int]):
         self.output_dir = output_dir
@@ -444,8 +436,14 @@ class WriteShardFn(beam.DoFn):
         stats_fn = SplitStatsFn()
         accs = [b.stats for b in batches if b.stats is not None]
         acc = stats_fn.merge_accumulators(accs) if accs else None
+        rejected = [r for b in batches for r in b.rejected]
+        # The shard's summary goes to a small file the launcher merges: a gather of every
+        # shard's result would be one more dask task shuffle over all the batch partitions.
+        summary = {"split": split, "name": name, "count": count, "stats": _acc_to_json(acc), "rejected": rejected}
+        _write_text(_join(self.output_dir, SUMMARY_DIR, f"{split}-{shard:05d}.json"),
+                    json.dumps(summary, sort_keys=True))
         self.records.inc(count)
-        yield ShardResult(split, name, count, acc, tuple(r for b in batches for r in b.rejected))
+        yield name
 
     def _write_with_tf(self, name: str, records) -> int:
         """A compressed shard, by TF's TFRecordWriter (its gzip stream is the reference bytes)."""
@@ -478,7 +476,7 @@ class WriteShardFn(beam.DoFn):
 
 
 @beam.typehints.with_input_types(BatchResult)
-@beam.typehints.with_output_types(ShardResult)
+@beam.typehints.with_output_types(str)
 class WriteShards(beam.PTransform):
     """Writes every shard of every split (empty ones too, so dataset.json's list is complete)."""
 
@@ -561,41 +559,58 @@ def _write_text(path: str, text: str) -> None:
     if outputs.is_remote(path):
         write_bytes(path, text.encode("utf-8"))
     else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.write(text)
 
 
-class WriteSummaryFn(beam.DoFn):
-    """[ShardResult, ...] (all of them) -> writes _shards.json ([split, name, count] rows),
-    _stats.json ({split: SplitStatsFn output}, splits with records) and rejected.jsonl (sorted
-    by file, so reruns give the same file); yields the folder."""
+def _acc_to_json(acc) -> dict | None:
+    """A :class:`SplitStatsFn` accumulator as JSON (integers and lists)."""
+    if acc is None:
+        return None
+    return {"count": acc["count"], "labelled": acc["labelled"],
+            "class_counts": None if acc["class_counts"] is None else [int(x) for x in acc["class_counts"]],
+            "dims": None if acc["dims"] is None else [[int(x) for x in d] for d in acc["dims"]],
+            "formats": sorted(acc["formats"])}
 
-    def __init__(self, output_dir: str):
-        self.output_dir = output_dir
 
-    def process(self, shards: list[ShardResult]):
-        fn = SplitStatsFn()
-        by_split: dict[str, list] = {}
-        for s in shards:
-            if s.stats is not None:
-                by_split.setdefault(s.split, []).append(s.stats)
-        stats = {split: fn.extract_output(fn.merge_accumulators(accs)) for split, accs in sorted(by_split.items())}
-        written = sorted([s.split, s.name, s.count] for s in shards)
-        rows = sorted((r for s in shards for r in s.rejected), key=lambda r: (r["file"], r["case_id"], r["reason"]))
-        _write_text(_join(self.output_dir, SHARDS_FILE), json.dumps(written, sort_keys=True))
-        _write_text(_join(self.output_dir, STATS_FILE), json.dumps(stats, sort_keys=True))
-        _write_text(_join(self.output_dir, schema.REJECTED_JSONL),
-                    "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
-        yield self.output_dir
+def _acc_from_json(obj: dict) -> dict:
+    return {"count": obj["count"], "labelled": obj["labelled"],
+            "class_counts": None if obj["class_counts"] is None else np.asarray(obj["class_counts"], np.int64),
+            "dims": None if obj["dims"] is None else [np.asarray(d, np.int64) for d in obj["dims"]],
+            "formats": set(obj["formats"])}
+
+
+def read_summaries(output_dir: str) -> tuple[list[list], dict, list[dict]]:
+    """Merges the shards' summaries (``_shards/*.json``, written by :class:`WriteShardFn`) and
+    removes them; returns (written: [split, file name, count] rows, stats: {split:
+    SplitStatsFn output} for the splits with records, rejected rows sorted by file)."""
+    folder = _join(output_dir, SUMMARY_DIR)
+    if not outputs.exists(folder):
+        return [], {}, []
+    docs = [json.loads(outputs.read_text(_join(folder, name))) for name in outputs.listdir(folder)
+            if name.endswith(".json")]
+    outputs.rmtree(folder)
+    fn = SplitStatsFn()
+    by_split: dict[str, list] = {}
+    for d in docs:
+        if d["stats"] is not None:
+            by_split.setdefault(d["split"], []).append(_acc_from_json(d["stats"]))
+    stats = {split: fn.extract_output(fn.merge_accumulators(accs)) for split, accs in sorted(by_split.items())}
+    stats = json.loads(json.dumps(stats, sort_keys=True))  # dataset.json's key order, as before
+    written = sorted([d["split"], d["name"], d["count"]] for d in docs)
+    rows = sorted((r for d in docs for r in d["rejected"]), key=lambda r: (r["file"], r["case_id"], r["reason"]))
+    return written, stats, rows
 
 
 def build_pipeline(p, layout: Layout, keyed_cases: list[tuple[str, int, Case]], opts: EncodeOptions,
                    output_dir: str, num_shards: dict[str, int], compression: str, threads: int | None = None,
                    batches: list | None = None) -> None:
-    """Adds the conversion graph to pipeline ``p`` (outputs land in ``output_dir``).
+    """Adds the conversion graph to pipeline ``p`` (outputs land in ``output_dir``; the
+    launcher merges the shards' summaries with :func:`read_summaries` after the job).
 
     Records go to batch fragments under ``output_dir/_records`` (deleted as shards are written)
-    and only small per-batch and per-shard results travel between stages, so memory does not
+    and only one small result per batch travels through the one shuffle, so memory does not
     grow with the dataset (the DirectRunner keeps whole PCollections in memory) and a
     distributed runner shuffles no pixel data.
 
@@ -608,9 +623,7 @@ def build_pipeline(p, layout: Layout, keyed_cases: list[tuple[str, int, Case]], 
     (p
      | "CreateBatches" >> beam.Create(batches)
      | "ConvertBatches" >> ConvertBatches(layout, opts, _join(output_dir, SPILL_DIR), threads)
-     | "WriteShards" >> WriteShards(output_dir, compression, num_shards)
-     | "GatherShards" >> GatherAll()
-     | "WriteSummary" >> beam.ParDo(WriteSummaryFn(output_dir)))
+     | "WriteShards" >> WriteShards(output_dir, compression, num_shards))
 
 
 def _join(path: str, *parts: str) -> str:
