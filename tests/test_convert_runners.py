@@ -207,3 +207,15 @@ def test_tfrecord_framing_equals_tensorflows_writer(tmp_path):
         write_tfrecord(buf, r)
     assert buf.getvalue() == (tmp_path / "tf.tfrecord").read_bytes()
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "tf.tfrecord"))] == records
+
+
+def test_dask_npartitions_sets_the_number_of_batches():
+    pytest.importorskip("distributed")
+    from tfseg.convert.runners import pipeline_options, requested_partitions
+    from tfseg.convert.transforms import TARGET_BATCHES, batch_size
+
+    assert requested_partitions(pipeline_options(["--runner", "dask", "--dask_npartitions=7"])) == 7
+    assert requested_partitions(pipeline_options(["--runner", "dask"])) is None
+    assert requested_partitions(pipeline_options([])) is None  # DirectRunner
+    # 1000 cases, 1 thread: the default target cuts batches of 16, a target of 7 batches of 143.
+    assert batch_size(1000, 1) == 16 and TARGET_BATCHES == 64 and batch_size(1000, 1, 7) == 143

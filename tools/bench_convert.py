@@ -296,7 +296,9 @@ def scaling(argv=None) -> None:
     conversion thread each (a dask cluster per W, started and warmed with one 8-pair job before
     the timings: a long-lived cluster, as a user's would be). Rounds alternate the configs (order
     rotated each round); the best wall of each (config, size) counts. ``--profile`` records the
-    dask scheduler's task stream of the largest job per config and prints where the time went.
+    dask scheduler's task stream of the largest job per config and prints where the time went;
+    ``--no-dask-profiler`` starts the workers with dask's own statistical profiler off (it samples
+    the task thread's stack every 10 ms on the worker's event loop, holding the GIL).
     """
     p = argparse.ArgumentParser(description="fixed vs per-case cost of the convert job's runners")
     p.add_argument("--scaling", action="store_true")
@@ -306,6 +308,9 @@ def scaling(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--distinct", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="dask task stream of the largest job")
+    p.add_argument("--no-dask-profiler", action="store_true",
+                   help="start the dask workers with their statistical profiler off "
+                        "(DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
@@ -332,6 +337,8 @@ def scaling(argv=None) -> None:
               f"load average {os.getloadavg()[0]:.1f}", flush=True)
         import tensorflow  # noqa: F401  - import cost kept out of the timings
 
+        if args.no_dask_profiler:  # inherited by the cluster processes started below
+            os.environ["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] = "False"
         for c in configs:
             mode, _, nw = c.partition(":")
             if mode == "dask" and int(nw or 1) not in clusters:
@@ -428,10 +435,11 @@ def _scaling_report(args, sizes, configs, rows, profile) -> None:
     best = {k: min(v) for k, v in rows.items()}  # the run with the best wall time
     loads = [load for v in rows.values() for _, _, load in v]
     print(f"\nshared cores: load average {min(loads):.1f}-{max(loads):.1f} during the timed runs; "
-          f"{args.image_size} pairs, sizes {sizes}, best of {args.repeats}")
-    print("| config | fixed (s) | per case (ms) | CPU fixed (s) | CPU per case (ms) | images/s at n="
-          f"{sizes[-1]} | CPU per case vs in_memory |")
-    print("|---|---|---|---|---|---|---|")
+          f"{args.image_size} pairs, sizes {sizes}, best of {args.repeats}"
+          + ("; dask workers' profiler off" if getattr(args, "no_dask_profiler", False) else ""))
+    print("| config | fixed (s) | per case (ms) | CPU fixed (s) | CPU per case (ms) | CPU per case, n="
+          f"{sizes[-2]}->{sizes[-1]} (ms) | images/s at n={sizes[-1]} | CPU per case vs in_memory |")
+    print("|---|---|---|---|---|---|---|---|")
     results = {}
     for c in configs:
         fixed, per_case = _fit([(n, best[(c, n)][0]) for n in sizes])
@@ -441,14 +449,18 @@ def _scaling_report(args, sizes, configs, rows, profile) -> None:
                       "walls": {n: round(best[(c, n)][0], 2) for n in sizes},
                       "cpus": {n: round(best[(c, n)][1], 2) for n in sizes},
                       "loads": {n: [round(x[2], 1) for x in rows[(c, n)]] for n in sizes},
-                      "images_per_s": round(sizes[-1] / best[(c, sizes[-1])][0], 2)}
+                      "images_per_s": round(sizes[-1] / best[(c, sizes[-1])][0], 2),
+                      # The slope between the two largest jobs: the batch count (at most
+                      # TARGET_BATCHES) has stopped growing there, so this is the cost of a case.
+                      "cpu_marginal_ms": round((best[(c, sizes[-1])][1] - best[(c, sizes[-2])][1])
+                                               / (sizes[-1] - sizes[-2]) * 1000, 1) if len(sizes) > 1 else None}
     ref = next((results[c] for c in configs if c.startswith("in_memory:1")), None) or next(
         (results[c] for c in configs if c.startswith("in_memory")), None)
     for c, r in results.items():
         vs = f"{r['cpu_per_case_ms'] / ref['cpu_per_case_ms']:.2f}x" if ref else "-"
         r["cpu_per_case_vs_in_memory"] = float(vs[:-1]) if ref else None
         print(f"| {c} | {r['fixed_s']:.2f} | {r['per_case_ms']:.1f} | {r['cpu_fixed_s']:.2f} | "
-              f"{r['cpu_per_case_ms']:.1f} | {r['images_per_s']:.1f} | {vs} |")
+              f"{r['cpu_per_case_ms']:.1f} | {r['cpu_marginal_ms']} | {r['images_per_s']:.1f} | {vs} |")
     for mode in sorted({c.partition(':')[0] for c in configs}):
         one, two = f"{mode}:1", f"{mode}:2"
         if one in results and two in results:

@@ -62,11 +62,13 @@ from tfseg.convert.runners import (
     dask_partitions,
     in_launcher_process,
     pipeline_options,
+    requested_partitions,
     runner_name,
 )
 from tfseg.convert.shards import SPILL_DIR, count_shards, file_bytes, shard_of
 from tfseg.convert.transforms import (
     NAMESPACE,
+    TARGET_BATCHES,
     ConvertProgress,
     batch_size,
     build_pipeline,
@@ -213,7 +215,8 @@ def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, spli
                              inputs=[("--input", input_dir)]) as tmp:
         with beam_scratch_dir():
             threads = threads or default_threads()
-            batches = cut_batches(keyed, batch_size(len(keyed), threads))
+            target = requested_partitions(options) or TARGET_BATCHES  # --dask_npartitions: that many batches
+            batches = cut_batches(keyed, batch_size(len(keyed), threads, target))
             dask_partitions(options, len(batches))
             p = beam.Pipeline(options=options)
             build_pipeline(p, layout, keyed, opts, tmp, shards, compression, threads, batches=batches)

@@ -177,6 +177,19 @@ def in_launcher_process(options) -> bool:
                                                                                         "multi_threading")
 
 
+def requested_partitions(options) -> int | None:
+    """``--dask_npartitions`` when the DaskRunner runs the job and the user set it, else None:
+    the convert job then cuts that many batches (a cluster with more than ~16 worker threads
+    wants more than the default 64)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    if "dask" not in str(options.view_as(StandardOptions).runner or "").lower():
+        return None
+    from apache_beam.runners.dask.dask_runner import DaskOptions
+
+    return options.view_as(DaskOptions).npartitions or None
+
+
 def dask_partitions(options, n_batches: int) -> None:
     """On the DaskRunner, one dask partition per batch of cases (at most 256) unless the user set
     ``--dask_npartitions`` / ``--dask_partition_size``: Beam's default of 128 elements a
