@@ -90,7 +90,7 @@ def baseline(root: str, out: str) -> int:
 class DaskCluster:
     """A dask scheduler and ``workers`` worker processes on 127.0.0.1 (1 thread each)."""
 
-    def __init__(self, workdir: str, workers: int):
+    def __init__(self, workdir: str, workers: int, nanny: bool = True):
         import subprocess
 
         sched_file = os.path.join(workdir, "scheduler.json")
@@ -103,10 +103,13 @@ class DaskCluster:
                 if os.path.exists(sched_file):
                     break
                 time.sleep(0.5)
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", sched_file, "--nworkers",
-                 str(workers), "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
-                stdout=self.log, stderr=subprocess.STDOUT))
+            # Without a nanny, dask starts one worker a process: one process per worker.
+            for nworkers in ([workers] if nanny else [1] * workers):
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", sched_file,
+                     "--nworkers", str(nworkers), "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
+                    + ([] if nanny else ["--no-nanny"]),
+                    stdout=self.log, stderr=subprocess.STDOUT))
             from distributed import Client
 
             with Client(scheduler_file=sched_file, timeout=60) as client:
@@ -308,6 +311,8 @@ def scaling(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--distinct", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="dask task stream of the largest job")
+    p.add_argument("--no-nanny", action="store_true",
+                   help="start the dask workers without a nanny (whose workers get MALLOC_TRIM_THRESHOLD_=65536)")
     p.add_argument("--no-dask-profiler", action="store_true",
                    help="start the dask workers with their statistical profiler off "
                         "(DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False)")
@@ -343,7 +348,8 @@ def scaling(argv=None) -> None:
             mode, _, nw = c.partition(":")
             if mode == "dask" and int(nw or 1) not in clusters:
                 os.makedirs(os.path.join(work, f"dask{nw}"), exist_ok=True)
-                clusters[int(nw or 1)] = DaskCluster(os.path.join(work, f"dask{nw}"), int(nw or 1))
+                clusters[int(nw or 1)] = DaskCluster(os.path.join(work, f"dask{nw}"), int(nw or 1),
+                                                     nanny=not args.no_nanny)
 
         def beam_args_of(config):
             mode, _, nw = config.partition(":")
@@ -405,7 +411,6 @@ def scaling(argv=None) -> None:
                     continue
                 with Client(clusters[int(nw or 1)].address, timeout=60) as client:
                     with get_task_stream(client) as ts:
-                        w0 = time.perf_counter()
                         wall, cpu, load = run(c, sizes[-1], "profile")
                     events = ts.data
                 prof = _task_profile(events)
@@ -436,7 +441,8 @@ def _scaling_report(args, sizes, configs, rows, profile) -> None:
     loads = [load for v in rows.values() for _, _, load in v]
     print(f"\nshared cores: load average {min(loads):.1f}-{max(loads):.1f} during the timed runs; "
           f"{args.image_size} pairs, sizes {sizes}, best of {args.repeats}"
-          + ("; dask workers' profiler off" if getattr(args, "no_dask_profiler", False) else ""))
+          + ("; dask workers' profiler off" if getattr(args, "no_dask_profiler", False) else "")
+          + ("; dask workers without a nanny" if getattr(args, "no_nanny", False) else ""))
     print("| config | fixed (s) | per case (ms) | CPU fixed (s) | CPU per case (ms) | CPU per case, n="
           f"{sizes[-2]}->{sizes[-1]} (ms) | images/s at n={sizes[-1]} | CPU per case vs in_memory |")
     print("|---|---|---|---|---|---|---|---|")
