@@ -326,3 +326,52 @@ def test_3d_batch_2_published_model_works_in_inference_mode(tmp_path):
     assert abs(train_iou - infer_iou) <= 0.05, (train_iou, infer_iou)
     with open(os.path.join(out, "run.json")) as f:
         assert json.load(f)["health"]["ok"]
+
+
+def test_health_check_scores_like_evaluate_and_judges_nothing_when_every_pixel_is_ignored():
+    import keras
+    import tensorflow as tf
+
+    from tfseg import scoring
+    from tfseg.bnstats import health_check
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(3, 1, activation="softmax")])
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 8, 8, 3)).astype("float32")
+    masks = rng.integers(0, 3, size=(2, 8, 8, 1)).astype("int32")
+    masks[0, :4] = 255
+    pred = model(images).numpy().argmax(-1)
+    cm = np.zeros((3, 3), np.int64)
+    for t, p in zip(masks[..., 0].ravel(), pred.ravel()):  # an independent confusion matrix
+        if t != 255:
+            cm[t, p] += 1
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    expected = float(np.mean(tp[union > 0] / union[union > 0]))
+    health = health_check(model, tf.data.Dataset.from_tensors((images, masks)), num_classes=3, ignore_index=255)
+    assert health["inference_mode_mean_iou"] == pytest.approx(expected, abs=1e-4)
+    assert scoring.mean_iou(cm) == pytest.approx(expected)
+
+    ignored = np.full_like(masks, 255)
+    nothing = health_check(model, tf.data.Dataset.from_tensors((images, ignored)), num_classes=3, ignore_index=255)
+    assert nothing["inference_mode_mean_iou"] is None and nothing["difference"] is None and nothing["ok"]
+
+
+def test_statistics_are_estimated_on_batches_augmented_as_in_training(tmp_path):
+    # The weights are trained normalized by augmented batches' statistics; estimating them on
+    # unaugmented images shifted every layer (demo: car IoU 0.771 -> 0.956 with this fix).
+    from helpers import write_2d_dataset
+
+    from tfseg.bnstats import stats_dataset
+    from tfseg.fit.checks import check_against_dataset
+    from tfseg.fit.config import FitConfig
+    from tfseg.schema import load_dataset_info
+
+    data = write_2d_dataset(str(tmp_path / "d"), {"train": 8})
+    for augment, black_corners in ((None, False), ({"rotate": 45, "scale": [0.7, 0.7]}, True)):
+        cfg = FitConfig.from_dict({"data": data, "model": "unet", "output": str(tmp_path / "r"), "batch_size": 4,
+                                   "image_size": "32x32", "augment": augment, "seed": 1})
+        images, _ = next(iter(stats_dataset(cfg, check_against_dataset(cfg, load_dataset_info(data)))))
+        corners = images.numpy()[:, [0, 0, -1, -1], [0, -1, 0, -1], :]
+        assert bool((corners == 0).all()) == black_corners  # rotated and zoomed out: nothing there

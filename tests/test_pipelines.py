@@ -69,5 +69,7 @@ def test_demo_learns_the_generated_cars(tmp_path):
     assert summary.exit_code == 0, summary.output
     with open(tmp_path / "demo" / "eval" / "metrics.json") as f:
         metrics = json.load(f)
-    assert metrics["dataset_level"]["per_class"]["iou"]["car"] > 0.6, metrics["dataset_level"]
-    assert metrics["binary"]["foreground_dice"] > 0.75, metrics["binary"]
+    # 5 seeds on the development box: car IoU 0.926-0.952; with batch-norm statistics of
+    # unaugmented images (before issue 21) 0.839-0.931 on the same seeds.
+    assert metrics["dataset_level"]["per_class"]["iou"]["car"] > 0.9, metrics["dataset_level"]
+    assert metrics["binary"]["foreground_dice"] > 0.9, metrics["binary"]

@@ -100,7 +100,7 @@ def test_odd_3d_patch_fit_evaluate_export(tmp_path):
 
 
 def test_parse_duration():
-    from tfseg.plan import format_duration, parse_duration
+    from tfseg.config import format_duration, parse_duration
 
     assert parse_duration("90s") == 90 and parse_duration("20m") == 1200 and parse_duration("1h30m") == 5400
     assert parse_duration("45") == 45 and parse_duration(2.5) == 2.5 and parse_duration("1.5h") == 5400

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from tfseg import runtime
 from tfseg.convert import LAYOUTS
 from tfseg.errors import TfsegError
 
@@ -143,6 +144,39 @@ def sample(dataset: str, output: str, count: int, seed: int) -> None:
     click.echo(safe(f"wrote {count} {dataset} sample cases to {output}"))
 
 
+# The layouts' own convert options (tfseg.convert.LAYOUTS), shared by `convert` and `run --dataset`;
+# each reaches the layout as layout_options[name] when given.
+LAYOUT_OPTIONS = (
+    click.option("--image-dir", default=None, help="folder, coco: images folder, relative to --input."),
+    click.option("--mask-dir", default=None, help="folder: masks folder, relative to --input."),
+    click.option("--mask-suffix", default=None, help="folder: mask stem = image stem + suffix (e.g. _mask)."),
+    click.option("--num-classes", default=None, type=int,
+        help="folder: classes including background (default: from the mask values found)."),
+    click.option("--ignore-index", default=None, type=int, help="folder: label value to ignore (e.g. 255)."),
+    click.option("--palette", default=None, type=click.Path(dir_okay=False),
+        help='folder: JSON colour -> class id, or -> {"id": N, "name": "road"}.'),
+    click.option("--class-names", default=None, type=click.Path(dir_okay=False),
+        help="folder: class names, one per line or a JSON list (written to dataset.json)."),
+    click.option("--mask-threshold", default=None, type=int,
+        help="folder: binarize masks, value >= T is class 1 (for lossily saved masks)."),
+    click.option("--label-set", default=None, help="ccp: 'seed' (14 classes, default) or 'full' (59)."),
+    click.option("--annotations", default=None,
+        help="coco: the COCO JSON file(s), comma-separated, relative to --input (default: found)."),
+    click.option("--categories", default=None,
+        help="coco: category names (or ids) to keep, comma-separated, in class order (default: all)."),
+    click.option("--empty-images", default=None, type=click.Choice(["keep", "drop"]),
+        help="coco: images without annotations kept as background (default) or dropped."),
+    click.option("--labels", default=None,
+        help="labelme: class order, a labels.txt (one a line) or a comma-separated list (default: sorted)."),
+)
+
+
+def _layout_options(command):
+    for option in reversed(LAYOUT_OPTIONS):
+        command = option(command)
+    return command
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--dataset", "dataset", required=True, help=f"Layout: {', '.join(LAYOUTS)}.")
 @click.option("--input", "input_dir", required=True, help="The dataset's root, in its original layout.")
@@ -158,31 +192,10 @@ def sample(dataset: str, output: str, count: int, seed: int) -> None:
               type=click.Choice(["none", "gzip"], case_sensitive=False))
 @click.option("--strict", is_flag=True, help="Fail (nothing written) if any case is rejected.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing complete output.")
-@click.option("--image-dir", default=None, help="folder, coco: images folder, relative to --input.")
-@click.option("--mask-dir", default=None, help="folder: masks folder, relative to --input.")
-@click.option("--mask-suffix", default=None, help="folder: mask stem = image stem + suffix (e.g. _mask).")
-@click.option("--num-classes", default=None, type=int,
-              help="folder: classes including background (default: from the mask values found).")
-@click.option("--ignore-index", default=None, type=int, help="folder: label value to ignore (e.g. 255).")
-@click.option("--palette", default=None, type=click.Path(dir_okay=False),
-              help='folder: JSON colour -> class id, or -> {"id": N, "name": "road"}.')
-@click.option("--class-names", default=None, type=click.Path(dir_okay=False),
-              help="folder: class names, one per line or a JSON list (written to dataset.json).")
-@click.option("--mask-threshold", default=None, type=int,
-              help="folder: binarize masks, value >= T is class 1 (for lossily saved masks).")
-@click.option("--label-set", default=None, help="ccp: 'seed' (14 classes, default) or 'full' (59).")
-@click.option("--annotations", default=None,
-              help="coco: the COCO JSON file(s), comma-separated, relative to --input (default: found).")
-@click.option("--categories", default=None,
-              help="coco: category names (or ids) to keep, comma-separated, in class order (default: all).")
-@click.option("--empty-images", default=None, type=click.Choice(["keep", "drop"]),
-              help="coco: images without annotations kept as background (default) or dropped.")
-@click.option("--labels", default=None,
-              help="labelme: class order, a labels.txt (one a line) or a comma-separated list (default: sorted).")
+@_layout_options
 @click.pass_context
 def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, compression, strict, overwrite,
-            image_dir, mask_dir, mask_suffix, num_classes, ignore_index, palette, class_names, mask_threshold,
-            label_set, annotations, categories, empty_images, labels) -> None:
+            **layout_options) -> None:
     """Convert a dataset from its original layout into sharded TFRecords + dataset.json (Apache Beam).
 
     Extra arguments go to Beam's PipelineOptions, e.g. --direct_num_workers=2 or
@@ -206,15 +219,9 @@ def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, comp
         image_size = parse_size(image_size)
     except TfsegError as e:
         raise TfsegError(f"--image-size: {e}") from None
-    layout_options = {"image_dir": image_dir, "mask_dir": mask_dir, "mask_suffix": mask_suffix,
-                      "num_classes": num_classes, "ignore_index": ignore_index, "palette": palette,
-                      "class_names": class_names, "mask_threshold": mask_threshold, "label_set": label_set,
-                      "annotations": annotations, "categories": categories, "empty_images": empty_images,
-                      "labels": labels}
     try:
         summary = run_convert(
-            dataset, input_dir, output,
-            layout_options={k: v for k, v in layout_options.items() if v is not None},
+            dataset, input_dir, output, layout_options={k: v for k, v in layout_options.items() if v is not None},
             split=split, image_size=image_size, num_shards=num_shards,
             compression="" if compression.lower() == "none" else compression, strict=strict,
             overwrite=overwrite, beam_args=list(ctx.args), progress_stream=sys.stderr,
@@ -244,7 +251,7 @@ def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, comp
 @click.option("--learning-rate", type=float)
 @click.option("--schedule", type=click.Choice(["none", "cosine", "plateau"]))
 @click.option(
-    "--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16", "auto"])
+    "--precision", type=click.Choice(runtime.PRECISIONS)
 )
 @click.option("--cpu-replicas", type=int, help="Mirror over N logical CPU devices.")
 @click.option("--peer-timeout", type=float,
@@ -337,7 +344,7 @@ def evaluate(run_dir, export_dir, data_dir, split, output, samples, tile, tta, m
 @click.option("--max-pixels", type=click.IntRange(1), default=None,
               help="Largest image (height x width) the 2D signatures accept [default: 40000000].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing VERSION directory.")
-@click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]), default="float32",
+@click.option("--precision", type=click.Choice(runtime.POLICIES), default="float32",
               show_default=True, help="What the served graph computes in, whatever trained the model.")
 @click.option("--tta", is_flag=True, help="Average over the flips the model was trained with, in the graph.")
 @click.option("--tile", is_flag=True, help="2D: tile the full-resolution image at the training size, in the graph.")
@@ -459,19 +466,7 @@ def _metric_table(metrics: dict) -> str:
               help="Without PIPELINE: the raw layout (as convert --dataset); the recipe is planned automatically.")
 @click.option("--budget", default=None, help="Without PIPELINE: training wall time for the plan and fit [default: 1h].")
 @click.option("--split", default=None, help="Without PIPELINE: convert's --split.")
-@click.option("--image-dir", default=None, help="folder, coco: images folder, relative to --input.")
-@click.option("--mask-dir", default=None, help="folder: masks folder, relative to --input.")
-@click.option("--mask-suffix", default=None, help="folder: mask stem = image stem + suffix.")
-@click.option("--num-classes", default=None, type=int, help="folder: number of classes.")
-@click.option("--ignore-index", default=None, type=int, help="folder: label value to ignore.")
-@click.option("--palette", default=None, type=click.Path(dir_okay=False), help="folder: colours.json.")
-@click.option("--class-names", default=None, type=click.Path(dir_okay=False), help="folder: class names file.")
-@click.option("--mask-threshold", default=None, type=int, help="folder: binarize masks at this value.")
-@click.option("--label-set", default=None, help="ccp: 'seed' or 'full'.")
-@click.option("--annotations", default=None, help="coco: the COCO JSON file(s), relative to --input.")
-@click.option("--categories", default=None, help="coco: category names to keep, in class order.")
-@click.option("--empty-images", default=None, type=click.Choice(["keep", "drop"]), help="coco: keep or drop.")
-@click.option("--labels", default=None, help="labelme: class order (labels.txt or a comma-separated list).")
+@_layout_options
 def run_cmd(pipeline, input_dir, workdir, overrides, stages, layout, budget, split, **layout_options):
     """Run PIPELINE (a shipped name like `carvana`, or a YAML file): convert -> fit -> evaluate -> export.
 

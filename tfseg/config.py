@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import re
 from typing import Any, Iterable
 
 from tfseg.errors import TfsegError
@@ -86,3 +88,32 @@ def parse_size(text: str | None, ndim: int = 2) -> tuple[int, ...] | None:
         want = "x".join(["D", "H", "W"][-ndim:]) if ndim <= 3 else "N"
         raise TfsegError(f"size {text!r}: expected {want} with positive integers")
     return tuple(parts)
+
+
+def parse_duration(text, *, option: str = "--budget") -> float:
+    """Seconds from ``"90s"``, ``"20m"``, ``"1h"``, ``"1h30m"`` or a number of seconds.
+
+    Raises:
+      TfsegError: anything else, or a duration that is not positive.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s?)?", s)
+        if not s or not parts or not any(parts.groups()):
+            raise TfsegError(f"{option} {text!r}: expected a duration such as 90s, 20m, 1h or 1h30m")
+        h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+        seconds = h * 3600 + m * 60 + sec
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise TfsegError(f"{option} {text!r}: the duration must be positive")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"

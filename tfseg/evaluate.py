@@ -198,7 +198,7 @@ class SegmentationScorer:
         }
         per_image = []
         for sid, c in zip(self.ids, cms):
-            row = {"source_id": sid, "mean_iou": _num(_image_mean_iou(c))}
+            row = {"source_id": sid, "mean_iou": _num(scoring.mean_iou(c))}
             if self.binary:
                 row["jaccard"] = scoring.binary_jaccard(c)
                 row["dice"] = scoring.binary_dice(c)
@@ -232,11 +232,6 @@ class SegmentationScorer:
                 "per_case": [{"source_id": sid, **s} for sid, s in zip(self.ids, self.region_scores)],
             }
         return out
-
-
-def _image_mean_iou(cm: np.ndarray) -> float:
-    """Mean IoU of one image over the classes present in its truth or prediction."""
-    return scoring.nanmean(scoring.per_class_iou(cm))
 
 
 def _num(v):
@@ -327,38 +322,13 @@ def _run_facts(run: rundir.RunInfo, info: schema.DatasetInfo, where: str, data_d
 
 def _export_version(model_dir: str) -> str:
     """EXPORTS/NAME/VERSION, or the highest version of EXPORTS/NAME."""
-    from tfseg import export, litert
+    from tfseg import export
 
-    if outputs.isfile(os.path.join(model_dir, "saved_model.pb")) or litert.is_litert_version(model_dir):
-        return model_dir
-    versions = export.list_versions(model_dir)
-    if not versions:
+    found = export.find_version(model_dir)
+    if not found:
         raise TfsegError(f"--model {model_dir}: not a `tfseg export` NAME or NAME/VERSION directory "
                          "(no saved_model.pb or model.tflite)")
-    return os.path.join(model_dir, str(versions[-1]))
-
-
-class _ServedModel:
-    """An export's serving signatures as evaluate's predictor: masks straight from the graph
-    TF Serving runs (2D: ``predict_images``, the decoded-image twin of ``serving_default``;
-    3D: ``serving_default``'s volume)."""
-
-    def __init__(self, version_dir: str, ndim: int):
-        import tensorflow as tf
-
-        self._tf = tf
-        self.ndim = ndim
-        loaded = tf.saved_model.load(version_dir)
-        self._loaded = loaded
-        self._fn = loaded.signatures["predict_images" if ndim == 2 else "serving_default"]
-
-    def mask(self, image: np.ndarray) -> np.ndarray:
-        tf = self._tf
-        if self.ndim == 2:
-            out = self._fn(images=tf.constant(np.asarray(image, np.uint8)[None]))
-            h, w = int(out["height"][0]), int(out["width"][0])
-            return out["mask"][0, :h, :w].numpy()
-        return self._fn(volume=tf.constant(np.asarray(image, np.float32)))["mask"].numpy()
+    return found[1]
 
 
 @outputs.holding_locks
@@ -449,19 +419,11 @@ def run_evaluate(
     outputs.claim(output, "evaluate", **owned)
 
     mode, flips = options.mode, options.tta_flip_axes
-    if export_dir is not None:
-        from tfseg import litert
+    # One path from any model to a mask (tfseg.predict): an export's serving graph, a LiteRT
+    # interpreter, or a run's Keras model in float32 through tfseg.inference.
+    from tfseg.predict import make_predictor
 
-        if litert.is_litert_version(model_path):  # through the LiteRT interpreter, resized outside the model
-            from tfseg.predict.litert import LiteRtPredictor
-
-            served = LiteRtPredictor(model_path)
-        else:
-            served = _ServedModel(model_path, facts["ndim"])
-    else:
-        from tfseg.export import with_precision
-
-        served, model = None, with_precision(rundir.load_model(run_dir), precision)
+    predictor = make_predictor(model_path, tile=tile, tta=tta)
     log.info("evaluating %s on %s/%s (%s, tta flips over spatial axes %s)", model_path, data_dir, split, mode, flips)
 
     scorer = SegmentationScorer(
@@ -481,16 +443,7 @@ def run_evaluate(
         image, truth = ex["image"], ex["mask"]
         if truth.ndim == image.ndim:
             truth = truth[..., 0]
-        if served is not None:
-            pred = served.mask(image)
-        elif facts["ndim"] == 2:
-            probs = inference.predict_image(model, image, size=facts["size"], mode=mode, tta=flips,
-                                            overlap=options.overlap, batch_size=options.batch_size)
-            pred = np.asarray(inference.probs_to_mask(probs, facts["binary"]))
-        else:
-            probs = inference.predict_volume(model, image, patch_size=facts["size"], tta=flips,
-                                             overlap=options.overlap, batch_size=options.batch_size)
-            pred = np.asarray(inference.probs_to_mask(probs, facts["binary"]))
+        pred = predictor.mask(image)
         if pred.shape != truth.shape:
             raise RuntimeError(
                 f"{sid}: inference returned a {pred.shape} mask for a {truth.shape} truth; "

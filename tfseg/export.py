@@ -63,7 +63,7 @@ import os
 import re
 
 
-from tfseg import outputs, preprocess, rundir
+from tfseg import outputs, preprocess, rundir, runtime
 from tfseg.errors import TfsegError
 from tfseg.outputs import atomic_write_text
 
@@ -71,7 +71,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = preprocess.DEFAULT_MAX_PIXELS
 # Keras dtype policies an export may compute in; float32 by default whatever trained the model.
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+PRECISIONS = runtime.POLICIES
 DEFAULT_PRECISION = "float32"
 MODELS_CONFIG = "models.config"
 METADATA = os.path.join("assets.extra", "tfseg.json")
@@ -92,6 +92,23 @@ def list_versions(model_dir: str) -> list[int]:
                                    for f in ("saved_model.pb", "model.tflite")):
             out.append(int(entry))
     return sorted(out)
+
+
+def find_version(model_path: str) -> tuple[str, str] | None:
+    """``(kind, version_dir)`` for an export version or an export NAME folder (its highest
+    version), kind ``"export"`` (a SavedModel) or ``"litert"`` (:mod:`tfseg.litert`); None for
+    anything else."""
+    from tfseg.litert import is_litert_version
+
+    if outputs.isfile(os.path.join(model_path, "saved_model.pb")):
+        return "export", model_path
+    if is_litert_version(model_path):
+        return "litert", model_path
+    versions = list_versions(model_path)
+    if not versions:
+        return None
+    path = os.path.join(model_path, str(versions[-1]))
+    return ("litert" if is_litert_version(path) else "export"), path
 
 
 def read_metadata(version_dir: str) -> dict:

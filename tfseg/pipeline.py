@@ -75,7 +75,7 @@ def auto_pipeline(layout: str, *, budget: str = "1h", split: str | None = None,
       TfsegError: a budget that is not a duration.
     """
     from tfseg.convert import get_layout_class
-    from tfseg.plan import parse_duration
+    from tfseg.config import parse_duration
 
     try:
         get_layout_class(layout)
@@ -117,15 +117,17 @@ def stage_paths(workdir: str, cfg: dict) -> dict[str, str]:
 
 
 def _stage_done(stage: str, paths: dict[str, str]) -> bool:
+    """Whether a stage's complete output exists: each stage's own completion marker."""
+    from tfseg import evaluate, export, rundir, schema
+
     if stage == "convert":
-        return os.path.isfile(os.path.join(paths["data"], "dataset.json"))
+        return outputs.isfile(os.path.join(paths["data"], schema.DATASET_JSON))
     if stage == "fit":
-        return os.path.isfile(os.path.join(paths["run"], "model.keras"))
+        return outputs.isfile(os.path.join(paths["run"], rundir.MODEL_FILE))
     if stage == "evaluate":
-        return os.path.isfile(os.path.join(paths["eval"], "metrics.json"))
+        return outputs.isfile(os.path.join(paths["eval"], evaluate.METRICS_JSON))
     if stage == "export":
-        d = paths["export_model"]
-        return os.path.isdir(d) and any(v.isdigit() for v in os.listdir(d))
+        return export.find_version(paths["export_model"]) is not None
     raise ValueError(stage)
 
 
@@ -174,16 +176,18 @@ def run_pipeline(
             summary["skipped"].append(stage)
             continue
         getattr(_Stages, stage)(cfg, input_dir, paths)
-    if os.path.isfile(os.path.join(paths["eval"], "metrics.json")):
+    if _stage_done("evaluate", paths):
         import json
 
-        with open(os.path.join(paths["eval"], "metrics.json")) as f:
-            summary["metrics"] = json.load(f)
+        from tfseg.evaluate import METRICS_JSON
+
+        summary["metrics"] = json.loads(outputs.read_text(os.path.join(paths["eval"], METRICS_JSON)))
         summary["report"] = os.path.join(paths["eval"], "report.md")
-    if os.path.isdir(paths["export_model"]):
-        versions = sorted((v for v in os.listdir(paths["export_model"]) if v.isdigit()), key=int)
-        if versions:
-            summary["export"] = os.path.join(paths["export_model"], versions[-1])
+    from tfseg.export import find_version
+
+    found = find_version(paths["export_model"])
+    if found:
+        summary["export"] = found[1]
     return summary
 
 

@@ -74,7 +74,8 @@ from typing import Any
 
 import numpy as np
 
-from tfseg import outputs
+from tfseg import outputs, rundir
+from tfseg.config import format_duration, parse_duration
 from tfseg.errors import TfsegError
 
 logger = logging.getLogger(__name__)
@@ -87,42 +88,7 @@ SYMMETRY_TOLERANCE = 0.1  # class centre off the middle, as a fraction of the ax
 INTENSITY_TOLERANCE = 0.15  # mean |profile - mirrored profile|, in units of the image's std
 MIN_PRESENCE = 0.1  # classes in fewer sampled images place too few objects to judge symmetry
 DEFAULT_BUDGET = "30m"
-REFINE_FRACTION = 0.1  # fit --budget times whole epochs over this much of the budget before fixing the end
 FLIP_CHOICES = ("auto", "none", "lr", "ud", "all")
-
-# --------------------------------------------------------------------------------------------
-# Durations
-# --------------------------------------------------------------------------------------------
-
-
-def parse_duration(text, *, option: str = "--budget") -> float:
-    """Seconds from ``"90s"``, ``"20m"``, ``"1h"``, ``"1h30m"`` or a number of seconds.
-
-    Raises:
-      TfsegError: anything else, or a duration that is not positive.
-    """
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        s = str(text).strip().lower().replace(" ", "")
-        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s?)?", s)
-        if not s or not parts or not any(parts.groups()):
-            raise TfsegError(f"{option} {text!r}: expected a duration such as 90s, 20m, 1h or 1h30m")
-        h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
-        seconds = h * 3600 + m * 60 + sec
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise TfsegError(f"{option} {text!r}: the duration must be positive")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds % 3600 == 0:
-        return f"{seconds // 3600}h"
-    if seconds % 60 == 0:
-        return f"{seconds // 60}m"
-    return f"{seconds}s"
-
 
 # --------------------------------------------------------------------------------------------
 # Fingerprint
@@ -562,7 +528,7 @@ def make_plan(fp: dict, *, budget: str = DEFAULT_BUDGET, flips: str = "auto", me
             augment["rot90"] = True
         aug_why = "flips as decided; 90-degree in-plane rotations when in-plane spacing is isotropic; intensity 0.1"
 
-    size_key = "image_size" if ndim == 2 else "patch_size"
+    size_key = rundir.size_key(ndim)
     fit = {
         "data": fp["data"],
         "model": "unet",
@@ -656,94 +622,3 @@ def run_plan(data_dir: str, *, budget: str = DEFAULT_BUDGET, output: str | None 
         outputs.atomic_write_text(output, text)
     doc["table"] = format_table(plan["choices"])
     return doc
-
-
-# --------------------------------------------------------------------------------------------
-# Time-budgeted training (used by tfseg.fit.run)
-# --------------------------------------------------------------------------------------------
-
-
-def make_budget_controller(*, budget_seconds: float, started: float, steps_per_epoch: int, first_epoch: int,
-                           resolved: int | None, base_lr: float | None, on_resolved, reserve: float = 0.05):
-    """A Keras callback that fits training into a time budget (``tfseg fit --budget``).
-
-    ``started`` is the ``time.time()`` at which the fit stage started. The first epoch this
-    process runs gives a first estimate: its step time (the median gap between steps, leaving
-    out the first two, which trace and warm up) and the time from its last step to the end of its
-    validation. The following epochs give the final one: the mean cycle from one epoch's end to
-    the next (steps, validation, the batch-norm re-estimate, checkpoints, backup), free of
-    tracing, over at least one epoch and ``REFINE_FRACTION`` of the budget (short epochs have
-    one-time costs to average out). Each sets the total epochs so that training ends within ``budget_seconds`` of ``started`` less
-    a ``reserve`` fraction (publishing, health check); training stops there and, with ``base_lr``,
-    the learning rate follows a cosine to 0 at that epoch's last step. ``on_resolved(record)`` is
-    called with each decision (fit writes it to run.json). A resumed run passes ``resolved``:
-    the same end, nothing measured again.
-    """
-    import keras
-
-    class BudgetController(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.total = resolved
-            self.total_steps = (resolved or 0) * steps_per_epoch
-            self._batch_ends: list[float] = []
-            self._phase = 2 if resolved is not None else 0  # 0: time epoch 1, 1: time epoch 2, 2: fixed
-            self._last_end = None
-            self._window_start = None
-            self._window_epochs = 0
-            self._record: dict = {}
-
-        def _lr(self):
-            if base_lr is None:
-                return
-            it = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-            total = self.total_steps or max(1, 10_000 * steps_per_epoch)
-            frac = min(1.0, it / total)
-            self.model.optimizer.learning_rate.assign(0.5 * base_lr * (1.0 + math.cos(math.pi * frac)))
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self._lr()
-
-        def on_train_batch_end(self, batch, logs=None):
-            if self._phase == 0:
-                self._batch_ends.append(time.time())
-
-        def _decide(self, epoch: int, now: float, per_epoch: float, **facts) -> None:
-            left = budget_seconds * (1.0 - reserve) - (now - started)
-            more = int(left // max(per_epoch, 1e-9)) if left > 0 else 0
-            self.total = epoch + 1 + more
-            self.total_steps = self.total * steps_per_epoch
-            self._record.update(seconds=budget_seconds, epochs=int(self.total), **facts,
-                                measured_after_epoch=int(epoch + 1), seconds_at_decision=round(now - started, 1),
-                                final=self._phase == 2 or self.total <= epoch + 1)
-            logger.info("budget %s: %.1f s per epoch, %.0f s left -> %d epochs in total%s",
-                        format_duration(budget_seconds), per_epoch, left, self.total,
-                        "" if self._record["final"] else " (an estimate; the next epochs refine it)")
-            on_resolved(dict(self._record))
-
-        def on_epoch_end(self, epoch, logs=None):
-            now = time.time()
-            if self._phase == 0:
-                ends = self._batch_ends
-                gaps = np.diff(ends[1:]) if len(ends) > 3 else np.diff(ends) if len(ends) > 1 else np.zeros(0)
-                step = float(np.median(gaps)) if gaps.size else (now - started)
-                overhead = max(0.0, now - ends[-1]) if ends else 0.0
-                self._phase = 1
-                self._decide(epoch, now, steps_per_epoch * step + overhead, step_seconds=round(step, 4),
-                             epoch_overhead_seconds=round(overhead, 2))
-                if self.total <= epoch + 1:
-                    self._phase = 2
-            elif self._phase == 1:
-                if self._window_start is None:
-                    self._window_start, self._window_epochs = self._last_end, 0
-                self._window_epochs += 1
-                span = now - self._window_start
-                if span >= REFINE_FRACTION * budget_seconds or self.total <= epoch + 2:
-                    self._phase = 2
-                cycle = span / self._window_epochs
-                self._decide(epoch, now, cycle, epoch_seconds=round(cycle, 3))
-            self._last_end = now
-            if self.total is not None and epoch + 1 >= self.total:
-                self.model.stop_training = True
-
-    return BudgetController()

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 
+from tfseg import volumes
 from tfseg.errors import TfsegError
 
 logger = logging.getLogger(__name__)
@@ -37,9 +38,14 @@ HISTORY_CSV = "history.csv"
 # How the model's input is normalized (RunInfo.normalization), by spatial rank: 2D models take
 # 0..255 pixels and rescale inside; 3D models take the volume as conversion z-scored it (per
 # channel, over the nonzero voxels, :func:`tfseg.volumes.zscore_nonzero`).
-NORMALIZATION = {2: "pixels_0_255_in_model", 3: "zscore_nonzero_per_channel"}
+NORMALIZATION = {2: "pixels_0_255_in_model", 3: volumes.NORMALIZATION}
 HEADS = ("sigmoid", "softmax")
 
+
+
+def size_key(ndim: int) -> str:
+    """The config and run.json key of the model's input size: ``image_size`` (2D), ``patch_size`` (3D)."""
+    return "image_size" if ndim == 2 else "patch_size"
 
 @dataclasses.dataclass(frozen=True)
 class RunInfo:
@@ -97,7 +103,7 @@ class RunInfo:
 
     @property
     def size_key(self) -> str:
-        return "image_size" if self.ndim == 2 else "patch_size"
+        return size_key(self.ndim)
 
     @classmethod
     def from_dataset(cls, info, size, **facts) -> "RunInfo":
@@ -134,10 +140,10 @@ class RunInfo:
             raise TfsegError(f"{where}: ndim must be 2 or 3, got {d['ndim']!r}")
         if k < 1:
             raise TfsegError(f"{where}: missing 'num_classes'")
-        size_key = "image_size" if ndim == 2 else "patch_size"
-        size = d.get(size_key)
+        key = size_key(ndim)
+        size = d.get(key)
         if not isinstance(size, (list, tuple)) or len(size) != ndim:
-            raise TfsegError(f"{where}: missing or bad {size_key!r} ({size!r})")
+            raise TfsegError(f"{where}: missing or bad {key!r} ({size!r})")
         head = d.get("head")
         if head not in HEADS:
             # Older records: "binary" (or, before it, two classes) meant the sigmoid head.

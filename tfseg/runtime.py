@@ -27,6 +27,8 @@ from tfseg.errors import TfsegError
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
+# The policies a model can be run in (an export, a forced --precision): all but "auto".
+POLICIES = PRECISIONS[:-1]
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

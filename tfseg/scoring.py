@@ -15,15 +15,27 @@ import numpy as np
 BRATS_EMPTY_HD95_MM = 373.13
 
 
+def scored_pixels(y_true, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
+    """Flat boolean mask of the labels that count: a class id in [0, num_classes), not ignored."""
+    t = np.asarray(y_true).reshape(-1)
+    keep = (t >= 0) & (t < num_classes)
+    if ignore_index is not None:
+        keep &= t != ignore_index
+    return keep
+
+
+def mean_iou(cm: np.ndarray) -> float:
+    """Mean IoU over the classes present in truth or prediction; NaN when none is."""
+    return nanmean(per_class_iou(cm))
+
+
 def confusion_matrix(y_true, y_pred, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
     """(num_classes, num_classes) int64 confusion matrix of integer label arrays of equal shape."""
     t = np.asarray(y_true).reshape(-1).astype(np.int64)
     p = np.asarray(y_pred).reshape(-1).astype(np.int64)
     if t.shape != p.shape:
         raise ValueError(f"y_true has {t.size} elements, y_pred {p.size}")
-    keep = (t >= 0) & (t < num_classes)
-    if ignore_index is not None:
-        keep &= t != ignore_index
+    keep = scored_pixels(t, num_classes, ignore_index)
     t, p = t[keep], np.clip(p[keep], 0, num_classes - 1)
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(
         num_classes, num_classes

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from tfseg import visualize
+from tfseg import rundir, visualize
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class PredictionImages(_keras_callback_base()):
 
         info = schema.load_dataset_info(self.data_dir)
         size = self.size or self._model_size()
-        key = "image_size" if info.ndim == 2 else "patch_size"
+        key = rundir.size_key(info.ndim)
         # Fixed-size batches need a size; a fully convolutional model without one sees images
         # one at a time at their stored size.
         batch = self.num_images if size else 1

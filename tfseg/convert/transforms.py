@@ -142,18 +142,9 @@ class _ThreadedConvert:
             yield pending.popleft().result()
 
 
-class LoadAndEncodeFn(beam.DoFn):
-    """[(split, shard, Case), ...] (a batch) -> ``("ok", Encoded)`` each, or for unconvertible
-    cases ``("rejected", {"file", "reason", "case_id", "split"})``; counted in Beam Metrics.
-
-    One output, tagged by value rather than with Beam's TaggedOutput: the DaskRunner puts every
-    output of a multi-output ParDo into one bag, so a consumer of the rejections would also get
-    the examples.
-
-    A batch is converted by a small thread pool: decoding (PIL) and compression (zlib) release
-    the GIL, so one worker process keeps several cores busy without Beam's multi-process
-    pickling of every record (see tools/bench_convert.py).
-    """
+class _ConvertingFn(beam.DoFn):
+    """Converts cases on a small thread pool and counts them in Beam Metrics (the base of
+    :class:`LoadAndEncodeFn` and :class:`EncodeBatchFn`)."""
 
     def __init__(self, layout: Layout, opts: EncodeOptions, threads: int = 1):
         self.layout = layout
@@ -168,6 +159,20 @@ class LoadAndEncodeFn(beam.DoFn):
 
     def teardown(self):
         self.pool.teardown()
+
+
+class LoadAndEncodeFn(_ConvertingFn):
+    """[(split, shard, Case), ...] (a batch) -> ``("ok", Encoded)`` each, or for unconvertible
+    cases ``("rejected", {"file", "reason", "case_id", "split"})``; counted in Beam Metrics.
+
+    One output, tagged by value rather than with Beam's TaggedOutput: the DaskRunner puts every
+    output of a multi-output ParDo into one bag, so a consumer of the rejections would also get
+    the examples.
+
+    A batch is converted by a small thread pool: decoding (PIL) and compression (zlib) release
+    the GIL, so one worker process keeps several cores busy without Beam's multi-process
+    pickling of every record (see tools/bench_convert.py).
+    """
 
     def process(self, batch: list[tuple[str, int, Case]]):
         # Metrics are updated here, in the bundle's thread: Beam ignores updates from others.
@@ -207,25 +212,14 @@ class BatchResult(NamedTuple):
     rejected: tuple
 
 
-class EncodeBatchFn(beam.DoFn):
+class EncodeBatchFn(_ConvertingFn):
     """((split, shard, index), [(split, shard, Case), ...]) -> one :class:`BatchResult`: the
     batch's records, in case-id order, written to its fragment by this worker; counted in Beam
     Metrics like :class:`LoadAndEncodeFn`."""
 
     def __init__(self, layout: Layout, opts: EncodeOptions, spill_dir: str, threads: int = 1):
-        self.layout = layout
-        self.opts = opts
+        super().__init__(layout, opts, threads)
         self.spill_dir = spill_dir
-        self.pool = _ThreadedConvert(threads)
-        self.converted = Metrics.counter(NAMESPACE, "cases_converted")
-        self.rejected = Metrics.counter(NAMESPACE, "cases_rejected")
-        self.msec = Metrics.distribution(NAMESPACE, "case_msec")
-
-    def setup(self):
-        self.pool.setup()
-
-    def teardown(self):
-        self.pool.teardown()
 
     def process(self, element):
         (split, shard, index), batch = element

@@ -259,7 +259,7 @@ def make_dataset(
     )
     ds = ds.batch(batch_size, drop_remainder=training)
     ds = ds.prefetch(AUTOTUNE)
-    return ds.with_options(_options(deterministic, len(files), autotune=training))
+    return ds.with_options(_options(deterministic, autotune=training))
 
 
 def _int32_mask(image, mask):
@@ -276,7 +276,16 @@ def _repeat(ds, repeat):
     return ds.repeat(repeat)
 
 
-def _options(deterministic: bool, num_files: int, *, autotune: bool = True) -> tf.data.Options:
+def shard_across_workers(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """A dataset that each worker of a multi-worker run reads whole, keeping its share of the
+    batches: a split has few shard files (often fewer than workers), and sharding by file would
+    hand workers unequal numbers of batches, which stalls their collectives."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
+def _options(deterministic: bool, *, autotune: bool = True) -> tf.data.Options:
     opts = tf.data.Options()
     opts.deterministic = deterministic
     # Evaluation pipelines run without tf.data's autotuning thread: Keras destroys the validation
@@ -284,10 +293,6 @@ def _options(deterministic: bool, num_files: int, *, autotune: bool = True) -> t
     # optimization round, seconds on busy cores (7 s of an 84 s ccp epoch). AUTOTUNE then means
     # one parallel call per core and an adaptive prefetch buffer, as fast for these pipelines.
     opts.autotune.enabled = autotune
-    # File sharding under MultiWorkerMirroredStrategy needs at least one shard per worker;
-    # with few shards every worker reads all records and keeps its share.
-    if num_files < 8:
-        opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return opts
 
 

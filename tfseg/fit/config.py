@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from tfseg import runtime
-from tfseg.config import parse_size
+from tfseg.config import parse_duration, parse_size
 from tfseg.errors import TfsegError
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adadelta")
@@ -30,7 +30,7 @@ class FitConfig:
       epochs: total number of epochs (a resumed run continues up to it).
       budget: a wall-time budget for the whole fit (``"20m"``, ``"1h"``, seconds): the first
         epochs are timed and the epoch count (and the cosine schedule's end) set so that training
-        ends within it (:func:`tfseg.plan.make_budget_controller`); ``epochs`` is then ignored.
+        ends within it (:func:`tfseg.fit.budget.make_budget_controller`); ``epochs`` is then ignored.
         The decision is kept in run.json (``budget``), and a resumed run keeps the same end.
       batch_size: global batch size, split evenly across the replicas.
       image_size: (H, W) training size for 2D data; defaults to the dataset's size when all its
@@ -144,8 +144,6 @@ class FitConfig:
         if self.batch_size < 1:
             raise TfsegError(f"fit config: batch_size must be >= 1, got {self.batch_size}")
         if self.budget is not None:
-            from tfseg.plan import parse_duration
-
             parse_duration(self.budget, option="fit config: budget")
         if self.optimizer not in OPTIMIZERS:
             raise TfsegError(f"fit config: optimizer {self.optimizer!r} not in {', '.join(OPTIMIZERS)}")

@@ -33,9 +33,11 @@ def make_datasets(cfg: FitConfig, plan: FitPlan, global_batch: int, multi_worker
     import tensorflow as tf
 
     from tfseg.data import make_dataset
+    from tfseg.data.input import shard_across_workers
 
-    size_key = "image_size" if plan.info.ndim == 2 else "patch_size"
-    common = {size_key: plan.size}
+    from tfseg.rundir import size_key
+
+    common = {size_key(plan.info.ndim): plan.size}
     train = make_dataset(
         cfg.data,
         "train",
@@ -63,9 +65,6 @@ def make_datasets(cfg: FitConfig, plan: FitPlan, global_batch: int, multi_worker
                 cfg.data, plan.validation_split, batch_size=val_batch, training=False, **common
             ).repeat()
     if multi_worker:
-        # Few shard files per split: every worker reads all files and keeps its share of batches.
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        train = train.with_options(options)
-        val = val.with_options(options) if val is not None else None
+        train = shard_across_workers(train)
+        val = shard_across_workers(val) if val is not None else None
     return train, val

@@ -14,6 +14,7 @@ import tempfile
 import time
 
 from tfseg import bnstats, outputs, rundir, runtime
+from tfseg.config import parse_duration
 from tfseg.errors import TfsegError
 from tfseg.fit import backup
 from tfseg.fit.callbacks import (
@@ -51,13 +52,74 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
       TfsegError: bad config or dataset (reported before training starts), a run directory
         of another model, or a diverged run (NaN loss).
     """
+    run = _resume(config)
+    if run.nothing_to_do:
+        return run.final_dir
+    # The strategy comes first: logical CPUs and multi-worker collectives must be configured
+    # before TensorFlow initializes.
+    strategy, precision, jit = _runtime(run.cfg)
+    old_policy = runtime.set_precision(precision)
+    try:
+        model, schedule, monitor, mode = _compile(run, strategy, jit)
+        rows = _start_run_dir(run, strategy, precision, jit, monitor)
+        train_ds, val_ds, validation_steps = _inputs(run, strategy)
+        cbs, controller = _callbacks(run, model, schedule, monitor, mode, rows, val_ds is not None)
+        logger.info(
+            "fit %s on %s: %s, %d replica(s), global batch %d, %s, jit_compile=%s, epochs %d..%d",
+            run.cfg.model, run.cfg.data, runtime.strategy_name(strategy), strategy.num_replicas_in_sync,
+            run.cfg.batch_size, precision, jit, run.finished + 1, run.cfg.epochs,
+        )
+        _train(run, model, train_ds, val_ds, validation_steps, cbs + list(callbacks or []))
+        completed = backup_epoch(run.run_dir)
+        stopped_early = completed < ((controller.total if controller is not None else None) or run.cfg.epochs)
+        if run.chief:
+            _publish(run, model, use_best=val_ds is not None, completed=completed, stopped_early=stopped_early)
+    finally:
+        runtime.set_precision(old_policy)
+    logger.info("%s: trained %d epoch(s)%s", run.final_dir, completed, " (stopped early)" if stopped_early else "")
+    return run.final_dir
+
+
+@dataclasses.dataclass
+class _Run:
+    """What a fit knows about its run directory before training (see :func:`_resume`)."""
+
+    cfg: FitConfig
+    plan: FitPlan
+    started: float
+    final_dir: str  # the RUN_DIR asked for
+    run_dir: str  # where this process writes: RUN_DIR, or a worker's folder inside it
+    chief: bool
+    record: dict  # run.json as it will be written
+    previous: dict | None  # run.json of an earlier fit into RUN_DIR
+    finished: int  # epochs the backup holds
+    planned_epochs: int  # cfg.epochs as given (a budget replaces cfg.epochs)
+    budget_seconds: float | None = None
+    budget_record: dict | None = None  # the epochs a budget decided before an interruption
+    nothing_to_do: bool = False
+
+    @property
+    def multi_worker(self) -> bool:
+        return runtime.tf_config() is not None
+
+    @property
+    def steps(self) -> int:
+        # An endless training dataset with a fixed step count: epochs are known in advance (cosine
+        # decay, progress bar) and workers of a multi-worker run agree on them.
+        return self.cfg.steps_per_epoch or self.plan.train_steps
+
+    def write_record(self) -> None:
+        atomic_write_json(os.path.join(self.run_dir, rundir.RUN_JSON), self.record)
+
+
+def _resume(config: dict) -> _Run:
+    """Checks the config against the dataset, claims RUN_DIR and finds where an earlier fit into it
+    stopped: the epochs its backup holds, the epochs a budget decided, or nothing left to do."""
     started = time.time()
     cfg = FitConfig.from_dict(config)
-    info = load_dataset_info(cfg.data)
-    plan = check_against_dataset(cfg, info)
+    plan = check_against_dataset(cfg, load_dataset_info(cfg.data))
     final_dir = outputs.normalize(cfg.output)
     record = _run_record(cfg, plan)
-
     chief = runtime.is_chief()
     run_dir = final_dir
     if not chief:
@@ -65,7 +127,6 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
         task = (runtime.tf_config() or {}).get("task", {})
         run_dir = os.path.join(final_dir, f"{outputs.INTERNAL_PREFIX}worker-{task.get('type', 'worker')}-"
                                           f"{task.get('index', 0)}")
-
     run_json = os.path.join(run_dir, rundir.RUN_JSON)
     previous = None
     # A new folder or an earlier fit (continued or resumed); never another stage's or a user's
@@ -84,39 +145,47 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
         outputs.copy_tree(os.path.join(final_dir, BACKUP_DIR), os.path.join(run_dir, BACKUP_DIR))
     # A backup torn by a kill or a full disk falls back to the previous epoch's, or to a fresh start.
     backup.remove_torn_files(run_dir)
-    finished = backup.recover(run_dir, BACKUP_DIR)
-    budget_seconds, budget_record, planned_epochs = None, None, cfg.epochs
+    run = _Run(cfg, plan, started, final_dir, run_dir, chief, record, previous,
+               finished=backup.recover(run_dir, BACKUP_DIR), planned_epochs=cfg.epochs)
     if cfg.budget is not None:
         # The budget decides the epochs: resolved after the first timed epoch and kept in
         # run.json, so a resumed run ends where the interrupted one would have.
-        from tfseg.plan import parse_duration
-
-        budget_seconds = parse_duration(cfg.budget)
+        run.budget_seconds = parse_duration(cfg.budget)
         old = (previous or {}).get("budget") or {}
-        if old.get("epochs") and float(old.get("seconds", -1)) == budget_seconds:
-            budget_record = dict(old)
-        cfg = dataclasses.replace(cfg, epochs=int(budget_record["epochs"]) if budget_record else 100_000)
-    model_path = os.path.join(run_dir, rundir.MODEL_FILE)
-    if chief and outputs.isfile(model_path) and previous is not None:
+        if old.get("epochs") and float(old.get("seconds", -1)) == run.budget_seconds:
+            run.budget_record = dict(old)
+        run.cfg = dataclasses.replace(cfg, epochs=int(old["epochs"]) if run.budget_record else 100_000)
+    run.nothing_to_do = _already_done(run)
+    return run
+
+
+def _already_done(run: _Run) -> bool:
+    """True when RUN_DIR holds a published model of at least the epochs asked for (run.json is
+    completed first if a kill came between publishing model.keras and its last rewrite)."""
+    model_path = os.path.join(run.run_dir, rundir.MODEL_FILE)
+    previous, finished = run.previous, run.finished
+    if run.chief and outputs.isfile(model_path) and previous is not None:
         if "health" not in previous and previous.get("completed_epochs") != finished:
-            # Killed between publishing model.keras and run.json's last rewrite: the backup knows.
-            previous.update(completed_epochs=finished, stopped_early=finished < cfg.epochs)
-            atomic_write_json(run_json, previous)
-            logger.info("%s: run.json completed after an interruption (%d epochs)", final_dir, finished)
+            previous.update(completed_epochs=finished, stopped_early=finished < run.cfg.epochs)
+            atomic_write_json(os.path.join(run.run_dir, rundir.RUN_JSON), previous)
+            logger.info("%s: run.json completed after an interruption (%d epochs)", run.final_dir, finished)
         done = int(previous.get("completed_epochs") or finished)
         if previous.get("stopped_early"):
             logger.info("%s: stopped early after %d epoch(s); nothing to do (use a new --output to retrain)",
-                        final_dir, done)
-            return final_dir
-        if cfg.epochs <= done:
+                        run.final_dir, done)
+            return True
+        if run.cfg.epochs <= done:
             logger.info("%s: already trained for %d epoch(s); nothing to do (ask for more --epochs to continue)",
-                        final_dir, done)
-            return final_dir
-    if finished >= cfg.epochs and not outputs.isfile(model_path):
-        logger.info("%s: all %d epochs finished before an interruption; publishing the model", final_dir, finished)
+                        run.final_dir, done)
+            return True
+    if finished >= run.cfg.epochs and not outputs.isfile(model_path):
+        logger.info("%s: all %d epochs finished before an interruption; publishing the model", run.final_dir,
+                    finished)
+    return False
 
-    # The strategy comes first: logical CPUs and multi-worker collectives must be configured
-    # before TensorFlow initializes.
+
+def _runtime(cfg: FitConfig):
+    """(strategy, precision, jit_compile) for this machine and config."""
     strategy = runtime.make_strategy(cfg.cpu_replicas, cfg.peer_timeout)
     replicas = strategy.num_replicas_in_sync
     if cfg.batch_size % replicas:
@@ -124,189 +193,179 @@ def run_fit(config: dict, *, callbacks: list | None = None) -> str:
             f"--batch-size {cfg.batch_size}: the global batch must be divisible by the {replicas} replicas"
         )
     gpus = runtime.num_gpus()
-    precision = runtime.resolve_precision(cfg.precision, num_gpus=gpus)
-    jit = runtime.resolve_jit_compile(cfg.jit_compile, num_gpus=gpus)
-    multi_worker = runtime.tf_config() is not None
+    return (strategy, runtime.resolve_precision(cfg.precision, num_gpus=gpus),
+            runtime.resolve_jit_compile(cfg.jit_compile, num_gpus=gpus))
 
-    # An endless training dataset with a fixed step count: epochs are known in advance (cosine
-    # decay, progress bar) and workers of a multi-worker run agree on them.
-    steps = cfg.steps_per_epoch or plan.train_steps
-    decay_steps = cfg.epochs * steps
 
+def _compile(run: _Run, strategy, jit):
+    """The compiled model under ``strategy`` (in the precision policy set by the caller), its
+    cosine schedule (None for other schedules), and the (monitor, mode) of its checkpoints."""
     import keras
-    import tensorflow as tf
 
-    from tfseg.data import steps_per_epoch
+    from tfseg.fit.budget import BudgetCosine
     from tfseg.losses import get_loss
     from tfseg.metrics import default_metrics
     from tfseg.models import build_model
 
+    cfg, info = run.cfg, run.plan.info
     if cfg.seed is not None:
         keras.utils.set_random_seed(cfg.seed)
-    old_policy = runtime.set_precision(precision)
-    try:
-        input_shape = tuple(plan.size) + (info.channels,)
-        if info.ndim == 2 and (cfg.augment or {}).get("crop"):
-            # Trained on crops, run at image_size: the model takes any size (its convolutions do).
-            input_shape = (None, None, info.channels)
-        with strategy.scope():
-            try:
-                model = build_model(
-                    cfg.model, input_shape=input_shape, num_classes=info.num_classes, **cfg.model_kwargs
-                )
-            except (ValueError, TypeError) as e:
-                raise TfsegError(f"--model {cfg.model} on {info.ndim}D data {input_shape}: {e}") from None
-            try:
-                loss = get_loss(
-                    plan.loss,
-                    num_classes=info.num_classes,
-                    ignore_index=info.ignore_index,
-                    class_weights=plan.class_weights,
-                    **cfg.loss_kwargs,
-                )
-            except ValueError as e:
-                raise TfsegError(f"--loss {plan.loss} on {cfg.data}: {e}") from None
-            metrics = default_metrics(info.num_classes, info.ignore_index, regions=info.regions or None)
-            budget_cosine = budget_seconds is not None and cfg.schedule == "cosine"
-            model.compile(
-                # Under a budget the cosine's end is known after the first epoch: the budget
-                # controller sets the learning rate each step instead of a fixed schedule.
-                optimizer=_make_optimizer(dataclasses.replace(cfg, schedule="none") if budget_cosine else cfg,
-                                          decay_steps),
-                loss=loss,
-                metrics=metrics,
-                jit_compile=jit,
-            )
-        monitor, mode = _choose_monitor(cfg, [m.name for m in metrics], plan.validation_split is not None)
-        # Everything checked: from here on the run directory changes.
-        if chief:
-            outputs.mark_owned(final_dir, "fit")
-        outputs.makedirs(run_dir)
-        if outputs.isfile(model_path):
-            # Continuing a finished run: model.keras means "complete" until the new epochs finish.
-            outputs.remove(model_path)
-        rows = trim_history(run_dir, finished)
-        record.update(
-            completed_epochs=finished,
-            stopped_early=False,
-            precision=precision,
-            jit_compile=jit,
-            strategy=runtime.strategy_name(strategy),
-            replicas=replicas,
-            monitor=monitor,
-            tfseg_version=_version(),
-            config=cfg.to_json(),
-        )
-        if budget_record:
-            record.update(budget=budget_record)
-        atomic_write_json(os.path.join(run_dir, rundir.RUN_JSON), record)
-
-        if multi_worker:
-            runtime.patch_keras_multi_worker(model, strategy)
-        val_plan = (0, cfg.batch_size)
-        if plan.validation_split:
-            val_plan = validation_plan(
-                int(plan.info.splits[plan.validation_split].get("count", 0)), cfg.batch_size, replicas)
-        train_ds, val_ds = make_datasets(cfg, plan, cfg.batch_size, multi_worker, val_plan)
-        cbs = make_callbacks(
-            run_dir, cfg if budget_seconds is None else dataclasses.replace(cfg, epochs=planned_epochs),
-            monitor, mode, rows, val_ds is not None
-        )
-        # Batch-norm statistics re-estimated for the weights before each validation (tfseg.bnstats).
-        bn_callback = bnstats.make_callback(
-            model, bnstats.stats_dataset(cfg, plan, multi_worker=multi_worker),
-            bnstats.num_batches(cfg.batch_size, steps),
-        )
-        if bn_callback is not None:
-            cbs.insert(0, bn_callback)
-        if cfg.ema:
-            # The average goes in before the statistics are re-estimated and validation runs, and
-            # out again just before the backup, which keeps the raw weights to resume from.
-            ema_in, ema_out = ema_callbacks()
-            cbs.insert(0, ema_in)
-            cbs.insert(len(cbs) - 1, ema_out)
-        old_lr = ((previous or {}).get("config") or {}).get("learning_rate")
-        if finished and old_lr is not None and old_lr != cfg.learning_rate and cfg.schedule != "cosine":
-            # BackupAndRestore brings back the old run's learning-rate variable; a user who
-            # lowers --learning-rate (after a divergence, say) means the new one.
-            logger.info("%s: resuming after epoch %d with learning rate %g (was %g)", final_dir, finished,
-                        cfg.learning_rate, old_lr)
-            cbs.append(set_learning_rate(cfg.learning_rate))
-        budget_controller = None
-        if budget_seconds is not None:
-            from tfseg.plan import make_budget_controller
-
-            def on_resolved(decision: dict) -> None:
-                record.update(budget=decision)
-                atomic_write_json(os.path.join(run_dir, rundir.RUN_JSON), record)
-
-            budget_controller = make_budget_controller(
-                budget_seconds=budget_seconds, started=started, steps_per_epoch=steps, first_epoch=finished,
-                resolved=int(budget_record["epochs"]) if budget_record else None,
-                base_lr=cfg.learning_rate if budget_cosine else None, on_resolved=on_resolved,
-            )
-            cbs.insert(0, budget_controller)
-            if budget_record:
-                logger.info("budget %s: resuming towards the %d epochs decided at the start", cfg.budget,
-                            budget_record["epochs"])
-            else:
-                logger.info("budget %s: the first epoch is timed to set the number of epochs", cfg.budget)
-        cbs += list(callbacks or [])
-        validation_steps = cfg.validation_steps
-        if val_ds is not None and validation_steps is None:
-            # Known steps keep Keras from probing the end of the validation data each epoch.
-            total, val_batch = val_plan
-            validation_steps = max(1, -(-total // val_batch) if replicas > 1 else steps_per_epoch(
-                cfg.data, plan.validation_split, batch_size=val_batch, training=False
-            ))
-        logger.info(
-            "fit %s on %s: %s, %d replica(s), global batch %d, %s, jit_compile=%s, epochs %d..%d",
-            cfg.model, cfg.data, runtime.strategy_name(strategy), replicas, cfg.batch_size, precision, jit,
-            finished + 1, cfg.epochs,
-        )
+    input_shape = tuple(run.plan.size) + (info.channels,)
+    if info.ndim == 2 and (cfg.augment or {}).get("crop"):
+        # Trained on crops, run at image_size: the model takes any size (its convolutions do).
+        input_shape = (None, None, info.channels)
+    with strategy.scope():
         try:
-            model.fit(
-                train_ds,
-                epochs=cfg.epochs,
-                steps_per_epoch=steps,
-                validation_data=val_ds,
-                validation_steps=validation_steps,
-                callbacks=cbs,
-                verbose=_keras_verbosity(cfg.verbose),
-                shuffle=False,  # the tf.data pipeline shuffles
-            )
-        except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.CancelledError):
-            if not multi_worker:
-                raise
-            down = unreachable(runtime.peers())
-            raise TfsegError(
-                f"{final_dir}: a collective found no answer within {cfg.peer_timeout:g} s (--peer-timeout)"
-                + (f" from {', '.join(down)}" if down else "") + "; the same command on every worker resumes "
-                "from the last finished epoch") from None
-        except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
-            from tfseg.data.input import find_bad_shard
+            model = build_model(cfg.model, input_shape=input_shape, num_classes=info.num_classes, **cfg.model_kwargs)
+        except (ValueError, TypeError) as e:
+            raise TfsegError(f"--model {cfg.model} on {info.ndim}D data {input_shape}: {e}") from None
+        try:
+            loss = get_loss(run.plan.loss, num_classes=info.num_classes, ignore_index=info.ignore_index,
+                            class_weights=run.plan.class_weights, **cfg.loss_kwargs)
+        except ValueError as e:
+            raise TfsegError(f"--loss {run.plan.loss} on {cfg.data}: {e}") from None
+        metrics = default_metrics(info.num_classes, info.ignore_index, regions=info.regions or None)
+        # Under a budget the cosine's end is set once epochs are timed (tfseg.fit.budget).
+        schedule = BudgetCosine(cfg.learning_rate, cfg.epochs * run.steps) if cfg.schedule == "cosine" else None
+        model.compile(optimizer=_make_optimizer(cfg, schedule), loss=loss, metrics=metrics, jit_compile=jit)
+    if run.multi_worker:
+        runtime.patch_keras_multi_worker(model, strategy)
+    monitor, mode = _choose_monitor(cfg, [m.name for m in metrics], run.plan.validation_split is not None)
+    return model, schedule, monitor, mode
 
-            raise find_bad_shard(cfg.data, ("train", plan.validation_split)) or e from None
-        except TrainingDiverged as e:
-            kept = backup_epoch(run_dir)
-            resume = (f"a re-run resumes after epoch {kept}, the last finite one" if kept
-                      else "no epoch finished, so a re-run starts over")
-            raise TfsegError(
-                f"{final_dir}: training diverged ({e}); nothing was published and {resume}; "
-                "try a lower --learning-rate or --precision float32"
-            ) from None
-        completed = backup_epoch(run_dir)
-        target = budget_controller.total if budget_controller is not None and budget_controller.total else cfg.epochs
-        stopped_early = completed < target
-        if chief:
-            _publish_model(run_dir, model, use_best=val_ds is not None, use_last=bool(cfg.ema))
-            record.update(health=bnstats.fit_health(run_dir, cfg, plan))
-            record.update(completed_epochs=completed, stopped_early=stopped_early)
-            atomic_write_json(os.path.join(run_dir, rundir.RUN_JSON), record)
-    finally:
-        runtime.set_precision(old_policy)
-    logger.info("%s: trained %d epoch(s)%s", final_dir, completed, " (stopped early)" if stopped_early else "")
-    return final_dir
+
+def _start_run_dir(run: _Run, strategy, precision: str, jit, monitor: str) -> list[dict]:
+    """Everything is checked: marks RUN_DIR as the fit's, withdraws a model being continued,
+    trims the history to the backed-up epochs and writes run.json. Returns the history rows."""
+    if run.chief:
+        outputs.mark_owned(run.final_dir, "fit")
+    outputs.makedirs(run.run_dir)
+    model_path = os.path.join(run.run_dir, rundir.MODEL_FILE)
+    if outputs.isfile(model_path):
+        # Continuing a finished run: model.keras means "complete" until the new epochs finish.
+        outputs.remove(model_path)
+    rows = trim_history(run.run_dir, run.finished)
+    run.record.update(
+        completed_epochs=run.finished, stopped_early=False, precision=precision, jit_compile=jit,
+        strategy=runtime.strategy_name(strategy), replicas=strategy.num_replicas_in_sync, monitor=monitor,
+        tfseg_version=_version(), config=run.cfg.to_json(),
+    )
+    if run.budget_record:
+        run.record.update(budget=run.budget_record)
+    run.write_record()
+    return rows
+
+
+def _inputs(run: _Run, strategy):
+    """(training dataset, validation dataset or None, validation steps per epoch)."""
+    from tfseg.data import steps_per_epoch
+
+    cfg, plan, replicas = run.cfg, run.plan, strategy.num_replicas_in_sync
+    val_plan = (0, cfg.batch_size)
+    if plan.validation_split:
+        val_plan = validation_plan(int(plan.info.splits[plan.validation_split].get("count", 0)), cfg.batch_size,
+                                   replicas)
+    train_ds, val_ds = make_datasets(cfg, plan, cfg.batch_size, run.multi_worker, val_plan)
+    validation_steps = cfg.validation_steps
+    if val_ds is not None and validation_steps is None:
+        # Known steps keep Keras from probing the end of the validation data each epoch.
+        total, val_batch = val_plan
+        validation_steps = max(1, -(-total // val_batch) if replicas > 1 else steps_per_epoch(
+            cfg.data, plan.validation_split, batch_size=val_batch, training=False))
+    return train_ds, val_ds, validation_steps
+
+
+def _callbacks(run: _Run, model, schedule, monitor: str, mode: str, rows: list[dict], validation: bool):
+    """tfseg's callbacks in the order they must run, and the budget controller (or None)."""
+    from tfseg.fit.budget import make_budget_controller
+
+    cfg = run.cfg
+    cbs = make_callbacks(run.run_dir, dataclasses.replace(cfg, epochs=run.planned_epochs), monitor, mode, rows,
+                         validation)
+    # Batch-norm statistics re-estimated for the weights before each validation (tfseg.bnstats).
+    bn_callback = bnstats.make_callback(
+        model, bnstats.stats_dataset(cfg, run.plan, multi_worker=run.multi_worker),
+        bnstats.num_batches(cfg.batch_size, run.steps),
+    )
+    if bn_callback is not None:
+        cbs.insert(0, bn_callback)
+    if cfg.ema:
+        # The average goes in before the statistics are re-estimated and validation runs, and
+        # out again just before the backup, which keeps the raw weights to resume from.
+        ema_in, ema_out = ema_callbacks()
+        cbs.insert(0, ema_in)
+        cbs.insert(len(cbs) - 1, ema_out)
+    old_lr = ((run.previous or {}).get("config") or {}).get("learning_rate")
+    if run.finished and old_lr is not None and old_lr != cfg.learning_rate and cfg.schedule != "cosine":
+        # The backup brings back the old run's learning-rate variable; a user who lowers
+        # --learning-rate (after a divergence, say) means the new one.
+        logger.info("%s: resuming after epoch %d with learning rate %g (was %g)", run.final_dir, run.finished,
+                    cfg.learning_rate, old_lr)
+        cbs.append(set_learning_rate(cfg.learning_rate))
+    if run.budget_seconds is None:
+        return cbs, None
+
+    def on_resolved(decision: dict) -> None:
+        run.record.update(budget=decision)
+        run.write_record()
+
+    controller = make_budget_controller(
+        budget_seconds=run.budget_seconds, started=run.started, steps_per_epoch=run.steps,
+        first_epoch=run.finished, resolved=int(run.budget_record["epochs"]) if run.budget_record else None,
+        schedule=schedule, on_resolved=on_resolved,
+    )
+    if run.budget_record:
+        logger.info("budget %s: resuming towards the %d epochs decided at the start", cfg.budget,
+                    run.budget_record["epochs"])
+    else:
+        logger.info("budget %s: the first epoch is timed to set the number of epochs", cfg.budget)
+    return [controller] + cbs, controller
+
+
+def _train(run: _Run, model, train_ds, val_ds, validation_steps, cbs) -> None:
+    """``model.fit`` up to ``cfg.epochs``, its failures turned into one-line errors."""
+    import tensorflow as tf
+
+    cfg = run.cfg
+    try:
+        model.fit(
+            train_ds,
+            epochs=cfg.epochs,
+            steps_per_epoch=run.steps,
+            validation_data=val_ds,
+            validation_steps=validation_steps,
+            callbacks=cbs,
+            verbose=_keras_verbosity(cfg.verbose),
+            shuffle=False,  # the tf.data pipeline shuffles
+        )
+    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.CancelledError):
+        if not run.multi_worker:
+            raise
+        down = unreachable(runtime.peers())
+        raise TfsegError(
+            f"{run.final_dir}: a collective found no answer within {cfg.peer_timeout:g} s (--peer-timeout)"
+            + (f" from {', '.join(down)}" if down else "") + "; the same command on every worker resumes "
+            "from the last finished epoch") from None
+    except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
+        from tfseg.data.input import find_bad_shard
+
+        raise find_bad_shard(cfg.data, ("train", run.plan.validation_split)) or e from None
+    except TrainingDiverged as e:
+        kept = backup_epoch(run.run_dir)
+        resume = (f"a re-run resumes after epoch {kept}, the last finite one" if kept
+                  else "no epoch finished, so a re-run starts over")
+        raise TfsegError(
+            f"{run.final_dir}: training diverged ({e}); nothing was published and {resume}; "
+            "try a lower --learning-rate or --precision float32"
+        ) from None
+
+
+def _publish(run: _Run, model, *, use_best: bool, completed: int, stopped_early: bool) -> None:
+    """model.keras (the run's completion marker), then run.json with the health check."""
+    _publish_model(run.run_dir, model, use_best=use_best, use_last=bool(run.cfg.ema))
+    run.record.update(health=bnstats.fit_health(run.run_dir, run.cfg, run.plan))
+    run.record.update(completed_epochs=completed, stopped_early=stopped_early)
+    run.write_record()
 
 
 def _run_record(cfg: FitConfig, plan: FitPlan) -> dict:
@@ -329,12 +388,11 @@ def _check_same_run(run_dir: str, old: dict, new: dict) -> None:
             )
 
 
-def _make_optimizer(cfg: FitConfig, decay_steps: int):
+def _make_optimizer(cfg: FitConfig, schedule=None):
+    """The optimizer of ``cfg``, at the learning-rate ``schedule`` if one is given."""
     import keras
 
-    lr = cfg.learning_rate
-    if cfg.schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, decay_steps))
+    lr = schedule if schedule is not None else cfg.learning_rate
     # The average is updated in the training step; tfseg.fit.callbacks.ema_callbacks swaps it in.
     ema = {"use_ema": True, "ema_momentum": cfg.ema} if cfg.ema else {}
     if cfg.optimizer == "adam":

@@ -71,3 +71,12 @@ class Predictor(abc.ABC):
         Raises:
           ValueError: a volume the model rejects, or a model that only takes images.
         """
+
+    def mask(self, example: np.ndarray) -> np.ndarray:
+        """The mask of one decoded example as ``tfseg convert`` stored it (what evaluate scores):
+        an (H, W, C) image or a (D, H, W, C) volume, at its own size.
+
+        Raises:
+          ValueError: a model that is only reachable with encoded images (a served model).
+        """
+        raise ValueError(f"{type(self).__name__} takes encoded images only")

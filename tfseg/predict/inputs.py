@@ -70,17 +70,11 @@ def resolve_model(model_path: str) -> tuple[str, str]:
     Raises:
       TfsegError: none of an export version, an export NAME directory, or a finished run.
     """
-    from tfseg.export import list_versions
-    from tfseg.litert import is_litert_version
+    from tfseg.export import find_version
 
-    if outputs.isfile(os.path.join(model_path, "saved_model.pb")):
-        return "export", model_path
-    if is_litert_version(model_path):
-        return "litert", model_path
-    versions = list_versions(model_path)
-    if versions:
-        path = os.path.join(model_path, str(versions[-1]))
-        return ("litert" if is_litert_version(path) else "export"), path
+    found = find_version(model_path)
+    if found:
+        return found
     if outputs.isfile(os.path.join(model_path, rundir.RUN_JSON)):
         return "run", model_path
     raise TfsegError(

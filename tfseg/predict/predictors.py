@@ -13,6 +13,7 @@ the Beam job's SavedModel handler (:mod:`tfseg.predict.beam`) calls them too.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Sequence
 
@@ -98,13 +99,23 @@ class SavedModelPredictor(Predictor):
             raise ValueError("this export is a 2D model; give it images")
         return call_volume_signature(self._serve, volume)
 
+    def mask(self, example: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        if self.ndim == 3:
+            return self.predict_volume(np.asarray(example, np.float32))
+        # predict_images: serving_default's twin that takes decoded images (no decoder in between).
+        out = self._loaded.signatures["predict_images"](images=tf.constant(np.asarray(example, np.uint8)[None]))
+        h, w = int(out["height"][0]), int(out["width"][0])
+        return out["mask"][0, :h, :w].numpy()
+
 
 class KerasPredictor(Predictor):
     """Runs a fit run's Keras model through :mod:`tfseg.inference` (resize or tiled)."""
 
     def __init__(self, run_dir: str, *, tile: bool = False, tta: bool = False, overlap: float | None = None,
                  batch_size: int = 8):
-        from tfseg import visualize
+        from tfseg import inference, visualize
         from tfseg.export import with_precision
 
         self.cfg = rundir.load_run_config(run_dir)
@@ -117,8 +128,27 @@ class KerasPredictor(Predictor):
         self.ignore_index = self.run.ignore_index
         self.binary = self.run.binary
         self.preprocessing = self.run.preprocessing
-        self.tta = rundir.test_time_flips(run_dir, self.run, tta)
-        self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
+        self.options = inference.InferenceOptions.make(self.ndim, tile=tile,
+                                                       flips=rundir.test_time_flips(run_dir, self.run, tta))
+        if overlap is not None:
+            self.options = dataclasses.replace(self.options, overlap=overlap)
+        if self.ndim == 2:
+            self.options = dataclasses.replace(self.options, batch_size=batch_size)
+
+    def _probabilities(self, array: np.ndarray, preprocessing=None) -> np.ndarray:
+        from tfseg import inference
+
+        o = self.options
+        if self.ndim == 2:
+            return inference.predict_image(self.model, array, size=self.run.size, mode=o.mode, overlap=o.overlap,
+                                           batch_size=o.batch_size, tta=o.tta_flip_axes, preprocessing=preprocessing)
+        return inference.predict_volume(self.model, array, patch_size=self.run.size, overlap=o.overlap,
+                                        batch_size=o.batch_size, tta=o.tta_flip_axes)
+
+    def mask(self, example: np.ndarray) -> np.ndarray:
+        from tfseg import inference
+
+        return np.asarray(inference.probs_to_mask(self._probabilities(example), self.binary))
 
     def predict_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
         import tensorflow as tf
@@ -134,12 +164,7 @@ class KerasPredictor(Predictor):
                 arr = preprocess.decode_image(tf.constant(data), self.channels, preprocess.DEFAULT_MAX_PIXELS).numpy()
             except tf.errors.InvalidArgumentError as e:
                 raise ValueError(graph_error_line(e.message)) from None
-            probs = inference.predict_image(
-                self.model, arr, size=self.run.size, mode="tile" if self.tile else "resize",
-                overlap=0.25 if self.overlap is None else self.overlap, batch_size=self.batch_size, tta=self.tta,
-                preprocessing=self.preprocessing,
-            )
-            out.append(inference.probs_to_mask(probs, self.binary))
+            out.append(inference.probs_to_mask(self._probabilities(arr, self.preprocessing), self.binary))
         return out
 
     def predict_volume(self, volume: np.ndarray) -> np.ndarray:
@@ -147,11 +172,7 @@ class KerasPredictor(Predictor):
 
         if self.ndim != 3:
             raise ValueError("this run is a 2D model; give it images")
-        probs = inference.predict_volume(
-            self.model, volume, patch_size=self.run.size,
-            overlap=0.5 if self.overlap is None else self.overlap, batch_size=2, tta=self.tta,
-        )
-        return inference.probs_to_mask(probs, self.binary)
+        return inference.probs_to_mask(self._probabilities(volume), self.binary)
 
 
 def make_predictor(model_path: str, *, server: str | None = None, grpc: bool = False, tile: bool = False,
