@@ -15,6 +15,7 @@ import click
 from tfseg import runtime
 from tfseg.convert import LAYOUTS
 from tfseg.errors import TfsegError
+from tfseg.pipeline import STAGES
 
 
 class _Group(click.Group):
@@ -460,7 +461,7 @@ def _metric_table(metrics: dict) -> str:
 @click.option("--input", "input_dir", required=True, type=click.Path(), help="Raw dataset in its original layout.")
 @click.option("--workdir", required=True, type=click.Path(), help="Where every stage writes; re-running resumes.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a pipeline key, e.g. fit.epochs=5.")
-@click.option("--stage", "stages", multiple=True, type=click.Choice(["convert", "fit", "evaluate", "export"]),
+@click.option("--stage", "stages", multiple=True, type=click.Choice(STAGES),
               help="Run only these stages (default: all, in order).")
 @click.option("--dataset", "layout", default=None,
               help="Without PIPELINE: the raw layout (as convert --dataset); the recipe is planned automatically.")
@@ -473,7 +474,7 @@ def run_cmd(pipeline, input_dir, workdir, overrides, stages, layout, budget, spl
     Without PIPELINE, --dataset LAYOUT (and the layout's convert options) runs
     convert -> plan -> fit -> evaluate -> export with the automatic recipe (`tfseg plan`) for --budget.
     """
-    from tfseg.pipeline import STAGES, auto_pipeline, load_pipeline, run_pipeline
+    from tfseg.pipeline import auto_pipeline, load_pipeline, run_pipeline
 
     given = sorted(f"--{k.replace('_', '-')}" for k, v in layout_options.items() if v is not None)
     if pipeline and layout:

@@ -70,7 +70,6 @@ import math
 import os
 import re
 import time
-from typing import Any
 
 import numpy as np
 
@@ -393,20 +392,57 @@ def epoch_seconds(fp: dict, step_seconds: float, batch_size: int) -> float:
 
 def make_plan(fp: dict, *, budget: str = DEFAULT_BUDGET, flips: str = "auto", measure: bool = True,
               device: dict | None = None) -> dict:
-    """Applies the rules (module docstring) to a fingerprint.
+    """Applies the rules (module docstring) to a fingerprint, one function a rule; each returns
+    its values and its ``(key, value, reason)`` rows.
 
     Returns:
       ``{"fit": {...}, "evaluate": {...}, "choices": [(key, value, reason), ...], "estimate": {...}}``.
     """
     seconds = parse_duration(budget)
     device = device or _device()
-    choices: list[tuple[str, Any, str]] = []
-    ndim, k = fp["ndim"], fp["num_classes"]
-    med = fp["size"]["median"]
-    gpu = device["kind"] == "gpu"
-    replicas = int(device.get("replicas", 1))
+    ndim = fp["ndim"]
+    axes, flips_why = choose_flips(fp, flips)
+    (loss, weights), loss_rows = _loss_rule(fp)
+    base, width_rows = _width_rule(device)
+    (size, depth, batch, epochs, estimate), size_rows = _size_rule(fp, device, base, loss, seconds, measure)
+    augment, augment_rows = _augment_rule(fp, axes)
+    size_key = rundir.size_key(ndim)
+    fit = {
+        "data": fp["data"],
+        "model": "unet",
+        "model_kwargs": {"depth": depth, "base_filters": base, "batch_norm": True},
+        size_key: "x".join(str(s) for s in size),
+        "loss": loss,
+        "optimizer": "adam",
+        "learning_rate": 1.0e-3,
+        "schedule": "cosine",
+        "epochs": epochs,
+        "budget": format_duration(seconds),
+        "batch_size": batch,
+        "augment": augment,
+    }
+    if weights:
+        fit["class_weights"] = weights
+    splits = fp["splits"]
+    eval_split = "test" if splits.get("test") else "val" if splits.get("val") else "train"
+    evaluate = {"split": eval_split, "samples": 8, "tta": bool(axes)}
+    flip_value = ({0: "none", 1: "left-right", 2: "up-down + left-right"}.get(len(axes), str(axes))
+                  if ndim == 2 else ("all axes" if axes else "none"))
+    size_row, depth_row, batch_row = size_rows
+    choices = [("flips", flip_value, flips_why), size_row, depth_row, *width_rows, batch_row, *loss_rows,
+               *augment_rows,
+               ("epochs", epochs, f"estimate for {format_duration(seconds)}; `tfseg fit` measures its own steps "
+                                  "and sets the final count (budget)"),
+               ("schedule", "adam 1e-3, cosine to 0", "decays to 0 exactly at the budget's last epoch"),
+               ("evaluate.tta", evaluate["tta"],
+                "averages the trained flips only" if axes else "no flips were trained")]
+    return {"fit": fit, "evaluate": evaluate, "choices": choices, "estimate": estimate}
 
-    # Loss and class weights.
+
+def _loss_rule(fp: dict):
+    """((loss, class weights or None), rows): BCE + Dice for binary tasks, CE + Dice otherwise,
+    inverse-sqrt class weights when the classes are more than 10x apart."""
+    k = fp["num_classes"]
     freq = np.asarray(fp["class_frequency"], np.float64)
     present = freq[freq > 0]
     imbalance = float(present.max() / present.min()) if present.size else 1.0
@@ -425,16 +461,25 @@ def make_plan(fp: dict, *, budget: str = DEFAULT_BUDGET, flips: str = "auto", me
         else:
             weights = None
             weights_why = f"classes within {imbalance:.1f}x of each other (<= 10x): unweighted"
+    return (loss, weights), [("loss", loss, loss_why), ("class_weights", weights or "none", weights_why)]
 
-    # Flips.
-    axes, flips_why = choose_flips(fp, flips)
 
-    # Width.
-    base = 32 if gpu else 16
-    base_why = ("GPU: 32 (nnU-Net's width)" if gpu else
-                "CPU: 16; a step costs about the square of the width, and a short budget buys more epochs")
+def _width_rule(device: dict):
+    """(base filters, rows): 32 on a GPU (nnU-Net), 16 on a CPU."""
+    if device["kind"] == "gpu":
+        return 32, [("model_kwargs.base_filters", 32, "GPU: 32 (nnU-Net's width)")]
+    return 16, [("model_kwargs.base_filters", 16,
+                 "CPU: 16; a step costs about the square of the width, and a short budget buys more epochs")]
 
-    # Size, depth, batch (2D by pixels, 3D by voxels; both scaled from the median, never up).
+
+def _size_rule(fp: dict, device: dict, base: int, loss: str, seconds: float, measure: bool):
+    """((size, depth, batch, epochs, estimate), (size row, depth row, batch row)): the largest size
+    (2D pixels, 3D voxels, scaled from the median, never up) at which ``TARGET_EPOCHS`` epochs fit
+    the budget at the measured step time, the depth that size allows, the batch that memory allows."""
+    ndim = fp["ndim"]
+    med = fp["size"]["median"]
+    gpu = device["kind"] == "gpu"
+    replicas = int(device.get("replicas", 1))
     obj = [o["median_px"] for c, o in enumerate(fp["objects"]) if c > 0 and o["median_px"]]
     smallest = min(obj) if obj else None
     largest = max((o["p90_px"] for c, o in enumerate(fp["objects"]) if c > 0 and o["p90_px"]), default=None)
@@ -442,10 +487,7 @@ def make_plan(fp: dict, *, budget: str = DEFAULT_BUDGET, flips: str = "auto", me
     if smallest:
         floor_scale = max(floor_scale, MIN_OBJECT_PX / smallest)
     floor_scale = min(1.0, floor_scale)
-    if ndim == 3:
-        full = [min(s, 128) for s in med]
-    else:
-        full = list(med)
+    full = [min(s, 128) for s in med] if ndim == 3 else list(med)
 
     def config_at(scale):
         raw = [max(1.0, s * scale) for s in full]
@@ -462,8 +504,7 @@ def make_plan(fp: dict, *, budget: str = DEFAULT_BUDGET, flips: str = "auto", me
         return size, depth, batch
 
     estimate: dict = {"budget_seconds": seconds}
-    scale = 1.0
-    size, depth, batch = config_at(scale)
+    size, depth, batch = config_at(1.0)
     if measure:
         ref = config_at(min(1.0, max(floor_scale, math.sqrt(65536 / math.prod(full)) if ndim == 2 else 0.5)))
         t_ref = measure_step_seconds(fp, size=ref[0], depth=ref[1], base_filters=base, batch_size=ref[2], loss=loss)
@@ -511,59 +552,28 @@ def make_plan(fp: dict, *, budget: str = DEFAULT_BUDGET, flips: str = "auto", me
                  f" ({_bytes_per_example(size, base, depth) / 2**20:.0f} MiB per example, "
                  f"{device['memory'] / 2**30:.1f} GiB, {replicas} replica(s)"
                  f"{'' if ndim == 3 else ', cap ' + str((16 if gpu else 8) * replicas)})")
+    rows = ((rundir.size_key(ndim), "x".join(str(s) for s in size), size_why),
+            ("model_kwargs.depth", depth, depth_why), ("batch_size", batch, batch_why))
+    return (size, depth, batch, epochs, estimate), rows
 
-    # Augmentation.
-    if ndim == 2:
+
+def _augment_rule(fp: dict, axes):
+    """(augment dict, rows): the decided flips plus the geometric and photometric jitter."""
+    if fp["ndim"] == 2:
         augment: dict = {}
         if 1 in axes:
             augment["hflip"] = 0.5
         if 0 in axes:
             augment["vflip"] = 0.5
         augment.update(scale=[0.85, 1.15], shift=0.05, rotate=15 if 0 in axes else 10, brightness=0.1, contrast=0.1)
-        aug_why = "flips as decided; zoom, shift, small rotation, brightness/contrast (photometric jitter)"
+        why = "flips as decided; zoom, shift, small rotation, brightness/contrast (photometric jitter)"
     else:
         augment = {"flip3d": bool(axes), "intensity": 0.1}
         sp = fp.get("spacing") or [1, 1, 1]
         if abs(sp[1] - sp[2]) <= 0.1 * max(sp[1], sp[2]):
             augment["rot90"] = True
-        aug_why = "flips as decided; 90-degree in-plane rotations when in-plane spacing is isotropic; intensity 0.1"
-
-    size_key = rundir.size_key(ndim)
-    fit = {
-        "data": fp["data"],
-        "model": "unet",
-        "model_kwargs": {"depth": depth, "base_filters": base, "batch_norm": True},
-        size_key: "x".join(str(s) for s in size),
-        "loss": loss,
-        "optimizer": "adam",
-        "learning_rate": 1.0e-3,
-        "schedule": "cosine",
-        "epochs": epochs,
-        "budget": format_duration(seconds),
-        "batch_size": batch,
-        "augment": augment,
-    }
-    if weights:
-        fit["class_weights"] = weights
-    splits = fp["splits"]
-    eval_split = "test" if splits.get("test") else "val" if splits.get("val") else "train"
-    evaluate = {"split": eval_split, "samples": 8, "tta": bool(axes)}
-    choices += [
-        ("flips", {0: "none", 1: "left-right", 2: "up-down + left-right"}.get(len(axes), str(axes))
-         if ndim == 2 else ("all axes" if axes else "none"), flips_why),
-        (size_key, fit[size_key], size_why),
-        ("model_kwargs.depth", depth, depth_why),
-        ("model_kwargs.base_filters", base, base_why),
-        ("batch_size", batch, batch_why),
-        ("loss", loss, loss_why),
-        ("class_weights", weights or "none", weights_why),
-        ("augment", json.dumps(augment), aug_why),
-        ("epochs", epochs, f"estimate for {format_duration(seconds)}; `tfseg fit` measures its own steps "
-                           "and sets the final count (budget)"),
-        ("schedule", "adam 1e-3, cosine to 0", "decays to 0 exactly at the budget's last epoch"),
-        ("evaluate.tta", evaluate["tta"], "averages the trained flips only" if axes else "no flips were trained"),
-    ]
-    return {"fit": fit, "evaluate": evaluate, "choices": choices, "estimate": estimate}
+        why = "flips as decided; 90-degree in-plane rotations when in-plane spacing is isotropic; intensity 0.1"
+    return augment, [("augment", json.dumps(augment), why)]
 
 
 def format_table(choices) -> str:

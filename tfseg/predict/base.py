@@ -80,3 +80,13 @@ class Predictor(abc.ABC):
           ValueError: a model that is only reachable with encoded images (a served model).
         """
         raise ValueError(f"{type(self).__name__} takes encoded images only")
+
+
+def graph_error_line(message: str) -> str:
+    """The informative line of a TensorFlow graph error (the assertion or the decoder's message)."""
+    skip = ("Graph execution error", "Detected at node", "<stack traces unavailable>")
+    for line in message.splitlines():
+        line = line.strip()
+        if line and not line.startswith(skip) and not line.startswith("[["):
+            return line.replace("assertion failed: ", "").split(" [Condition")[0]
+    return message.strip().splitlines()[0] if message.strip() else "invalid input"

@@ -17,7 +17,7 @@ import numpy as np
 
 from tfseg import litert, rundir
 from tfseg.errors import TfsegError
-from tfseg.predict.base import NEEDS_3D, Predictor
+from tfseg.predict.base import NEEDS_3D, Predictor, graph_error_line
 
 
 def interpreter(model_path: str, num_threads: int | None = None):
@@ -96,7 +96,6 @@ class LiteRtPredictor(Predictor):
         import tensorflow as tf
 
         from tfseg import preprocess
-        from tfseg.predict.predictors import graph_error_line
 
         out = []
         for data in images:

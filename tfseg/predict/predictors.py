@@ -21,18 +21,8 @@ import numpy as np
 
 from tfseg import rundir
 from tfseg.errors import TfsegError
-from tfseg.predict.base import ModelFacts, Predictor
+from tfseg.predict.base import ModelFacts, Predictor, graph_error_line
 from tfseg.predict.inputs import resolve_model
-
-
-def graph_error_line(message: str) -> str:
-    """The informative line of a TensorFlow graph error (the assertion or the decoder's message)."""
-    skip = ("Graph execution error", "Detected at node", "<stack traces unavailable>")
-    for line in message.splitlines():
-        line = line.strip()
-        if line and not line.startswith(skip) and not line.startswith("[["):
-            return line.replace("assertion failed: ", "").split(" [Condition")[0]
-    return message.strip().splitlines()[0] if message.strip() else "invalid input"
 
 
 def call_image_signature(serve, images: Sequence[bytes]) -> list[np.ndarray]:
