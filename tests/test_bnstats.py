@@ -1,4 +1,4 @@
-"""Batch-norm statistics on short runs (tfseg.bnstats, issue 13).
+"""Batch-norm statistics on short runs (tfseg.fit.bnstats, issue 13).
 
 The thin-structure tests train about 90 steps, as the issue's electron-microscopy run, and check
 that the published model predicts its own training images in inference mode (stored statistics)
@@ -150,7 +150,7 @@ def _conv_bn(shape, seed=0):
 def test_estimator_gives_the_population_statistics_of_the_batches():
     import tensorflow as tf
 
-    from tfseg.bnstats import Estimator
+    from tfseg.fit.bnstats import Estimator
 
     model, conv = _conv_bn((8, 8, 2))
     rng = np.random.default_rng(0)
@@ -186,7 +186,7 @@ def test_estimator_on_two_replicas_matches_one():
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         sys.path.insert(0, %r)
         from test_bnstats import _conv_bn
-        from tfseg.bnstats import Estimator
+        from tfseg.fit.bnstats import Estimator
         rng = np.random.default_rng(0)
         batches = np.stack([rng.normal(i, 1 + i, (4, 8, 8, 2)).astype("float32") for i in range(4)])
         ds = tf.data.Dataset.from_tensor_slices(batches).repeat()
@@ -216,7 +216,7 @@ def test_estimator_on_two_replicas_matches_one():
 
 
 def test_num_batches():
-    from tfseg.bnstats import num_batches
+    from tfseg.fit.bnstats import num_batches
 
     assert num_batches(8) == 16 and num_batches(2) == 32 and num_batches(64) == 4
     assert num_batches(4, steps_per_epoch=6) == 6 and num_batches(4, steps_per_epoch=2) == 4
@@ -283,7 +283,7 @@ def test_validation_metrics_are_the_published_models(thin_run):
 
 def test_health_check_flags_statistics_that_do_not_fit(thin_run):
     from tfseg import rundir
-    from tfseg.bnstats import Estimator, health_check
+    from tfseg.fit.bnstats import Estimator, health_check
     from tfseg.data import make_dataset
     from tfseg.models.norm import batch_norm_layers
 
@@ -333,7 +333,7 @@ def test_health_check_scores_like_evaluate_and_judges_nothing_when_every_pixel_i
     import tensorflow as tf
 
     from tfseg import scoring
-    from tfseg.bnstats import health_check
+    from tfseg.fit.bnstats import health_check
 
     keras.utils.set_random_seed(3)
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(3, 1, activation="softmax")])
@@ -363,7 +363,7 @@ def test_statistics_are_estimated_on_batches_augmented_as_in_training(tmp_path):
     # unaugmented images shifted every layer (demo: car IoU 0.771 -> 0.956 with this fix).
     from helpers import write_2d_dataset
 
-    from tfseg.bnstats import stats_dataset
+    from tfseg.fit.bnstats import stats_dataset
     from tfseg.fit.checks import check_against_dataset
     from tfseg.fit.config import FitConfig
     from tfseg.schema import load_dataset_info

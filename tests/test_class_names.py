@@ -11,7 +11,8 @@ from PIL import Image
 
 pytest.importorskip("keras")
 from helpers import block_mask, oracle_model, write_dataset, write_run  # noqa: E402
-from tfseg import export, predict, report, visualize  # noqa: E402
+from tfseg import export, predict, visualize  # noqa: E402
+from tfseg.evaluate import report  # noqa: E402
 from tfseg.cli import cli  # noqa: E402
 
 NAMES = ["sky", "road", "car"]  # class 0 is a real class here, not background

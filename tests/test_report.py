@@ -6,7 +6,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from tfseg import report
+from tfseg.evaluate import report
 from tfseg.evaluate import SegmentationScorer
 
 
@@ -112,7 +112,7 @@ def test_history_plot_reads_a_run_on_a_non_local_filesystem(tmp_path):
     """history.png was silently missing for gs:// and ram:// runs (report read with open())."""
     import tensorflow as tf
 
-    from tfseg import report
+    from tfseg.evaluate import report
 
     csv_path = "ram://report-history/history.csv"
     with tf.io.gfile.GFile(csv_path, "w") as f:

@@ -1,4 +1,4 @@
-"""Predictions in TensorBoard while training (tfseg.tb_images): the event file holds the pictures."""
+"""Predictions in TensorBoard while training (tfseg.fit.tb_images): the event file holds the pictures."""
 
 import glob
 import io
@@ -10,7 +10,8 @@ from PIL import Image
 
 keras = pytest.importorskip("keras")
 from helpers import fit, tiny_fit_config, write_2d_dataset, write_3d_dataset  # noqa: E402
-from tfseg import tb_images, visualize  # noqa: E402
+from tfseg import visualize  # noqa: E402
+from tfseg.fit import tb_images  # noqa: E402
 
 
 def read_images(log_dir):

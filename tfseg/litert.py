@@ -111,7 +111,7 @@ def check_one_format(model_dir: str, format: str) -> None:
     Raises:
       TfsegError: NAME holds versions of the other format.
     """
-    from tfseg.export import list_versions
+    from tfseg.export.versions import list_versions
 
     other = "saved_model.pb" if format == "litert" else MODEL_FILE
     mixed = [v for v in list_versions(model_dir) if outputs.isfile(os.path.join(model_dir, str(v), other))]
@@ -345,7 +345,7 @@ def write_export(model, run: rundir.RunInfo, meta: dict, final: str, *, overwrit
     Returns:
       The tfseg.json written.
     """
-    from tfseg.export import METADATA
+    from tfseg.export.versions import METADATA
 
     representative, calibration = None, None
     if quantize == "int8":

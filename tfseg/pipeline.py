@@ -183,7 +183,7 @@ def run_pipeline(
 
         summary["metrics"] = json.loads(outputs.read_text(os.path.join(paths["eval"], METRICS_JSON)))
         summary["report"] = os.path.join(paths["eval"], "report.md")
-    from tfseg.export import find_version
+    from tfseg.export.versions import find_version
 
     found = find_version(paths["export_model"])
     if found:

@@ -590,7 +590,7 @@ _BNSTATS_CHILD = r"""
 import json, os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 name, mode, work, extra = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-from tfseg import bnstats
+from tfseg.fit import bnstats
 if mode == "before":
     bnstats.make_callback = lambda *a, **k: None  # Keras's moving averages alone, as before issue 13
 from tfseg.convert import get_layout_class
@@ -612,7 +612,7 @@ BNSTATS_RUNS = (("carvana", []), ("vein", ["fit.epochs=15"]), ("isic", ["fit.epo
 def bench_bnstats(work: str) -> dict:
     """Each seed pipeline's sample data (``tfseg demo`` sizes; the 1-epoch demos at 15 epochs,
     brats 6) through convert, fit, evaluate: mean IoU of the published model with Keras's moving
-    averages alone ("before") and with tfseg.bnstats ("after"), one fresh process each."""
+    averages alone ("before") and with tfseg.fit.bnstats ("after"), one fresh process each."""
     results = {}
     for name, extra in BNSTATS_RUNS:
         for mode in ("before", "after"):

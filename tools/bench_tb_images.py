@@ -1,4 +1,4 @@
-"""Cost of the TensorBoard prediction pictures (tfseg.tb_images) on a training epoch.
+"""Cost of the TensorBoard prediction pictures (tfseg.fit.tb_images) on a training epoch.
 
     python tools/bench_tb_images.py                 # demo size and Carvana size, ~3 min on 2 cores
     python tools/bench_tb_images.py --only demo     # or: carvana
@@ -81,7 +81,7 @@ def make_dataset(root: str, size: int, splits: dict[str, int], seed: int = 0) ->
 def bench(name: str, work: str) -> dict:
     import keras
 
-    from tfseg import tb_images
+    from tfseg.fit import tb_images
     from tfseg.train import run_fit
 
     c = CONFIGS[name]

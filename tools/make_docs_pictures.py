@@ -41,7 +41,7 @@ def tfseg(*args: str) -> str:
 def last_tensorboard_png(log_dir: str) -> bytes:
     import tensorflow as tf
 
-    from tfseg import tb_images
+    from tfseg.fit import tb_images
 
     best = (-1, b"")
     for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):

@@ -72,8 +72,8 @@ def make_callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, rows: 
         )
     if cfg.tensorboard:
         cbs.append(keras.callbacks.TensorBoard(os.path.join(run_dir, LOGS_DIR), write_graph=False))
-        if validation:  # a picture of validation predictions about 4 times per run (tfseg.tb_images)
-            from tfseg.tb_images import PredictionImages
+        if validation:  # a picture of validation predictions about 4 times per run (tfseg.fit.tb_images)
+            from tfseg.fit.tb_images import PredictionImages
 
             cbs.append(PredictionImages(cfg.data, cfg.validation_split, os.path.join(run_dir, LOGS_DIR),
                                         epochs=cfg.epochs))

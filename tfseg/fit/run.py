@@ -13,10 +13,10 @@ import sys
 import tempfile
 import time
 
-from tfseg import bnstats, outputs, rundir, runtime
+from tfseg import outputs, rundir, runtime
 from tfseg.config import parse_duration
 from tfseg.errors import TfsegError
-from tfseg.fit import backup
+from tfseg.fit import backup, bnstats
 from tfseg.fit.callbacks import (
     BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, TrainingDiverged, ema_callbacks, make_callbacks,
     set_learning_rate,
@@ -282,7 +282,7 @@ def _callbacks(run: _Run, model, schedule, monitor: str, mode: str, rows: list[d
     cfg = run.cfg
     cbs = make_callbacks(run.run_dir, dataclasses.replace(cfg, epochs=run.planned_epochs), monitor, mode, rows,
                          validation)
-    # Batch-norm statistics re-estimated for the weights before each validation (tfseg.bnstats).
+    # Batch-norm statistics re-estimated for the weights before each validation (tfseg.fit.bnstats).
     bn_callback = bnstats.make_callback(
         model, bnstats.stats_dataset(cfg, run.plan, multi_worker=run.multi_worker),
         bnstats.num_batches(cfg.batch_size, run.steps),

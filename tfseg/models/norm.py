@@ -25,7 +25,7 @@ Distribution: like Keras's layer (``synchronized=False``, its default), each rep
 with the statistics of its own part of the global batch. A synchronized version would need an
 all-reduce of the moments before normalizing, which the fused kernel cannot take, and a second
 kernel call; the population statistics the published model uses are re-estimated over whole
-batches after training anyway (:mod:`tfseg.bnstats`). Under ``MirroredStrategy`` each replica's
+batches after training anyway (:mod:`tfseg.fit.bnstats`). Under ``MirroredStrategy`` each replica's
 moving-statistics update is averaged across replicas (the variables are created with
 ``aggregation="mean"``), so replicas never drift apart.
 """
@@ -157,7 +157,7 @@ class FusedBatchNorm(keras.layers.Layer):
 
 def is_batch_norm(layer) -> bool:
     """True for tfseg's FusedBatchNorm and Keras's BatchNormalization (the layers with moving
-    statistics that :mod:`tfseg.bnstats` re-estimates)."""
+    statistics that :mod:`tfseg.fit.bnstats` re-estimates)."""
     return isinstance(layer, (FusedBatchNorm, keras.layers.BatchNormalization))
 
 

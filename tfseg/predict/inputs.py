@@ -70,7 +70,7 @@ def resolve_model(model_path: str) -> tuple[str, str]:
     Raises:
       TfsegError: none of an export version, an export NAME directory, or a finished run.
     """
-    from tfseg.export import find_version
+    from tfseg.export.versions import find_version
 
     found = find_version(model_path)
     if found:

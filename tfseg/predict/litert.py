@@ -47,7 +47,7 @@ class LiteRtPredictor(Predictor):
 
     def __init__(self, version_dir: str, num_threads: int | None = None):
         from tfseg import visualize
-        from tfseg.export import METADATA, read_metadata
+        from tfseg.export.versions import METADATA, read_metadata
 
         self.meta = read_metadata(version_dir)
         run = rundir.RunInfo.from_json(self.meta, os.path.join(version_dir, METADATA))

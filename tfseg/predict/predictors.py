@@ -66,7 +66,7 @@ class SavedModelPredictor(Predictor):
         import tensorflow as tf
 
         from tfseg import visualize
-        from tfseg.export import METADATA, read_metadata
+        from tfseg.export.versions import METADATA, read_metadata
 
         self.meta = read_metadata(version_dir)
         run = rundir.RunInfo.from_json(self.meta, os.path.join(version_dir, METADATA))
@@ -106,7 +106,7 @@ class KerasPredictor(Predictor):
     def __init__(self, run_dir: str, *, tile: bool = False, tta: bool = False, overlap: float | None = None,
                  batch_size: int = 8):
         from tfseg import inference, visualize
-        from tfseg.export import with_precision
+        from tfseg.export.graph import with_precision
 
         self.cfg = rundir.load_run_config(run_dir)
         self.run = rundir.RunInfo.from_json(self.cfg, os.path.join(run_dir, rundir.RUN_JSON))
@@ -203,7 +203,7 @@ def model_facts(model_path: str, server: str | None = None) -> ModelFacts:
         return served_model_facts()
     kind, path = resolve_model(model_path)
     if kind in ("export", "litert"):
-        from tfseg.export import read_metadata
+        from tfseg.export.versions import read_metadata
 
         meta = read_metadata(path)
         k = int(meta.get("num_classes") or len(meta.get("class_names") or []))

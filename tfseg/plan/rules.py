@@ -5,7 +5,7 @@ about a converted dataset, then derive every choice from it with a few fixed rul
 hand-tuning each dataset. Nothing here is copied from nnU-Net; the rules are ours, and each one
 prints the reason it chose what it chose.
 
-The fingerprint (:func:`fingerprint`) reads dataset.json and a sample of the training records:
+The fingerprint (:func:`tfseg.plan.fingerprint.fingerprint`) reads dataset.json and a sample of the training records:
 
 * cases, splits, channels, image size distribution (median, min/max, aspect) and, in 3D, spacing
   and anisotropy;
@@ -73,7 +73,7 @@ import time
 
 import numpy as np
 
-from tfseg import outputs, rundir
+from tfseg import rundir
 from tfseg.config import format_duration, parse_duration
 from tfseg.errors import TfsegError
 
@@ -88,162 +88,6 @@ INTENSITY_TOLERANCE = 0.15  # mean |profile - mirrored profile|, in units of the
 MIN_PRESENCE = 0.1  # classes in fewer sampled images place too few objects to judge symmetry
 DEFAULT_BUDGET = "30m"
 FLIP_CHOICES = ("auto", "none", "lr", "ud", "all")
-
-# --------------------------------------------------------------------------------------------
-# Fingerprint
-# --------------------------------------------------------------------------------------------
-
-
-def _components(mask: np.ndarray, cls: int) -> np.ndarray:
-    """Sizes (pixel counts) of the connected components of class ``cls`` in ``mask``."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask == cls)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    return np.bincount(labels.ravel())[1:]
-
-
-def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
-    order = np.argsort(values)
-    values, weights = values[order], weights[order]
-    cum = np.cumsum(weights)
-    return float(values[np.searchsorted(cum, cum[-1] / 2.0)])
-
-
-def _profile(values: np.ndarray, bins: int = 32) -> np.ndarray:
-    """A 1D profile resampled to ``bins`` points (so images of any size can be averaged)."""
-    x = np.linspace(0, len(values) - 1, bins)
-    return np.interp(x, np.arange(len(values)), values)
-
-
-def fingerprint(data_dir: str, *, sample: int = 64) -> dict:
-    """Measures a converted dataset (see the module docstring).
-
-    Args:
-      data_dir: a ``tfseg convert`` output.
-      sample: training records read for sizes, intensities, presence, objects and positions
-        (3D: at most 8 volumes).
-
-    Returns:
-      A JSON-ready dict.
-
-    Raises:
-      TfsegError: missing dataset.json, no train split, no labelled training record.
-    """
-    from tfseg.data.input import read_examples
-    from tfseg.schema import load_dataset_info
-
-    info = load_dataset_info(data_dir)
-    where = os.path.join(data_dir, "dataset.json")
-    if "train" not in info.splits:
-        raise TfsegError(f"{where}: no 'train' split (has {sorted(info.splits)})")
-    k = info.num_classes
-    ndim = info.ndim
-    limit = min(sample, 8) if ndim == 3 else sample
-    sizes, spacings, n_read = [], [], 0
-    presence = np.zeros(k, np.int64)
-    pix = np.zeros(k, np.int64)
-    comp_sizes: list[list[np.ndarray]] = [[] for _ in range(k)]
-    pos_sum = np.zeros((k, ndim))
-    pos_px = np.zeros(k)
-    ch_values: list[np.ndarray] = []
-    profiles = [[] for _ in range(ndim)]
-    rng = np.random.default_rng(0)
-    for ex in read_examples(data_dir, "train"):
-        if not bool(ex["has_mask"].numpy()):
-            continue
-        image = ex["image"].numpy().astype(np.float32)
-        mask = ex["mask"].numpy()[..., 0]
-        spatial = mask.shape
-        sizes.append(list(spatial))
-        if ndim == 3 and "spacing" in ex:
-            spacings.append([float(s) for s in ex["spacing"].numpy()])
-        flat = image.reshape(-1, image.shape[-1])
-        ch_values.append(flat[rng.integers(0, len(flat), min(len(flat), 4096))])
-        gray = image.mean(-1)
-        scale = float(gray.std()) or 1.0
-        for axis in range(ndim):
-            other = tuple(a for a in range(ndim) if a != axis)
-            profiles[axis].append(_profile(gray.mean(axis=other)) / scale)
-        counts = np.bincount(mask.ravel(), minlength=256)[:k]
-        pix += counts
-        presence += counts > 0
-        grids = np.indices(spatial, dtype=np.float32)
-        for c in range(k):
-            if counts[c] == 0:
-                continue
-            sel = mask == c
-            for axis in range(ndim):
-                pos_sum[c, axis] += float((grids[axis][sel] / max(1, spatial[axis] - 1)).sum())
-            pos_px[c] += counts[c]
-            comp_sizes[c].append(_components(mask, c))
-        n_read += 1
-        if n_read >= limit:
-            break
-    if not n_read:
-        raise TfsegError(f"{where}: no labelled training record to plan from")
-
-    sizes_a = np.asarray(sizes, np.float64)
-    counts_train = (info.class_pixel_counts or {}).get("train")
-    freq_source = "dataset.json" if counts_train and len(counts_train) == k else "sample"
-    total = np.asarray(counts_train if freq_source == "dataset.json" else pix, np.float64)
-    freq = total / max(1.0, total.sum())
-    objects = []
-    for c in range(k):
-        comps = np.concatenate(comp_sizes[c]) if comp_sizes[c] else np.zeros(0)
-        if comps.size:
-            diam = comps ** (1.0 / ndim)
-            objects.append({"components": int(comps.size), "median_px": round(_weighted_median(diam, comps), 1),
-                            "p90_px": round(float(np.percentile(diam, 90)), 1)})
-        else:
-            objects.append({"components": 0, "median_px": None, "p90_px": None})
-    values = np.concatenate(ch_values)
-    mirror = []
-    for axis in range(ndim):
-        p = np.mean(profiles[axis], axis=0)
-        mirror.append(round(float(np.abs(p - p[::-1]).mean()), 3))
-    position = [[round(float(v), 3) for v in (pos_sum[c] / pos_px[c])] if pos_px[c] else None for c in range(k)]
-    fp = {
-        "data": outputs.normalize(data_dir),
-        "name": info.name,
-        "ndim": ndim,
-        "channels": info.channels,
-        "num_classes": k,
-        "class_names": list(info.class_names),
-        "ignore_index": info.ignore_index,
-        "binary": info.binary,
-        "splits": {s: int(v.get("count", 0)) for s, v in info.splits.items()},
-        "sampled": n_read,
-        "conversion_args": {k: v for k, v in (info.conversion_args or {}).items()
-                            if k in ("layout_options", "split", "image_size", "compression")},
-        "size": {
-            "median": [int(v) for v in np.median(sizes_a, axis=0)],
-            "min": [int(v) for v in sizes_a.min(axis=0)],
-            "max": [int(v) for v in sizes_a.max(axis=0)],
-        },
-        "intensity": {
-            "mean": [round(float(v), 3) for v in values.mean(0)],
-            "std": [round(float(v), 3) for v in values.std(0)],
-            "p0.5": [round(float(v), 3) for v in np.percentile(values, 0.5, axis=0)],
-            "p99.5": [round(float(v), 3) for v in np.percentile(values, 99.5, axis=0)],
-        },
-        "class_frequency": [round(float(f), 6) for f in freq],
-        "class_frequency_source": freq_source,
-        "class_presence": [round(float(p) / n_read, 3) for p in presence],
-        "objects": objects,
-        "class_position": position,
-        "intensity_mirror_difference": mirror,
-    }
-    if ndim == 2:
-        med = fp["size"]["median"]
-        fp["size"]["aspect"] = round(med[1] / med[0], 3)
-    if spacings:
-        sp = np.median(np.asarray(spacings), axis=0)
-        fp["spacing"] = [round(float(v), 3) for v in sp]
-        fp["anisotropy"] = round(float(sp.max() / sp.min()), 2)
-    return fp
-
 
 # --------------------------------------------------------------------------------------------
 # Rules
@@ -574,61 +418,3 @@ def _augment_rule(fp: dict, axes):
             augment["rot90"] = True
         why = "flips as decided; 90-degree in-plane rotations when in-plane spacing is isotropic; intensity 0.1"
     return augment, [("augment", json.dumps(augment), why)]
-
-
-def format_table(choices) -> str:
-    """The printed table: choice | value | reason."""
-    rows = [("choice", "value", "reason")] + [(str(a), str(b), str(c)) for a, b, c in choices]
-    w0 = max(len(r[0]) for r in rows)
-    w1 = min(40, max(len(r[1]) for r in rows))
-    return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
-
-
-def plan_document(fp: dict, plan: dict) -> dict:
-    """plan.yaml's content: a pipeline (``dataset``, ``fit``, ``evaluate``, ``export``) plus the
-    fingerprint and the reasons, so ``tfseg fit --config`` and ``tfseg run`` read it."""
-    doc = {"dataset": fp["name"]}
-    args = fp.get("conversion_args") or {}
-    convert = dict(args.get("layout_options") or {})
-    for key in ("split", "image_size", "compression"):
-        if args.get(key):
-            convert[key] = "x".join(map(str, args[key])) if key == "image_size" else args[key]
-    if convert:  # `tfseg run plan.yaml --input RAW` converts the way this dataset was converted
-        doc["convert"] = convert
-    doc.update({
-        "fit": plan["fit"],
-        "evaluate": plan["evaluate"],
-        "export": {"name": re.sub(r"[^A-Za-z0-9_.-]", "_", fp["name"] or "model") or "model"},
-        "reasons": {key: reason for key, _, reason in plan["choices"]},
-        "estimate": plan["estimate"],
-        "fingerprint": fp,
-    })
-    return doc
-
-
-def run_plan(data_dir: str, *, budget: str = DEFAULT_BUDGET, output: str | None = None, flips: str = "auto",
-             sample: int = 64, measure: bool = True) -> dict:
-    """``tfseg plan``: fingerprint, rules, plan.yaml (written when ``output`` is given).
-
-    Returns:
-      The plan document (see :func:`plan_document`) with ``table`` (the printed text).
-    """
-    import yaml
-
-    parse_duration(budget)
-    if flips not in FLIP_CHOICES:
-        raise TfsegError(f"--flips {flips!r}: choose one of {', '.join(FLIP_CHOICES)}")
-    if output and outputs.normalize(output).startswith(outputs.normalize(data_dir).rstrip("/") + "/"):
-        raise TfsegError(f"--output {output}: inside --data {data_dir}; write the plan elsewhere")
-    if output and outputs.isdir(output):
-        raise TfsegError(f"--output {output}: is a folder; give the plan's file name (e.g. plan.yaml)")
-    fp = fingerprint(data_dir, sample=sample)
-    plan = make_plan(fp, budget=budget, flips=flips, measure=measure)
-    doc = plan_document(fp, plan)
-    if output:
-        text = ("# tfseg plan: an automatic recipe from the dataset's fingerprint (tfseg/plan.py has the rules).\n"
-                "# tfseg fit --config THIS --output RUN   |   tfseg run THIS --input RAW --workdir W\n"
-                + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=110))
-        outputs.atomic_write_text(output, text)
-    doc["table"] = format_table(plan["choices"])
-    return doc

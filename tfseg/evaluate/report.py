@@ -260,7 +260,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def _health_line(health: dict | None) -> str:
-    """fit's end-of-training check (tfseg.bnstats.fit_health): training vs inference mode."""
+    """fit's end-of-training check (tfseg.fit.bnstats.fit_health): training vs inference mode."""
     if not health or health.get("inference_mode_mean_iou") is None:
         return ""
     verdict = "agree" if health.get("ok") else "DISAGREE: the published model's normalization statistics do not fit its weights"

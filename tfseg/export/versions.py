@@ -1,0 +1,77 @@
+"""The export folder: ``EXPORT_BASE/NAME/VERSION`` (TF Serving's layout), ``models.config`` and
+the tfseg facts stored with each version (``VERSION/assets.extra/tfseg.json``); also read by
+:mod:`tfseg.predict`, :mod:`tfseg.evaluate` and :mod:`tfseg.pipeline`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from tfseg import outputs
+from tfseg.errors import TfsegError
+from tfseg.outputs import atomic_write_text
+
+MODELS_CONFIG = "models.config"
+METADATA = os.path.join("assets.extra", "tfseg.json")
+
+
+def list_versions(model_dir: str) -> list[int]:
+    """Numbered version subdirectories holding a saved_model.pb (or a LiteRT model.tflite), ascending."""
+    if not outputs.isdir(model_dir):
+        return []
+    out = []
+    for entry in outputs.listdir(model_dir):
+        if entry.isdigit() and any(outputs.isfile(os.path.join(model_dir, entry, f))
+                                   for f in ("saved_model.pb", "model.tflite")):
+            out.append(int(entry))
+    return sorted(out)
+
+
+def find_version(model_path: str) -> tuple[str, str] | None:
+    """``(kind, version_dir)`` for an export version or an export NAME folder (its highest
+    version), kind ``"export"`` (a SavedModel) or ``"litert"`` (:mod:`tfseg.litert`); None for
+    anything else."""
+    from tfseg.litert import is_litert_version
+
+    if outputs.isfile(os.path.join(model_path, "saved_model.pb")):
+        return "export", model_path
+    if is_litert_version(model_path):
+        return "litert", model_path
+    versions = list_versions(model_path)
+    if not versions:
+        return None
+    path = os.path.join(model_path, str(versions[-1]))
+    return ("litert" if is_litert_version(path) else "export"), path
+
+
+def read_metadata(version_dir: str) -> dict:
+    """The tfseg facts (ndim, channels, binary, sizes, class names) stored with an export."""
+    path = os.path.join(version_dir, METADATA)
+    if not outputs.isfile(path):
+        raise TfsegError(f"{version_dir}: no {METADATA}; not a tfseg export")
+    return json.loads(outputs.read_text(path))
+
+
+_CONFIG_ENTRY = re.compile(r"config\s*\{\s*name:\s*'([^']*)'.*?\}", re.S)
+
+
+def update_models_config(export_base: str, name: str) -> None:
+    """Adds (or keeps) NAME in EXPORT_BASE/models.config, keeping the other models' entries."""
+    path = os.path.join(export_base, MODELS_CONFIG)
+    names = []
+    if outputs.isfile(path):
+        names = _CONFIG_ENTRY.findall(outputs.read_text(path))
+    if name not in names:
+        names.append(name)
+    entries = "".join(
+        f"  config {{\n    name: '{n}'\n    base_path: '/models/{n}'\n    model_platform: 'tensorflow'\n  }}\n"
+        for n in names
+    )
+    atomic_write_text(
+        path,
+        "# TF Serving --model_config_file, written by `tfseg export`; paths are inside the container\n"
+        "# (mount EXPORT_BASE at /models).\n"
+        f"model_config_list {{\n{entries}}}\n",
+    )
