@@ -180,6 +180,11 @@ def test_bad_inputs_are_rejected_and_listed(folder_sample, tmp_path):
     info, records = read_records(out)
     assert sorted(records) == sorted(os.path.splitext(f)[0] for f in images[4:])
     assert info.conversion_args["rejected"] == 4
+    with open(os.path.join(out, "convert.json")) as f:  # the settings it ran with, beside dataset.json
+        assert json.load(f) == {
+            "layout_name": "folder", "input_dir": os.path.abspath(root), "output_dir": os.path.abspath(out),
+            "layout_options": None, "split": "train=1", "image_size": None, "num_shards": None,
+            "compression": "", "strict": False, "overwrite": False, "beam_args": [], "threads": None}
 
     # Labels out of range: a 3-class run over {0, 255} masks rejects every masked case, so no case
     # is converted: the conversion fails (exit 1 in the CLI) naming the value, nothing published.

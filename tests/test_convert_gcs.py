@@ -118,7 +118,8 @@ def test_cli_convert_gs_to_gs_matches_local(gcs, carvana):
     for f in shards:
         assert remote[f] == local[f], f  # byte-identical to the local conversion
     # Nothing else than the output's files; no spill or staging folder left in the bucket.
-    assert set(remote) == set(local) == set(shards) | {"dataset.json", "rejected.jsonl", ".tfseg-output.json"}
+    assert set(remote) == set(local) == set(shards) | {"dataset.json", "convert.json", "rejected.jsonl",
+                                                            ".tfseg-output.json"}
     assert json.loads(remote[".tfseg-output.json"])["stage"] == "convert"
     info_remote, info_local = json.loads(remote["dataset.json"]), json.loads(local["dataset.json"])
     assert info_remote["splits"] == info_local["splits"]

@@ -224,6 +224,10 @@ def test_oracle_multiclass_scores_one_at_original_resolution(tmp_path, monkeypat
 
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f)["dataset_level"]["mean_iou"] == pytest.approx(1.0)
+    with open(os.path.join(out, "evaluate.json")) as f:  # the settings it ran with
+        assert json.load(f) == {"run_dir": run, "data_dir": data, "split": "test", "output": out, "num_samples": 2,
+                                "tile": False, "tta": False, "max_examples": None, "overwrite": False,
+                                "export_dir": None}
     md = open(os.path.join(out, "report.md")).read()
     for pic in ("samples.png", "confusion_matrix.png", "history.png"):
         assert f"]({pic})" in md

@@ -1,6 +1,7 @@
 """tfseg export: TF Serving layout, signatures, fresh-process reload equal to the Keras model, bad inputs."""
 
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -47,6 +48,10 @@ def test_layout_versions_config_readme(exported, tmp_path):
     assert os.path.isfile(os.path.join(exported["version_dir"], "saved_model.pb"))
     meta = export.read_metadata(exported["version_dir"])
     assert meta["image_size"] == [16, 16] and meta["version"] == 1
+    with open(os.path.join(exported["version_dir"], "assets.extra", "export.json")) as f:  # the settings
+        settings = json.load(f)
+    assert settings["run_dir"] == exported["run"] and settings["name"] == "tiny" and settings["version"] is None
+    assert settings["precision"] == "float32" and settings["format"] == "savedmodel"
     readme = open(os.path.join(base, "tiny", "README.md")).read()
     assert f"-v {os.path.abspath(base)}/tiny:/models/tiny -e MODEL_NAME=tiny tensorflow/serving" in readme
     assert "localhost:8501/v1/models/tiny:predict" in readme and "PredictRequest" in readme

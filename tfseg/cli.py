@@ -204,6 +204,7 @@ def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, comp
     An option neither tfseg nor Beam knows is an error. Exit 1 when every case was rejected.
     """
     from tfseg.config import parse_size
+    from tfseg.convert.config import ConvertConfig
     from tfseg.convert.pipeline import NothingConverted, run_convert
     from tfseg.convert.runners import check_beam_args
 
@@ -220,13 +221,14 @@ def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, comp
         image_size = parse_size(image_size)
     except TfsegError as e:
         raise TfsegError(f"--image-size: {e}") from None
+    cfg = ConvertConfig.from_dict(dict(
+        layout_name=dataset, input_dir=input_dir, output_dir=output,
+        layout_options={k: v for k, v in layout_options.items() if v is not None}, split=split,
+        image_size=image_size, num_shards=num_shards, compression="" if compression.lower() == "none" else compression,
+        strict=strict, overwrite=overwrite, beam_args=list(ctx.args),
+    ))
     try:
-        summary = run_convert(
-            dataset, input_dir, output, layout_options={k: v for k, v in layout_options.items() if v is not None},
-            split=split, image_size=image_size, num_shards=num_shards,
-            compression="" if compression.lower() == "none" else compression, strict=strict,
-            overwrite=overwrite, beam_args=list(ctx.args), progress_stream=sys.stderr,
-        )
+        summary = run_convert(cfg, progress_stream=sys.stderr)
     except NothingConverted as e:  # a data failure, not a misuse: exit 1
         click.echo(f"error: {safe(e)}", err=True)
         sys.exit(1)
@@ -316,18 +318,19 @@ def plan_cmd(data_dir, budget, output, flips, sample):
 def evaluate(run_dir, export_dir, data_dir, split, output, samples, tile, tta, max_examples, overwrite):
     """Score a fit run (--run) or its export (--model) on a split at the records' resolution."""
     from tfseg import schema
-    from tfseg.evaluate import run_evaluate
+    from tfseg.evaluate import EvaluateConfig, run_evaluate
     from tfseg.progress import Progress
 
     info = schema.load_dataset_info(data_dir)
     total = info.splits.get(split, {}).get("count") or 0
     if max_examples:
         total = min(total, max_examples) if total else max_examples
+    cfg = EvaluateConfig.from_dict(dict(
+        run_dir=run_dir, data_dir=data_dir, split=split, output=output, num_samples=samples, tile=tile, tta=tta,
+        max_examples=max_examples, overwrite=overwrite, export_dir=export_dir,
+    ))
     with Progress(total, f"evaluating {split}", unit="images") as bar:
-        m = run_evaluate(
-            run_dir, data_dir, split, output, num_samples=samples, tile=tile, tta=tta,
-            max_examples=max_examples, overwrite=overwrite, progress=bar.update, export_dir=export_dir,
-        )
+        m = run_evaluate(cfg, progress=bar.update)
     click.echo(_metric_table(m))
     click.echo(safe(f"report:  {os.path.join(output, 'report.md')}"))
 
@@ -361,12 +364,15 @@ def export_cmd(run_dir, export_base, name, version, max_pixels, overwrite, preci
                calibration_records, calibration_data):
     """Export a fit run as a TF Serving SavedModel (decode, resize or tile, TTA, threshold in the graph),
     or with --format litert as a LiteRT model."""
-    from tfseg import export
+    from tfseg.export import ExportConfig, run_export
 
-    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    path = export.run_export(run_dir, export_base, name, version, overwrite=overwrite, precision=precision,
-                             tta=tta, tile=tile, format=fmt, quantize=quantize,
-                             calibration_records=calibration_records, calibration_data=calibration_data, **kwargs)
+    cfg = ExportConfig.from_dict(dict(
+        run_dir=run_dir, export_base=export_base, name=name, version=version, overwrite=overwrite,
+        precision=precision, tta=tta, tile=tile, format=fmt, quantize=quantize,
+        calibration_records=calibration_records, calibration_data=calibration_data,
+        **({"max_pixels": max_pixels} if max_pixels else {}),
+    ))
+    path = run_export(cfg)
     if fmt == "litert":
         click.echo(safe(f"{path}: exported {name} version {os.path.basename(path)} as LiteRT ({quantize}); how to call "
                    f"it: {os.path.join(export_base, name, 'README.md')}"))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
 import re
+import types
+import typing
 from typing import Any, Iterable
 
 from tfseg.errors import TfsegError
@@ -117,3 +120,152 @@ def format_duration(seconds: float) -> str:
     if seconds % 60 == 0:
         return f"{seconds // 60}m"
     return f"{seconds}s"
+
+
+# --------------------------------------------------------------------------------------------
+# Typed stage configs: frozen dataclasses checked from their annotations.
+# --------------------------------------------------------------------------------------------
+
+
+def config_from_mapping(cls, mapping: dict, *, what: str):
+    """An instance of the frozen dataclass ``cls`` from ``mapping``, each value coerced to its
+    field's annotation (:func:`coerce_field`), then ``cls.validate()`` when it has one.
+
+    Args:
+      cls: a dataclass whose annotations are ``str``, ``int``, ``float``, ``bool``, ``dict``,
+        ``tuple``/``tuple[int, ...]``, ``list``, ``Any`` or ``X | None`` of those.
+      mapping: field name -> value (YAML, JSON, ``--set`` or keyword arguments).
+      what: how messages name the config, e.g. ``"evaluate config"``.
+
+    Raises:
+      TfsegError: an unknown key, a missing required key or a value of the wrong type, named.
+    """
+    if not isinstance(mapping, dict):
+        raise TfsegError(f"{what}: expected a mapping, got {type(mapping).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        raise TfsegError(f"{what}: unknown key {unknown[0]!r} (known keys: {', '.join(fields)})")
+    for name, f in fields.items():
+        if name not in mapping and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise TfsegError(f"{what}: {name!r} is required")
+    hints = typing.get_type_hints(cls)
+    cfg = cls(**{k: coerce_field(k, v, hints[k], what=what) for k, v in mapping.items()})
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def config_from_call(cls, args: tuple, kwargs: dict, *, what: str):
+    """``cls`` from a call's positional arguments (in field order) and keyword arguments, the
+    way a stage's ``run_<stage>(...)`` takes its config's fields directly.
+
+    Raises:
+      TfsegError: as :func:`config_from_mapping`; too many positional arguments or one given twice.
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    if len(args) > len(names):
+        raise TfsegError(f"{what}: {len(args)} positional values for {len(names)} keys")
+    given = dict(zip(names, args))
+    twice = sorted(set(given) & set(kwargs))
+    if twice:
+        raise TfsegError(f"{what}: {twice[0]!r} given twice")
+    return config_from_mapping(cls, {**given, **kwargs}, what=what)
+
+
+def config_to_json(cfg) -> dict:
+    """A frozen config as JSON-ready values (tuples as lists), in field order."""
+    def plain(v):
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def coerce_field(key: str, value, annotation, *, what: str):
+    """``value`` as the type ``annotation`` names: ``"3"`` -> 3 for an int, ``"false"`` -> False for
+    a bool, ``[1, 2]`` -> ``(1, 2)`` for a tuple; None only where the annotation allows it.
+
+    Raises:
+      TfsegError: ``"{what}: {key} = {value!r} is not a valid {type}"``.
+    """
+    if annotation is Any:
+        return value
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return coerce_field(key, value, option, what=what)
+            except TfsegError:
+                continue
+        raise TfsegError(f"{what}: {key} = {value!r} is not a valid "
+                         f"{' or '.join(_type_name(a) for a in options)}")
+    bad = TfsegError(f"{what}: {key} = {value!r} is not a valid {_type_name(annotation)}")
+    base = origin or annotation
+    if base is bool:
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+        raise bad
+    if base is int:
+        try:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        except (TypeError, ValueError, OverflowError):
+            raise bad from None
+    if base is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if base is str:
+        if isinstance(value, (dict, list, tuple, set, bool)) or value is None:
+            raise bad
+        return str(value)
+    if base in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            raise bad
+        items = [coerce_field(key, v, args[0], what=what) for v in value] if args and args[0] is not Any else list(value)
+        return tuple(items) if base is tuple else items
+    if base is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise bad
+    return value
+
+
+def _type_name(annotation) -> str:
+    base = typing.get_origin(annotation) or annotation
+    return {bool: "boolean", int: "integer", float: "number", str: "string", dict: "mapping",
+            tuple: "list", list: "list"}.get(base, getattr(base, "__name__", str(base)))
+
+
+def stage_config(cls, args: tuple, kwargs: dict, *, what: str):
+    """The config a ``run_<stage>(...)`` call means: one ``cls`` instance or one mapping, or the
+    config's fields as arguments (positional in field order, or by name). Always checked, so an
+    instance built by hand gets the same coercion and messages as a config file.
+
+    Raises:
+      TfsegError: as :func:`config_from_mapping`.
+    """
+    if len(args) == 1 and not kwargs and isinstance(args[0], (cls, dict)):
+        given = args[0]
+        if isinstance(given, cls):
+            given = {f.name: getattr(given, f.name) for f in dataclasses.fields(cls)}
+        return config_from_mapping(cls, given, what=what)
+    return config_from_call(cls, args, kwargs, what=what)

@@ -327,8 +327,8 @@ def calibration_images(data_dir: str, run: rundir.RunInfo, count: int, split: st
 
 
 def write_export(model, run: rundir.RunInfo, meta: dict, final: str, *, overwrite: bool, quantize: str,
-                 calibration_records: int = DEFAULT_CALIBRATION_RECORDS, calibration_data: str | None = None
-                 ) -> dict:
+                 calibration_records: int = DEFAULT_CALIBRATION_RECORDS, calibration_data: str | None = None,
+                 config: dict | None = None) -> dict:
     """Converts ``model`` and publishes EXPORT_BASE/NAME/VERSION (``final``) through
     :func:`tfseg.outputs.publish_dir`: tfseg.json first, model.tflite last.
 
@@ -341,11 +341,12 @@ def write_export(model, run: rundir.RunInfo, meta: dict, final: str, *, overwrit
       quantize: ``none``, ``float16``, ``int8``.
       calibration_records: int8: how many training records calibrate.
       calibration_data: int8: the dataset to calibrate on (the run's ``data_dir``).
+      config: the export's settings, written beside tfseg.json (assets.extra/export.json).
 
     Returns:
       The tfseg.json written.
     """
-    from tfseg.export.versions import METADATA
+    from tfseg.export.versions import CONFIG_JSON, METADATA
 
     representative, calibration = None, None
     if quantize == "int8":
@@ -379,6 +380,8 @@ def write_export(model, run: rundir.RunInfo, meta: dict, final: str, *, overwrit
         os.makedirs(os.path.join(tmp, os.path.dirname(METADATA)), exist_ok=True)
         with open(os.path.join(tmp, METADATA), "w") as f:
             json.dump(meta, f, indent=2)
+        if config is not None:
+            outputs.atomic_write_json(os.path.join(tmp, CONFIG_JSON), config)
         with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
             f.write(data)
     return meta

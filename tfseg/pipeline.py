@@ -196,16 +196,17 @@ class _Stages:
 
     @staticmethod
     def convert(cfg: dict, input_dir: str, paths: dict) -> None:
+        from tfseg.convert.config import ConvertConfig
         from tfseg.convert.pipeline import run_convert
 
         section = dict(cfg.get("convert") or {})
         kwargs = {k: section.pop(k) for k in list(section) if k in _CONVERT_KEYS}
         if kwargs.get("image_size") is not None:
             kwargs["image_size"] = config_lib.parse_size(kwargs["image_size"])
-        run_convert(
-            cfg["dataset"], input_dir, paths["data"], layout_options=section,
+        run_convert(ConvertConfig.from_dict(dict(
+            layout_name=cfg["dataset"], input_dir=input_dir, output_dir=paths["data"], layout_options=section,
             beam_args=list(cfg.get("beam_args") or []), **kwargs,
-        )
+        )))
 
     @staticmethod
     def fit(cfg: dict, input_dir: str, paths: dict) -> None:
@@ -217,26 +218,26 @@ class _Stages:
 
     @staticmethod
     def evaluate(cfg: dict, input_dir: str, paths: dict) -> None:
-        from tfseg.evaluate import run_evaluate
+        from tfseg.evaluate import EvaluateConfig, run_evaluate
 
         section = cfg.get("evaluate") or {}
-        run_evaluate(
-            paths["run"], paths["data"], split=section.get("split", "test"), output=paths["eval"],
-            num_samples=int(section.get("samples", 8)), tile=bool(section.get("tile", False)),
-            tta=bool(section.get("tta", False)),
-        )
+        run_evaluate(EvaluateConfig.from_dict(dict(
+            run_dir=paths["run"], data_dir=paths["data"], split=section.get("split", "test"), output=paths["eval"],
+            num_samples=section.get("samples", 8), tile=section.get("tile", False), tta=section.get("tta", False),
+        )))
 
     @staticmethod
     def export(cfg: dict, input_dir: str, paths: dict) -> None:
-        from tfseg.export import run_export
+        from tfseg.export import ExportConfig, run_export
 
         section = cfg.get("export") or {}
         # The export serves what evaluate scored: its --tile/--tta unless export: says otherwise.
         scored = cfg.get("evaluate") or {}
-        run_export(paths["run"], paths["export"], section.get("name") or cfg["dataset"],
-                   tile=bool(section.get("tile", scored.get("tile", False))),
-                   tta=bool(section.get("tta", scored.get("tta", False))),
-                   precision=section.get("precision", "float32"))
+        run_export(ExportConfig.from_dict(dict(
+            run_dir=paths["run"], export_base=paths["export"], name=section.get("name") or cfg["dataset"],
+            tile=section.get("tile", scored.get("tile", False)), tta=section.get("tta", scored.get("tta", False)),
+            precision=section.get("precision", "float32"),
+        )))
 
 
 def demo_overrides(cfg: dict) -> list[str]:

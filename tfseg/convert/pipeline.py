@@ -37,12 +37,12 @@ other runners report their totals when the job ends.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
 import os
 import time
-from typing import Iterable
 
 import apache_beam as beam
 
@@ -56,6 +56,7 @@ from tfseg.convert.checks import (  # NothingConverted: what run_convert raises,
     no_case_message,
     one_line,
 )
+from tfseg.convert.config import CONFIG_JSON, ConvertConfig
 from tfseg.convert.encode import EncodeOptions
 from tfseg.convert.runners import (
     beam_scratch_dir,
@@ -103,37 +104,14 @@ def make_layout(layout_name: str, layout_options: dict | None = None) -> Layout:
 
 
 @outputs.holding_locks
-def run_convert(
-    layout_name: str,
-    input_dir: str,
-    output_dir: str,
-    *,
-    layout_options: dict | None = None,
-    split: str = "train=0.8,val=0.1,test=0.1",
-    image_size: tuple[int, int] | None = None,
-    num_shards: int | None = None,
-    compression: str = "",
-    strict: bool = False,
-    overwrite: bool = False,
-    beam_args: Iterable[str] = (),
-    threads: int | None = None,
-    progress_stream=None,
-) -> dict:
+def run_convert(*args, progress_stream=None, **kwargs) -> dict:
     """Converts one dataset from its original layout into sharded TFRecords + dataset.json.
 
     Args:
-      layout_name: a name in :data:`tfseg.convert.LAYOUTS`.
-      input_dir: the dataset's root in its original layout.
-      output_dir: where the converted dataset is published (atomically).
-      layout_options: layout constructor options (``image_dir``, ``num_classes``, ...).
-      split: ``NAME=FRACTION,...`` for layouts without an official split.
-      image_size: (H, W) to resize 2D images (bilinear) and masks (nearest) to.
-      num_shards: shards per split; default from the data size (~150 MB a shard).
-      compression: ``""`` or ``"gzip"``.
-      strict: any rejected case fails the conversion (nothing is published).
-      overwrite: replace an existing complete output.
-      beam_args: Beam PipelineOptions arguments (``--runner``, ``--direct_num_workers``, ...).
-      threads: conversion threads per Beam worker (default: the machine's cores, at most 8).
+      *args, **kwargs: a :class:`~tfseg.convert.config.ConvertConfig` (or a mapping of its keys),
+        or its fields themselves: ``run_convert(layout_name, input_dir, output_dir,
+        layout_options=None, split="train=0.8,val=0.1,test=0.1", image_size=None, num_shards=None,
+        compression="", strict=False, overwrite=False, beam_args=(), threads=None)``.
       progress_stream: where to show progress (:class:`ConvertProgress`; the CLI passes stderr),
         or None.
 
@@ -145,172 +123,40 @@ def run_convert(
       NothingConverted: every case was rejected (nothing is published; an older output stays).
     """
     t0 = time.time()
+    cfg = ConvertConfig.from_call(args, kwargs)
     # Scheme paths (gs://, s3://, hdfs://) go through Beam's FileSystems, on the launcher too.
-    input_dir = str(input_dir).rstrip("/") if outputs.is_remote(input_dir) else os.path.abspath(input_dir)
-    output_dir = str(output_dir).rstrip("/") if outputs.is_remote(output_dir) else os.path.abspath(output_dir)
+    input_dir, output_dir = (str(p).rstrip("/") if outputs.is_remote(p) else os.path.abspath(p)
+                             for p in (cfg.input_dir, cfg.output_dir))
     if outputs.is_remote(input_dir):
         check_remote_path(input_dir, "--input")
     if outputs.is_remote(output_dir):
         check_remote_path(output_dir, "--output")
+    cfg = dataclasses.replace(cfg, input_dir=input_dir, output_dir=output_dir)
     with outputs.beam_filesystems():
-        return _run_convert(layout_name, input_dir, output_dir, t0=t0, layout_options=layout_options, split=split,
-                            image_size=image_size, num_shards=num_shards, compression=compression, strict=strict,
-                            overwrite=overwrite, beam_args=beam_args, threads=threads,
-                            progress_stream=progress_stream)
+        return _run_convert(cfg, t0=t0, progress_stream=progress_stream)
 
 
-def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, split, image_size, num_shards,
-                 compression, strict, overwrite, beam_args, threads, progress_stream) -> dict:
-    check_input(input_dir)
-    compression = (compression or "").upper()
-    if compression in ("NONE",):
-        compression = ""
-    if compression not in ("", "GZIP"):
-        raise TfsegError(f"--compression {compression.lower()!r}: expected gzip or none")
-    if num_shards is not None and num_shards < 1:
-        raise TfsegError(f"--num-shards {num_shards}: must be at least 1")
-    try:
-        spec = parse_split_spec(split)
-    except ValueError as e:
-        raise TfsegError(f"--split: {e}") from None
-    image_size = check_image_size(image_size)
-    options = pipeline_options(beam_args)
-    layout = make_layout(layout_name, layout_options)
-    if outputs.is_remote(input_dir) and not layout.remote_input:
-        raise TfsegError(f"--input {input_dir}: the {layout_name} layout reads local input only; copy it to a local "
-                         "folder first (carvana and folder read gs://, s3://, hdfs://)")
+def _run_convert(cfg: ConvertConfig, *, t0: float, progress_stream) -> dict:
+    cfg, spec, options, layout = _check_options(cfg)
     # Checked again when publishing; failing here spares listing and converting first.
-    outputs.claim(output_dir, "convert", complete_marker=schema.DATASET_JSON, overwrite=overwrite,
-                  inputs=[("--input", input_dir)])
-    cases = layout.list_cases(input_dir)
-    if not cases:
-        raise TfsegError(f"{input_dir}: no {layout_name} cases found")
-    info: LayoutInfo = layout.info()
-    if image_size is not None and info.ndim != 2:
-        raise TfsegError(f"--image-size applies to 2D datasets; {layout_name} is {info.ndim}D")
-    ids = [c.case_id for c in cases]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[0]
-        raise TfsegError(f"{input_dir}: two cases share the id {dup!r}; case ids must be unique")
-
-    from tfseg.convert.base import file_sizes
-
-    sizes = file_sizes(input_dir)  # one listing for a remote input; {} locally
-    by_split: dict[str, list[Case]] = {}
-    for case in sorted(cases, key=lambda c: c.case_id):
-        by_split.setdefault(assign_split(case, spec), []).append(case)
-    shards = {
-        s: count_shards(sum(file_bytes(c, sizes) for c in cs), len(cs), num_shards)
-        for s, cs in sorted(by_split.items())
-    }
-    keyed = [(s, shard_of(c.case_id, shards[s]), c) for s, cs in sorted(by_split.items()) for c in cs]
+    owned = dict(complete_marker=schema.DATASET_JSON, overwrite=cfg.overwrite, inputs=[("--input", cfg.input_dir)])
+    outputs.claim(cfg.output_dir, "convert", **owned)
+    info, keyed, shards = _assign_cases(cfg, layout, spec)
     opts = EncodeOptions(info.ndim, info.channels, info.num_classes, info.ignore_index,
-                         tuple(image_size) if image_size else None)
-    log.info("%s: %d cases (%s) -> %s", layout_name, len(cases),
-             ", ".join(f"{s} {len(cs)}" for s, cs in sorted(by_split.items())), output_dir)
-
-    from tfseg.outputs import atomic_write_json
-
-    with outputs.publish_dir(output_dir, "convert", complete_marker=schema.DATASET_JSON, overwrite=overwrite,
-                             inputs=[("--input", input_dir)]) as tmp:
+                         tuple(cfg.image_size) if cfg.image_size else None)
+    with outputs.publish_dir(cfg.output_dir, "convert", **owned) as tmp:
         with beam_scratch_dir():
-            threads = threads or default_threads()
-            target = requested_partitions(options) or TARGET_BATCHES  # --dask_npartitions: that many batches
-            batches = cut_batches(keyed, batch_size(len(keyed), threads, target))
-            dask_partitions(options, len(batches))
-            p = beam.Pipeline(options=options)
-            build_pipeline(p, layout, keyed, opts, tmp, shards, compression, threads, batches=batches)
-            bar = ConvertProgress(len(keyed), progress_stream) if progress_stream is not None else None
-            if bar is not None and not in_launcher_process(options):
-                log.info("%s converts in its own workers: progress shows when the job ends (meanwhile see the "
-                         "runner's UI)", runner_name(options))
-            finished = False
-            try:
-                set_progress(bar)
-                result = p.run()
-                state = result.wait_until_finish()
-                finished = True
-            except TfsegError:
-                raise
-            except Exception as e:  # noqa: BLE001 - the runner's own errors (a cluster unreachable, ...)
-                log.debug("the Beam job failed", exc_info=True)
-                raise TfsegError(f"the Beam job failed on {runner_name(options)}: {one_line(e)} "
-                                 "(nothing was published; -v shows the traceback)") from None
-            finally:
-                set_progress(None)
-                if bar is not None and bar.tty and bar.done:
-                    # Erase the redrawn line (the final one comes with the totals), or keep it
-                    # above the error message.
-                    bar.stream.write("\r\033[K" if finished else "\n")
-                    bar.stream.flush()
-            if state is not None and str(state).split(".")[-1] not in ("DONE", "UNKNOWN"):
-                raise TfsegError(f"the Beam job ended {state} on {runner_name(options)}; nothing was published")
-            _log_metrics(result)
-            client = getattr(result, "client", None)  # the DaskRunner's own dask.distributed Client
-            if client is not None and hasattr(client, "close"):
-                client.close()  # else it outlives the job (and logs errors once the cluster goes)
-
-        written, stats, rejected = read_summaries(tmp)
-        outputs.rmtree(outputs.join(tmp, SPILL_DIR))
-        outputs.atomic_write_text(outputs.join(tmp, schema.REJECTED_JSONL),
-                                  "".join(json.dumps(row, sort_keys=True) + "\n" for row in rejected))
-        n_written = sum(n for _, _, n in written)
-        if bar is not None:  # the totals (all of them for runners whose workers could not report)
-            bar.rejected = len(rejected)
-            bar.update(n_written + len(rejected) - bar.done)
-            bar.close()
-        if n_written + len(rejected) != len(keyed):
-            # Never publish a dataset the runner silently shortened.
-            raise TfsegError(f"{output_dir}: the runner returned {n_written} records + {len(rejected)} rejections "
-                             f"for {len(keyed)} cases; nothing was written (try --direct_running_mode=in_memory)")
-        if n_written == 0:
-            # Raised inside the publishing block: nothing is published, an older output stays.
-            raise NothingConverted(no_case_message(input_dir, rejected))
-        if rejected and strict:
-            first = rejected[0]
-            raise TfsegError(
-                f"{len(rejected)} case(s) rejected with --strict; first: {first['file']}: {first['reason']}")
-
+            bar = _run_job(layout, keyed, opts, tmp, shards, cfg, options, progress_stream)
+        written, stats, rejected = _gather(cfg, tmp, len(keyed), bar)
         splits = {}
         for s in sorted(shards):
             files = sorted(name for sp, name, _ in written if sp == s)
             splits[s] = {"count": int(sum(n for sp, _, n in written if sp == s)), "files": files}
-        formats = sorted({f for st in stats.values() for f in st["image_formats"]})
-        dataset = schema.DatasetInfo(
-            name=info.name,
-            ndim=info.ndim,
-            channels=info.channels,
-            num_classes=info.num_classes,
-            class_names=list(info.class_names),
-            ignore_index=info.ignore_index,
-            label_mapping=dict(info.label_mapping),
-            splits=splits,
-            class_pixel_counts={s: stats[s]["class_pixel_counts"] for s in sorted(stats)
-                                if stats[s]["class_pixel_counts"] is not None},
-            size_summary={s: stats[s]["size"] for s in sorted(stats)},
-            regions=dict(info.regions),
-            label_convention=info.label_convention,
-            modalities=list(info.modalities),
-            image_format=(formats[0] if len(formats) == 1 else "mixed") if info.ndim == 2 and formats else None,
-            compression=compression,
-            tfseg_version=_version(),
-            preprocessing=_preprocessing_record(info, image_size, layout),
-            conversion_args={
-                "dataset": layout_name,
-                "input": input_dir,
-                "layout_options": {k: v for k, v in (layout_options or {}).items() if v is not None},
-                "split": split,
-                "image_size": list(image_size) if image_size else None,
-                "num_shards": num_shards,
-                "compression": compression,
-                "strict": strict,
-                "beam_args": list(beam_args),
-                "rejected": len(rejected),
-            },
-        )
-        atomic_write_json(outputs.join(tmp, schema.DATASET_JSON), json.loads(dataset.to_json()))
+        dataset = _dataset_info(cfg, info, layout, splits, stats, len(rejected))
+        outputs.atomic_write_json(outputs.join(tmp, CONFIG_JSON), cfg.to_json())
+        outputs.atomic_write_json(outputs.join(tmp, schema.DATASET_JSON), json.loads(dataset.to_json()))
     summary = {
-        "output": output_dir,
+        "output": cfg.output_dir,
         "splits": {s: v["count"] for s, v in splits.items()},
         "rejected": len(rejected),
         "num_shards": shards,
@@ -318,6 +164,179 @@ def _run_convert(layout_name, input_dir, output_dir, *, t0, layout_options, spli
     }
     log.info("converted %s", summary)
     return summary
+
+
+def _check_options(cfg: ConvertConfig) -> tuple[ConvertConfig, dict, object, Layout]:
+    """Checks the input and the options before anything is listed or claimed.
+
+    Returns:
+      (``cfg`` with ``compression`` as ``""``/``"GZIP"`` and ``image_size`` checked, the split
+      spec, Beam's PipelineOptions, the layout).
+    """
+    check_input(cfg.input_dir)
+    compression = (cfg.compression or "").upper()
+    if compression in ("NONE",):
+        compression = ""
+    if compression not in ("", "GZIP"):
+        raise TfsegError(f"--compression {compression.lower()!r}: expected gzip or none")
+    if cfg.num_shards is not None and cfg.num_shards < 1:
+        raise TfsegError(f"--num-shards {cfg.num_shards}: must be at least 1")
+    try:
+        spec = parse_split_spec(cfg.split)
+    except ValueError as e:
+        raise TfsegError(f"--split: {e}") from None
+    cfg = dataclasses.replace(cfg, compression=compression, image_size=check_image_size(cfg.image_size))
+    options = pipeline_options(cfg.beam_args)
+    layout = make_layout(cfg.layout_name, cfg.layout_options)
+    if outputs.is_remote(cfg.input_dir) and not layout.remote_input:
+        raise TfsegError(f"--input {cfg.input_dir}: the {cfg.layout_name} layout reads local input only; copy it to a "
+                         "local folder first (carvana and folder read gs://, s3://, hdfs://)")
+    return cfg, spec, options, layout
+
+
+def _assign_cases(cfg: ConvertConfig, layout: Layout, spec: dict) -> tuple[LayoutInfo, list, dict]:
+    """Lists the cases and gives each its split and shard.
+
+    Returns:
+      (the layout's facts, ``[(split, shard, case)]`` in split then id order, shards a split).
+    """
+    from tfseg.convert.base import file_sizes
+
+    cases = layout.list_cases(cfg.input_dir)
+    if not cases:
+        raise TfsegError(f"{cfg.input_dir}: no {cfg.layout_name} cases found")
+    info: LayoutInfo = layout.info()
+    if cfg.image_size is not None and info.ndim != 2:
+        raise TfsegError(f"--image-size applies to 2D datasets; {cfg.layout_name} is {info.ndim}D")
+    ids = [c.case_id for c in cases]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[0]
+        raise TfsegError(f"{cfg.input_dir}: two cases share the id {dup!r}; case ids must be unique")
+    sizes = file_sizes(cfg.input_dir)  # one listing for a remote input; {} locally
+    by_split: dict[str, list[Case]] = {}
+    for case in sorted(cases, key=lambda c: c.case_id):
+        by_split.setdefault(assign_split(case, spec), []).append(case)
+    shards = {
+        s: count_shards(sum(file_bytes(c, sizes) for c in cs), len(cs), cfg.num_shards)
+        for s, cs in sorted(by_split.items())
+    }
+    keyed = [(s, shard_of(c.case_id, shards[s]), c) for s, cs in sorted(by_split.items()) for c in cs]
+    log.info("%s: %d cases (%s) -> %s", cfg.layout_name, len(cases),
+             ", ".join(f"{s} {len(cs)}" for s, cs in sorted(by_split.items())), cfg.output_dir)
+    return info, keyed, shards
+
+
+def _run_job(layout: Layout, keyed: list, opts: EncodeOptions, tmp: str, shards: dict, cfg: ConvertConfig,
+             options, progress_stream) -> ConvertProgress | None:
+    """Runs the Beam job that writes the shards and the shard summaries into ``tmp``; returns
+    its progress bar (None without ``progress_stream``), still open for the totals."""
+    threads = cfg.threads or default_threads()
+    target = requested_partitions(options) or TARGET_BATCHES  # --dask_npartitions: that many batches
+    batches = cut_batches(keyed, batch_size(len(keyed), threads, target))
+    dask_partitions(options, len(batches))
+    p = beam.Pipeline(options=options)
+    build_pipeline(p, layout, keyed, opts, tmp, shards, cfg.compression, threads, batches=batches)
+    bar = ConvertProgress(len(keyed), progress_stream) if progress_stream is not None else None
+    if bar is not None and not in_launcher_process(options):
+        log.info("%s converts in its own workers: progress shows when the job ends (meanwhile see the "
+                 "runner's UI)", runner_name(options))
+    finished = False
+    try:
+        set_progress(bar)
+        result = p.run()
+        state = result.wait_until_finish()
+        finished = True
+    except TfsegError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the runner's own errors (a cluster unreachable, ...)
+        log.debug("the Beam job failed", exc_info=True)
+        raise TfsegError(f"the Beam job failed on {runner_name(options)}: {one_line(e)} "
+                         "(nothing was published; -v shows the traceback)") from None
+    finally:
+        set_progress(None)
+        if bar is not None and bar.tty and bar.done:
+            # Erase the redrawn line (the final one comes with the totals), or keep it
+            # above the error message.
+            bar.stream.write("\r\033[K" if finished else "\n")
+            bar.stream.flush()
+    if state is not None and str(state).split(".")[-1] not in ("DONE", "UNKNOWN"):
+        raise TfsegError(f"the Beam job ended {state} on {runner_name(options)}; nothing was published")
+    _log_metrics(result)
+    client = getattr(result, "client", None)  # the DaskRunner's own dask.distributed Client
+    if client is not None and hasattr(client, "close"):
+        client.close()  # else it outlives the job (and logs errors once the cluster goes)
+    return bar
+
+
+def _gather(cfg: ConvertConfig, tmp: str, cases: int, bar) -> tuple[list, dict, list]:
+    """Merges the shard summaries, writes rejected.jsonl and checks the job's totals.
+
+    Returns:
+      (``[(split, shard file, records)]``, split statistics, rejections).
+
+    Raises:
+      TfsegError: records missing, or a rejection with ``strict``.
+      NothingConverted: every case was rejected.
+    """
+    written, stats, rejected = read_summaries(tmp)
+    outputs.rmtree(outputs.join(tmp, SPILL_DIR))
+    outputs.atomic_write_text(outputs.join(tmp, schema.REJECTED_JSONL),
+                              "".join(json.dumps(row, sort_keys=True) + "\n" for row in rejected))
+    n_written = sum(n for _, _, n in written)
+    if bar is not None:  # the totals (all of them for runners whose workers could not report)
+        bar.rejected = len(rejected)
+        bar.update(n_written + len(rejected) - bar.done)
+        bar.close()
+    if n_written + len(rejected) != cases:
+        # Never publish a dataset the runner silently shortened.
+        raise TfsegError(f"{cfg.output_dir}: the runner returned {n_written} records + {len(rejected)} rejections "
+                         f"for {cases} cases; nothing was written (try --direct_running_mode=in_memory)")
+    if n_written == 0:
+        # Raised inside the publishing block: nothing is published, an older output stays.
+        raise NothingConverted(no_case_message(cfg.input_dir, rejected))
+    if rejected and cfg.strict:
+        first = rejected[0]
+        raise TfsegError(
+            f"{len(rejected)} case(s) rejected with --strict; first: {first['file']}: {first['reason']}")
+    return written, stats, rejected
+
+
+def _dataset_info(cfg: ConvertConfig, info: LayoutInfo, layout: Layout, splits: dict, stats: dict,
+                  rejected: int) -> schema.DatasetInfo:
+    """dataset.json's content."""
+    formats = sorted({f for st in stats.values() for f in st["image_formats"]})
+    return schema.DatasetInfo(
+        name=info.name,
+        ndim=info.ndim,
+        channels=info.channels,
+        num_classes=info.num_classes,
+        class_names=list(info.class_names),
+        ignore_index=info.ignore_index,
+        label_mapping=dict(info.label_mapping),
+        splits=splits,
+        class_pixel_counts={s: stats[s]["class_pixel_counts"] for s in sorted(stats)
+                            if stats[s]["class_pixel_counts"] is not None},
+        size_summary={s: stats[s]["size"] for s in sorted(stats)},
+        regions=dict(info.regions),
+        label_convention=info.label_convention,
+        modalities=list(info.modalities),
+        image_format=(formats[0] if len(formats) == 1 else "mixed") if info.ndim == 2 and formats else None,
+        compression=cfg.compression,
+        tfseg_version=_version(),
+        preprocessing=_preprocessing_record(info, cfg.image_size, layout),
+        conversion_args={
+            "dataset": cfg.layout_name,
+            "input": cfg.input_dir,
+            "layout_options": {k: v for k, v in (cfg.layout_options or {}).items() if v is not None},
+            "split": cfg.split,
+            "image_size": list(cfg.image_size) if cfg.image_size else None,
+            "num_shards": cfg.num_shards,
+            "compression": cfg.compression,
+            "strict": cfg.strict,
+            "beam_args": list(cfg.beam_args),
+            "rejected": rejected,
+        },
+    )
 
 
 def _preprocessing_record(info: LayoutInfo, image_size, layout: Layout) -> dict:

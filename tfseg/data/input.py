@@ -32,6 +32,7 @@ from tfseg import schema
 from tfseg.config import parse_size
 from tfseg.data import augment as aug
 from tfseg.data import patches
+from tfseg.data.config import InputConfig
 from tfseg.errors import TfsegError
 
 logger = logging.getLogger(__name__)
@@ -107,49 +108,15 @@ def _static_2d_size(info, split, image_size, batch_size):
     return None
 
 
-def make_dataset(
-    data_dir: str,
-    split: str,
-    *,
-    batch_size: int,
-    training: bool,
-    image_size=None,
-    patch_size=None,
-    augment: dict | None = None,
-    seed: int | None = None,
-    deterministic: bool = False,
-    cache: bool | str = False,
-    repeat: int | None = None,
-    shuffle_buffer: int = 256,
-    patches_per_volume: int = 4,
-    foreground_fraction: float = 0.33,
-) -> tf.data.Dataset:
+def make_dataset(*args, **kwargs) -> tf.data.Dataset:
     """Builds the batched input pipeline of one split of a converted dataset.
 
     Args:
-      data_dir: a ``tfseg convert`` output directory (shards + dataset.json).
-      split: split name in dataset.json, e.g. ``"train"``.
-      batch_size: global batch size. Training batches drop the remainder so shapes are static
-        (what tf.distribute wants); evaluation keeps the last partial batch.
-      training: shuffle, augment and (3D) sample random patches; otherwise a single
-        deterministic view per example.
-      image_size: 2D (H, W) or ``"HxW"`` that images and masks are resized to (bilinear /
-        nearest), in training and evaluation; None keeps the stored size (it must then be the
-        same for all images of the split when ``batch_size > 1``).
-      patch_size: 3D (D, H, W) or ``"DxHxW"``; default 64^3.
-      augment: augmentation dict (keys in :mod:`tfseg.data.augment`), used only when
-        ``training``.
-      seed: makes shuffling, augmentation and patch placement reproducible.
-      deterministic: fixed element order (parallel stages keep their order); with no seed,
-        seed 0 is used.
-      cache: True to cache decoded examples in memory, a path to cache them in a file, False to
-        stream (3D: memory then does not grow with the number of cases).
-      repeat: None for one pass per iteration (Keras re-iterates each epoch), n for n passes,
-        -1 for an endless dataset.
-      shuffle_buffer: 2D examples / 3D patches held for shuffling (3D: each patch is
-        prod(patch_size) * (C + 1) * 4 bytes).
-      patches_per_volume: 3D training patches drawn from each decoded volume.
-      foreground_fraction: 3D training probability that a patch is centred on a labelled voxel.
+      *args, **kwargs: an :class:`~tfseg.data.config.InputConfig` (or a mapping of its keys), or
+        its fields themselves: ``make_dataset(data_dir, split, batch_size=..., training=...,
+        image_size=None, patch_size=None, augment=None, seed=None, deterministic=False,
+        cache=False, repeat=None, shuffle_buffer=256, patches_per_volume=4,
+        foreground_fraction=0.33)``.
 
     Returns:
       Dataset of ``(images, masks)``: 2D images (B, H, W, C) float32 in 0..255 and masks
@@ -159,107 +126,115 @@ def make_dataset(
 
     Raises:
       TfsegError: missing dataset.json or shards, an unknown split, an option that does not fit
-        the dataset's dimensionality, bad augmentation keys or sizes.
+        the dataset's dimensionality, bad augmentation keys or sizes, a value of the wrong type.
     """
-    info = schema.load_dataset_info(data_dir)
-    files = _shard_files(info, data_dir, split)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise TfsegError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    if deterministic and seed is None:
-        seed = 0
-    cfg = aug.parse_augment(augment, ndim=info.ndim, channels=info.channels) if training else None
-    fill = mask_fill_value(info)
-    s_files, s_examples, s_aug, s_patch = (None,) * 4 if seed is None else (seed, seed + 1, seed + 2, seed + 3)
-
-    ds = _decoded(files, info, shuffle=training, seed=s_files, deterministic=deterministic)
-    ds = _cache(ds, cache)
-
-    if info.ndim == 2:
-        if patch_size is not None:
-            raise TfsegError(f"{data_dir}: patch_size is for 3D data; this dataset is 2D (use image_size)")
-        size = parse_size(image_size, 2) if image_size is not None else None
-        static = _static_2d_size(info, split, size, batch_size)
-        shape = static
-        if cfg is not None and cfg.crop:
-            if static is not None and (cfg.crop[0] > static[0] or cfg.crop[1] > static[1]):
-                raise TfsegError(f"augment.crop {cfg.crop[0]}x{cfg.crop[1]} is larger than image_size "
-                                 f"{static[0]}x{static[1]}; a crop is a window of the example at image_size")
-            shape = cfg.crop
-        if training:
-            ds = ds.shuffle(shuffle_buffer, seed=s_examples, reshuffle_each_iteration=True)
-        ds = _repeat(ds, repeat)
-        if cfg is not None:
-            ds = tf.data.Dataset.zip((ds, _seeds(s_aug)))
-
-            def fn(example, s):
-                image, mask = example
-                out_hw = static if static is not None else tf.shape(image)[:2]
-                return aug.augment_2d(image, mask, s, cfg, out_hw, fill)
-
-        else:
-
-            def fn(image, mask):
-                if static is None:
-                    return tf.cast(image, tf.float32), tf.cast(mask, tf.int32)
-                return aug.resize(image, mask, static)
-
-        def shaped(*args):
-            image, mask = fn(*args)
-            if shape is not None:
-                image.set_shape([shape[0], shape[1], info.channels])
-                mask.set_shape([shape[0], shape[1], 1])
-            return image, mask
-
-        ds = ds.map(shaped, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    else:
-        if image_size is not None:
-            raise TfsegError(f"{data_dir}: image_size is for 2D data; this dataset is 3D (use patch_size)")
-        psize = parse_size(patch_size, 3) if patch_size is not None else DEFAULT_PATCH_SIZE
-        if patches_per_volume < 1:
-            raise TfsegError(f"patches_per_volume: expected >= 1, got {patches_per_volume}")
-        if not 0.0 <= foreground_fraction <= 1.0:
-            raise TfsegError(f"foreground_fraction: expected a value in [0, 1], got {foreground_fraction}")
-        if training:
-            if cache:
-                # Cached volumes are references, so a buffer over all of them costs no memory.
-                count = int(info.splits.get(split, {}).get("count", 0)) or 64
-                ds = ds.shuffle(count, seed=s_examples, reshuffle_each_iteration=True)
-            ds = _repeat(ds, repeat)
-            ds = tf.data.Dataset.zip((ds, _seeds(s_patch)))
-            ds = ds.map(
-                lambda ex, s: _int32_mask(*patches.sample_patches(
-                    ex[0], ex[1], s, patch_size=psize, count=patches_per_volume,
-                    foreground_fraction=foreground_fraction, ignore_index=info.ignore_index, mask_fill=fill,
-                )),
-                num_parallel_calls=AUTOTUNE,
-                deterministic=deterministic,
-            )
-            ds = ds.unbatch()
-            ds = ds.shuffle(shuffle_buffer, seed=s_examples, reshuffle_each_iteration=True)
-            if cfg is not None:
-                ds = tf.data.Dataset.zip((ds, _seeds(s_aug)))
-                ds = ds.map(
-                    lambda ex, s: aug.augment_3d(ex[0], ex[1], s, cfg),
-                    num_parallel_calls=AUTOTUNE,
-                    deterministic=deterministic,
-                )
-        else:
-            ds = _repeat(ds, repeat)
-            ds = ds.map(
-                lambda i, m: _int32_mask(*patches.validation_patch(
-                    i, m, patch_size=psize, ignore_index=info.ignore_index, mask_fill=fill
-                )),
-                num_parallel_calls=AUTOTUNE,
-                deterministic=deterministic,
-            )
-
+    cfg = InputConfig.from_call(args, kwargs)
+    info = schema.load_dataset_info(cfg.data_dir)
+    files = _shard_files(info, cfg.data_dir, cfg.split)
+    if cfg.batch_size < 1:
+        raise TfsegError(f"batch_size: expected a positive integer, got {cfg.batch_size!r}")
+    seed = 0 if cfg.deterministic and cfg.seed is None else cfg.seed
+    augment = aug.parse_augment(cfg.augment, ndim=info.ndim, channels=info.channels) if cfg.training else None
+    # Seeds of the file order, the example (or patch) order, the augmentation, the patch placement.
+    seeds = (None,) * 4 if seed is None else (seed, seed + 1, seed + 2, seed + 3)
+    ds = _decoded(files, info, shuffle=cfg.training, seed=seeds[0], deterministic=cfg.deterministic)
+    ds = _cache(ds, cfg.cache)
+    ds = (_examples_2d if info.ndim == 2 else _patches_3d)(ds, cfg, info, augment, seeds)
     logger.debug(
         "%s/%s: %d shard(s), %dD, batch %d, training=%s, augment=%s, seed=%s, deterministic=%s, cache=%s",
-        data_dir, split, len(files), info.ndim, batch_size, training, cfg, seed, deterministic, bool(cache),
+        cfg.data_dir, cfg.split, len(files), info.ndim, cfg.batch_size, cfg.training, augment, seed,
+        cfg.deterministic, bool(cfg.cache),
     )
-    ds = ds.batch(batch_size, drop_remainder=training)
+    ds = ds.batch(cfg.batch_size, drop_remainder=cfg.training)
     ds = ds.prefetch(AUTOTUNE)
-    return ds.with_options(_options(deterministic, autotune=training))
+    return ds.with_options(_options(cfg.deterministic, autotune=cfg.training))
+
+
+def _examples_2d(ds: tf.data.Dataset, cfg: InputConfig, info: schema.DatasetInfo, augment, seeds) -> tf.data.Dataset:
+    """2D: shuffle, repeat, then augment and resize each example to ``image_size`` (one warp)."""
+    if cfg.patch_size is not None:
+        raise TfsegError(f"{cfg.data_dir}: patch_size is for 3D data; this dataset is 2D (use image_size)")
+    fill = mask_fill_value(info)
+    size = parse_size(cfg.image_size, 2) if cfg.image_size is not None else None
+    static = _static_2d_size(info, cfg.split, size, cfg.batch_size)
+    shape = static
+    if augment is not None and augment.crop:
+        if static is not None and (augment.crop[0] > static[0] or augment.crop[1] > static[1]):
+            raise TfsegError(f"augment.crop {augment.crop[0]}x{augment.crop[1]} is larger than image_size "
+                             f"{static[0]}x{static[1]}; a crop is a window of the example at image_size")
+        shape = augment.crop
+    if cfg.training:
+        ds = ds.shuffle(cfg.shuffle_buffer, seed=seeds[1], reshuffle_each_iteration=True)
+    ds = _repeat(ds, cfg.repeat)
+    if augment is not None:
+        ds = tf.data.Dataset.zip((ds, _seeds(seeds[2])))
+
+        def fn(example, s):
+            image, mask = example
+            out_hw = static if static is not None else tf.shape(image)[:2]
+            return aug.augment_2d(image, mask, s, augment, out_hw, fill)
+
+    else:
+
+        def fn(image, mask):
+            if static is None:
+                return tf.cast(image, tf.float32), tf.cast(mask, tf.int32)
+            return aug.resize(image, mask, static)
+
+    def shaped(*args):
+        image, mask = fn(*args)
+        if shape is not None:
+            image.set_shape([shape[0], shape[1], info.channels])
+            mask.set_shape([shape[0], shape[1], 1])
+        return image, mask
+
+    return ds.map(shaped, num_parallel_calls=AUTOTUNE, deterministic=cfg.deterministic)
+
+
+def _patches_3d(ds: tf.data.Dataset, cfg: InputConfig, info: schema.DatasetInfo, augment, seeds) -> tf.data.Dataset:
+    """3D: training draws ``patches_per_volume`` patches a volume (foreground oversampling),
+    shuffles and augments them; otherwise one centred validation patch a volume."""
+    if cfg.image_size is not None:
+        raise TfsegError(f"{cfg.data_dir}: image_size is for 2D data; this dataset is 3D (use patch_size)")
+    fill = mask_fill_value(info)
+    psize = parse_size(cfg.patch_size, 3) if cfg.patch_size is not None else DEFAULT_PATCH_SIZE
+    if cfg.patches_per_volume < 1:
+        raise TfsegError(f"patches_per_volume: expected >= 1, got {cfg.patches_per_volume}")
+    if not 0.0 <= cfg.foreground_fraction <= 1.0:
+        raise TfsegError(f"foreground_fraction: expected a value in [0, 1], got {cfg.foreground_fraction}")
+    if not cfg.training:
+        ds = _repeat(ds, cfg.repeat)
+        return ds.map(
+            lambda i, m: _int32_mask(*patches.validation_patch(
+                i, m, patch_size=psize, ignore_index=info.ignore_index, mask_fill=fill
+            )),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=cfg.deterministic,
+        )
+    if cfg.cache:
+        # Cached volumes are references, so a buffer over all of them costs no memory.
+        count = int(info.splits.get(cfg.split, {}).get("count", 0)) or 64
+        ds = ds.shuffle(count, seed=seeds[1], reshuffle_each_iteration=True)
+    ds = _repeat(ds, cfg.repeat)
+    ds = tf.data.Dataset.zip((ds, _seeds(seeds[3])))
+    ds = ds.map(
+        lambda ex, s: _int32_mask(*patches.sample_patches(
+            ex[0], ex[1], s, patch_size=psize, count=cfg.patches_per_volume,
+            foreground_fraction=cfg.foreground_fraction, ignore_index=info.ignore_index, mask_fill=fill,
+        )),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=cfg.deterministic,
+    )
+    ds = ds.unbatch()
+    ds = ds.shuffle(cfg.shuffle_buffer, seed=seeds[1], reshuffle_each_iteration=True)
+    if augment is not None:
+        ds = tf.data.Dataset.zip((ds, _seeds(seeds[2])))
+        ds = ds.map(
+            lambda ex, s: aug.augment_3d(ex[0], ex[1], s, augment),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=cfg.deterministic,
+        )
+    return ds
 
 
 def _int32_mask(image, mask):

@@ -27,6 +27,7 @@ Pixels whose truth is the ignore index are left out of every score.
 Output (published atomically; metrics.json is written last and marks completion)::
 
     EVAL_DIR/metrics.json           every number, plus the confusion matrix
+    EVAL_DIR/evaluate.json          the settings it ran with (EvaluateConfig)
     EVAL_DIR/report.md              the tables, linking the pictures
     EVAL_DIR/samples.png            image | truth | prediction for N examples
     EVAL_DIR/confusion_matrix.png   row-normalized
@@ -35,6 +36,7 @@ Output (published atomically; metrics.json is written last and marks completion)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -45,6 +47,7 @@ import numpy as np
 from tfseg import outputs, rundir, schema
 from tfseg.errors import TfsegError
 from tfseg.evaluate import report
+from tfseg.evaluate.config import CONFIG_JSON, EvaluateConfig
 from tfseg.evaluate.scorer import SegmentationScorer
 
 log = logging.getLogger(__name__)
@@ -145,20 +148,7 @@ def _export_version(model_dir: str) -> str:
 
 
 @outputs.holding_locks
-def run_evaluate(
-    run_dir: str | None,
-    data_dir: str,
-    split: str = "test",
-    output: str = "eval",
-    num_samples: int = 8,
-    tile: bool = False,
-    tta: bool = False,
-    max_examples: int | None = None,
-    overwrite: bool = False,
-    progress: Callable[[int], None] | None = None,
-    *,
-    export_dir: str | None = None,
-) -> dict:
+def run_evaluate(*args, progress: Callable[[int], None] | None = None, **kwargs) -> dict:
     """Scores a fit run, or the SavedModel exported from one, on a converted split and writes
     tables and pictures.
 
@@ -168,156 +158,33 @@ def run_evaluate(
     numbers are the served model's.
 
     Args:
-      run_dir: a completed `tfseg fit` output (run.json, model.keras, history.csv); None with
-        ``export_dir``.
-      data_dir: a converted dataset (dataset.json + shards).
-      split: the split to score.
-      output: the directory to publish (EVAL_DIR).
-      num_samples: examples drawn in samples.png (the first N labelled ones, in record order).
-      tile: 2D only: predict with overlapping tiles at the training size instead of resizing
-        the whole image to it.
-      tta: flip test-time augmentation over the flips the model was trained with
-        (:func:`tfseg.rundir.training_flip_axes`); a model trained without flips is scored
-        as is, with a warning.
-      max_examples: score only the first N labelled examples (quick looks).
-      overwrite: replace an existing complete EVAL_DIR.
+      *args, **kwargs: an :class:`~tfseg.evaluate.config.EvaluateConfig` (or a mapping of its
+        keys), or its fields themselves: ``run_evaluate(run_dir, data_dir, split, output,
+        num_samples=8, tile=False, tta=False, max_examples=None, overwrite=False, export_dir=None)``.
       progress: called with 1 after each example (the CLI's progress bar).
-      export_dir: score this export (EXPORTS/NAME for its highest version, or NAME/VERSION)
-        instead of a run; ``tile``/``tta`` are the export's own then.
 
     Returns:
-      The metrics dict written to metrics.json.
+      The metrics dict written to metrics.json (the config goes beside it, in evaluate.json).
 
     Raises:
-      TfsegError: the run, the dataset or the split is missing or they do not match, the
-        split has no labelled examples, or a complete output exists and overwrite is False.
+      TfsegError: a bad config value, the run, the dataset or the split is missing or they do
+        not match, the split has no labelled examples, or a complete output exists and
+        overwrite is False.
     """
-    from tfseg import inference
-
-    if (run_dir is None) == (export_dir is None):
-        raise TfsegError("evaluate: give one of --run RUN_DIR or --model EXPORTS/NAME[/VERSION]")
-    if export_dir is not None:
-        from tfseg.export.versions import METADATA, read_metadata
-
-        if tile or tta:
-            raise TfsegError(f"--model {export_dir}: --tile/--tta are the export's own (its graph runs them); "
-                             "export with `tfseg export --tile/--tta` to score them")
-        model_path = _export_version(export_dir)
-        where = os.path.join(model_path, METADATA)
-        meta = read_metadata(model_path)
-        run = rundir.RunInfo.from_json(meta, where)
-        options = inference.InferenceOptions.from_json(meta.get("inference"), run.ndim)
-        source = ("--model", export_dir)
-        history_run = meta.get("run_dir")
-        precision = meta.get("precision") or "float32"
-    else:
-        model_path = run_dir
-        where = os.path.join(run_dir, rundir.RUN_JSON)
-        run = rundir.load_run_info(run_dir)
-        options = inference.InferenceOptions.make(run.ndim, tile=tile, flips=rundir.test_time_flips(run_dir, run, tta))
-        source = ("--run", run_dir)
-        history_run = run_dir
-        precision = "float32"
-    info = schema.load_dataset_info(data_dir)
-    if split not in info.splits:
-        raise TfsegError(
-            f"{os.path.join(data_dir, schema.DATASET_JSON)}: no split {split!r}; "
-            f"available: {', '.join(sorted(info.splits)) or 'none'}"
-        )
-    facts = _run_facts(run, info, where, data_dir)
-    output = outputs.normalize(output)
-    owned = dict(complete_marker=METRICS_JSON, overwrite=overwrite,
-                 inputs=[source, ("--data", data_dir)])
+    cfg = EvaluateConfig.from_call(args, kwargs)
+    model = _model_source(cfg)
+    info, facts = _check_data(cfg, model)
+    output = outputs.normalize(cfg.output)
+    owned = dict(complete_marker=METRICS_JSON, overwrite=cfg.overwrite,
+                 inputs=[model.option, ("--data", cfg.data_dir)])
     # Fail on a refused output before the (long) scoring, not after it.
     outputs.claim(output, "evaluate", **owned)
-
-    mode, flips = options.mode, options.tta_flip_axes
-    # One path from any model to a mask (tfseg.predict): an export's serving graph, a LiteRT
-    # interpreter, or a run's Keras model in float32 through tfseg.inference.
-    from tfseg.predict import make_predictor
-
-    predictor = make_predictor(model_path, tile=tile, tta=tta)
-    log.info("evaluating %s on %s/%s (%s, tta flips over spatial axes %s)", model_path, data_dir, split, mode, flips)
-
-    scorer = SegmentationScorer(
-        facts["num_classes"], facts["class_names"], facts["ignore_index"], facts["regions"], binary=facts["binary"]
-    )
-    samples: list[dict] = []
-    unlabelled = 0
-    for ex in _iter_examples(data_dir, split):
-        if max_examples is not None and len(scorer.cms) >= max_examples:
-            break
-        sid = _decode_id(ex.get("source_id", ""))
-        if not bool(np.asarray(ex.get("has_mask", True))):
-            unlabelled += 1
-            if progress is not None:
-                progress(1)
-            continue
-        image, truth = ex["image"], ex["mask"]
-        if truth.ndim == image.ndim:
-            truth = truth[..., 0]
-        pred = predictor.mask(image)
-        if pred.shape != truth.shape:
-            raise RuntimeError(
-                f"{sid}: inference returned a {pred.shape} mask for a {truth.shape} truth; "
-                "predictions must come back at the original size"
-            )
-        spacing = ex.get("spacing")
-        scorer.add(truth, pred, sid, None if spacing is None else np.asarray(spacing, np.float64))
-        if len(samples) < num_samples:
-            if facts["ndim"] == 3:
-                # The middle axial slice (axis 0 is depth), first modality.
-                mid = image.shape[0] // 2
-                image, truth, pred = image[mid, ..., :1], truth[mid], pred[mid]
-            samples.append({
-                "image": _thumbnail(image),
-                "truth": _thumbnail(truth),
-                "prediction": _thumbnail(pred),
-                "title": sid,
-            })
-        if progress is not None:
-            progress(1)
-    if not scorer.cms:
-        raise TfsegError(
-            f"{data_dir}: split {split!r} has no labelled examples to score "
-            f"({unlabelled} unlabelled)"
-        )
-
-    metrics = {
-        "run_dir": outputs.normalize(history_run) if history_run else None,
-        **({"export_dir": outputs.normalize(model_path)} if export_dir is not None else {}),
-        "data_dir": outputs.normalize(data_dir),
-        "split": split,
-        "model": facts["model"],
-        "inference": {**options.to_json(), "size": list(facts["size"]), "precision": precision},
-        "num_classes": facts["num_classes"],
-        "ignore_index": facts["ignore_index"],
-        "unlabelled_skipped": unlabelled,
-        "training_health": _training_health(history_run),
-        **scorer.result(),
-    }
-
+    scorer, samples, unlabelled = _score(cfg, model, facts, progress)
+    metrics = _metrics(cfg, model, facts, scorer, unlabelled)
     with outputs.publish_dir(output, "evaluate", **owned) as tmp:
-        pictures = {}
-        if samples:
-            from tfseg.visualize import dataset_colors
-
-            report.plot_samples(
-                samples, facts["class_names"], os.path.join(tmp, SAMPLES_PNG),
-                ignore_index=facts["ignore_index"], colors=dataset_colors(info),
-            )
-            pictures["samples"] = SAMPLES_PNG
-        report.plot_confusion_matrix(
-            np.asarray(metrics["confusion_matrix"]), facts["class_names"], os.path.join(tmp, CONFUSION_PNG)
-        )
-        pictures["confusion_matrix"] = CONFUSION_PNG
-        if history_run and report.plot_history(
-            os.path.join(history_run, rundir.HISTORY_CSV), os.path.join(tmp, HISTORY_PNG),
-            monitor=run.monitor,
-        ):
-            pictures["history"] = HISTORY_PNG
-        metrics["pictures"] = pictures
+        metrics["pictures"] = _draw(tmp, samples, metrics, facts, info, model)
         outputs.atomic_write_text(os.path.join(tmp, REPORT_MD), report.render_markdown(metrics))
+        outputs.atomic_write_json(os.path.join(tmp, CONFIG_JSON), cfg.to_json())
         outputs.atomic_write_json(os.path.join(tmp, METRICS_JSON), metrics)
     log.info(
         "%s: mean IoU %.4f (dataset-level), %.4f (per-image mean) over %d images",
@@ -325,3 +192,157 @@ def run_evaluate(
         metrics["per_image_mean"]["mean_iou"] or float("nan"), metrics["num_images"],
     )
     return metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """What is scored: a run's Keras model or an export, with its facts and options.
+
+    Attributes:
+      path: the run directory or the export's version folder.
+      where: the file its facts come from (run.json or tfseg.json), for messages.
+      run: its facts.
+      options: the inference options it is scored with.
+      option: ``(option, path)`` naming it in messages (``--run`` or ``--model``).
+      history_run: the run whose history.csv is drawn (an export's source run), or None.
+      precision: what the scored graph computes in.
+    """
+
+    path: str
+    where: str
+    run: rundir.RunInfo
+    options: object
+    option: tuple
+    history_run: str | None
+    precision: str
+
+
+def _model_source(cfg: EvaluateConfig) -> _Model:
+    """The run or export ``cfg`` names, read and checked."""
+    from tfseg import inference
+
+    if cfg.export_dir is not None:
+        from tfseg.export.versions import METADATA, read_metadata
+
+        path = _export_version(cfg.export_dir)
+        meta = read_metadata(path)
+        where = os.path.join(path, METADATA)
+        run = rundir.RunInfo.from_json(meta, where)
+        return _Model(path, where, run, inference.InferenceOptions.from_json(meta.get("inference"), run.ndim),
+                      ("--model", cfg.export_dir), meta.get("run_dir"), meta.get("precision") or "float32")
+    run = rundir.load_run_info(cfg.run_dir)
+    flips = rundir.test_time_flips(cfg.run_dir, run, cfg.tta)
+    return _Model(cfg.run_dir, os.path.join(cfg.run_dir, rundir.RUN_JSON), run,
+                  inference.InferenceOptions.make(run.ndim, tile=cfg.tile, flips=flips),
+                  ("--run", cfg.run_dir), cfg.run_dir, "float32")
+
+
+def _check_data(cfg: EvaluateConfig, model: _Model) -> tuple[schema.DatasetInfo, dict]:
+    """The dataset's facts, and the model's checked against them (:func:`_run_facts`)."""
+    info = schema.load_dataset_info(cfg.data_dir)
+    if cfg.split not in info.splits:
+        raise TfsegError(
+            f"{os.path.join(cfg.data_dir, schema.DATASET_JSON)}: no split {cfg.split!r}; "
+            f"available: {', '.join(sorted(info.splits)) or 'none'}"
+        )
+    return info, _run_facts(model.run, info, model.where, cfg.data_dir)
+
+
+def _score(cfg: EvaluateConfig, model: _Model, facts: dict, progress) -> tuple[SegmentationScorer, list, int]:
+    """Predicts every labelled example of the split and scores it; keeps the first
+    ``num_samples`` as thumbnails. Returns (scorer, samples, unlabelled examples skipped)."""
+    # One path from any model to a mask (tfseg.predict): an export's serving graph, a LiteRT
+    # interpreter, or a run's Keras model in float32 through tfseg.inference.
+    from tfseg.predict import make_predictor
+
+    predictor = make_predictor(model.path, tile=cfg.tile, tta=cfg.tta)
+    log.info("evaluating %s on %s/%s (%s, tta flips over spatial axes %s)", model.path, cfg.data_dir, cfg.split,
+             model.options.mode, model.options.tta_flip_axes)
+    scorer = SegmentationScorer(
+        facts["num_classes"], facts["class_names"], facts["ignore_index"], facts["regions"], binary=facts["binary"]
+    )
+    samples: list[dict] = []
+    unlabelled = 0
+    for ex in _iter_examples(cfg.data_dir, cfg.split):
+        if cfg.max_examples is not None and len(scorer.cms) >= cfg.max_examples:
+            break
+        if not bool(np.asarray(ex.get("has_mask", True))):
+            unlabelled += 1
+        else:
+            _score_one(ex, predictor, scorer, samples, cfg.num_samples, facts["ndim"])
+        if progress is not None:
+            progress(1)
+    if not scorer.cms:
+        raise TfsegError(
+            f"{cfg.data_dir}: split {cfg.split!r} has no labelled examples to score "
+            f"({unlabelled} unlabelled)"
+        )
+    return scorer, samples, unlabelled
+
+
+def _score_one(ex: dict, predictor, scorer: SegmentationScorer, samples: list, num_samples: int, ndim: int) -> None:
+    """Scores one labelled example; adds its thumbnails while ``samples`` has room."""
+    sid = _decode_id(ex.get("source_id", ""))
+    image, truth = ex["image"], ex["mask"]
+    if truth.ndim == image.ndim:
+        truth = truth[..., 0]
+    pred = predictor.mask(image)
+    if pred.shape != truth.shape:
+        raise RuntimeError(
+            f"{sid}: inference returned a {pred.shape} mask for a {truth.shape} truth; "
+            "predictions must come back at the original size"
+        )
+    spacing = ex.get("spacing")
+    scorer.add(truth, pred, sid, None if spacing is None else np.asarray(spacing, np.float64))
+    if len(samples) < num_samples:
+        if ndim == 3:
+            # The middle axial slice (axis 0 is depth), first modality.
+            mid = image.shape[0] // 2
+            image, truth, pred = image[mid, ..., :1], truth[mid], pred[mid]
+        samples.append({
+            "image": _thumbnail(image),
+            "truth": _thumbnail(truth),
+            "prediction": _thumbnail(pred),
+            "title": sid,
+        })
+
+
+def _metrics(cfg: EvaluateConfig, model: _Model, facts: dict, scorer: SegmentationScorer, unlabelled: int) -> dict:
+    """metrics.json's content (its ``pictures`` are added when they are drawn)."""
+    return {
+        "run_dir": outputs.normalize(model.history_run) if model.history_run else None,
+        **({"export_dir": outputs.normalize(model.path)} if cfg.export_dir is not None else {}),
+        "data_dir": outputs.normalize(cfg.data_dir),
+        "split": cfg.split,
+        "model": facts["model"],
+        "inference": {**model.options.to_json(), "size": list(facts["size"]), "precision": model.precision},
+        "num_classes": facts["num_classes"],
+        "ignore_index": facts["ignore_index"],
+        "unlabelled_skipped": unlabelled,
+        "training_health": _training_health(model.history_run),
+        **scorer.result(),
+    }
+
+
+def _draw(tmp: str, samples: list, metrics: dict, facts: dict, info: schema.DatasetInfo, model: _Model) -> dict:
+    """Draws samples.png, confusion_matrix.png and history.png into ``tmp``; returns
+    metrics.json's ``pictures`` (name -> file)."""
+    pictures = {}
+    if samples:
+        from tfseg.visualize import dataset_colors
+
+        report.plot_samples(
+            samples, facts["class_names"], os.path.join(tmp, SAMPLES_PNG),
+            ignore_index=facts["ignore_index"], colors=dataset_colors(info),
+        )
+        pictures["samples"] = SAMPLES_PNG
+    report.plot_confusion_matrix(
+        np.asarray(metrics["confusion_matrix"]), facts["class_names"], os.path.join(tmp, CONFUSION_PNG)
+    )
+    pictures["confusion_matrix"] = CONFUSION_PNG
+    if model.history_run and report.plot_history(
+        os.path.join(model.history_run, rundir.HISTORY_CSV), os.path.join(tmp, HISTORY_PNG),
+        monitor=model.run.monitor,
+    ):
+        pictures["history"] = HISTORY_PNG
+    return pictures

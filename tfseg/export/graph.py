@@ -7,7 +7,7 @@ Layout written (TF Serving's: one numbered directory per version, the highest is
       models.config                 model_config_list entry per exported NAME (base_path /models/NAME)
       NAME/
         README.md                   docker command, REST and gRPC request examples, signatures
-        VERSION/                    saved_model.pb, variables/, assets.extra/tfseg.json
+        VERSION/                    saved_model.pb, variables/, assets.extra/tfseg.json and export.json
 
 Signatures of a 2D model (all outputs batch-major, B = number of inputs):
 

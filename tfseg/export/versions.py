@@ -15,6 +15,8 @@ from tfseg.outputs import atomic_write_text
 
 MODELS_CONFIG = "models.config"
 METADATA = os.path.join("assets.extra", "tfseg.json")
+# The export's settings (tfseg.export.config.ExportConfig), beside tfseg.json.
+CONFIG_JSON = os.path.join("assets.extra", "export.json")
 
 
 def list_versions(model_dir: str) -> list[int]:

@@ -1,0 +1,71 @@
+"""The export stage's settings: :class:`ExportConfig`, checked from its annotations
+(:func:`tfseg.config.config_from_mapping`) and written into each version as
+``assets.extra/export.json`` (:data:`tfseg.export.versions.CONFIG_JSON`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from tfseg.config import config_from_mapping, config_to_json, stage_config
+from tfseg.errors import TfsegError
+from tfseg.export.graph import DEFAULT_MAX_PIXELS, DEFAULT_PRECISION, PRECISIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Every setting of ``tfseg export`` (the fields keep :func:`run_export`'s argument order).
+
+    Attributes:
+      run_dir: a completed `tfseg fit` run directory.
+      export_base: the directory holding exported models (and models.config).
+      name: the model name TF Serving serves it under.
+      version: the version number; None = highest existing + 1 (1 for the first export).
+      max_pixels: largest height x width a 2D signature accepts.
+      overwrite: replace an existing VERSION directory.
+      precision: the Keras dtype policy the served graph computes in: float32 (default, whatever
+        trained the model: bfloat16 is slow on CPUs without native support, float16 on any
+        CPU), or ``mixed_bfloat16`` / ``mixed_float16`` for servers that run them fast.
+      tta: average over the flips the model was trained with, in the graph (as
+        ``tfseg evaluate --tta`` scores it).
+      tile: 2D: tile at the training size over the full-resolution image instead of resizing
+        it (as ``tfseg evaluate --tile``); 3D volumes are always tiled.
+      format: ``savedmodel`` (TF Serving) or ``litert`` (VERSION/model.tflite, :mod:`tfseg.litert`;
+        2D only, no tile/TTA/precision; not added to models.config).
+      quantize, calibration_records, calibration_data: LiteRT only (:func:`tfseg.litert.write_export`).
+    """
+
+    run_dir: str
+    export_base: str
+    name: str
+    version: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    overwrite: bool = False
+    precision: str = DEFAULT_PRECISION
+    tta: bool = False
+    tile: bool = False
+    format: str = "savedmodel"
+    quantize: str = "none"
+    calibration_records: int | None = None
+    calibration_data: str | None = None
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ExportConfig":
+        """Raises: TfsegError: an unknown key, a missing one or a value of the wrong type."""
+        return config_from_mapping(cls, config, what="export config")
+
+    @classmethod
+    def from_call(cls, args: tuple, kwargs: dict) -> "ExportConfig":
+        """From ``run_export``'s arguments: a config, a mapping, or the fields themselves."""
+        return stage_config(cls, args, kwargs, what="export config")
+
+    def validate(self) -> None:
+        """Raises: TfsegError: a name that cannot be a folder and URL part, an unknown precision."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name or ""):
+            raise TfsegError(f"--name {self.name!r}: use letters, digits, '_', '.', '-' (it becomes a directory and "
+                             "URL part)")
+        if self.precision not in PRECISIONS:
+            raise TfsegError(f"--precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
+
+    def to_json(self) -> dict:
+        return config_to_json(self)
