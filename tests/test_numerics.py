@@ -22,6 +22,15 @@ import tensorflow as tf
 
 from tfseg.models import build_model
 from tfseg.models.layers import Conv3D, bf16_conv3d_filter_grad_is_wrong
+from tfseg.runtime import cpu_has_native_bf16
+
+# Without AVX512-BF16/AMX, TensorFlow's CPU convolutions in bfloat16 round their sums more
+# (measured on an AVX2-only EPYC: forward 0.016-0.023, kernel gradients up to 0.048 relative
+# error against float64, where native-bf16 CPUs stay under 0.01 and 0.02). The bug these tests
+# guard against (oneDNN's kernel gradient at depth 2) is off by ~100% or garbage, so 5x the bound
+# still catches it; on that AVX2 machine TensorFlow's own bf16 kernel gradient at depth 2 was
+# right (0.012), so there the tests check tfseg's path, not the bug.
+ROUNDING = 1 if cpu_has_native_bf16() else 5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -196,8 +205,8 @@ def test_conv3d_layer_bf16_matches_float64(policy, depth, kernel, stride, known)
         step = tf.function(step, input_signature=[tf.TensorSpec((2, depth, None, None, 8), tf.float32)])
     y, grad = step(tf.constant(x, tf.float32))
     assert y.dtype == tf.bfloat16
-    assert _rel_err(y.numpy(), ref_y) < 0.01
-    assert _rel_err(grad.numpy(), np_conv3d_filter_grad(x, w, kernel_values.shape, stride)) < 0.01
+    assert _rel_err(y.numpy(), ref_y) < 0.01 * ROUNDING
+    assert _rel_err(grad.numpy(), np_conv3d_filter_grad(x, w, kernel_values.shape, stride)) < 0.01 * ROUNDING
 
 
 def test_same_padding_matches_tensorflow():
@@ -266,7 +275,7 @@ def test_3d_model_bf16_kernel_gradients_match_float64(policy, name, shape, kwarg
         rounded = _bf16 if conv.compute_dtype == "bfloat16" else (lambda t: np.asarray(t, np.float64))
         ref = np_conv3d_filter_grad(rounded(inputs[i]), rounded(grads[i]), conv.kernel.shape,
                                     conv.strides[0], conv.padding.upper())
-        assert _rel_err(grads[n + i].numpy(), ref) < 0.02, (conv.name, conv.name in depth2)
+        assert _rel_err(grads[n + i].numpy(), ref) < 0.02 * ROUNDING, (conv.name, conv.name in depth2)
 
 
 @pytest.mark.slow
