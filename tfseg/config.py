@@ -10,7 +10,7 @@ import os
 import re
 import types
 import typing
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 from tfseg.errors import TfsegError
 
@@ -269,3 +269,24 @@ def stage_config(cls, args: tuple, kwargs: dict, *, what: str):
             given = {f.name: getattr(given, f.name) for f in dataclasses.fields(cls)}
         return config_from_mapping(cls, given, what=what)
     return config_from_call(cls, args, kwargs, what=what)
+
+
+class StageConfig:
+    """What every stage's frozen config dataclass shares: built from a mapping or from a
+    ``run_<stage>(...)`` call and written as JSON beside the stage's output. A subclass sets
+    ``WHAT``, how messages name it (e.g. ``"convert config"``)."""
+
+    WHAT: ClassVar[str] = "config"
+
+    @classmethod
+    def from_dict(cls, config: dict):
+        """Raises: TfsegError: an unknown key, a missing one or a value of the wrong type."""
+        return config_from_mapping(cls, config, what=cls.WHAT)
+
+    @classmethod
+    def from_call(cls, args: tuple, kwargs: dict):
+        """From ``run_<stage>``'s arguments: a config, a mapping, or the fields themselves."""
+        return stage_config(cls, args, kwargs, what=cls.WHAT)
+
+    def to_json(self) -> dict:
+        return config_to_json(self)

@@ -62,10 +62,11 @@ import numpy as np
 
 from tfseg import outputs, preprocess, rundir
 from tfseg.errors import TfsegError
+from tfseg.export.versions import LITERT_MODEL
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.tflite"
+MODEL_FILE = LITERT_MODEL
 FORMATS = ("savedmodel", "litert")
 QUANTIZE = ("none", "float16", "int8")
 DEFAULT_CALIBRATION_RECORDS = 200
@@ -75,11 +76,6 @@ INPUT = "image"
 PRECISION = {"none": "float32", "float16": "float16", "int8": "int8"}
 # Ops at the int8 model's edges that are float by design (the dequantized probabilities).
 _BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")
-
-
-def is_litert_version(version_dir: str) -> bool:
-    """Whether ``version_dir`` is a LiteRT export version (holds model.tflite)."""
-    return outputs.isfile(os.path.join(version_dir, MODEL_FILE))
 
 
 def check_exportable(run: rundir.RunInfo, *, quantize: str, tile: bool = False, tta: bool = False,

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from tfseg.config import config_from_mapping, config_to_json, stage_config
+from tfseg.config import StageConfig
 
 CONFIG_JSON = "convert.json"
 
 
 @dataclasses.dataclass(frozen=True)
-class ConvertConfig:
+class ConvertConfig(StageConfig):
     """Every setting of ``tfseg convert`` (the fields keep :func:`run_convert`'s argument order).
 
     Attributes:
@@ -29,6 +29,8 @@ class ConvertConfig:
       threads: conversion threads per Beam worker (default: the machine's cores, at most 8).
     """
 
+    WHAT = "convert config"
+
     layout_name: str
     input_dir: str
     output_dir: str
@@ -41,16 +43,3 @@ class ConvertConfig:
     overwrite: bool = False
     beam_args: tuple[str, ...] = ()
     threads: int | None = None
-
-    @classmethod
-    def from_dict(cls, config: dict) -> "ConvertConfig":
-        """Raises: TfsegError: an unknown key, a missing one or a value of the wrong type."""
-        return config_from_mapping(cls, config, what="convert config")
-
-    @classmethod
-    def from_call(cls, args: tuple, kwargs: dict) -> "ConvertConfig":
-        """From ``run_convert``'s arguments: a config, a mapping, or the fields themselves."""
-        return stage_config(cls, args, kwargs, what="convert config")
-
-    def to_json(self) -> dict:
-        return config_to_json(self)

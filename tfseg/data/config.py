@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from tfseg.config import config_to_json, stage_config
+from tfseg.config import StageConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class InputConfig:
+class InputConfig(StageConfig):
     """One split's batched input pipeline.
 
     Attributes:
@@ -38,6 +38,8 @@ class InputConfig:
       foreground_fraction: 3D training probability that a patch is centred on a labelled voxel.
     """
 
+    WHAT = "input config"
+
     data_dir: str
     split: str
     batch_size: int
@@ -52,15 +54,3 @@ class InputConfig:
     shuffle_buffer: int = 256
     patches_per_volume: int = 4
     foreground_fraction: float = 0.33
-
-    @classmethod
-    def from_call(cls, args: tuple, kwargs: dict) -> "InputConfig":
-        """From ``make_dataset``'s arguments: a config, a mapping, or the fields themselves.
-
-        Raises:
-          TfsegError: an unknown key, a missing one or a value of the wrong type.
-        """
-        return stage_config(cls, args, kwargs, what="input config")
-
-    def to_json(self) -> dict:
-        return config_to_json(self)

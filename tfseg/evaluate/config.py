@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from tfseg.config import config_from_mapping, config_to_json, stage_config
+from tfseg.config import StageConfig
 from tfseg.errors import TfsegError
 
 CONFIG_JSON = "evaluate.json"
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(StageConfig):
     """Every setting of ``tfseg evaluate`` (the fields keep :func:`run_evaluate`'s argument order).
 
     Attributes:
@@ -33,6 +33,8 @@ class EvaluateConfig:
         instead of a run; ``tile``/``tta`` are the export's own then.
     """
 
+    WHAT = "evaluate config"
+
     run_dir: str | None
     data_dir: str
     split: str = "test"
@@ -44,16 +46,6 @@ class EvaluateConfig:
     overwrite: bool = False
     export_dir: str | None = None
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "EvaluateConfig":
-        """Raises: TfsegError: an unknown key, a missing one or a value of the wrong type."""
-        return config_from_mapping(cls, config, what="evaluate config")
-
-    @classmethod
-    def from_call(cls, args: tuple, kwargs: dict) -> "EvaluateConfig":
-        """From ``run_evaluate``'s arguments: a config, a mapping, or the fields themselves."""
-        return stage_config(cls, args, kwargs, what="evaluate config")
-
     def validate(self) -> None:
         """Raises: TfsegError: neither or both of a run and an export, or --tile/--tta with an export."""
         if (self.run_dir is None) == (self.export_dir is None):
@@ -61,6 +53,3 @@ class EvaluateConfig:
         if self.export_dir is not None and (self.tile or self.tta):
             raise TfsegError(f"--model {self.export_dir}: --tile/--tta are the export's own (its graph runs them); "
                              "export with `tfseg export --tile/--tta` to score them")
-
-    def to_json(self) -> dict:
-        return config_to_json(self)

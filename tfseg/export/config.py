@@ -7,13 +7,13 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from tfseg.config import config_from_mapping, config_to_json, stage_config
+from tfseg.config import StageConfig
 from tfseg.errors import TfsegError
 from tfseg.export.graph import DEFAULT_MAX_PIXELS, DEFAULT_PRECISION, PRECISIONS
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(StageConfig):
     """Every setting of ``tfseg export`` (the fields keep :func:`run_export`'s argument order).
 
     Attributes:
@@ -35,6 +35,8 @@ class ExportConfig:
       quantize, calibration_records, calibration_data: LiteRT only (:func:`tfseg.litert.write_export`).
     """
 
+    WHAT = "export config"
+
     run_dir: str
     export_base: str
     name: str
@@ -49,16 +51,6 @@ class ExportConfig:
     calibration_records: int | None = None
     calibration_data: str | None = None
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "ExportConfig":
-        """Raises: TfsegError: an unknown key, a missing one or a value of the wrong type."""
-        return config_from_mapping(cls, config, what="export config")
-
-    @classmethod
-    def from_call(cls, args: tuple, kwargs: dict) -> "ExportConfig":
-        """From ``run_export``'s arguments: a config, a mapping, or the fields themselves."""
-        return stage_config(cls, args, kwargs, what="export config")
-
     def validate(self) -> None:
         """Raises: TfsegError: a name that cannot be a folder and URL part, an unknown precision."""
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name or ""):
@@ -66,6 +58,3 @@ class ExportConfig:
                              "URL part)")
         if self.precision not in PRECISIONS:
             raise TfsegError(f"--precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
-
-    def to_json(self) -> dict:
-        return config_to_json(self)

@@ -17,6 +17,7 @@ MODELS_CONFIG = "models.config"
 METADATA = os.path.join("assets.extra", "tfseg.json")
 # The export's settings (tfseg.export.config.ExportConfig), beside tfseg.json.
 CONFIG_JSON = os.path.join("assets.extra", "export.json")
+LITERT_MODEL = "model.tflite"  # what makes a version a LiteRT one (tfseg.litert writes it)
 
 
 def list_versions(model_dir: str) -> list[int]:
@@ -31,12 +32,15 @@ def list_versions(model_dir: str) -> list[int]:
     return sorted(out)
 
 
+def is_litert_version(version_dir: str) -> bool:
+    """Whether ``version_dir`` is a LiteRT export version (holds model.tflite)."""
+    return outputs.isfile(os.path.join(version_dir, LITERT_MODEL))
+
+
 def find_version(model_path: str) -> tuple[str, str] | None:
     """``(kind, version_dir)`` for an export version or an export NAME folder (its highest
     version), kind ``"export"`` (a SavedModel) or ``"litert"`` (:mod:`tfseg.litert`); None for
     anything else."""
-    from tfseg.litert import is_litert_version
-
     if outputs.isfile(os.path.join(model_path, "saved_model.pb")):
         return "export", model_path
     if is_litert_version(model_path):
