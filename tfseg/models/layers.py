@@ -15,7 +15,7 @@ from typing import Callable
 import keras
 from keras import ops as kops
 
-from tfseg.models.norm import FusedBatchNorm
+from tfseg.models.norm import batch_norm
 
 # Layers that must run in float32 under a mixed precision policy: the logits and everything after
 # them, so probabilities (and the losses computed from them) keep full precision.
@@ -186,13 +186,14 @@ def conv_norm_act(
 def normalization(x, norm: str | None, *, name: str):
     """Batch norm, instance norm (GroupNormalization with one group per channel) or identity.
 
-    Batch norm is :class:`tfseg.models.norm.FusedBatchNorm`: Keras's BatchNormalization rule
-    (momentum 0.99, epsilon 1e-3, same weights) through the fused kernel in the compute dtype.
+    Batch norm is :func:`tfseg.models.norm.batch_norm`: Keras's BatchNormalization rule
+    (momentum 0.99, epsilon 1e-3, same weights), through the fused kernel in the compute dtype
+    under the TensorFlow backend.
     """
     if norm is None:
         return x
     if norm == "batch":
-        return FusedBatchNorm(name=name)(x)
+        return batch_norm(name)(x)
     if norm == "instance":
         return keras.layers.GroupNormalization(groups=-1, epsilon=1e-5, name=name)(x)
     raise ValueError(f"unknown normalization {norm!r}; expected 'batch', 'instance' or None")

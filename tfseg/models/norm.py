@@ -10,8 +10,9 @@ whose gradient is the fused ``FusedBatchNormGradV3``.
 It is a drop-in replacement for ``keras.layers.BatchNormalization`` on a channels-last axis:
 
 * the same weights in the same order (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``,
-  all float32 and never autocast), so weight files and ``BackupAndRestore`` backups of models
-  built with Keras's layer load into models built with this one, layer name by layer name;
+  all float32 and never autocast), so ``get_weights()`` of a model built with either layer
+  ``set_weights()`` into the other (Keras's ``.weights.h5`` files key variables by the layer's
+  class, so those files do not cross over: tests/test_bench_levers_gpu.py found that);
 * the same defaults (momentum 0.99, epsilon 1e-3) and the same moving-statistics rule:
   ``moving = moving * momentum + batch * (1 - momentum)`` with the *biased* batch variance (the
   kernel returns the unbiased one; it is rescaled by (n - 1) / n);
@@ -28,12 +29,16 @@ kernel call; the population statistics the published model uses are re-estimated
 batches after training anyway (:mod:`tfseg.fit.bnstats`). Under ``MirroredStrategy`` each replica's
 moving-statistics update is averaged across replicas (the variables are created with
 ``aggregation="mean"``), so replicas never drift apart.
+
+Other Keras backends (JAX, PyTorch): the fused kernel is TensorFlow's, so :func:`batch_norm` gives
+Keras's own ``BatchNormalization`` there (same weights, defaults and rule), and the models build
+and train under any backend; ``tools/bench_levers_gpu.py`` uses that to run recipe comparisons on
+an accelerator that has no TensorFlow.
 """
 
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 
 @keras.saving.register_keras_serializable(package="tfseg")
@@ -108,6 +113,8 @@ class FusedBatchNorm(keras.layers.Layer):
     def call(self, inputs, training=None, mask=None):
         if mask is not None:
             raise ValueError("FusedBatchNorm does not support masks; use keras.layers.BatchNormalization")
+        import tensorflow as tf
+
         x = tf.convert_to_tensor(inputs)
         if x.dtype != self.compute_dtype:
             x = tf.cast(x, self.compute_dtype)
@@ -153,6 +160,14 @@ class FusedBatchNorm(keras.layers.Layer):
             moving_variance_initializer=keras.initializers.serialize(self.moving_variance_initializer),
         )
         return config
+
+
+def batch_norm(name: str) -> keras.layers.Layer:
+    """A batch-norm layer with Keras's defaults: :class:`FusedBatchNorm` under the TensorFlow
+    backend, ``keras.layers.BatchNormalization`` under the others (no fused kernel there)."""
+    if keras.backend.backend() == "tensorflow":
+        return FusedBatchNorm(name=name)
+    return keras.layers.BatchNormalization(momentum=0.99, epsilon=1e-3, name=name)
 
 
 def is_batch_norm(layer) -> bool:
