@@ -5,7 +5,7 @@ Three kinds, each below its own heading:
     given examples) and read back with numpy;
   - runs: a tiny fit config, fit itself and its history, hand-made RUN_DIRs around a given or
     random model;
-  - processes: free loopback ports for worker clusters and emulators.
+  - processes: free loopback ports, a GCS emulator and a local dask cluster (context managers).
 
 TensorFlow, Keras and PIL are imported inside the functions, so modules that need none of them
 (the GCS emulator tests, say) can import this one cheaply.
@@ -13,11 +13,15 @@ TensorFlow, Keras and PIL are imported inside the functions, so modules that nee
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 
@@ -281,3 +285,95 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def _stop(procs) -> None:
+    for p in reversed(procs):
+        p.terminate()
+    for p in reversed(procs):
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+@contextlib.contextmanager
+def gcs_emulator(log_dir, bucket: str):
+    """A GCS emulator (``gcp-storage-emulator``) on a free loopback port with ``bucket`` created;
+    STORAGE_EMULATOR_HOST points at it while the block runs (Beam's GCS filesystem honours it, TF's
+    gs:// client does not). Yields its address."""
+    port = free_ports(1)[0]
+    log = open(os.path.join(log_dir, "emulator.log"), "w")
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+                             f"--port={port}", "--in-memory"], stdout=log, stderr=subprocess.STDOUT)
+    host = f"http://127.0.0.1:{port}"
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = host
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, "the GCS emulator exited"
+                time.sleep(0.1)
+        gcs_client().create_bucket(bucket)
+        yield host
+    finally:
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+        _stop([proc])
+        log.close()
+
+
+def gcs_client():
+    """An anonymous client of the emulator STORAGE_EMULATOR_HOST names."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    return storage.Client(project="test", credentials=AnonymousCredentials())
+
+
+def gcs_objects(bucket: str, prefix: str) -> dict[str, bytes]:
+    """{name relative to prefix: bytes} of every object under gs://bucket/prefix/."""
+    return {b.name[len(prefix) + 1:]: b.download_as_bytes()
+            for b in gcs_client().list_blobs(bucket, prefix=prefix + "/")}
+
+
+def gcs_upload_tree(local: str, bucket: str, prefix: str) -> None:
+    """Uploads the files under ``local`` to gs://bucket/prefix/, keeping relative paths."""
+    b = gcs_client().bucket(bucket)
+    for root, _, files in os.walk(local):
+        for f in files:
+            rel = os.path.relpath(os.path.join(root, f), local).replace(os.sep, "/")
+            b.blob(f"{prefix}/{rel}").upload_from_filename(os.path.join(root, f))
+
+
+@contextlib.contextmanager
+def dask_cluster(log_dir, env: dict | None = None):
+    """A dask scheduler and two worker processes (1 thread each) on 127.0.0.1, started with ``env``
+    (default: this process's); yields the scheduler file once both workers have joined."""
+    from distributed import Client
+
+    sched_file = os.path.join(log_dir, "scheduler.json")
+    logs = open(os.path.join(log_dir, "cluster.log"), "w")
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--no-dashboard", "--scheduler-file", sched_file],
+                              stdout=logs, stderr=subprocess.STDOUT, env=env)]
+    try:
+        for _ in range(120):
+            if os.path.exists(sched_file):
+                break
+            time.sleep(0.5)
+        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+                                       sched_file, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
+                                       "--host", "127.0.0.1"], stdout=logs, stderr=subprocess.STDOUT, env=env))
+        with Client(scheduler_file=sched_file, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            assert len(client.scheduler_info()["workers"]) == 2
+        yield sched_file
+    finally:
+        _stop(procs)
+        logs.close()

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from helpers import free_ports
+from helpers import gcs_client, gcs_emulator, gcs_objects, gcs_upload_tree
 
 pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("google.cloud.storage")
@@ -28,55 +26,21 @@ BUCKET = "tfseg-test"
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """A GCS emulator on 127.0.0.1 with bucket ``tfseg-test``; yields its address."""
-    port = free_ports(1)[0]
-    log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-                             f"--port={port}", "--in-memory"], stdout=log, stderr=subprocess.STDOUT)
-    host = f"http://127.0.0.1:{port}"
-    old = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = host
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None, "the GCS emulator exited"
-                time.sleep(0.1)
-        _client().create_bucket(BUCKET)
+    with gcs_emulator(tmp_path_factory.mktemp("gcs"), BUCKET) as host:
         yield host
-    finally:
-        if old is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = old
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _client():
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-
-    return storage.Client(project="test", credentials=AnonymousCredentials())
+    return gcs_client()
 
 
 def _upload_tree(local: str, prefix: str) -> None:
-    bucket = _client().bucket(BUCKET)
-    for root, _, files in os.walk(local):
-        for f in files:
-            rel = os.path.relpath(os.path.join(root, f), local).replace(os.sep, "/")
-            bucket.blob(f"{prefix}/{rel}").upload_from_filename(os.path.join(root, f))
+    gcs_upload_tree(local, BUCKET, prefix)
 
 
 def _objects(prefix: str) -> dict[str, bytes]:
     """{name relative to prefix: bytes} of every object under gs://BUCKET/prefix/."""
-    return {b.name[len(prefix) + 1:]: b.download_as_bytes()
-            for b in _client().list_blobs(BUCKET, prefix=prefix + "/")}
+    return gcs_objects(BUCKET, prefix)
 
 
 def _local_files(folder: str) -> dict[str, bytes]:

@@ -9,12 +9,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import dask_cluster as local_dask_cluster
 from tfseg.convert.base import Case
 
 
@@ -45,35 +45,8 @@ def raw(tmp_path_factory):
 def dask_cluster(tmp_path_factory):
     """A dask scheduler and two worker processes on 127.0.0.1; yields the scheduler file."""
     pytest.importorskip("distributed")
-    from distributed import Client
-
-    d = tmp_path_factory.mktemp("dask")
-    sched_file = str(d / "scheduler.json")
-    logs = open(d / "cluster.log", "w")
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", "0", "--no-dashboard", "--scheduler-file", sched_file],
-                              stdout=logs, stderr=subprocess.STDOUT)]
-    try:
-        for _ in range(120):
-            if os.path.exists(sched_file):
-                break
-            time.sleep(0.5)
-        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
-                                       sched_file, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
-                                       "--host", "127.0.0.1"], stdout=logs, stderr=subprocess.STDOUT))
-        with Client(scheduler_file=sched_file, timeout=60) as client:
-            client.wait_for_workers(2, timeout=120)
-            assert len(client.scheduler_info()["workers"]) == 2
-        yield sched_file
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        logs.close()
+    with local_dask_cluster(tmp_path_factory.mktemp("dask")) as f:
+        yield f
 
 
 def convert(raw, out, *extra):

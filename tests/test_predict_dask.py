@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import free_ports, make_run
+from helpers import dask_cluster as local_dask_cluster
+from helpers import gcs_client, gcs_emulator, gcs_objects, gcs_upload_tree, make_run
 
 pytest.importorskip("distributed")
 
@@ -39,84 +38,28 @@ def gcs(tmp_path_factory):
     except ImportError:
         yield None
         return
-    port = free_ports(1)[0]
-    log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-                             f"--port={port}", "--in-memory"], stdout=log, stderr=subprocess.STDOUT)
-    host = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None, "the GCS emulator exited"
-                time.sleep(0.1)
-        os.environ["STORAGE_EMULATOR_HOST"] = host
-        _client().create_bucket(BUCKET)
+    with gcs_emulator(tmp_path_factory.mktemp("gcs"), BUCKET) as host:
         yield host
-    finally:
-        os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _client():
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-
-    return storage.Client(project="test", credentials=AnonymousCredentials())
+    return gcs_client()
 
 
 def _objects(prefix: str) -> dict[str, bytes]:
-    return {b.name[len(prefix) + 1:]: b.download_as_bytes() for b in _client().list_blobs(BUCKET, prefix=prefix + "/")}
+    return gcs_objects(BUCKET, prefix)
 
 
 def _upload_tree(local: str, prefix: str) -> None:
-    bucket = _client().bucket(BUCKET)
-    for root, _, files in os.walk(local):
-        for f in files:
-            rel = os.path.relpath(os.path.join(root, f), local).replace(os.sep, "/")
-            bucket.blob(f"{prefix}/{rel}").upload_from_filename(os.path.join(root, f))
+    gcs_upload_tree(local, BUCKET, prefix)
 
 
 @pytest.fixture(scope="module")
 def dask_cluster(tmp_path_factory, gcs):
     """A dask scheduler and two worker processes (1 thread each) on 127.0.0.1, with the
     emulator's address in their environment; yields the scheduler file."""
-    from distributed import Client
-
-    d = tmp_path_factory.mktemp("dask")
-    sched_file = str(d / "scheduler.json")
-    logs = open(d / "cluster.log", "w")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", "0", "--no-dashboard", "--scheduler-file", sched_file],
-                              stdout=logs, stderr=subprocess.STDOUT, env=env)]
-    try:
-        for _ in range(120):
-            if os.path.exists(sched_file):
-                break
-            time.sleep(0.5)
-        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
-                                       sched_file, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
-                                       "--host", "127.0.0.1"], stdout=logs, stderr=subprocess.STDOUT, env=env))
-        with Client(scheduler_file=sched_file, timeout=60) as client:
-            client.wait_for_workers(2, timeout=120)
-        yield sched_file
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        logs.close()
+    with local_dask_cluster(tmp_path_factory.mktemp("dask"), {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}) as f:
+        yield f
 
 
 @pytest.fixture(scope="module")
