@@ -200,6 +200,8 @@ def build(arm: dict, fit: dict, num_classes: int, hw):
     model = build_model(fit["model"], input_shape=(*hw, 3), num_classes=num_classes, **kwargs)
     if not arm.get("deep_supervision"):
         return model, model, kwargs
+    if not any(layer.name == "dec1_relu2" for layer in model.layers):
+        raise SystemExit(f"deep_supervision needs a size divisible by the model's 2**depth, got {hw}")
     outputs = [model.output]
     for level in (1, 2):
         x = model.get_layer(f"dec{level}_relu2").output
@@ -259,7 +261,6 @@ def score(model, images, truth, num_classes: int, ignore_index, batch: int = 20)
 
 def train_one(args, name: str, arm: dict, seed: int) -> dict:
     import keras
-    from keras import ops
 
     from tfseg.losses import get_loss
 
@@ -309,8 +310,8 @@ def train_one(args, name: str, arm: dict, seed: int) -> dict:
     train_s = time.time() - start
     if ema:
         optimizer.finalize_variable_values(train_model.trainable_variables)
-    stat_batches = [augment(images[rng.choice(len(images), batch, replace=False)], masks[:batch], rng, aug, fill)[0]
-                    for _ in range(16)]
+    picks = [rng.choice(len(images), batch, replace=False) for _ in range(16)]  # tfseg's 128 images
+    stat_batches = [augment(images[i], masks[i], rng, aug, fill)[0] for i in picks]
     reestimate_batch_norm(model, stat_batches)
     truth = load_truth(args.packed)
     result = {"arm": name, "seed": seed, "settings": arm, "epochs": epochs, "steps": steps * epochs,
