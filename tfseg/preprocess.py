@@ -92,6 +92,46 @@ def resize_mask(mask, size):
     return tf.cond(same, lambda: mask, lambda: tf.image.resize(mask, size, method="nearest"))
 
 
+def affine_row(in_hw, out_hw, *, flip_x, flip_y, cos, sin, zoom, shift_x, shift_y, base_hw=None):
+    """Augment-then-resize as one map: the six coefficients of the sampling transform.
+
+    The augmentation acts on the source image about its centre, in source pixels: flip, zoom,
+    rotate (``cos``, ``sin`` of the angle), then shift. The resize uses half-pixel centres, like
+    ``tf.image.resize``; with no augmentation and equal sizes the map is the identity. Plain
+    arithmetic, so Python floats, numpy values and TensorFlow tensors all work (the tf.data
+    augmentation, :func:`tfseg.data.augment.affine_transform`, and tools that run without
+    TensorFlow).
+
+    Args:
+      in_hw: source height and width; out_hw: output height and width.
+      flip_x, flip_y: -1.0 to flip along width / height, 1.0 otherwise.
+      zoom: magnification (> 1 enlarges the content); shift_x, shift_y: in source pixels.
+      base_hw: the size the source is resized to when the output is a centred window of it (a
+        crop); None: ``out_hw``.
+
+    Returns:
+      (a0, a1, a2, b0, b1, b2): output pixel (x, y) samples source pixel
+      (a0 x + a1 y + a2, b0 x + b1 y + b2).
+    """
+    hi, wi = in_hw
+    ho, wo = out_hw
+    hb, wb = out_hw if base_hw is None else base_hw
+    # The forward map on centred source coordinates is q = R(angle) * zoom * F * p + t;
+    # sampling needs its inverse, p = F * R(-angle) / zoom * (q - t), composed with the
+    # resize q = diag(wi/wo, hi/ho) * o.
+    c, s = cos / zoom, sin / zoom
+    a00, a01 = flip_x * c, flip_x * s
+    a10, a11 = -flip_y * s, flip_y * c
+    sx, sy = wi / wb, hi / hb
+    m00, m01, m10, m11 = a00 * sx, a01 * sy, a10 * sx, a11 * sy
+    ox, oy = 0.5 - wo / 2.0, 0.5 - ho / 2.0
+    tx = a00 * shift_x + a01 * shift_y
+    ty = a10 * shift_x + a11 * shift_y
+    a2 = m00 * ox + m01 * oy - tx + wi / 2.0 - 0.5
+    b2 = m10 * ox + m11 * oy - ty + hi / 2.0 - 0.5
+    return m00, m01, a2, m10, m11, b2
+
+
 def resize_back(probs, size):
     """(h, w, K) or (B, h, w, K) probabilities resized (bilinear) to the image's (H, W)."""
     import tensorflow as tf

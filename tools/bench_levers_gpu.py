@@ -153,21 +153,20 @@ def parse_arm(text: str) -> tuple[str, dict]:
 
 def affine_rows(rng, n: int, hw, aug: dict) -> np.ndarray:
     """(n, 8) output->input maps for keras.ops.image.affine_transform: left-right flip, rotation,
-    zoom (> 1 magnifies) and shift about the image centre, drawn as tfseg.data.augment draws them."""
+    zoom (> 1 magnifies) and shift about the image centre, drawn as tfseg.data.augment draws them,
+    mapped by tfseg.preprocess.affine_row (the tf.data augmentation's arithmetic) at equal sizes."""
+    from tfseg.preprocess import affine_row
+
     h, w = hw
     rows = np.zeros((n, 8), np.float32)
     lo, hi = aug.get("scale", [1.0, 1.0])
+    shift = float(aug.get("shift", 0))
     for i in range(n):
         flip = -1.0 if rng.random() < float(aug.get("hflip", 0)) else 1.0
         angle = math.radians(rng.uniform(-1, 1) * float(aug.get("rotate", 0)))
         zoom = rng.uniform(lo, hi)
-        shift = float(aug.get("shift", 0))
-        t = np.array([rng.uniform(-shift, shift) * w, rng.uniform(-shift, shift) * h])
-        c = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
-        cos, sin = math.cos(angle), math.sin(angle)
-        m = np.diag([flip, 1.0]) @ np.array([[cos, sin], [-sin, cos]]) / zoom  # inverse of out = c + z R F (in - c) + t
-        off = c - m @ (c + t)
-        rows[i, :6] = [m[0, 0], m[0, 1], off[0], m[1, 0], m[1, 1], off[1]]
+        rows[i, :6] = affine_row(hw, hw, flip_x=flip, flip_y=1.0, cos=math.cos(angle), sin=math.sin(angle), zoom=zoom,
+                                 shift_x=rng.uniform(-shift, shift) * w, shift_y=rng.uniform(-shift, shift) * h)
     return rows
 
 

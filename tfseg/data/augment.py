@@ -201,8 +201,7 @@ def affine_transform(
 
     The augmentation acts on the source image about its centre (in source pixels, so a rotation
     is a true rotation even when the resize changes the aspect ratio): flip, zoom, rotate, then
-    shift. The resize uses half-pixel centres, like ``tf.image.resize``; with no augmentation
-    and equal sizes the row is the identity.
+    shift; the arithmetic is :func:`tfseg.preprocess.affine_row`.
 
     Args:
       in_hw: (2,) source height and width (int or float tensor / sequence).
@@ -218,27 +217,16 @@ def affine_transform(
       (8,) float32: output pixel (x, y) samples source pixel
       (a0 x + a1 y + a2, b0 x + b1 y + b2).
     """
+    from tfseg.preprocess import affine_row
+
     f32 = lambda v: tf.cast(v, tf.float32)  # noqa: E731
-    hi, wi = f32(in_hw[0]), f32(in_hw[1])
-    ho, wo = f32(out_hw[0]), f32(out_hw[1])
-    hb, wb = (ho, wo) if base_hw is None else (f32(base_hw[0]), f32(base_hw[1]))
-    flip_x, flip_y, angle, zoom = f32(flip_x), f32(flip_y), f32(angle), f32(zoom)
-    shift_x, shift_y = f32(shift_x), f32(shift_y)
-    # The forward map on centred source coordinates is q = R(angle) * zoom * F * p + t;
-    # the transform needs its inverse, p = F * R(-angle) / zoom * (q - t), composed with the
-    # resize q = diag(wi/wo, hi/ho) * o.
-    c, s = tf.cos(angle) / zoom, tf.sin(angle) / zoom
-    a00, a01 = flip_x * c, flip_x * s
-    a10, a11 = -flip_y * s, flip_y * c
-    sx, sy = wi / wb, hi / hb
-    m00, m01, m10, m11 = a00 * sx, a01 * sy, a10 * sx, a11 * sy
-    ox, oy = 0.5 - wo / 2.0, 0.5 - ho / 2.0
-    tx = a00 * shift_x + a01 * shift_y
-    ty = a10 * shift_x + a11 * shift_y
-    a2 = m00 * ox + m01 * oy - tx + wi / 2.0 - 0.5
-    b2 = m10 * ox + m11 * oy - ty + hi / 2.0 - 0.5
-    zero = tf.zeros_like(m00)
-    return tf.stack([m00, m01, a2, m10, m11, b2, zero, zero])
+    base = None if base_hw is None else (f32(base_hw[0]), f32(base_hw[1]))
+    angle, zoom = f32(angle), f32(zoom)
+    row = affine_row((f32(in_hw[0]), f32(in_hw[1])), (f32(out_hw[0]), f32(out_hw[1])), flip_x=f32(flip_x),
+                     flip_y=f32(flip_y), cos=tf.cos(angle), sin=tf.sin(angle), zoom=zoom,
+                     shift_x=f32(shift_x), shift_y=f32(shift_y), base_hw=base)
+    zero = tf.zeros_like(row[0])
+    return tf.stack([*row, zero, zero])
 
 
 def warp(image, mask, transform, out_hw, mask_fill: int):
