@@ -163,13 +163,16 @@ def test_predict_applies_the_volume_record_of_an_msd_conversion(tmp_path, msd_ca
     assert summary["written"] == 2, summary
     got = nib.load(os.path.join(out, "BRATS_000.nii.gz"))
     got_model_axes = volumes.ras_to_model_axes(np.asarray(nib.as_closest_canonical(got).dataobj))
-    # evaluate's prediction on the record (tfseg.inference, in float32, as evaluate runs it).
+    # tfseg.inference in float32 (as evaluate runs it) on the volume the record gives: the same
+    # mask. On the record itself (stored in float16) a one-epoch model's near-ties may flip a few
+    # voxels, so that comparison is looser.
     from tfseg.export import with_precision
 
     model = with_precision(rundir.load_model(run), "float32")
-    probs = inference.predict_volume(model, record, patch_size=(16, 16, 16))
-    expected = inference.probs_to_mask(probs, False)
-    assert (got_model_axes == expected).mean() > 0.999
+    expected = inference.probs_to_mask(inference.predict_volume(model, volume, patch_size=(16, 16, 16)), False)
+    assert (got_model_axes == expected).mean() > 0.9999
+    on_record = inference.probs_to_mask(inference.predict_volume(model, record, patch_size=(16, 16, 16)), False)
+    assert (got_model_axes == on_record).mean() > 0.99
 
     # The export applies the same record in its graph: predict_ras_volume on the canonical volume.
     import tensorflow as tf
