@@ -34,6 +34,13 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 # --------------------------------------------------------------------------------------------
 
 
+def venv_tool(name: str) -> str:
+    """A console script of the running interpreter's environment (``saved_model_cli``), found
+    beside ``sys.executable`` so the tests need no activated virtual environment."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    return beside if os.path.exists(beside) else name
+
+
 def png(array: np.ndarray) -> bytes:
     """``array`` (uint8, HxW or HxWxC) encoded as PNG bytes."""
     from PIL import Image

@@ -344,6 +344,40 @@ def test_cityscapes_sample_equals_label_table(tmp_path):
     check_counts(info, records)
 
 
+def test_cityscapes_sample_has_the_benchmarks_file_modes_and_16bit_label_ids_read_alike(tmp_path):
+    """The sample writes what the benchmark ships (labelIds 8-bit gray, instanceIds 16-bit gray,
+    colour RGB), and a labelIds PNG saved 16-bit converts to the same masks as the 8-bit one."""
+    from tfseg.convert.cityscapes import CityscapesLayout
+
+    raw = str(tmp_path / "raw")
+    CityscapesLayout.make_sample(raw, 5, seed=3, image_size=(32, 64))
+    gt = os.path.join(raw, "gtFine", "train", "aachen")
+    stem = os.path.join(gt, "aachen_000000_000019")
+    with Image.open(stem + "_gtFine_labelIds.png") as im:
+        assert (im.mode, im.info.get("transparency")) == ("L", None)
+    with Image.open(stem + "_gtFine_instanceIds.png") as im:
+        assert im.mode in ("I;16", "I")  # Pillow reads 16-bit gray PNGs as one or the other by version
+        inst = np.asarray(im)
+    assert inst.max() >= 26000  # car instances: 26 * 1000 + k, beyond 8 bits
+    with Image.open(stem + "_gtFine_color.png") as im:
+        assert im.mode == "RGB"
+    out8 = str(tmp_path / "out8")
+    run_convert("cityscapes", raw, out8)
+    for name in sorted(os.listdir(gt)):
+        if name.endswith("_labelIds.png"):
+            ids = np.array(Image.open(os.path.join(gt, name)))
+            Image.fromarray(ids.astype(np.uint16)).save(os.path.join(gt, name))
+            with Image.open(os.path.join(gt, name)) as im:
+                assert im.mode in ("I;16", "I")
+    out16 = str(tmp_path / "out16")
+    run_convert("cityscapes", raw, out16)
+    _, rec8 = read_records(out8)
+    _, rec16 = read_records(out16)
+    assert rec8.keys() == rec16.keys() and len(rec8) == 5
+    for k in rec8:
+        np.testing.assert_array_equal(rec8[k][2], rec16[k][2])
+
+
 # ------------------------------------------------------------------------------------- ade20k
 
 

@@ -15,7 +15,7 @@ keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 from PIL import Image  # noqa: E402
 
-from helpers import make_run  # noqa: E402
+from helpers import make_run, venv_tool  # noqa: E402
 from tfseg import export, inference, schema  # noqa: E402
 from tfseg.errors import TfsegError  # noqa: E402
 
@@ -76,7 +76,7 @@ def test_layout_versions_config_readme(exported, tmp_path):
 
 def test_saved_model_cli_lists_signatures(exported):
     out = subprocess.run(
-        ["saved_model_cli", "show", "--all", "--dir", exported["version_dir"]],
+        [venv_tool("saved_model_cli"), "show", "--all", "--dir", exported["version_dir"]],
         capture_output=True, text=True, check=True,
     ).stdout
     for sig in ("serving_default", "predict_masks_png", "predict_images", "predict_examples"):
@@ -205,7 +205,7 @@ def test_binary_grayscale_model_gif_bmp(tmp_path):
 def test_volume_signature_tiles_like_predict_volume(tmp_path):
     run, model = make_run(tmp_path / "run", ndim=3, num_classes=4, channels=2, size=(8, 8, 8))
     version_dir = export.run_export(run, str(tmp_path / "m"), "vol")
-    out = subprocess.run(["saved_model_cli", "show", "--all", "--dir", version_dir],
+    out = subprocess.run([venv_tool("saved_model_cli"), "show", "--all", "--dir", version_dir],
                          capture_output=True, text=True, check=True).stdout
     assert "['volume']" in out and "signature_def['predict_examples']" in out
     loaded = tf.saved_model.load(version_dir)

@@ -131,7 +131,8 @@ class CityscapesLayout(Layout):
     def make_sample(cls, output: str, count: int, seed: int = 0, *, image_size: tuple[int, int] = (64, 128)) -> None:
         """Writes ``count`` street-like frames (sky, buildings, road, sidewalk, cars, persons, poles,
         the ego vehicle's bonnet) in the Cityscapes layout over two cities per split (1 in 5 to
-        val), with ``labelIds``, ``color`` and ``instanceIds`` PNGs as the benchmark ships them."""
+        val), with ``labelIds`` (8-bit), ``color`` (RGB) and ``instanceIds`` (16-bit) PNGs in the
+        modes the benchmark ships them."""
         from PIL import Image
 
         from cityscapesscripts.helpers.labels import name2label
@@ -186,8 +187,8 @@ class CityscapesLayout(Layout):
             Image.fromarray(img).save(os.path.join(img_dir, stem + IMAGE_SUFFIX))
             Image.fromarray(lab).save(os.path.join(gt_dir, stem + LABEL_SUFFIX))
             Image.fromarray(colour).save(os.path.join(gt_dir, stem + "_gtFine_color.png"))
-            Image.fromarray(inst.astype(np.int32), mode="I").save(
-                os.path.join(gt_dir, stem + "_gtFine_instanceIds.png"))
+            # As the benchmark ships them: labelIds 8-bit gray, instanceIds 16-bit gray (id * 1000 + k).
+            Image.fromarray(inst.astype(np.uint16)).save(os.path.join(gt_dir, stem + "_gtFine_instanceIds.png"))
         log.info("wrote %d Cityscapes-layout samples to %s", count, output)
 
 
