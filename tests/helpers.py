@@ -189,8 +189,8 @@ def tiny_fit_config(data: str, output: str, **kw) -> dict:
 
 
 def fit(cfg: dict, **kw) -> str:
-    """tfseg.train.run_fit(cfg, **kw): the run directory."""
-    from tfseg.train import run_fit
+    """tfseg.fit.run_fit(cfg, **kw): the run directory."""
+    from tfseg.fit import run_fit
 
     return run_fit(cfg, **kw)
 

@@ -230,7 +230,7 @@ def test_num_batches():
 @pytest.fixture(scope="module")
 def thin_run(tmp_path_factory):
     """24 training images, batch 4, 15 epochs: 90 steps. Returns (run_dir, data, examples)."""
-    from tfseg.train import run_fit
+    from tfseg.fit import run_fit
 
     root = tmp_path_factory.mktemp("membranes")
     data, examples = write_membranes(str(root / "data"))
@@ -283,8 +283,8 @@ def test_validation_metrics_are_the_published_models(thin_run):
 
 def test_health_check_flags_statistics_that_do_not_fit(thin_run):
     from tfseg import rundir
-    from tfseg.fit.bnstats import Estimator, health_check
     from tfseg.data import make_dataset
+    from tfseg.fit.bnstats import Estimator, health_check
     from tfseg.models.norm import batch_norm_layers
 
     out, data, _ = thin_run
@@ -311,7 +311,7 @@ def test_3d_batch_2_published_model_works_in_inference_mode(tmp_path):
     """8 volumes x 4 patches, batch 2, 6 epochs: 96 steps. Fails before issue 13 (measured:
     training mode 0.999, inference mode 0.473)."""
     from tfseg import rundir
-    from tfseg.train import run_fit
+    from tfseg.fit import run_fit
 
     data, cases = write_membranes_3d(str(tmp_path / "data"))
     out = run_fit({

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from tfseg import schema
-from tfseg.convert.base import BadCase, Case, Loaded2D, Loaded3D
-from tfseg.convert.folder import FolderLayout
 from tfseg.convert import transforms
+from tfseg.convert.base import BadCase, Case, Loaded2D, Loaded3D
 from tfseg.convert.encode import CaseStats, EncodeOptions, count_classes, encode_case, encode_png_gray
+from tfseg.convert.folder import FolderLayout
 from tfseg.convert.pipeline import NothingConverted, run_convert
 from tfseg.convert.shards import shard_of
 from tfseg.errors import TfsegError
@@ -136,14 +136,16 @@ def test_split_stats_combiner():
 
     stats = [
         ("train", CaseStats((3, 1), (2, 2), "png")),
-        ("train", CaseStats((0, 6), (2, 3), "jpeg")),
+        ("train", CaseStats((0, 6), (2, 3), "png", exif_orientation=6)),  # a phone photo, turned
         ("val", CaseStats(None, (4, 4), "png")),
     ]
     expected = [
-        ("train", {"count": 2, "labelled": 2, "class_pixel_counts": [3, 7], "image_formats": ["jpeg", "png"],
-                   "size": {"height": {"min": 2, "max": 2, "mean": 2.0}, "width": {"min": 2, "max": 3, "mean": 2.5}}}),
+        ("train", {"count": 2, "labelled": 2, "class_pixel_counts": [3, 7], "image_formats": ["png"],
+                   "size": {"height": {"min": 2, "max": 2, "mean": 2.0}, "width": {"min": 2, "max": 3, "mean": 2.5}},
+                   "exif_oriented": 1}),
         ("val", {"count": 1, "labelled": 0, "class_pixel_counts": None, "image_formats": ["png"],
-                 "size": {"height": {"min": 4, "max": 4, "mean": 4.0}, "width": {"min": 4, "max": 4, "mean": 4.0}}}),
+                 "size": {"height": {"min": 4, "max": 4, "mean": 4.0}, "width": {"min": 4, "max": 4, "mean": 4.0}},
+                 "exif_oriented": 0}),
     ]
     with TestPipeline() as p:
         out = p | beam.Create(stats) | beam.CombinePerKey(transforms.SplitStatsFn())

@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import pytest
-
 from helpers import TESTS_DIR, free_ports, history_rows, tiny_fit_config, write_2d_dataset
 
 EPOCHS = 6
@@ -46,7 +45,7 @@ import json, logging, os, sys
 import numpy as np
 import keras
 logging.basicConfig(level=logging.INFO)
-from tfseg.train import run_fit
+from tfseg.fit import run_fit
 
 class Dump(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):

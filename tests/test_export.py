@@ -13,9 +13,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
+from helpers import make_run, venv_tool  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from helpers import make_run, venv_tool  # noqa: E402
 from tfseg import export, inference, schema  # noqa: E402
 from tfseg.errors import TfsegError  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""LiteRT export (tfseg.litert) and its predictor (tfseg.predict.litert).
+"""LiteRT export (tfseg.export.litert) and its predictor (tfseg.predict.litert).
 
 Fast tier: every 2D architecture converts at an odd size (the padding wrapper) with random
 weights and moving statistics (the fused batch norm), and the float32 file computes the Keras
@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from tfseg import litert, rundir
+from tfseg import rundir
 from tfseg.errors import TfsegError
+from tfseg.export import litert
 
 SIZE = (40, 36)  # not a multiple of any model's divisor: the padding wrapper pads and crops
 # (name, model kwargs) small enough to convert in a few seconds each.
@@ -172,10 +173,9 @@ def test_predictor_resizes_like_evaluation(trained):
     import tensorflow as tf
 
     from tfseg import inference
+    from tfseg.export import with_precision
     from tfseg.predict import make_predictor
     from tfseg.predict.litert import LiteRtPredictor
-
-    from tfseg.export import with_precision
 
     predictor = make_predictor(trained["float32"])
     assert isinstance(predictor, LiteRtPredictor)

@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import pytest
-
 from helpers import TESTS_DIR, free_ports, history_rows, tiny_fit_config, write_2d_dataset
 
 
@@ -22,7 +21,7 @@ def test_two_workers_on_loopback_complete_a_multi_worker_run(tmp_path):
     script = textwrap.dedent(f"""
         import logging
         logging.basicConfig(level=logging.INFO)
-        from tfseg.train import run_fit
+        from tfseg.fit import run_fit
         run_fit({cfg!r})
     """)
     procs = []

@@ -1,12 +1,12 @@
-"""The output ownership rule (tfseg/outputs.py): never touch what tfseg did not write."""
+"""The output ownership rule (tfseg/io/publish.py): never touch what tfseg did not write."""
 
 import json
 import os
 
 import pytest
 
-from tfseg import outputs
 from tfseg.errors import TfsegError
+from tfseg.io import fs, publish
 
 
 def _tree(root):
@@ -21,18 +21,18 @@ def _tree(root):
 
 
 def _publish(final, stage="evaluate", marker="done", files=("a",), **kw):
-    with outputs.publish_dir(str(final), stage, complete_marker=marker, **kw) as tmp:
+    with publish.publish_dir(str(final), stage, complete_marker=marker, **kw) as tmp:
         for f in files:
-            outputs.atomic_write_text(outputs.join(tmp, f), "")
+            fs.atomic_write_text(fs.join(tmp, f), "")
         if marker:
-            outputs.atomic_write_text(outputs.join(tmp, marker), "")
+            fs.atomic_write_text(fs.join(tmp, marker), "")
 
 
 def test_publish_new_folder_is_owned_and_complete(tmp_path):
     final = tmp_path / "out"
     _publish(final)
-    assert sorted(os.listdir(final)) == [outputs.OWNER_FILE, "a", "done"]
-    assert outputs.owner(str(final)) == "evaluate"
+    assert sorted(os.listdir(final)) == [publish.OWNER_FILE, "a", "done"]
+    assert publish.owner(str(final)) == "evaluate"
     assert [n for n in os.listdir(tmp_path)] == ["out"]  # no staging folder left
 
 
@@ -43,12 +43,12 @@ def test_complete_output_needs_overwrite_and_failure_keeps_old(tmp_path):
     with pytest.raises(TfsegError, match="--overwrite"):
         _publish(final)
     with pytest.raises(RuntimeError, match="boom"):
-        with outputs.publish_dir(str(final), "evaluate", complete_marker="done", overwrite=True) as tmp:
+        with publish.publish_dir(str(final), "evaluate", complete_marker="done", overwrite=True) as tmp:
             open(os.path.join(tmp, "partial"), "w").close()
             raise RuntimeError("boom")
     assert _tree(final) == before and os.listdir(tmp_path) == ["out"]
     _publish(final, files=("new",), overwrite=True)
-    assert sorted(os.listdir(final)) == [outputs.OWNER_FILE, "done", "new"]
+    assert sorted(os.listdir(final)) == [publish.OWNER_FILE, "done", "new"]
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -72,14 +72,14 @@ def test_other_stage_output_is_refused(tmp_path):
 def test_empty_folder_is_taken(tmp_path):
     (tmp_path / "out").mkdir()
     _publish(tmp_path / "out")
-    assert outputs.owner(str(tmp_path / "out")) == "evaluate"
+    assert publish.owner(str(tmp_path / "out")) == "evaluate"
 
 
 def test_unfinished_own_output_is_resumed_or_replaced(tmp_path):
     final = tmp_path / "out"
-    outputs.mark_owned(str(final), "evaluate")
+    publish.mark_owned(str(final), "evaluate")
     (final / "partial").write_text("x")
-    assert outputs.claim(str(final), "evaluate", complete_marker="done") == "unfinished"
+    assert publish.claim(str(final), "evaluate", complete_marker="done") == "unfinished"
     _publish(final)
     assert "partial" not in os.listdir(final)
 
@@ -100,20 +100,20 @@ def test_symlinked_input_is_seen_through(tmp_path):
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "link")
     with pytest.raises(TfsegError, match="same folder"):
-        outputs.claim(str(tmp_path / "link"), "predict", complete_marker="s", inputs=[("--input", str(tmp_path / "real"))])
+        publish.claim(str(tmp_path / "link"), "predict", complete_marker="s", inputs=[("--input", str(tmp_path / "real"))])
 
 
 def test_output_under_a_file_and_unwritable_parent(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(TfsegError, match="is a file"):
-        outputs.claim(str(tmp_path / "f" / "out"), "evaluate", complete_marker="done")
+        publish.claim(str(tmp_path / "f" / "out"), "evaluate", complete_marker="done")
     with pytest.raises(TfsegError, match="not a folder"):
-        outputs.claim(str(tmp_path / "f"), "evaluate", complete_marker="done")
+        publish.claim(str(tmp_path / "f"), "evaluate", complete_marker="done")
     if os.geteuid() != 0:  # root may write anywhere
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
         with pytest.raises(TfsegError, match="permission"):
-            outputs.claim(str(ro / "out"), "evaluate", complete_marker="done")
+            publish.claim(str(ro / "out"), "evaluate", complete_marker="done")
 
 
 def test_staging_of_a_killed_run_is_removed(tmp_path):
@@ -121,17 +121,17 @@ def test_staging_of_a_killed_run_is_removed(tmp_path):
     # A staging folder of a process that no longer exists (pid 2**22 + 1 is above pid_max's default).
     import socket
 
-    stale = tmp_path / f"{outputs.STAGING_PREFIX}out-{socket.gethostname()}-4194305-abcd1234"
-    outputs.mark_owned(str(stale), "evaluate")
-    foreign = tmp_path / f"{outputs.STAGING_PREFIX}out-{socket.gethostname()}-4194305-notours"
+    stale = tmp_path / f"{publish.STAGING_PREFIX}out-{socket.gethostname()}-4194305-abcd1234"
+    publish.mark_owned(str(stale), "evaluate")
+    foreign = tmp_path / f"{publish.STAGING_PREFIX}out-{socket.gethostname()}-4194305-notours"
     foreign.mkdir()  # no ownership record: not ours, kept
     _publish(final)
     assert sorted(os.listdir(tmp_path)) == sorted([foreign.name, "out"])
 
 
 def test_published_outputs_get_normal_permissions(tmp_path):
-    with outputs.publish_dir(str(tmp_path / "o"), "evaluate", complete_marker=None) as tmp:
-        outputs.atomic_write_text(os.path.join(tmp, "a.json"), "{}")
+    with publish.publish_dir(str(tmp_path / "o"), "evaluate", complete_marker=None) as tmp:
+        fs.atomic_write_text(os.path.join(tmp, "a.json"), "{}")
     mask = os.umask(0)
     os.umask(mask)
     assert (os.stat(tmp_path / "o").st_mode & 0o777) == 0o777 & ~mask
@@ -144,11 +144,11 @@ def test_ram_filesystem_publish():
 
     final = "ram://outputs-test/out"
     _publish(final, files=("a",))
-    assert outputs.owner(final) == "evaluate"
-    assert sorted(outputs.listdir(final)) == sorted([outputs.OWNER_FILE, "a", "done"])
+    assert publish.owner(final) == "evaluate"
+    assert sorted(fs.listdir(final)) == sorted([publish.OWNER_FILE, "a", "done"])
     _publish(final, files=("b",), overwrite=True)
-    assert sorted(outputs.listdir(final)) == sorted([outputs.OWNER_FILE, "b", "done"])
+    assert sorted(fs.listdir(final)) == sorted([publish.OWNER_FILE, "b", "done"])
     assert [n for n in tf.io.gfile.listdir("ram://outputs-test") if n.rstrip("/").startswith(".tfseg")] == []
     with pytest.raises(TfsegError, match="--overwrite"):
         _publish(final)
-    json.loads(outputs.read_text(outputs.join(final, outputs.OWNER_FILE)))
+    json.loads(fs.read_text(fs.join(final, publish.OWNER_FILE)))

@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 import pytest
-
 from helpers import history_rows, png, read_split_numpy, squares, write_2d_dataset, write_3d_dataset
+
 from tfseg import schema
 from tfseg.errors import TfsegError
 
@@ -55,7 +55,7 @@ def test_odd_2d_size_fit_evaluate_export_serve(tmp_path):
     --image-size, evaluate, export; the served mask has each input's own size."""
     from tfseg.evaluate import run_evaluate
     from tfseg.export import run_export
-    from tfseg.train import run_fit
+    from tfseg.fit import run_fit
 
     data = write_odd_2d(str(tmp_path / "data"), {"train": 8, "val": 4})
     run = run_fit({"data": data, "model": "unet", "output": str(tmp_path / "run"), "epochs": 1,
@@ -80,7 +80,7 @@ def test_odd_3d_patch_fit_evaluate_export(tmp_path):
     volume's size."""
     from tfseg.evaluate import run_evaluate
     from tfseg.export import run_export
-    from tfseg.train import run_fit
+    from tfseg.fit import run_fit
 
     data = write_3d_dataset(str(tmp_path / "data"), n=2, size=20)
     run = run_fit({"data": data, "model": "unet", "output": str(tmp_path / "run"), "epochs": 1,
@@ -186,7 +186,7 @@ def test_budget_fit_ends_in_time_and_a_resumed_run_keeps_the_end(tmp_path):
 
     import keras
 
-    from tfseg.train import run_fit
+    from tfseg.fit import run_fit
 
     data = write_2d_dataset(str(tmp_path / "sq"), {"train": 16, "val": 4})
 
@@ -246,7 +246,13 @@ def _pipeline_names():
 @pytest.mark.parametrize("name", _pipeline_names())
 def test_automatic_plan_trains_on_every_seed_pipelines_sample(name, tmp_path):
     from tfseg.config import apply_overrides
-    from tfseg.pipeline import auto_pipeline, demo_overrides, load_pipeline, run_pipeline, write_sample
+    from tfseg.pipeline import (
+        auto_pipeline,
+        demo_overrides,
+        load_pipeline,
+        run_pipeline,
+        write_sample,
+    )
 
     base = load_pipeline(name)
     demo = apply_overrides(base, [o for o in demo_overrides(base) if o.startswith("convert.")])

@@ -36,8 +36,9 @@ import numpy as np
 import pytest
 from helpers import free_ports, history_rows
 
-from tfseg import outputs
+from tfseg import errors
 from tfseg.errors import TfsegError
+from tfseg.io import fs, locks, publish
 
 HOST = socket.gethostname()
 FIT = ["--model", "unet", "--epochs", "1", "--batch-size", "4", "--image-size", "32x32",
@@ -67,14 +68,14 @@ def _one_error(text: str, *parts: str) -> str:
 
 
 def _lock_file(path: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(path)), outputs.LOCK_PREFIX + os.path.basename(path))
+    return os.path.join(os.path.dirname(os.path.abspath(path)), locks.LOCK_PREFIX + os.path.basename(path))
 
 
 def _dead_pid() -> int:
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
     pid = int(proc.stdout)
-    assert not outputs.pid_alive(pid)
+    assert not fs.pid_alive(pid)
     return pid
 
 
@@ -90,8 +91,9 @@ def _write_lock(path: str, **holder) -> str:
 # A process that holds the lock of argv[1] (stage argv[2]) until its stdin closes.
 _HOLD = """
 import sys
-from tfseg import outputs
-outputs.acquire_lock(sys.argv[1], sys.argv[2])
+from tfseg import errors
+from tfseg.io import fs, locks, publish
+locks.acquire_lock(sys.argv[1], sys.argv[2])
 print("ready", flush=True)
 sys.stdin.read()
 """
@@ -126,15 +128,15 @@ def test_a_live_holder_refuses_a_second_writer_in_process_and_on_the_cli(tmp_pat
     holder = _hold_lock(out, "convert")
     try:
         with pytest.raises(TfsegError) as e:
-            outputs.acquire_lock(out, "fit")
+            locks.acquire_lock(out, "fit")
         message = str(e.value)
         assert f"--output {out}: another `tfseg convert` (pid {holder.pid} on {HOST}, started " in message
         assert "wait for it to finish or choose another --output" in message
         assert getattr(e.value, "exit_code", 2) == 2
         with pytest.raises(TfsegError, match=f"pid {holder.pid}"):
-            outputs.claim(out, "convert", complete_marker="dataset.json")
+            publish.claim(out, "convert", complete_marker="dataset.json")
         assert not os.path.exists(out)
-        assert _lock_file(out) not in outputs._HELD
+        assert _lock_file(out) not in locks._HELD
 
         code, text = _cli(["sample", "--dataset", "carvana", "--output", out, "--count", "2"])
         _one_error(text, f"--output {out}: another `tfseg convert` (pid {holder.pid} on {HOST}", "is writing it")
@@ -152,8 +154,8 @@ def test_a_dead_holders_lock_is_taken_over_with_a_line(tmp_path, caplog):
     out = str(tmp_path / "data")
     dead = _dead_pid()
     lock = _write_lock(out, pid=dead, stage="fit")
-    with caplog.at_level(logging.WARNING, logger="tfseg.outputs"):
-        outputs.acquire_lock(out, "convert")
+    with caplog.at_level(logging.WARNING, logger="tfseg.io.locks"):
+        locks.acquire_lock(out, "convert")
     try:
         taken = [r.getMessage() for r in caplog.records if "taking over the lock" in r.getMessage()]
         assert len(taken) == 1 and f"`tfseg fit` (pid {dead} on {HOST}" in taken[0], taken
@@ -161,21 +163,21 @@ def test_a_dead_holders_lock_is_taken_over_with_a_line(tmp_path, caplog):
         assert (holder["pid"], holder["stage"], holder["host"]) == (os.getpid(), "convert", HOST)
         assert not [n for n in os.listdir(tmp_path) if ".stale-" in n]
     finally:
-        outputs.release_lock(out)
+        locks.release_lock(out)
     assert not os.path.exists(lock)
 
     # A pid that runs again, but is another process (its start time differs): taken over too.
     _write_lock(out, pid=os.getppid(), proc_start="0")
-    outputs.acquire_lock(out, "convert")
+    locks.acquire_lock(out, "convert")
     assert json.load(open(lock))["pid"] == os.getpid()
-    outputs.release_lock(out)
+    locks.release_lock(out)
 
     # On a local disk the kernel's lock (flock), not the file, says who runs: a record naming
     # another host with no process holding the file is a dead writer's too.
     _write_lock(out, host="elsewhere.example", pid=4242)
-    outputs.acquire_lock(out, "convert")
+    locks.acquire_lock(out, "convert")
     assert json.load(open(lock))["pid"] == os.getpid()
-    outputs.release_lock(out)
+    locks.release_lock(out)
 
 
 def test_the_cli_takes_over_a_dead_lock_with_one_escaped_warning_line(tmp_path):
@@ -201,14 +203,14 @@ def test_summary_lines_keep_a_name_with_a_newline_on_one_line(tmp_path):
 
 def test_locks_are_reentrant_and_released_by_the_entry_point_that_took_them(tmp_path):
     a, b = str(tmp_path / "work"), str(tmp_path / "data")
-    outputs.acquire_lock(a, "run")
+    locks.acquire_lock(a, "run")
     token = open(_lock_file(a)).read()
 
-    @outputs.holding_locks
+    @locks.holding_locks
     def stage(fail: bool):
-        outputs.acquire_lock(a, "convert")  # the caller's lock: no-op
-        assert outputs.claim(b, "convert", complete_marker="dataset.json") == "absent"
-        outputs.acquire_lock(b, "convert")  # taken by claim already: no-op
+        locks.acquire_lock(a, "convert")  # the caller's lock: no-op
+        assert publish.claim(b, "convert", complete_marker="dataset.json") == "absent"
+        locks.acquire_lock(b, "convert")  # taken by claim already: no-op
         assert json.load(open(_lock_file(b)))["pid"] == os.getpid()
         if fail:
             raise RuntimeError("the stage failed")
@@ -222,11 +224,11 @@ def test_locks_are_reentrant_and_released_by_the_entry_point_that_took_them(tmp_
         assert not os.path.exists(_lock_file(b))
         assert open(_lock_file(a)).read() == token
         # Another process is still refused on the outer one.
-        check = subprocess.run([sys.executable, "-c", "import sys; from tfseg import outputs; "
-                                "outputs.acquire_lock(sys.argv[1], 'run')", a], capture_output=True, text=True)
+        check = subprocess.run([sys.executable, "-c", "import sys; from tfseg.io import locks; "
+                                "locks.acquire_lock(sys.argv[1], 'run')", a], capture_output=True, text=True)
         assert check.returncode != 0 and f"pid {os.getpid()}" in check.stderr
     finally:
-        outputs.release_lock(a)
+        locks.release_lock(a)
     assert not os.path.exists(_lock_file(a))
 
 
@@ -240,7 +242,7 @@ def _tree(root) -> dict[str, bytes]:
 
 
 def _earlier_output(final):
-    outputs.mark_owned(str(final), "convert")
+    publish.mark_owned(str(final), "convert")
     (final / "dataset.json").write_text('{"old": true}')
     (final / "old.tfrecord").write_bytes(b"old records")
 
@@ -269,7 +271,7 @@ def test_publish_never_replaces_what_appeared_since_the_claim(tmp_path, case):
     final = tmp_path / "out"
     prepare(final)
     with pytest.raises(TfsegError) as e:
-        with outputs.publish_dir(str(final), "convert", complete_marker="dataset.json", overwrite=True) as staging:
+        with publish.publish_dir(str(final), "convert", complete_marker="dataset.json", overwrite=True) as staging:
             with open(os.path.join(staging, "new.tfrecord"), "wb") as f:
                 f.write(b"new records")
             intrude(final)
@@ -292,7 +294,7 @@ def test_publish_without_an_intrusion_replaces_the_earlier_output(tmp_path):
     """The control for the test above: the same block with nobody interfering publishes."""
     final = tmp_path / "out"
     _earlier_output(final)
-    with outputs.publish_dir(str(final), "convert", complete_marker="dataset.json", overwrite=True) as staging:
+    with publish.publish_dir(str(final), "convert", complete_marker="dataset.json", overwrite=True) as staging:
         with open(os.path.join(staging, "dataset.json"), "w") as f:
             f.write('{"new": true}')
     tree = _tree(final)
@@ -420,10 +422,10 @@ def test_a_kill_between_the_backup_renames_resumes_from_the_last_verifiable_epoc
 
 
 def test_control_characters_are_escaped_in_messages(tmp_path):
-    assert outputs.safe("a\nerror: b.png") == "a\\nerror: b.png"
-    assert outputs.safe("x\x1b[31my\r\t") == "x\\x1b[31my\\r\\t"
-    assert outputs.safe("plain name.png") == "plain name.png"
-    assert outputs.safe("vóxel 日本.nii.gz") == "vóxel 日本.nii.gz"  # printable non-ASCII kept
+    assert errors.safe("a\nerror: b.png") == "a\\nerror: b.png"
+    assert errors.safe("x\x1b[31my\r\t") == "x\\x1b[31my\\r\\t"
+    assert errors.safe("plain name.png") == "plain name.png"
+    assert errors.safe("vóxel 日本.nii.gz") == "vóxel 日本.nii.gz"  # printable non-ASCII kept
 
     data = str(tmp_path / "bad\nerror: injected")
     code, text = _cli(["plan", "--data", data])
@@ -435,13 +437,14 @@ def test_control_characters_are_escaped_in_messages(tmp_path):
 # A `tfseg` command that takes its output's lock and waits (the real CLI group and handlers).
 _BLOCKING_COMMAND = """
 import os, time
-from tfseg import outputs
+from tfseg import errors
+from tfseg.io import fs, locks, publish
 from tfseg.cli import cli
 
 @cli.command("block")
-@outputs.holding_locks
+@locks.holding_locks
 def block():
-    outputs.acquire_lock(os.environ["OUT"], "convert")
+    locks.acquire_lock(os.environ["OUT"], "convert")
     print("ready", flush=True)
     time.sleep(600)
 
@@ -533,14 +536,14 @@ def test_a_lock_being_written_is_not_taken_over(tmp_path):
     try:
         assert proc.stdout.readline().strip() == "ready"
         try:
-            outputs.acquire_lock(out, "fit")
+            locks.acquire_lock(out, "fit")
             took = True
         except TfsegError:
             took = False
         time.sleep(1.5)
         holders = {json.load(open(lock))["pid"]} if os.path.exists(lock) else set()
         if took:
-            outputs.release_lock(out)
+            locks.release_lock(out)
         assert not took, f"took the lock of a live writer (pid {proc.pid}); the lock now names {holders}"
     finally:
         proc.stdin.close()
@@ -572,7 +575,7 @@ def _outside(digest: dict[str, str], root: str, mine: list[str]) -> dict[str, st
     named after them (NAME.unpublished-*, which a refused publish leaves for the user)."""
     rels = [os.path.relpath(m, root) for m in mine]
     return {k: v for k, v in digest.items()
-            if not any(k == r + "/" or k.startswith(r + "/") or k.startswith(r + outputs.UNPUBLISHED_SUFFIX)
+            if not any(k == r + "/" or k.startswith(r + "/") or k.startswith(r + publish.UNPUBLISHED_SUFFIX)
                        for r in rels)}
 
 
@@ -586,7 +589,7 @@ def _assert_unchanged(before: dict, root: str, mine: list[str]) -> None:
 def _no_leftovers(root: str) -> None:
     """No lock, staging folder or temporary file of tfseg anywhere under ``root``."""
     left = [os.path.join(folder, n) for folder, dirs, files in os.walk(root) for n in dirs + files
-            if n.startswith((outputs.LOCK_PREFIX, outputs.STAGING_PREFIX, ".tfseg-tmp-", ".tfseg-model."))]
+            if n.startswith((locks.LOCK_PREFIX, publish.STAGING_PREFIX, ".tfseg-tmp-", ".tfseg-model."))]
     assert not left, left
 
 
@@ -605,8 +608,8 @@ def world(tmp_path_factory):
     """Raw Carvana samples, their dataset, a 1-epoch run, an export of it, photos, a foreign folder."""
     from tfseg.convert.pipeline import run_convert
     from tfseg.export import run_export
+    from tfseg.fit import run_fit
     from tfseg.pipeline import write_sample
-    from tfseg.train import run_fit
 
     root = str(tmp_path_factory.mktemp("production"))
     p = {k: os.path.join(root, k) for k in ("raw", "data", "run", "exports", "photos", "foreign")}
@@ -917,7 +920,7 @@ def test_a_user_file_added_to_the_output_while_convert_runs_survives(world):
     os.makedirs(out)  # empty: convert may write into it
     before = _digest(world["root"])
     proc = _start(_command("convert", world, out))
-    staging = os.path.join(world["root"], outputs.STAGING_PREFIX + "udir-*")
+    staging = os.path.join(world["root"], publish.STAGING_PREFIX + "udir-*")
     deadline = time.monotonic() + 300
     while not glob.glob(staging):  # the claim has been made, the work is under way
         assert proc.poll() is None, proc.stdout.read()
@@ -931,7 +934,7 @@ def test_a_user_file_added_to_the_output_while_convert_runs_survives(world):
     assert code == 2
     assert os.listdir(out) == ["thesis.txt"]
     assert open(os.path.join(out, "thesis.txt"), "rb").read() == b"four years of work"
-    kept = glob.glob(out + outputs.UNPUBLISHED_SUFFIX + "*")
+    kept = glob.glob(out + publish.UNPUBLISHED_SUFFIX + "*")
     assert len(kept) == 1
     _assert_complete("convert", kept[0], world)  # the result, whole, where the user can take it
     _assert_unchanged(before, world["root"], [out])
@@ -953,14 +956,15 @@ def test_nothing_converted_from_a_name_with_a_newline_is_one_line(world, tmp_pat
 # Processes that race for one lock; each counts the times it held it while another did too.
 _RACE = """
 import os, sys, time
-from tfseg import outputs
+from tfseg import errors
+from tfseg.io import fs, locks, publish
 from tfseg.errors import TfsegError
 path, seconds = sys.argv[1], float(sys.argv[2])
 inside, wins, both = path + ".inside", 0, 0
 end = time.time() + seconds
 while time.time() < end:
     try:
-        outputs.acquire_lock(path, "convert")
+        locks.acquire_lock(path, "convert")
     except TfsegError:
         continue
     wins += 1
@@ -970,7 +974,7 @@ while time.time() < end:
         os.unlink(inside)
     except FileExistsError:
         both += 1
-    outputs.release_lock(path)
+    locks.release_lock(path)
 print(wins, both)
 """
 

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from tfseg import quiet
+from tfseg.cli import quiet
 
 NOISE_MARKERS = ("absl::InitializeLog", "oneDNN", "cuInit", "cudart", "cpu_feature_guard",
                  "Could not find cuda drivers", "rebuild TensorFlow")
@@ -30,7 +30,7 @@ def test_filter_keeps_real_lines_and_drops_noise(tmp_path):
         os.write(2, b"a real warning the user must see\\n")
         os.write(2, b"E0000 00:00:1 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)\\n")
     """))
-    code = "from tfseg import quiet; quiet.import_tensorflow(); import sys; print('after', file=sys.stderr)"
+    code = "from tfseg.cli import quiet; quiet.import_tensorflow(); import sys; print('after', file=sys.stderr)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"))
     assert out.returncode == 0, out.stderr

@@ -1,4 +1,4 @@
-"""Tests of the fit stage (tfseg.fit through tfseg.train, tfseg.runtime, `tfseg fit`).
+"""Tests of the fit stage (tfseg.fit through tfseg.fit, tfseg.runtime, `tfseg fit`).
 
 Tiny converted datasets come from tests/helpers.py (shared with the other modules that fit).
 Paths that need a fresh TensorFlow (logical CPU devices, kill -9) run in subprocesses.
@@ -14,10 +14,8 @@ import textwrap
 
 import numpy as np
 import pytest
+from helpers import TESTS_DIR, fit, history_rows, read_split_numpy, tiny_fit_config, write_2d_dataset, write_3d_dataset
 
-from helpers import (
-    TESTS_DIR, fit, history_rows, read_split_numpy, tiny_fit_config, write_2d_dataset, write_3d_dataset,
-)
 from tfseg import runtime
 from tfseg.errors import TfsegError
 
@@ -54,7 +52,7 @@ def squares_data(tmp_path_factory):
 
 
 def test_fit_config_defaults_types_and_unknown_keys():
-    from tfseg.train import FitConfig
+    from tfseg.fit import FitConfig
 
     cfg = FitConfig.from_dict({"fit": {"data": "d", "model": "unet", "output": "o", "epochs": "3",
                                        "image_size": "64x32", "jit_compile": "auto", "augment": '{"hflip": 0.5}'}})
@@ -70,7 +68,7 @@ def test_fit_config_defaults_types_and_unknown_keys():
 
 
 def test_build_config_precedence_file_then_options_then_set(tmp_path):
-    from tfseg.train import build_config
+    from tfseg.fit import build_config
 
     path = tmp_path / "p.yaml"
     path.write_text("dataset: x\nfit:\n  model: unet\n  epochs: 5\n  batch_size: 4\n  model_kwargs: {depth: 3}\n")
@@ -114,7 +112,7 @@ def test_chief_selection_from_tf_config(monkeypatch):
 
 
 def test_trim_history_keeps_one_row_per_finished_epoch(tmp_path):
-    from tfseg.train import trim_history
+    from tfseg.fit import trim_history
 
     (tmp_path / "history.csv").write_text("epoch,loss\n0,0.9\n1,0.8\n1,0.7\n2,0.6\n")
     rows = trim_history(str(tmp_path), 2)
@@ -138,7 +136,7 @@ def _tiny_compiled_model():
 def test_replay_patience_counts_like_keras(mode, values):
     import keras
 
-    from tfseg.train import replay_patience
+    from tfseg.fit import replay_patience
 
     model = _tiny_compiled_model()
     stop = keras.callbacks.EarlyStopping(monitor="m", mode=mode, patience=100)
@@ -154,8 +152,8 @@ def test_replay_patience_counts_like_keras(mode, values):
 
 
 def test_resumed_early_stopping_keeps_its_patience(tmp_path):
+    from tfseg.fit import FitConfig
     from tfseg.fit.callbacks import make_callbacks
-    from tfseg.train import FitConfig
 
     # Two epochs logged without improvement since the best (0.5): with patience 3, the first
     # non-improving epoch after the resume stops, as it would have without the restart.
@@ -296,7 +294,7 @@ def test_resume_after_kill_9_continues_at_the_right_epoch(tmp_path, squares_data
     # SIGKILL in the middle of the second epoch: epoch 0 is finished and backed up.
     proc = run_script(f"""
         import os, signal, keras
-        from tfseg.train import run_fit
+        from tfseg.fit import run_fit
         class Kill(keras.callbacks.Callback):
             def on_train_batch_end(self, batch, logs=None):
                 if self.epoch == 1 and batch == 1:
@@ -326,7 +324,7 @@ def test_mirrored_two_cpu_replicas_bf16_metrics_agree_with_one_replica(tmp_path,
         import json
         import keras, numpy as np, tensorflow as tf
         from tfseg.errors import TfsegError
-        from tfseg.train import run_fit
+        from tfseg.fit import run_fit
         from tfseg import rundir
         from tfseg.data import make_dataset
         from tfseg.metrics import default_metrics
@@ -423,7 +421,7 @@ class _PoisonAt:
 
 def test_divergence_is_not_kept_and_a_rerun_resumes_from_the_last_finite_epoch(tmp_path, squares_data):
     from tfseg import rundir
-    from tfseg.train import backup_epoch
+    from tfseg.fit import backup_epoch
 
     out = str(tmp_path / "run")
     cfg = tiny_fit_config(squares_data, out, epochs=4)

@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any, ClassVar, Iterable
 
-from tfseg.errors import TfsegError
+from tfseg.errors import TfsegError, first_line
 
 
 def load_config(path: str) -> dict:
@@ -30,8 +30,7 @@ def load_config(path: str) -> dict:
             text = f.read()
         data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TfsegError(f"{path}: cannot parse config ({first})") from None
+        raise TfsegError(f"{path}: cannot parse config ({first_line(e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -24,6 +24,7 @@ GRACE_SECONDS = 10.0
 
 _installed = False
 _first_signal: list[float] = []
+_signums: list[int] = []  # the signal that arrived (the first), kept however its exception fared
 
 
 class Interrupted(BaseException):
@@ -46,7 +47,17 @@ def _handler(signum, frame):  # noqa: ARG001 - signal handler signature
     if _first_signal:
         return  # the watcher ends the process; unwinding is under way
     _first_signal.append(time.monotonic())
+    _signums.append(signum)
     raise Interrupted(signum)
+
+
+def check() -> None:
+    """Raises :class:`Interrupted` if SIGINT or SIGTERM arrived, even when the exception its
+    handler raised was swallowed (inside a library's callback: JAX's GC callback, a Beam
+    runner that wraps errors). Called before anything is published, so that no output appears
+    after a signal."""
+    if _signums:
+        raise Interrupted(_signums[0])
 
 
 def _watch(fd: int) -> None:

@@ -25,8 +25,8 @@ import os
 from typing import Callable, Iterable
 
 from tfseg import config as config_lib
-from tfseg import outputs
 from tfseg.errors import TfsegError
+from tfseg.io import fs, locks, publish
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ def auto_pipeline(layout: str, *, budget: str = "1h", split: str | None = None,
     Raises:
       TfsegError: a budget that is not a duration.
     """
-    from tfseg.convert import get_layout_class
     from tfseg.config import parse_duration
+    from tfseg.convert import get_layout_class
 
     try:
         get_layout_class(layout)
@@ -121,17 +121,17 @@ def _stage_done(stage: str, paths: dict[str, str]) -> bool:
     from tfseg import evaluate, export, rundir, schema
 
     if stage == "convert":
-        return outputs.isfile(os.path.join(paths["data"], schema.DATASET_JSON))
+        return fs.isfile(os.path.join(paths["data"], schema.DATASET_JSON))
     if stage == "fit":
-        return outputs.isfile(os.path.join(paths["run"], rundir.MODEL_FILE))
+        return fs.isfile(os.path.join(paths["run"], rundir.MODEL_FILE))
     if stage == "evaluate":
-        return outputs.isfile(os.path.join(paths["eval"], evaluate.METRICS_JSON))
+        return fs.isfile(os.path.join(paths["eval"], evaluate.METRICS_JSON))
     if stage == "export":
         return export.find_version(paths["export_model"]) is not None
     raise ValueError(stage)
 
 
-@outputs.holding_locks
+@locks.holding_locks
 def run_pipeline(
     cfg: dict,
     input_dir: str,
@@ -154,10 +154,10 @@ def run_pipeline(
     """
     workdir = os.path.abspath(workdir)
     if not _inside_demo_workdir(input_dir, workdir):
-        outputs.claim_container(workdir, "run", inputs=[("--input", input_dir)], option="--workdir")
+        publish.claim_container(workdir, "run", inputs=[("--input", input_dir)], option="--workdir")
     else:
-        outputs.claim_container(workdir, "run", option="--workdir")
-    outputs.acquire_lock(workdir, "run", option="--workdir")  # one `tfseg run` per workdir
+        publish.claim_container(workdir, "run", option="--workdir")
+    locks.acquire_lock(workdir, "run", option="--workdir")  # one `tfseg run` per workdir
     paths = stage_paths(workdir, cfg)
     wanted = [s for s in STAGES if s in set(stages)]
     summary: dict = {"workdir": workdir, "paths": paths, "skipped": []}
@@ -181,7 +181,7 @@ def run_pipeline(
 
         from tfseg.evaluate import METRICS_JSON
 
-        summary["metrics"] = json.loads(outputs.read_text(os.path.join(paths["eval"], METRICS_JSON)))
+        summary["metrics"] = json.loads(fs.read_text(os.path.join(paths["eval"], METRICS_JSON)))
         summary["report"] = os.path.join(paths["eval"], "report.md")
     from tfseg.export.versions import find_version
 
@@ -210,7 +210,7 @@ class _Stages:
 
     @staticmethod
     def fit(cfg: dict, input_dir: str, paths: dict) -> None:
-        from tfseg.train import run_fit
+        from tfseg.fit import run_fit
 
         fit_cfg = copy.deepcopy(cfg.get("fit") or {})
         fit_cfg.update(data=paths["data"], output=paths["run"])
@@ -249,7 +249,7 @@ def demo_overrides(cfg: dict) -> list[str]:
             for k, v in sets.items()]
 
 
-@outputs.holding_locks
+@locks.holding_locks
 def run_demo(
     workdir: str,
     *,
@@ -265,11 +265,11 @@ def run_demo(
     base = load_pipeline(pipeline)
     cfg = load_pipeline(pipeline, [*demo_overrides(base), *overrides])
     workdir = os.path.abspath(workdir)
-    outputs.claim_container(workdir, "run", option="--workdir")
-    outputs.acquire_lock(workdir, "run", option="--workdir")
+    publish.claim_container(workdir, "run", option="--workdir")
+    locks.acquire_lock(workdir, "run", option="--workdir")
     raw = os.path.join(workdir, DEMO_RAW)
     count = int((cfg.get("demo") or {}).get("sample_count", 32))
-    if outputs.owner(raw) != "sample":
+    if publish.owner(raw) != "sample":
         if on_stage:
             on_stage("sample", False)
         write_sample(cfg["dataset"], raw, count=count, seed=0)
@@ -284,14 +284,14 @@ DEMO_RAW = "raw"
 def _inside_demo_workdir(input_dir: str, workdir: str) -> bool:
     """The demo's generated data, WORKDIR/raw written by `tfseg sample`, is the one input a
     workdir may hold."""
-    return (outputs.normalize(input_dir) == outputs.normalize(os.path.join(workdir, DEMO_RAW))
-            and outputs.owner(input_dir) == "sample")
+    return (fs.normalize(input_dir) == fs.normalize(os.path.join(workdir, DEMO_RAW))
+            and publish.owner(input_dir) == "sample")
 
 
-@outputs.holding_locks
+@locks.holding_locks
 def write_sample(layout: str, output: str, *, count: int, seed: int) -> None:
     """`tfseg sample`: a layout's synthetic dataset, published as a whole or not at all."""
     from tfseg.convert import get_layout_class
 
-    with outputs.publish_dir(output, "sample", complete_marker=None) as tmp:
+    with publish.publish_dir(output, "sample", complete_marker=None) as tmp:
         get_layout_class(layout).make_sample(tmp, count=count, seed=seed)

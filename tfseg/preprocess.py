@@ -28,8 +28,60 @@ import numpy as np
 # The resize ``convert --image-size`` applies, recorded in dataset.json (``preprocessing``) and
 # carried by run.json and the export's tfseg.json, so every later stage can reproduce it.
 CONVERT_RESIZE = {"method": "bilinear", "antialias": True, "dtype": "uint8", "format": "png"}
-# Largest decoded image (height x width) the serving graph and predict accept by default.
+# The pixel limits of one 2D image (height x width), one place, each with its reason. They grow in
+# this order, MAX_INPUT_PIXELS < DEFAULT_MAX_PIXELS < MAX_DECODE_PIXELS: a model runs at a size it
+# can hold, a served request may bring a larger photo (resized in the graph), convert may read a
+# larger scan (to resize with --image-size).
+#   MAX_INPUT_PIXELS: the largest size a model trains or runs at (fit's image_size, every size read
+#     from a run or an export): 2**24 (4096 x 4096); a typo such as 100000x100000 fails at once.
+MAX_INPUT_PIXELS = 2**24
+#   DEFAULT_MAX_PIXELS: the largest photo the serving graph and predict decode by default
+#     (export --max-pixels): 40 M, a phone's largest.
 DEFAULT_MAX_PIXELS = 40_000_000
+#   MAX_DECODE_PIXELS: the largest image convert decodes, and the largest --image-size: 2**26
+#     (8192 x 8192); above it a decompression bomb. One RGB case that size peaks at ~10 bytes a
+#     pixel (~0.7 GB) and convert bounds the pixels its threads hold, staying under ~4 GB.
+MAX_DECODE_PIXELS = 2**26
+
+
+def check_size(size, where: str) -> tuple[int, ...]:
+    """``size`` (h, w) or (d, h, w) read from a run, an export or an option, as ints, bounded like
+    ``--image-size``.
+
+    Raises:
+      TfsegError: not positive whole numbers, or more than :data:`MAX_INPUT_PIXELS` pixels.
+    """
+    from tfseg.errors import TfsegError
+
+    try:
+        dims = tuple(int(s) for s in size)
+        ok = all(float(s) == d for s, d in zip(size, dims)) and all(d > 0 for d in dims) and len(dims) in (2, 3)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise TfsegError(f"{where}: size {size!r} is not 2 or 3 positive whole numbers")
+    if int(np.prod(dims, dtype=np.float64)) > MAX_INPUT_PIXELS:
+        shown = "x".join(map(str, dims))
+        raise TfsegError(f"{where}: size {shown} exceeds the {MAX_INPUT_PIXELS:,} pixels a model runs at "
+                         "(e.g. 4096x4096)")
+    return dims
+
+
+def check_preprocessing(preprocessing: dict, where: str) -> None:
+    """A recorded ``preprocessing`` (run.json, tfseg.json): its 2D resize, if any, bounded like
+    ``--image-size`` (a hand-edited 1e5 x 1e5 would exhaust memory in the graph).
+
+    Raises:
+      TfsegError: naming ``where``.
+    """
+    from tfseg.errors import TfsegError
+
+    resize = preprocessing.get("resize")
+    if resize is None:
+        return
+    if not isinstance(resize, dict) or "size" not in resize or not isinstance(resize["size"], (list, tuple)):
+        raise TfsegError(f"{where}: preprocessing.resize must hold a 'size' [h, w]")
+    check_size(resize["size"], f"{where}: preprocessing.resize")
 
 
 def resize_record(size) -> dict:

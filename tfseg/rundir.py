@@ -25,7 +25,7 @@ import json
 import logging
 import os
 
-from tfseg import volumes
+from tfseg import preprocess, volumes
 from tfseg.errors import TfsegError
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,9 @@ class RunInfo:
         size = d.get(key)
         if not isinstance(size, (list, tuple)) or len(size) != ndim:
             raise TfsegError(f"{where}: missing or bad {key!r} ({size!r})")
+        size = preprocess.check_size(size, f"{where}: {key}")
+        preprocessing = dict(d.get("preprocessing") or {})
+        preprocess.check_preprocessing(preprocessing, where)
         head = d.get("head")
         if head not in HEADS:
             # Older records: "binary" (or, before it, two classes) meant the sigmoid head.
@@ -157,12 +160,12 @@ class RunInfo:
             flips = training_flip_axes(d)
         return cls(
             ndim=ndim, channels=channels, num_classes=k, head=head, class_names=tuple(names),
-            size=tuple(int(s) for s in size), class_colors=_colors_or_none(d.get("class_colors"), k),
+            size=size, class_colors=_colors_or_none(d.get("class_colors"), k),
             ignore_index=d.get("ignore_index"), regions=dict(d.get("regions") or {}),
             modalities=tuple(d.get("modalities") or ()), monitor=d.get("monitor"), precision=d.get("precision"),
             flip_axes=flips, normalization=d.get("normalization") or NORMALIZATION[ndim],
             model=d.get("model"), model_kwargs=dict(d.get("model_kwargs") or {}),
-            preprocessing=dict(d.get("preprocessing") or {}),
+            preprocessing=preprocessing,
         )
 
     def to_json(self) -> dict:
@@ -188,13 +191,19 @@ class RunInfo:
 
 
 def _colors_or_none(colors, k: int):
+    """``colors`` as k (R, G, B) rows of 0..255, or None (with a warning) when they are not."""
     if colors is None:
         return None
     try:
         rows = tuple(tuple(int(v) for v in c) for c in colors)
-    except (TypeError, ValueError):
+        ok = len(rows) == k and all(len(r) == 3 and all(0 <= v <= 255 for v in r) for r in rows)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        logger.warning("class_colors %s: expected %d [R, G, B] rows of 0..255; using the default colours",
+                       str(colors)[:60], k)
         return None
-    return rows if len(rows) == k and all(len(r) == 3 for r in rows) else None
+    return rows
 
 
 def load_run_info(run_dir: str) -> RunInfo:
@@ -208,13 +217,13 @@ def load_run_config(run_dir: str) -> dict:
     Raises:
       TfsegError: not a tfseg run directory.
     """
-    from tfseg import outputs
+    from tfseg.io import fs
 
     path = os.path.join(run_dir, RUN_JSON)
-    if not outputs.isfile(path):
+    if not fs.isfile(path):
         raise TfsegError(f"{run_dir}: no {RUN_JSON}; is this a `tfseg fit` output directory?")
     try:
-        return json.loads(outputs.read_text(path))
+        return json.loads(fs.read_text(path))
     except ValueError as e:
         raise TfsegError(f"{path}: not valid JSON ({e})") from None
 
@@ -251,10 +260,10 @@ def load_model(run_dir: str, which: str = MODEL_FILE):
     Raises:
       TfsegError: the run has no finished model.
     """
-    from tfseg import outputs
+    from tfseg.io import fs
 
     path = os.path.join(run_dir, which)
-    if not outputs.isfile(path):
+    if not fs.isfile(path):
         raise TfsegError(f"{run_dir}: no {which}; the fit did not finish (re-run `tfseg fit` to resume)")
     import keras
 
@@ -263,9 +272,9 @@ def load_model(run_dir: str, which: str = MODEL_FILE):
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as e:  # noqa: BLE001 - zipfile, h5py, Keras's safe mode: one line each
-        from tfseg.outputs import safe
+        from tfseg.errors import first_line
 
-        detail = safe(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        detail = first_line(e)
         if "lambda" in detail.lower() and "safe" in detail.lower():
             detail = "it holds a Lambda layer, whose Python code Keras's safe mode refuses to load"
         elif type(e).__name__ in ("BadZipFile", "FileNotFoundError", "EOFError") or "zip" in detail.lower():
@@ -274,10 +283,10 @@ def load_model(run_dir: str, which: str = MODEL_FILE):
     check_finite_weights(model, path)
     with contextlib.suppress(OSError):
         run_json = os.path.join(run_dir, RUN_JSON)
-        from tfseg import outputs
+        from tfseg.io import fs
 
-        if outputs.isfile(run_json):
-            check_model_facts(model, RunInfo.from_json(json.loads(outputs.read_text(run_json)), run_json), path)
+        if fs.isfile(run_json):
+            check_model_facts(model, RunInfo.from_json(json.loads(fs.read_text(run_json)), run_json), path)
     return model
 
 

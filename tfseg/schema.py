@@ -37,6 +37,9 @@ from typing import Any
 import numpy as np
 
 DATASET_JSON = "dataset.json"
+# The label value of pixels to ignore (VOC's void border, Cityscapes' unlabelled classes) in every
+# layout that has such pixels; dataset.json's ``ignore_index`` records it per dataset.
+IGNORE_INDEX = 255
 REJECTED_JSONL = "rejected.jsonl"
 SCHEMA_VERSION = 1
 
@@ -270,6 +273,8 @@ class DatasetInfo:
       class_pixel_counts: ``{split: [count per class]}``, ignore pixels excluded.
       size_summary: ``{split: {"height": {"min":..,"max":..,"mean":..}, "width": ...}}`` (and
         ``depth`` in 3D).
+      exif_oriented: ``{split: N}``, the photos stored turned by their EXIF orientation, as they
+        are displayed and were annotated (:mod:`tfseg.photos`); splits with none are left out.
       regions: named unions of class ids, e.g. BraTS ``{"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}``.
       label_convention: free-form note (``"brats"``, ``"msd"``) describing the source labels.
       modalities: 3D channel names in order, e.g. ``["flair", "t1", "t1ce", "t2"]``.
@@ -295,6 +300,7 @@ class DatasetInfo:
     splits: dict = dataclasses.field(default_factory=dict)
     class_pixel_counts: dict = dataclasses.field(default_factory=dict)
     size_summary: dict = dataclasses.field(default_factory=dict)
+    exif_oriented: dict = dataclasses.field(default_factory=dict)
     regions: dict = dataclasses.field(default_factory=dict)
     label_convention: str | None = None
     modalities: list[str] = dataclasses.field(default_factory=list)
@@ -360,6 +366,7 @@ def _type_errors(d: dict) -> tuple[str, str, Any] | None:
         ("splits", "an object", lambda v: isinstance(v, dict)),
         ("class_pixel_counts", "an object", lambda v: isinstance(v, dict)),
         ("size_summary", "an object", lambda v: isinstance(v, dict)),
+        ("exif_oriented", "an object", lambda v: isinstance(v, dict)),
         ("regions", "an object", lambda v: isinstance(v, dict)),
         ("label_convention", "a string or null", lambda v: v is None or isinstance(v, str)),
         ("modalities", "a list of strings", is_str_list),
@@ -393,16 +400,15 @@ def load_dataset_info(data_dir: str) -> DatasetInfo:
         valid JSON, or a key has the wrong type (one line naming the file and the key).
     """
     from tfseg.errors import TfsegError
-
-    from tfseg import outputs
+    from tfseg.io import fs
 
     path = os.path.join(data_dir, DATASET_JSON)
-    if not outputs.isfile(path):
+    if not fs.isfile(path):
         raise TfsegError(
             f"{data_dir}: no {DATASET_JSON} here; is this the output of a completed `tfseg convert`?"
         )
     try:
-        d = json.loads(outputs.read_text(path))
+        d = json.loads(fs.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f", line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
         raise TfsegError(f"{path}: not a valid tfseg dataset.json ({getattr(e, 'msg', 'not UTF-8')}{where})") from None

@@ -101,7 +101,10 @@ def dataset_colors(info) -> np.ndarray:
     k = int(_get(info, "num_classes") or len(_get(info, "class_names") or []) or 0)
     given = _get(info, "class_colors")
     if given is not None:
-        arr = np.asarray(given)
+        try:
+            arr = np.asarray(given, dtype=np.float64)
+        except (TypeError, ValueError):  # strings, ragged rows
+            arr = np.zeros((0,))
         if arr.shape == (k, 3) and np.all((arr >= 0) & (arr <= 255)):
             return arr.astype(np.uint8)
         log.warning("dataset.json class_colors: expected %d [R, G, B] triples; using the default colours", k)

@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     ap.add_argument("--workdir", default=None, help="keep the data here (default: a temporary folder)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from tfseg import quiet
+    from tfseg.cli import quiet
 
     quiet.quiet_environment()
     import tensorflow as tf  # noqa: F401  (imported once, outside the timings)

@@ -114,8 +114,8 @@ def _stopper():
 def one_fit(data: str, out: str, seed: int, size_key: str, size: str, precision: str, full: bool) -> dict:
     """One ``tfseg fit`` (run_fit, CLI defaults) -> {"diverged": bool, "why": str, "seconds": float}."""
     from tfseg.errors import TfsegError
+    from tfseg.fit import run_fit
     from tfseg.rundir import first_non_finite_weight
-    from tfseg.train import run_fit
 
     shutil.rmtree(out, ignore_errors=True)
     config = {"data": data, "model": "unet", "output": out, "epochs": 1, "batch_size": 2, size_key: size,
@@ -307,7 +307,7 @@ def bench_brats(work: str, source: str, epochs: int, seeds: int, patch: str) -> 
     """bf16 and float32 training-loss curves on the shared BraTS volumes (full fits)."""
     import csv
 
-    from tfseg.train import run_fit
+    from tfseg.fit import run_fit
 
     data = os.path.join(work, "brats-data")
     if not os.path.isfile(os.path.join(data, "dataset.json")):

@@ -30,7 +30,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-
 # --------------------------------------------------------------------------------------------
 # Synthetic converted datasets.
 # --------------------------------------------------------------------------------------------
@@ -290,7 +289,7 @@ def bench_speed(work: str, steps: int = 8, rounds: int = 4) -> dict:
 
     from tfseg import rundir, runtime
     from tfseg.data import make_dataset
-    from tfseg.train import run_fit
+    from tfseg.fit import run_fit
 
     size, batch, depth, base = 256, 8, 4, 16
     data, x, y = make_2d(os.path.join(work, "speed"), 32, size)
@@ -492,7 +491,7 @@ def bench_unet(work: str, steps: int = 8) -> dict:
     import keras
 
     from tfseg import rundir, runtime
-    from tfseg.train import run_fit
+    from tfseg.fit import run_fit
 
     size, batch, depth, base = 256, 8, 4, 16
     data, x, y = make_2d(os.path.join(work, "unet"), 32, size)
@@ -550,7 +549,7 @@ def bench_unet(work: str, steps: int = 8) -> dict:
 
 
 def _rss_child(data: str, out: str) -> None:
-    from tfseg.train import run_fit
+    from tfseg.fit import run_fit
 
     run_fit({
         "data": data, "model": "unet", "output": out, "patch_size": [32, 32, 32], "batch_size": 2,

@@ -63,7 +63,7 @@ def _dir_bytes(path: str) -> int:
 
 
 def _train(name: str, cfg: dict, data: str, work: str, budget: str, seed: int) -> tuple[str, dict]:
-    from tfseg.train import run_fit
+    from tfseg.fit import run_fit
 
     run_dir = os.path.join(work, f"run_{name}")
     cfg = dict(cfg, data=data, output=run_dir, budget=budget, verbose=0, tensorboard=False, seed=seed)
@@ -135,8 +135,8 @@ def _worker(spec_path: str, threads: int) -> dict:
     import tempfile
 
     from tfseg import data as tfdata
-    from tfseg import litert, rundir
-    from tfseg.export import with_precision
+    from tfseg import rundir
+    from tfseg.export import litert, with_precision
     from tfseg.predict.litert import LiteRtPredictor
 
     spec = json.load(open(spec_path))

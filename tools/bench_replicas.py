@@ -29,7 +29,7 @@ import json, sys, time
 import keras
 sys.path.insert(0, {here!r})
 from bench_fit import make_2d
-from tfseg.train import run_fit
+from tfseg.fit import run_fit
 
 class Clock(keras.callbacks.Callback):
     def __init__(self):

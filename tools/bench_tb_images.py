@@ -81,8 +81,7 @@ def make_dataset(root: str, size: int, splits: dict[str, int], seed: int = 0) ->
 def bench(name: str, work: str) -> dict:
     import keras
 
-    from tfseg.fit import tb_images
-    from tfseg.train import run_fit
+    from tfseg.fit import run_fit, tb_images
 
     c = CONFIGS[name]
     data = make_dataset(os.path.join(work, name + "-data"), c["size"], {"train": c["train"], "val": c["val"]})

@@ -28,15 +28,17 @@ import csv
 import io
 import logging
 import os
+import re
 
 import numpy as np
 
+from tfseg import photos
 from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, read_image, read_label_image
 from tfseg.errors import TfsegError
+from tfseg.schema import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 NUM_CLASSES = 150
 SPLITS = {"training": "train", "validation": "val"}
 OBJECT_LISTS = ("objectInfo150.txt", "objectInfo150.csv")
@@ -89,9 +91,21 @@ def short_name(entry: str) -> str:
     return entry.replace(";", ",").split(",")[0].strip()
 
 
+def _words(entry: str) -> tuple[str, ...]:
+    return tuple(w for w in re.split(r"[;,\s]+", entry.strip().lower()) if w)
+
+
+def _from_csv_name(entry: str) -> str:
+    """objectInfo150.csv writes every separator as ``;``, between synonyms and between the words
+    of one (``screen;door;screen`` is ``"screen door, screen"``): the entry of the .txt list with the
+    same words, else the words joined by spaces (never cut at the first ``;``)."""
+    by_words = {_words(n): n for n in OBJECT_NAMES}
+    return by_words.get(_words(entry), " ".join(_words(entry)))
+
+
 def read_object_list(path: str) -> list[str]:
-    """The 150 Name entries of ``objectInfo150.txt`` (tab-separated) or ``objectInfo150.csv``, in
-    Idx order.
+    """The 150 Name entries of ``objectInfo150.txt`` (tab-separated) or ``objectInfo150.csv``
+    (comma-separated, ``;`` inside names: :func:`_from_csv_name`), in Idx order.
 
     Raises:
       TfsegError: unreadable, no Name/Idx columns, or not exactly the indices 1..150.
@@ -102,7 +116,8 @@ def read_object_list(path: str) -> list[str]:
     except OSError as e:
         raise TfsegError(f"{path}: cannot read the object list ({e.strerror or e})") from None
     first = text.splitlines()[0] if text.strip() else ""
-    rows = list(csv.reader(io.StringIO(text), delimiter="\t" if "\t" in first else ","))
+    tabs = "\t" in first
+    rows = list(csv.reader(io.StringIO(text), delimiter="\t" if tabs else ","))
     header = [h.strip().lower() for h in rows[0]] if rows else []
     if "name" not in header or "idx" not in header:
         raise TfsegError(f"{path}: expected the columns Idx and Name (objectInfo150 format), "
@@ -113,7 +128,7 @@ def read_object_list(path: str) -> list[str]:
         if len(row) <= max(col_name, col_idx) or not row[col_idx].strip():
             continue
         try:
-            names[int(row[col_idx])] = row[col_name].strip()
+            names[int(row[col_idx])] = row[col_name].strip() if tabs else _from_csv_name(row[col_name])
         except ValueError:
             raise TfsegError(f"{path}: Idx {row[col_idx]!r} is not a number") from None
     if sorted(names) != list(range(1, NUM_CLASSES + 1)):
@@ -169,7 +184,7 @@ class Ade20kLayout(Layout):
                 continue
             for f in sorted(os.listdir(img_dir)):
                 stem, ext = os.path.splitext(f)
-                if ext.lower() not in (".jpg", ".jpeg", ".png"):
+                if ext.lower() not in photos.IMAGE_EXTENSIONS:
                     continue
                 files = [("image", os.path.join(img_dir, f))]
                 ann = os.path.join(ann_dir, stem + ".png")

@@ -18,6 +18,21 @@ from typing import Any
 
 import numpy as np
 
+from tfseg import photos, preprocess
+from tfseg.errors import first_line
+
+# Label names annotation tools give the background (LabelMe's "_background_", labelme2coco's category
+# 0): class 0, never a class of its own.
+BACKGROUND_LABELS = ("_background_", "background", "__background__")
+
+
+def outside_input(path: str, root: str) -> bool:
+    """Whether ``path`` (as named by an annotation file) resolves outside the ``--input`` folder
+    ``root``, through ``..``, an absolute path or a symbolic link: tfseg reads only inside its
+    input (an annotation file must not make it open ``/etc/passwd``)."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real != base and not real.startswith(base.rstrip(os.sep) + os.sep)
+
 
 class BadCase(Exception):
     """A case that cannot be converted; the job records it in rejected.jsonl and goes on.
@@ -71,6 +86,8 @@ class Loaded2D:
       image_shape: (H, W, C) of ``image_bytes`` when the layout validated the file without
         keeping its pixels (``image`` is then None): the pipeline stores the bytes as they are
         and decodes them only if it must resize. See :func:`read_image`.
+      exif_orientation: the EXIF orientation (1-8) the photo was turned by to be stored as
+        displayed (:mod:`tfseg.photos`); 1 when it was stored as read.
     """
 
     image: np.ndarray | None
@@ -78,6 +95,7 @@ class Loaded2D:
     image_bytes: bytes | None = None
     image_format: str | None = None
     image_shape: tuple[int, int, int] | None = None
+    exif_orientation: int = 1
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -279,16 +297,12 @@ def read_bytes(path: str) -> bytes:
 # 2D file readers shared by the layouts (PIL only, run in the Beam workers).
 # --------------------------------------------------------------------------------------------
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 _PIL_FORMATS = {"JPEG": "jpeg", "PNG": "png"}
 
 
-# The largest image (height x width) convert decodes, and the largest --image-size: 2**26 =
-# 67,108,864 pixels (8192 x 8192). Decoding, validating and encoding one RGB case of that size
-# peaks at about 10 bytes a pixel (~0.7 GB); the conversion job also bounds how many pixels its
-# threads hold at once (tfseg.convert.transforms), so a conversion stays under ~4 GB of memory.
-MAX_PIXELS = 2**26
+# The largest image convert decodes (tfseg.preprocess states the three pixel limits together).
+MAX_PIXELS = preprocess.MAX_DECODE_PIXELS
 
 
 # Pixels the conversion threads of one worker process may hold decoded at once: two cases of
@@ -362,14 +376,15 @@ def check_pixels(width: int, height: int, path: str, what: str = "image") -> Non
                             f"{MAX_PIXELS} pixels (2**26; a decompression bomb or an image to tile first)")
 
 
-def _open_image(path: str):
+def _open_image(path: str, data: bytes | None = None):
     from PIL import Image, UnidentifiedImageError
 
     _quiet_pil_bomb_warning()
-    try:
-        data = read_bytes(path)
-    except OSError as e:
-        raise BadCase(path, f"cannot read file ({e.strerror or _pil_reason(e)})") from None
+    if data is None:
+        try:
+            data = read_bytes(path)
+        except OSError as e:
+            raise BadCase(path, f"cannot read file ({e.strerror or _pil_reason(e)})") from None
     if not data:
         raise BadCase(path, "empty file")
     try:
@@ -387,8 +402,7 @@ def _pil_reason(e: BaseException) -> str:
     """PIL's message without the object reprs it puts in some (``<_io.BytesIO object at 0x..>``)."""
     import re
 
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", text)
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", first_line(e))
     return text
 
 
@@ -459,8 +473,10 @@ def _load_pixels(img, path: str) -> None:
         raise BadCase(path, f"undecodable or truncated image ({_pil_reason(e)})") from None
 
 
-def read_image(path: str, channels: int = 3, *, keep_pixels: bool = False) -> Loaded2D:
-    """Reads and validates one image file for a 2D case (mask left None).
+def read_image(path: str, channels: int = 3, *, keep_pixels: bool = False, data: bytes | None = None) -> Loaded2D:
+    """Reads and validates one image file for a 2D case (mask left None), as displayed: a photo
+    with an EXIF orientation other than 1 is turned as the tag says (:mod:`tfseg.photos`), as
+    annotation tools showed it, and stored as decoded pixels (``exif_orientation`` says so).
 
     JPEG and PNG files in a mode the records can hold as-is are returned as their original bytes
     (``image_bytes``, ``image_shape``) without keeping pixels: the file is still fully decoded to
@@ -469,9 +485,11 @@ def read_image(path: str, channels: int = 3, *, keep_pixels: bool = False) -> Lo
     decoded and converted to ``channels``; 16-bit and float images by :func:`pixels_to_uint8`.
 
     Args:
-      path: image file.
+      path: image file (named in messages).
       channels: 1 (grayscale) or 3 (RGB).
       keep_pixels: also return the full-resolution pixels in ``image``.
+      data: the file's bytes when already in memory (LabelMe's embedded ``imageData``); None
+        reads ``path``.
 
     Returns:
       Loaded2D with ``mask=None``; ``image`` (H, W, channels) uint8 when decoded.
@@ -480,11 +498,13 @@ def read_image(path: str, channels: int = 3, *, keep_pixels: bool = False) -> Lo
       BadCase: unreadable, undecodable or truncated file, over :data:`MAX_PIXELS`, or pixels
         :func:`pixels_to_uint8` rejects.
     """
-    img, data = _open_image(path)
+    img, data = _open_image(path, data)
     reserve_pixels(img.size[0] * img.size[1])
     fmt = _PIL_FORMATS.get(img.format or "")
+    turn = photos.orientation(img)
     # A grayscale file in an RGB dataset stays as-is: decode_image(channels=3) replicates it.
-    passthrough = fmt is not None and (img.mode == ("RGB" if channels == 3 else "L") or (
+    # A turned photo cannot: TensorFlow's decoders ignore EXIF, so its pixels are stored.
+    passthrough = turn == 1 and fmt is not None and (img.mode == ("RGB" if channels == 3 else "L") or (
         channels == 3 and img.mode == "L"))
     width, height = img.size
     if passthrough and not keep_pixels:
@@ -494,11 +514,13 @@ def read_image(path: str, channels: int = 3, *, keep_pixels: bool = False) -> Lo
         return Loaded2D(image=None, mask=None, image_bytes=data, image_format=fmt,
                         image_shape=(height, width, channels))
     _load_pixels(img, path)
+    if turn != 1:
+        img, _ = photos.oriented(img)
     want = "RGB" if channels == 3 else "L"
     if _is_wide(img):
         gray = pixels_to_uint8(img, path)
         pixels = np.repeat(gray[..., None], channels, axis=-1)
-        return Loaded2D(image=pixels, mask=None)
+        return Loaded2D(image=pixels, mask=None, exif_orientation=turn)
     try:
         pixels = np.asarray(img if img.mode == want else img.convert(want))
     except (OSError, ValueError) as e:
@@ -508,7 +530,7 @@ def read_image(path: str, channels: int = 3, *, keep_pixels: bool = False) -> Lo
     if passthrough:
         return Loaded2D(image=pixels, mask=None, image_bytes=data, image_format=fmt,
                         image_shape=(height, width, channels))
-    return Loaded2D(image=pixels, mask=None)
+    return Loaded2D(image=pixels, mask=None, exif_orientation=turn)
 
 
 def read_label_image(path: str) -> np.ndarray:

@@ -50,24 +50,13 @@ upstream's 1004 annotations give 704 / 100 / 200, and a subset keeps each id's s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import re
 
 import numpy as np
 
-from tfseg.convert.base import (
-    BadCase,
-    Case,
-    Layout,
-    LayoutInfo,
-    Loaded2D,
-    _is_wide,
-    _load_pixels,
-    _open_image,
-    _pil_reason,
-    pixels_to_uint8,
-)
+from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, read_image
 from tfseg.errors import TfsegError
 
 log = logging.getLogger(__name__)
@@ -243,17 +232,8 @@ class CcpLayout(Layout):
         image_path, mask_path = paths["image"], paths["mask"]
         if not os.path.isfile(image_path):
             raise BadCase(image_path, "missing photo for annotation " + os.path.basename(mask_path))
-        img, data = _open_image(image_path)
-        _load_pixels(img, image_path)
-        fmt = (img.format or "").lower()
-        rgb = img.mode == "RGB"
-        if _is_wide(img):
-            image = np.repeat(pixels_to_uint8(img, image_path)[..., None], 3, axis=-1)
-        else:
-            try:
-                image = np.asarray(img.convert("RGB"))
-            except (OSError, ValueError) as e:
-                raise BadCase(image_path, f"cannot convert {img.mode} image to RGB ({_pil_reason(e)})") from None
+        loaded = read_image(image_path, 3, keep_pixels=True)  # as displayed (EXIF), original bytes where exact
+        image = loaded.image
         groundtruth = _read_groundtruth(mask_path)
         if groundtruth.shape != image.shape[:2]:
             h, w = groundtruth.shape
@@ -261,11 +241,7 @@ class CcpLayout(Layout):
         if groundtruth.max(initial=0) >= len(CCP_TAGS):
             bad = sorted(int(v) for v in np.unique(groundtruth[groundtruth >= len(CCP_TAGS)]))
             raise BadCase(mask_path, f"tag values {bad} outside label_list (0..{len(CCP_TAGS) - 1})")
-        mask = self._lut[groundtruth]
-        # Keep the original bytes only when they decode to exactly this RGB image.
-        keep = fmt in ("jpeg", "png") and rgb
-        return Loaded2D(image=image, mask=mask, image_bytes=data if keep else None,
-                        image_format=fmt if keep else None)
+        return dataclasses.replace(loaded, mask=self._lut[groundtruth])
 
     @classmethod
     def make_sample(cls, output: str, count: int, seed: int = 0) -> None:

@@ -27,10 +27,10 @@ import numpy as np
 
 from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, read_image, read_label_image
 from tfseg.errors import TfsegError
+from tfseg.schema import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 TRAIN_ID_SUFFIX = "_gtFine_labelTrainIds.png"
@@ -133,9 +133,8 @@ class CityscapesLayout(Layout):
         the ego vehicle's bonnet) in the Cityscapes layout over two cities per split (1 in 5 to
         val), with ``labelIds`` (8-bit), ``color`` (RGB) and ``instanceIds`` (16-bit) PNGs in the
         modes the benchmark ships them."""
-        from PIL import Image
-
         from cityscapesscripts.helpers.labels import name2label
+        from PIL import Image
 
         rng = np.random.default_rng(seed)
         h, w = image_size

@@ -53,14 +53,13 @@ import re
 
 import numpy as np
 
-from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, read_image
+from tfseg.convert.base import BACKGROUND_LABELS, BadCase, Case, Layout, LayoutInfo, Loaded2D, outside_input, read_image
 from tfseg.errors import TfsegError
+from tfseg.schema import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 EMPTY_IMAGES = ("keep", "drop")
-_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 def official_split(name: str) -> str | None:
@@ -110,6 +109,12 @@ def is_coco(doc) -> bool:
 
 def _is_panoptic(doc: dict) -> bool:
     return any(isinstance(a, dict) and "segments_info" in a for a in doc["annotations"][:50])
+
+
+def _distinct(names: list[str], ids: list[int], taken: tuple[str, ...] = ("background",)) -> list[str]:
+    """Two categories of one name (rare, but tools allow it), or one named like a class tfseg adds
+    (``taken``), stay apart by their id."""
+    return [n if names.count(n) == 1 and n not in taken else f"{n} (id {i})" for n, i in zip(names, ids)]
 
 
 def _short_stem(path: str) -> str:
@@ -282,12 +287,13 @@ class CocoLayout(Layout):
             # Panoptic labels every pixel with a category: no background class, unless there is a
             # single category (a segmentation needs two classes).
             first = 0 if self.panoptic and len(order) > 1 else 1
-        names = ([] if first == 0 else ["background"]) + [cat_names[c] for c in order]
-        seen: dict[str, int] = {}
-        for n in names:
-            seen[n] = seen.get(n, 0) + 1
-        # Two categories of one name (rare, but tools allow it) stay apart by their id.
-        names = [n if seen[n] == 1 or i < first else f"{n} (id {order[i - first]})" for i, n in enumerate(names)]
+            if first == 1 and order and order[0] == 0 and cat_names[0].lower() in BACKGROUND_LABELS:
+                # labelme2coco declares the background as category 0: it is class 0, not a class of its own.
+                log.info("coco: category 0 %r is the background: class 0", cat_names[0])
+                return {0: 0, **{c: i + 1 for i, c in enumerate(order[1:])}}, ("background",) + tuple(
+                    _distinct([cat_names[c] for c in order[1:]], order[1:]))
+        names = ([] if first == 0 else ["background"]) + _distinct([cat_names[c] for c in order], order,
+                                                                   () if first == 0 else ("background",))
         if len(names) > 255:
             raise TfsegError(f"{len(names)} classes: tfseg's masks hold at most 255 classes (255 is ignore); "
                              "pick fewer with --categories")
@@ -383,6 +389,9 @@ class CocoLayout(Layout):
                 stats["empty_kept"] += 1
             payload.update(json=path, image_id=iid, height=im.get("height"), width=im.get("width"))
             image = _resolve(base, im["file_name"]) or os.path.join(base, im["file_name"])
+            if not error and outside_input(image, root) and not outside_input(base, root):
+                error = (f"file_name {im['file_name']!r} resolves outside --input ({root}); tfseg reads only "
+                         "inside its input")
             files = [("image", image), ("annotation", path)]
             if self.panoptic and payload.get("png"):
                 files.append(("mask", payload["png"]))
@@ -567,6 +576,37 @@ def _resolve(base: str, file_name: str) -> str | None:
     return p if os.path.isfile(p) else None
 
 
+def clip_polygon(points: np.ndarray, w: int, h: int) -> tuple[np.ndarray, int]:
+    """``(clipped, outside)``: an (N, 2) x/y polygon clipped (Sutherland-Hodgman) to the box one
+    pixel around a ``w`` x ``h`` image, and how many of its points lay outside that box.
+
+    The part inside the image is unchanged, so pycocotools rasterizes the same pixels, but its
+    cost is then bounded by the image: a coordinate of 1e12 would otherwise make it walk the edge
+    pixel by pixel (22 GB before the kernel killed convert).
+    """
+    lo, hi = np.array([-1.0, -1.0]), np.array([w + 1.0, h + 1.0])
+    outside = int(np.sum(np.any((points < lo) | (points > hi), axis=1)))
+    if not outside:
+        return points, 0
+    poly = [tuple(p) for p in points]
+    for axis, bound, keep_above in ((0, lo[0], True), (0, hi[0], False), (1, lo[1], True), (1, hi[1], False)):
+        inside = (lambda p: p[axis] >= bound) if keep_above else (lambda p: p[axis] <= bound)
+        out = []
+        for i, cur in enumerate(poly):
+            prev = poly[i - 1]
+            if inside(cur) != inside(prev):  # the edge crosses the bound: add the crossing point
+                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
+                cross = [prev[0] + t * (cur[0] - prev[0]), prev[1] + t * (cur[1] - prev[1])]
+                cross[axis] = bound
+                out.append(tuple(cross))
+            if inside(cur):
+                out.append(cur)
+        poly = out
+        if not poly:
+            break
+    return np.asarray(poly, np.float64).reshape(-1, 2), outside
+
+
 def segmentation_rle(segm, h: int, w: int, ann_id, path: str):
     """One annotation's segmentation (polygons, uncompressed or compressed RLE) as a pycocotools
     RLE at (h, w), or None when nothing is left of it.
@@ -578,7 +618,7 @@ def segmentation_rle(segm, h: int, w: int, ann_id, path: str):
 
     try:
         if isinstance(segm, list):
-            polys = []
+            polys, outside, total = [], 0, 0
             for part in segm:
                 if not isinstance(part, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                          for v in part):
@@ -586,8 +626,19 @@ def segmentation_rle(segm, h: int, w: int, ann_id, path: str):
                 if len(part) % 2:
                     raise BadCase(path, f"annotation {ann_id}: polygon has an odd number ({len(part)}) of coordinates")
                 if len(part) >= 6:  # fewer than 3 points: no area (and pycocotools reads 4 numbers as a box)
-                    polys.append([float(v) for v in part])
+                    points = np.asarray(part, np.float64).reshape(-1, 2)
+                    if not np.all(np.isfinite(points)):
+                        raise BadCase(path, f"annotation {ann_id}: polygon has a coordinate that is not a finite number")
+                    clipped, n_out = clip_polygon(points, w, h)
+                    outside, total = outside + n_out, total + len(points)
+                    if len(clipped) >= 3:
+                        polys.append(clipped.ravel().tolist())
+            if outside:
+                log.warning("%s: annotation %s: %d of %d polygon points lie outside the %dx%d image; the polygon was "
+                            "clipped to it", path, ann_id, outside, total, w, h)
             if not polys:
+                if not segm:
+                    log.warning("%s: annotation %s has an empty segmentation: no area", path, ann_id)
                 return None
             return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
         if isinstance(segm, dict) and "counts" in segm and "size" in segm:

@@ -25,6 +25,7 @@ import os
 
 import numpy as np
 
+from tfseg import photos
 from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, read_image
 from tfseg.convert.coco import official_split
 from tfseg.errors import TfsegError
@@ -32,7 +33,6 @@ from tfseg.errors import TfsegError
 log = logging.getLogger(__name__)
 
 LABELMAP = "labelmap.txt"
-_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 def read_labelmap(path: str) -> tuple[list[str], list[tuple[int, int, int]]]:
@@ -189,7 +189,7 @@ def _image_index(image_dir: str) -> dict[str, str]:
         rel = os.path.relpath(d, image_dir)
         for f in sorted(files):
             stem, ext = os.path.splitext(f)
-            if ext.lower() in _IMAGE_EXT:
+            if ext.lower() in photos.IMAGE_EXTENSIONS:
                 key = os.path.normpath(os.path.join(rel, stem)).replace(os.sep, "/")
                 out.setdefault(key, os.path.join(d, f))
     return out

@@ -16,8 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tfseg import preprocess, schema
-from tfseg.convert.base import BadCase, Case, Loaded2D, Loaded3D, MAX_PIXELS
-
+from tfseg.convert.base import MAX_PIXELS, BadCase, Case, Loaded2D, Loaded3D
 
 # zlib level 3: ~4 ms for a 1918x1280 binary mask vs ~10 ms at 6, for a mask ~2x larger
 # (still ~2% of the JPEG beside it).
@@ -50,11 +49,13 @@ class CaseStats(NamedTuple):
       class_counts: pixels (voxels) per class id, ignore excluded; None if unlabelled.
       shape: (H, W) or (D, H, W) as stored.
       image_format: ``"jpeg"``/``"png"`` for 2D, None for 3D.
+      exif_orientation: the EXIF orientation the photo was turned by (1: stored as read).
     """
 
     class_counts: tuple[int, ...] | None
     shape: tuple[int, ...]
     image_format: str | None
+    exif_orientation: int = 1
 
 
 class Encoded(NamedTuple):
@@ -213,7 +214,7 @@ def encode_case(loaded: Any, case: Case, opts: EncodeOptions) -> tuple[bytes, Ca
         mask_png=None if mask is None else encode_png_gray(mask),
         source_id=case.case_id,
     )
-    return record, CaseStats(counts if mask is not None else None, (height, width), fmt)
+    return record, CaseStats(counts if mask is not None else None, (height, width), fmt, loaded.exif_orientation)
 
 
 def _encode_3d(loaded: Loaded3D, case: Case, opts: EncodeOptions) -> tuple[bytes, CaseStats]:

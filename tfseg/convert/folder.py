@@ -40,8 +40,8 @@ import time
 
 import numpy as np
 
+from tfseg import photos
 from tfseg.convert.base import (
-    IMAGE_EXTENSIONS,
     BadCase,
     Case,
     Layout,
@@ -58,16 +58,6 @@ from tfseg.convert.base import (
 from tfseg.errors import TfsegError
 
 log = logging.getLogger(__name__)
-
-
-def load_palette(path: str) -> dict[tuple[int, int, int], int]:
-    """Reads ``--palette``: ``{"R,G,B" | "#rrggbb": class_id | {"id": class_id, "name": str}}``
-    -> {(r, g, b): id}.
-
-    Raises:
-      TfsegError: missing file, bad JSON or bad entries.
-    """
-    return _read_palette(path)[0]
 
 
 def _read_palette(path: str) -> tuple[dict[tuple[int, int, int], int], dict[int, str]]:
@@ -230,7 +220,7 @@ class FolderLayout(Layout):
         out = {}
         for f in list_dir(mask_dir):
             stem, ext = os.path.splitext(f)
-            if ext.lower() not in IMAGE_EXTENSIONS or not stem.endswith(self.mask_suffix):
+            if ext.lower() not in photos.IMAGE_EXTENSIONS or not stem.endswith(self.mask_suffix):
                 continue
             key = stem[: len(stem) - len(self.mask_suffix)] if self.mask_suffix else stem
             out.setdefault(key, join(mask_dir, f))
@@ -250,7 +240,7 @@ class FolderLayout(Layout):
         cases = []
         for f in list_dir(image_dir):
             stem, ext = os.path.splitext(f)
-            if ext.lower() not in IMAGE_EXTENSIONS:
+            if ext.lower() not in photos.IMAGE_EXTENSIONS:
                 continue
             if same and (not self.mask_suffix or stem.endswith(self.mask_suffix)):
                 if not self.mask_suffix:
@@ -261,7 +251,7 @@ class FolderLayout(Layout):
                 files.append(("mask", masks[stem]))
             cases.append(Case(case_id=stem, files=tuple(files)))
         if not cases:
-            raise TfsegError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise TfsegError(f"{image_dir}: no images ({', '.join(photos.IMAGE_EXTENSIONS)})")
         self.channels = _probe_channels(cases[0].main_path)
         if self.num_classes is None:
             self.num_classes = self._classes_from_values([c.paths["mask"] for c in cases if "mask" in c.paths],

@@ -22,13 +22,13 @@ import re
 
 import numpy as np
 
-from tfseg.convert.base import Case, Layout, LayoutInfo, Loaded2D, BadCase, read_binary_mask, read_image
+from tfseg import photos
+from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, read_binary_mask, read_image
 from tfseg.errors import TfsegError
 
 log = logging.getLogger(__name__)
 
 MASK_SUFFIX = "_segmentation"
-_IMAGE_EXT = (".jpg", ".jpeg", ".png")
 _SKIP_SUFFIXES = (MASK_SUFFIX, "_superpixels")
 
 
@@ -59,7 +59,7 @@ class IsicLayout(Layout):
             subdirs.sort()
             for f in sorted(files):
                 stem, ext = os.path.splitext(f)
-                if ext.lower() not in _IMAGE_EXT:
+                if ext.lower() not in photos.IMAGE_EXTENSIONS:
                     continue
                 if stem.endswith(MASK_SUFFIX) and ext.lower() == ".png":
                     mask_dirs.setdefault(d, {})[stem[: -len(MASK_SUFFIX)]] = os.path.join(d, f)

@@ -36,18 +36,16 @@ import os
 
 import numpy as np
 
-from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, check_pixels, read_image
+from tfseg import photos
+from tfseg.convert.base import BACKGROUND_LABELS, BadCase, Case, Layout, LayoutInfo, Loaded2D, outside_input, read_image
 from tfseg.convert.coco import official_split
 from tfseg.errors import TfsegError
+from tfseg.schema import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 IGNORE_LABEL = "__ignore__"
-BACKGROUND_LABELS = ("_background_", "background")
-AREA_SHAPES = ("polygon", "rectangle", "circle", "mask")
 NO_AREA_SHAPES = ("line", "linestrip", "point", "points")
-_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif")
 
 
 def parse_labels(value: str) -> list[str]:
@@ -83,21 +81,42 @@ def parse_labels(value: str) -> list[str]:
     return names
 
 
-def _read_json(path: str) -> dict:
+def _parse_json(path: str):
+    """A JSON file's content, read as UTF-8 (what LabelMe writes) or, failing that, as Latin-1
+    (what LabelMe's loader reads on a Windows machine's default encoding), saying so.
+
+    Raises:
+      BadCase: unreadable, or not JSON in either encoding.
+    """
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise BadCase(path, f"cannot read ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadCase(path, f"not valid JSON ({getattr(e, 'msg', e)})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+        log.warning("%s: not UTF-8; read as Latin-1", path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadCase(path, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+
+def _read_json(path: str) -> dict:
+    doc = _parse_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), list):
         raise BadCase(path, "not a LabelMe file (no 'shapes' list)")
     return doc
 
 
 def _labelme_files(root: str) -> list[str]:
-    out = []
+    """Every ``*.json`` under ``root`` that is a LabelMe file, found by parsing it (a file with its
+    keys sorted, or a large ``imageData`` first, is still one), plus those that cannot be parsed
+    (their cases are rejected with the reason, never skipped); JSON files of other tools (a
+    ``{...}`` without ``shapes``) are left out, counted in one line."""
+    out, other = [], 0
     for d, subdirs, files in os.walk(root):
         subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
         for f in sorted(files):
@@ -105,12 +124,16 @@ def _labelme_files(root: str) -> list[str]:
                 continue
             p = os.path.join(d, f)
             try:
-                with open(p, encoding="utf-8") as fh:
-                    head = fh.read(4096)
-            except (OSError, UnicodeDecodeError):
+                doc = _parse_json(p)
+            except BadCase:
+                out.append(p)  # rejected by the job, with the reason
                 continue
-            if '"shapes"' in head:  # LabelMe writes version, flags, shapes first
+            if isinstance(doc, dict) and "shapes" in doc:
                 out.append(p)
+            else:
+                other += 1
+    if other:
+        log.info("labelme: %d JSON file(s) without 'shapes' (not LabelMe annotations) left out", other)
     return out
 
 
@@ -127,6 +150,7 @@ class LabelmeLayout(Layout):
         self.labels_option = labels
         self.class_names: tuple[str, ...] | None = tuple(parse_labels(labels)) if labels else None
         self.counts: dict = {}
+        self.root = ""  # the --input folder, set by list_cases
 
     def info(self) -> LayoutInfo:
         if self.class_names is None:
@@ -139,6 +163,7 @@ class LabelmeLayout(Layout):
                           ignore_index=IGNORE_INDEX, label_mapping=mapping)
 
     def list_cases(self, root: str) -> list[Case]:
+        self.root = root  # load_case reads only inside it
         files = _labelme_files(root)
         if not files:
             raise TfsegError(f"{root}: no LabelMe JSON files (*.json with 'shapes')")
@@ -153,7 +178,7 @@ class LabelmeLayout(Layout):
             except BadCase:
                 continue  # the worker rejects it with the reason
             image = _image_file(p, doc)
-            if image:
+            if image and not outside_input(image, root):
                 images[p] = image
                 stems.add(os.path.splitext(image)[0])
             for s in doc["shapes"]:
@@ -178,7 +203,7 @@ class LabelmeLayout(Layout):
         unannotated = 0
         for d, subdirs, names in os.walk(root):
             subdirs[:] = [s for s in subdirs if not s.startswith(".")]
-            unannotated += sum(os.path.splitext(n)[1].lower() in _IMAGE_EXT
+            unannotated += sum(photos.is_image_name(n)
                                and os.path.join(d, os.path.splitext(n)[0]) not in stems for n in names)
         if unannotated:
             log.info("labelme: %d image(s) without a JSON file left out", unannotated)
@@ -197,7 +222,7 @@ class LabelmeLayout(Layout):
     def load_case(self, case: Case) -> Loaded2D:
         path = case.paths["annotation"]
         doc = _read_json(path)
-        loaded = _load_image(path, doc)
+        loaded = _load_image(path, doc, self.root)
         height, width = loaded.shape[:2]
         h, w = doc.get("imageHeight"), doc.get("imageWidth")
         if h is not None and w is not None and (h, w) != (height, width):
@@ -280,26 +305,28 @@ def _image_file(json_path: str, doc: dict) -> str | None:
         rel = doc["imagePath"].replace("\\", "/")
         candidates += [os.path.join(here, rel), os.path.join(here, os.path.basename(rel))]
     stem = os.path.splitext(json_path)[0]
-    candidates += [stem + ext for ext in _IMAGE_EXT] + [stem + ext.upper() for ext in _IMAGE_EXT]
-    return next((c for c in candidates if os.path.isfile(c)), None)
+    candidates += [stem + ext for ext in photos.IMAGE_EXTENSIONS] + [stem + ext.upper() for ext in photos.IMAGE_EXTENSIONS]
+    return next((c for c in candidates if os.path.isfile(c) and c != json_path), None)
 
 
-def _load_image(json_path: str, doc: dict) -> Loaded2D:
-    image = _image_file(json_path, doc)
-    if image:
-        return read_image(image, 3)
+def _load_image(json_path: str, doc: dict, root: str) -> Loaded2D:
+    """The image a LabelMe JSON annotates, as LabelMe's own loader picks it: the embedded
+    ``imageData`` when there is one, else the file ``imagePath`` names (inside ``root``, the
+    ``--input`` folder); as displayed (EXIF)."""
     data = doc.get("imageData")
-    if not data:
+    if data:
+        try:
+            raw = base64.b64decode(data, validate=False)
+        except (binascii.Error, ValueError) as e:
+            raise BadCase(json_path, f"imageData is not base64 ({e})") from None
+        return read_image(json_path, 3, data=raw)
+    image = _image_file(json_path, doc)
+    if image is None:
         raise BadCase(json_path, f"image {doc.get('imagePath')!r} not found and no imageData embedded")
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(io.BytesIO(base64.b64decode(data, validate=False)))
-        check_pixels(img.size[0], img.size[1], json_path, "embedded image")
-        pixels = np.asarray(img.convert("RGB"))
-    except (binascii.Error, ValueError, OSError, UnidentifiedImageError) as e:
-        raise BadCase(json_path, f"imageData is not a decodable image ({e})") from None
-    return Loaded2D(image=pixels, mask=None)
+    if outside_input(image, root):
+        raise BadCase(json_path, f"imagePath {doc.get('imagePath')!r} resolves outside --input ({root}); tfseg "
+                                 "reads only inside its input")
+    return read_image(image, 3)
 
 
 def _draw_shape(draw, shape: dict, value, path: str, canvas=None) -> bool:

@@ -24,7 +24,7 @@ Beam options after the tfseg ones go to PipelineOptions, e.g.::
 (A cluster runner needs ``--output`` on a filesystem its workers share.)
 
 Remote paths (gs://, s3://, hdfs://) go through Beam's ``FileSystems`` only, on the launcher
-(listing, ownership checks, publishing: :func:`tfseg.outputs.beam_filesystems`) and in the
+(listing, ownership checks, publishing: :func:`tfseg.io.fs.beam_filesystems`) and in the
 workers (reading inputs, batch fragments, JSON files; shards are written by TF's TFRecordWriter to
 the worker's disk and uploaded, so their bytes equal a local conversion's). TF's own gs:// client
 is never used here (it ignores ``STORAGE_EMULATOR_HOST`` and the runner's credentials). A remote
@@ -46,7 +46,8 @@ import time
 
 import apache_beam as beam
 
-from tfseg import outputs, preprocess, schema
+import tfseg
+from tfseg import interrupts, preprocess, schema
 from tfseg.convert.base import Case, Layout, LayoutInfo, assign_split, parse_split_spec
 from tfseg.convert.checks import (  # NothingConverted: what run_convert raises, for its callers
     NothingConverted,
@@ -79,6 +80,7 @@ from tfseg.convert.transforms import (
     set_progress,
 )
 from tfseg.errors import TfsegError
+from tfseg.io import fs, locks, publish
 
 __all__ = ["NothingConverted", "make_layout", "run_convert"]
 
@@ -103,7 +105,7 @@ def make_layout(layout_name: str, layout_options: dict | None = None) -> Layout:
     return cls(**options)
 
 
-@outputs.holding_locks
+@locks.holding_locks
 def run_convert(*args, progress_stream=None, **kwargs) -> dict:
     """Converts one dataset from its original layout into sharded TFRecords + dataset.json.
 
@@ -125,14 +127,14 @@ def run_convert(*args, progress_stream=None, **kwargs) -> dict:
     t0 = time.time()
     cfg = ConvertConfig.from_call(args, kwargs)
     # Scheme paths (gs://, s3://, hdfs://) go through Beam's FileSystems, on the launcher too.
-    input_dir, output_dir = (str(p).rstrip("/") if outputs.is_remote(p) else os.path.abspath(p)
+    input_dir, output_dir = (str(p).rstrip("/") if fs.is_remote(p) else os.path.abspath(p)
                              for p in (cfg.input_dir, cfg.output_dir))
-    if outputs.is_remote(input_dir):
+    if fs.is_remote(input_dir):
         check_remote_path(input_dir, "--input")
-    if outputs.is_remote(output_dir):
+    if fs.is_remote(output_dir):
         check_remote_path(output_dir, "--output")
     cfg = dataclasses.replace(cfg, input_dir=input_dir, output_dir=output_dir)
-    with outputs.beam_filesystems():
+    with fs.beam_filesystems():
         return _run_convert(cfg, t0=t0, progress_stream=progress_stream)
 
 
@@ -140,11 +142,11 @@ def _run_convert(cfg: ConvertConfig, *, t0: float, progress_stream) -> dict:
     cfg, spec, options, layout = _check_options(cfg)
     # Checked again when publishing; failing here spares listing and converting first.
     owned = dict(complete_marker=schema.DATASET_JSON, overwrite=cfg.overwrite, inputs=[("--input", cfg.input_dir)])
-    outputs.claim(cfg.output_dir, "convert", **owned)
+    publish.claim(cfg.output_dir, "convert", **owned)
     info, keyed, shards = _assign_cases(cfg, layout, spec)
     opts = EncodeOptions(info.ndim, info.channels, info.num_classes, info.ignore_index,
                          tuple(cfg.image_size) if cfg.image_size else None)
-    with outputs.publish_dir(cfg.output_dir, "convert", **owned) as tmp:
+    with publish.publish_dir(cfg.output_dir, "convert", **owned) as tmp:
         with beam_scratch_dir():
             bar = _run_job(layout, keyed, opts, tmp, shards, cfg, options, progress_stream)
         written, stats, rejected = _gather(cfg, tmp, len(keyed), bar)
@@ -153,8 +155,8 @@ def _run_convert(cfg: ConvertConfig, *, t0: float, progress_stream) -> dict:
             files = sorted(name for sp, name, _ in written if sp == s)
             splits[s] = {"count": int(sum(n for sp, _, n in written if sp == s)), "files": files}
         dataset = _dataset_info(cfg, info, layout, splits, stats, len(rejected))
-        outputs.atomic_write_json(outputs.join(tmp, CONFIG_JSON), cfg.to_json())
-        outputs.atomic_write_json(outputs.join(tmp, schema.DATASET_JSON), json.loads(dataset.to_json()))
+        fs.atomic_write_json(fs.join(tmp, CONFIG_JSON), cfg.to_json())
+        fs.atomic_write_json(fs.join(tmp, schema.DATASET_JSON), json.loads(dataset.to_json()))
     summary = {
         "output": cfg.output_dir,
         "splits": {s: v["count"] for s, v in splits.items()},
@@ -188,7 +190,7 @@ def _check_options(cfg: ConvertConfig) -> tuple[ConvertConfig, dict, object, Lay
     cfg = dataclasses.replace(cfg, compression=compression, image_size=check_image_size(cfg.image_size))
     options = pipeline_options(cfg.beam_args)
     layout = make_layout(cfg.layout_name, cfg.layout_options)
-    if outputs.is_remote(cfg.input_dir) and not layout.remote_input:
+    if fs.is_remote(cfg.input_dir) and not layout.remote_input:
         raise TfsegError(f"--input {cfg.input_dir}: the {cfg.layout_name} layout reads local input only; copy it to a "
                          "local folder first (carvana and folder read gs://, s3://, hdfs://)")
     return cfg, spec, options, layout
@@ -249,6 +251,7 @@ def _run_job(layout: Layout, keyed: list, opts: EncodeOptions, tmp: str, shards:
     except TfsegError:
         raise
     except Exception as e:  # noqa: BLE001 - the runner's own errors (a cluster unreachable, ...)
+        interrupts.check()  # a signal inside the job reaches us wrapped in the runner's error
         log.debug("the Beam job failed", exc_info=True)
         raise TfsegError(f"the Beam job failed on {runner_name(options)}: {one_line(e)} "
                          "(nothing was published; -v shows the traceback)") from None
@@ -279,8 +282,8 @@ def _gather(cfg: ConvertConfig, tmp: str, cases: int, bar) -> tuple[list, dict, 
       NothingConverted: every case was rejected.
     """
     written, stats, rejected = read_summaries(tmp)
-    outputs.rmtree(outputs.join(tmp, SPILL_DIR))
-    outputs.atomic_write_text(outputs.join(tmp, schema.REJECTED_JSONL),
+    fs.rmtree(fs.join(tmp, SPILL_DIR))
+    fs.atomic_write_text(fs.join(tmp, schema.REJECTED_JSONL),
                               "".join(json.dumps(row, sort_keys=True) + "\n" for row in rejected))
     n_written = sum(n for _, _, n in written)
     if bar is not None:  # the totals (all of them for runners whose workers could not report)
@@ -317,12 +320,13 @@ def _dataset_info(cfg: ConvertConfig, info: LayoutInfo, layout: Layout, splits: 
         class_pixel_counts={s: stats[s]["class_pixel_counts"] for s in sorted(stats)
                             if stats[s]["class_pixel_counts"] is not None},
         size_summary={s: stats[s]["size"] for s in sorted(stats)},
+        exif_oriented={s: stats[s]["exif_oriented"] for s in sorted(stats) if stats[s].get("exif_oriented")},
         regions=dict(info.regions),
         label_convention=info.label_convention,
         modalities=list(info.modalities),
         image_format=(formats[0] if len(formats) == 1 else "mixed") if info.ndim == 2 and formats else None,
         compression=cfg.compression,
-        tfseg_version=_version(),
+        tfseg_version=tfseg.__version__,
         preprocessing=_preprocessing_record(info, cfg.image_size, layout),
         conversion_args={
             "dataset": cfg.layout_name,
@@ -345,15 +349,6 @@ def _preprocessing_record(info: LayoutInfo, image_size, layout: Layout) -> dict:
         return preprocess.resize_record(image_size) if image_size else {}
     # Layouts that predate the record (or duck-typed ones) have none.
     return dict(getattr(layout, "preprocessing", dict)())
-
-
-def _version() -> str:
-    try:
-        from tfseg import __version__
-
-        return __version__
-    except ImportError:
-        return ""
 
 
 def _log_metrics(result) -> None:

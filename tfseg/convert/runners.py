@@ -12,10 +12,9 @@ import contextlib
 import os
 from typing import Iterable
 
-from tfseg import outputs
 from tfseg.convert.checks import one_line
 from tfseg.errors import TfsegError
-
+from tfseg.io import fs
 
 # Short runner names (case-insensitive) beside Beam's own table, which lacks the DaskRunner.
 _EXTRA_RUNNERS = {"daskrunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
@@ -63,7 +62,10 @@ def resolve_runner(name: str) -> str:
 
 
 def _option_parser():
-    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+    from apache_beam.options.pipeline_options import (
+        PipelineOptions,
+        _BeamArgumentParser,
+    )
 
     class Parser(_BeamArgumentParser):
         def error(self, message):  # argparse would print usage and exit
@@ -133,7 +135,11 @@ def check_beam_args(beam_args: Iterable[str], tfseg_options: Iterable[str] = ())
 def pipeline_options(beam_args: Iterable[str]):
     """Beam's PipelineOptions from the arguments tfseg passes on (:func:`check_beam_args`), with
     tfseg's defaults (DirectRunner, in_memory); a non-direct runner's own checks are made now."""
-    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+    from apache_beam.options.pipeline_options import (
+        DirectOptions,
+        PipelineOptions,
+        StandardOptions,
+    )
 
     args = check_beam_args(beam_args)
     runner = next((a.split("=", 1)[1] if "=" in a else args[i + 1]
@@ -151,7 +157,9 @@ def pipeline_options(beam_args: Iterable[str]):
     if runner and "direct" not in runner.lower():
         # What the runner would refuse at p.run() with a traceback (Dataflow's project, region,
         # temp_location, ...), refused now in one line.
-        from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
+        from apache_beam.options.pipeline_options_validator import (
+            PipelineOptionsValidator,
+        )
         from apache_beam.runners.runner import create_runner
 
         errors = PipelineOptionsValidator(options, create_runner(runner)).validate()
@@ -219,11 +227,7 @@ def beam_scratch_dir():
     import tempfile
 
     base = tempfile.gettempdir()
-    for name in os.listdir(base):
-        if name.startswith(_SCRATCH_PREFIX):
-            pid = name[len(_SCRATCH_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not outputs.pid_alive(int(pid)):
-                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    fs.sweep_dead(base, _SCRATCH_PREFIX, what="a Beam scratch folder of a killed run")
     scratch = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-", dir=base)
     old_tempdir, old_env = tempfile.tempdir, os.environ.get("TMPDIR")
     tempfile.tempdir = scratch

@@ -17,7 +17,6 @@ from typing import BinaryIO, Iterator
 
 from tfseg.convert.base import Case, hash_fraction
 
-
 # Input bytes a shard holds by default (:func:`count_shards`).
 SHARD_TARGET_BYTES = 150 * 2**20
 

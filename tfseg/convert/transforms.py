@@ -53,10 +53,9 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from tfseg import outputs
 from tfseg.convert.base import BadCase, Case, Layout
 from tfseg.convert.checks import one_line
-from tfseg.convert.encode import CaseStats, EncodeOptions, Encoded, encode_case
+from tfseg.convert.encode import CaseStats, Encoded, EncodeOptions, encode_case
 from tfseg.convert.shards import (
     SPILL_DIR,
     fragment_path,
@@ -68,6 +67,7 @@ from tfseg.convert.shards import (
     write_frame,
     write_tfrecord,
 )
+from tfseg.io import fs
 from tfseg.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -416,7 +416,7 @@ class WriteShardFn(beam.DoFn):
             # the workers, seconds of each multi_processing worker's start-up), straight to
             # the output's filesystem.
             count = 0
-            with open_write(_join(self.output_dir, name)) as f:
+            with open_write(fs.join(self.output_dir, name)) as f:
                 for record in records:
                     write_tfrecord(f, record)
                     count += 1
@@ -434,7 +434,7 @@ class WriteShardFn(beam.DoFn):
         # The shard's summary goes to a small file the launcher merges: a gather of every
         # shard's result would be one more dask task shuffle over all the batch partitions.
         summary = {"split": split, "name": name, "count": count, "stats": _acc_to_json(acc), "rejected": rejected}
-        _write_text(_join(self.output_dir, SUMMARY_DIR, f"{split}-{shard:05d}.json"),
+        _write_text(fs.join(self.output_dir, SUMMARY_DIR, f"{split}-{shard:05d}.json"),
                     json.dumps(summary, sort_keys=True))
         self.records.inc(count)
         yield name
@@ -444,7 +444,7 @@ class WriteShardFn(beam.DoFn):
         import tensorflow as tf
 
         options = tf.io.TFRecordOptions(compression_type=self.compression)
-        remote = outputs.is_remote(self.output_dir)
+        remote = fs.is_remote(self.output_dir)
         if remote:
             # TF's gs:// client may not reach the store the runner's FileSystems reach (an
             # emulator, other credentials): written to local disk and uploaded through Beam's.
@@ -461,7 +461,7 @@ class WriteShardFn(beam.DoFn):
                     writer.write(record)
                     count += 1
             if remote:
-                upload(target, outputs.join(self.output_dir, name))
+                upload(target, fs.join(self.output_dir, name))
         finally:
             if remote:
                 with contextlib.suppress(OSError):
@@ -494,10 +494,10 @@ class WriteShards(beam.PTransform):
 
 class SplitStatsFn(beam.CombineFn):
     """Combines CaseStats into one split's summary: count, class pixel counts, size min/max/mean
-    per axis and the image formats seen."""
+    per axis, the image formats seen and how many photos were turned by their EXIF orientation."""
 
     def create_accumulator(self):
-        return {"count": 0, "labelled": 0, "class_counts": None, "dims": None, "formats": set()}
+        return {"count": 0, "labelled": 0, "class_counts": None, "dims": None, "formats": set(), "turned": 0}
 
     def add_input(self, acc, stats: CaseStats):
         acc["count"] += 1
@@ -513,6 +513,7 @@ class SplitStatsFn(beam.CombineFn):
             acc["dims"] = [np.minimum(lo, shape), np.maximum(hi, shape), total + shape]
         if stats.image_format:
             acc["formats"].add(stats.image_format)
+        acc["turned"] += stats.exif_orientation != 1
         return acc
 
     def merge_accumulators(self, accumulators):
@@ -531,6 +532,7 @@ class SplitStatsFn(beam.CombineFn):
                     a_lo, a_hi, a_total = acc["dims"]
                     out["dims"] = [np.minimum(lo, a_lo), np.maximum(hi, a_hi), total + a_total]
             out["formats"] |= acc["formats"]
+            out["turned"] += acc["turned"]
         return out
 
     def extract_output(self, acc):
@@ -546,11 +548,12 @@ class SplitStatsFn(beam.CombineFn):
             "class_pixel_counts": None if acc["class_counts"] is None else [int(x) for x in acc["class_counts"]],
             "size": size,
             "image_formats": sorted(acc["formats"]),
+            "exif_oriented": acc["turned"],
         }
 
 
 def _write_text(path: str, text: str) -> None:
-    if outputs.is_remote(path):
+    if fs.is_remote(path):
         write_bytes(path, text.encode("utf-8"))
     else:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -565,26 +568,26 @@ def _acc_to_json(acc) -> dict | None:
     return {"count": acc["count"], "labelled": acc["labelled"],
             "class_counts": None if acc["class_counts"] is None else [int(x) for x in acc["class_counts"]],
             "dims": None if acc["dims"] is None else [[int(x) for x in d] for d in acc["dims"]],
-            "formats": sorted(acc["formats"])}
+            "formats": sorted(acc["formats"]), "turned": acc["turned"]}
 
 
 def _acc_from_json(obj: dict) -> dict:
     return {"count": obj["count"], "labelled": obj["labelled"],
             "class_counts": None if obj["class_counts"] is None else np.asarray(obj["class_counts"], np.int64),
             "dims": None if obj["dims"] is None else [np.asarray(d, np.int64) for d in obj["dims"]],
-            "formats": set(obj["formats"])}
+            "formats": set(obj["formats"]), "turned": obj.get("turned", 0)}
 
 
 def read_summaries(output_dir: str) -> tuple[list[list], dict, list[dict]]:
     """Merges the shards' summaries (``_shards/*.json``, written by :class:`WriteShardFn`) and
     removes them; returns (written: [split, file name, count] rows, stats: {split:
     SplitStatsFn output} for the splits with records, rejected rows sorted by file)."""
-    folder = _join(output_dir, SUMMARY_DIR)
-    if not outputs.exists(folder):
+    folder = fs.join(output_dir, SUMMARY_DIR)
+    if not fs.exists(folder):
         return [], {}, []
-    docs = [json.loads(outputs.read_text(_join(folder, name))) for name in outputs.listdir(folder)
+    docs = [json.loads(fs.read_text(fs.join(folder, name))) for name in fs.listdir(folder)
             if name.endswith(".json")]
-    outputs.rmtree(folder)
+    fs.rmtree(folder)
     fn = SplitStatsFn()
     by_split: dict[str, list] = {}
     for d in docs:
@@ -616,11 +619,5 @@ def build_pipeline(p, layout: Layout, keyed_cases: list[tuple[str, int, Case]], 
         batches = cut_batches(keyed_cases, batch_size(len(keyed_cases), threads))
     (p
      | "CreateBatches" >> beam.Create(batches)
-     | "ConvertBatches" >> ConvertBatches(layout, opts, _join(output_dir, SPILL_DIR), threads)
+     | "ConvertBatches" >> ConvertBatches(layout, opts, fs.join(output_dir, SPILL_DIR), threads)
      | "WriteShards" >> WriteShards(output_dir, compression, num_shards))
-
-
-def _join(path: str, *parts: str) -> str:
-    from tfseg.outputs import join
-
-    return join(path, *parts)

@@ -17,6 +17,7 @@ import numpy as np
 
 from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, read_image, read_label_image
 from tfseg.errors import TfsegError
+from tfseg.schema import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,6 @@ CLASS_NAMES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
-IGNORE_INDEX = 255
 
 
 def voc_colormap(n: int = 256) -> np.ndarray:

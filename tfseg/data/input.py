@@ -77,7 +77,34 @@ def _decoded(files, info, *, shuffle, seed, deterministic):
     ds = ds.map(lambda r: decode(r, info.channels), num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.filter(lambda e: e["has_mask"])
     # Masks stay uint8 until the last per-example step: a quarter of the bytes in a cache.
-    return ds.map(lambda e: (e["image"], e["mask"]))
+    return ds.map(lambda e: (e["image"], _checked_labels(e["mask"], info)))
+
+
+# Marks the assertion that a label is below dataset.json's class count (see data_error).
+_LABEL_CHECK = "tfseg-label-check"
+
+
+def _checked_labels(mask, info):
+    """``mask``, asserting that every label is a class of dataset.json (or its ignore index): a
+    dataset.json edited to fewer classes would otherwise train on labels the loss cannot take."""
+    bad = mask >= info.num_classes
+    if info.ignore_index is not None and info.ignore_index >= info.num_classes:
+        bad = bad & (mask != info.ignore_index)
+    check = tf.debugging.assert_equal(tf.reduce_any(bad), False, message=_LABEL_CHECK)
+    with tf.control_dependencies([check]):
+        return tf.identity(mask)
+
+
+def data_error(e: Exception, data_dir: str, splits) -> Exception:
+    """The one-line error for a tf.data failure while reading a converted dataset: a label that
+    dataset.json's class count does not allow, or a corrupt shard (:func:`find_bad_shard`); else
+    ``e`` itself."""
+    if _LABEL_CHECK in (getattr(e, "message", None) or str(e)):
+        info = schema.load_dataset_info(data_dir)
+        allowed = f"0..{info.num_classes - 1}" + (f" and {info.ignore_index}" if info.ignore_index is not None else "")
+        return TfsegError(f"{os.path.join(data_dir, schema.DATASET_JSON)}: says {info.num_classes} classes, but the "
+                          f"records hold labels outside {allowed}; re-run `tfseg convert` (or correct dataset.json)")
+    return find_bad_shard(data_dir, splits) or e
 
 
 def _seeds(seed):

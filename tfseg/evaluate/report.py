@@ -19,8 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tfseg import outputs
-
+from tfseg.io import fs
 from tfseg.visualize import IGNORE_COLOR, colorize, overlay, to_display, voc_colormap  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -196,7 +195,7 @@ def plot_history(history_csv: str, path: str, *, monitor: str | None = None) -> 
     Returns:
       ``path``, or None when the file is missing or has no epochs (nothing written).
     """
-    if not outputs.isfile(history_csv):
+    if not fs.isfile(history_csv):
         log.warning("%s: not found; no training history plot", history_csv)
         return None
     hist = read_history(history_csv)

@@ -44,11 +44,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from tfseg import outputs, rundir, schema
+from tfseg import rundir, schema
 from tfseg.errors import TfsegError
 from tfseg.evaluate import report
 from tfseg.evaluate.config import CONFIG_JSON, EvaluateConfig
 from tfseg.evaluate.scorer import SegmentationScorer
+from tfseg.io import fs, locks, publish
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,9 @@ def _as_numpy(example: dict) -> dict:
 
 
 def _iter_examples(data_dir: str, split: str) -> Iterable[dict]:
-    from tfseg import data
-
     import tensorflow as tf
+
+    from tfseg import data
 
     examples = data.read_examples(data_dir, split)
     if hasattr(examples, "as_numpy_iterator"):
@@ -84,9 +85,9 @@ def _iter_examples(data_dir: str, split: str) -> Iterable[dict]:
         for ex in examples:
             yield _as_numpy(ex)
     except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
-        from tfseg.data.input import find_bad_shard
+        from tfseg.data.input import data_error
 
-        raise find_bad_shard(data_dir, (split,)) or e from None
+        raise data_error(e, data_dir, (split,)) from None
 
 
 def _decode_id(v) -> str:
@@ -147,7 +148,7 @@ def _export_version(model_dir: str) -> str:
     return found[1]
 
 
-@outputs.holding_locks
+@locks.holding_locks
 def run_evaluate(*args, progress: Callable[[int], None] | None = None, **kwargs) -> dict:
     """Scores a fit run, or the SavedModel exported from one, on a converted split and writes
     tables and pictures.
@@ -174,18 +175,18 @@ def run_evaluate(*args, progress: Callable[[int], None] | None = None, **kwargs)
     cfg = EvaluateConfig.from_call(args, kwargs)
     model = _model_source(cfg)
     info, facts = _check_data(cfg, model)
-    output = outputs.normalize(cfg.output)
+    output = fs.normalize(cfg.output)
     owned = dict(complete_marker=METRICS_JSON, overwrite=cfg.overwrite,
                  inputs=[model.option, ("--data", cfg.data_dir)])
     # Fail on a refused output before the (long) scoring, not after it.
-    outputs.claim(output, "evaluate", **owned)
+    publish.claim(output, "evaluate", **owned)
     scorer, samples, unlabelled = _score(cfg, model, facts, progress)
     metrics = _metrics(cfg, model, facts, scorer, unlabelled)
-    with outputs.publish_dir(output, "evaluate", **owned) as tmp:
+    with publish.publish_dir(output, "evaluate", **owned) as tmp:
         metrics["pictures"] = _draw(tmp, samples, metrics, facts, info, model)
-        outputs.atomic_write_text(os.path.join(tmp, REPORT_MD), report.render_markdown(metrics))
-        outputs.atomic_write_json(os.path.join(tmp, CONFIG_JSON), cfg.to_json())
-        outputs.atomic_write_json(os.path.join(tmp, METRICS_JSON), metrics)
+        fs.atomic_write_text(os.path.join(tmp, REPORT_MD), report.render_markdown(metrics))
+        fs.atomic_write_json(os.path.join(tmp, CONFIG_JSON), cfg.to_json())
+        fs.atomic_write_json(os.path.join(tmp, METRICS_JSON), metrics)
     log.info(
         "%s: mean IoU %.4f (dataset-level), %.4f (per-image mean) over %d images",
         output, metrics["dataset_level"]["mean_iou"] or float("nan"),
@@ -310,9 +311,9 @@ def _score_one(ex: dict, predictor, scorer: SegmentationScorer, samples: list, n
 def _metrics(cfg: EvaluateConfig, model: _Model, facts: dict, scorer: SegmentationScorer, unlabelled: int) -> dict:
     """metrics.json's content (its ``pictures`` are added when they are drawn)."""
     return {
-        "run_dir": outputs.normalize(model.history_run) if model.history_run else None,
-        **({"export_dir": outputs.normalize(model.path)} if cfg.export_dir is not None else {}),
-        "data_dir": outputs.normalize(cfg.data_dir),
+        "run_dir": fs.normalize(model.history_run) if model.history_run else None,
+        **({"export_dir": fs.normalize(model.path)} if cfg.export_dir is not None else {}),
+        "data_dir": fs.normalize(cfg.data_dir),
         "split": cfg.split,
         "model": facts["model"],
         "inference": {**model.options.to_json(), "size": list(facts["size"]), "precision": model.precision},

@@ -30,9 +30,9 @@ class ExportConfig(StageConfig):
         ``tfseg evaluate --tta`` scores it).
       tile: 2D: tile at the training size over the full-resolution image instead of resizing
         it (as ``tfseg evaluate --tile``); 3D volumes are always tiled.
-      format: ``savedmodel`` (TF Serving) or ``litert`` (VERSION/model.tflite, :mod:`tfseg.litert`;
+      format: ``savedmodel`` (TF Serving) or ``litert`` (VERSION/model.tflite, :mod:`tfseg.export.litert`;
         2D only, no tile/TTA/precision; not added to models.config).
-      quantize, calibration_records, calibration_data: LiteRT only (:func:`tfseg.litert.write_export`).
+      quantize, calibration_records, calibration_data: LiteRT only (:func:`tfseg.export.litert.write_export`).
     """
 
     WHAT = "export config"

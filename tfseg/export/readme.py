@@ -3,7 +3,7 @@ gRPC request examples, the signatures, the class colours and what the graph comp
 
 from __future__ import annotations
 
-from tfseg import outputs
+from tfseg.io import fs
 
 
 def class_colors(cfg: dict) -> list[list[int]]:
@@ -55,7 +55,7 @@ def _inference_lines(meta: dict) -> str:
 
 
 def readme_text(name: str, export_base: str, cfg: dict, max_pixels: int, meta: dict | None = None) -> str:
-    base = outputs.normalize(export_base)
+    base = fs.normalize(export_base)
     if int(cfg["ndim"]) == 2:
         # Shell quoting: close the single quotes around the JSON so $(base64 ...) expands.
         rest_body = """{"signature_name": "serving_default", "instances": [{"b64": "'"$(base64 -w0 image.jpg)"'"}]}"""

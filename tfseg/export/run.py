@@ -8,18 +8,19 @@ import json
 import logging
 import os
 
-from tfseg import outputs, rundir
+from tfseg import rundir
 from tfseg.errors import TfsegError
 from tfseg.export.config import ExportConfig
 from tfseg.export.graph import build_archive, model_precision, with_precision
 from tfseg.export.readme import class_colors, colour_table, readme_text
 from tfseg.export.versions import CONFIG_JSON, METADATA, list_versions, update_models_config
-from tfseg.outputs import atomic_write_text
+from tfseg.io import fs, locks, publish
+from tfseg.io.fs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 
-@outputs.holding_locks
+@locks.holding_locks
 def run_export(*args, **kwargs) -> str:
     """Exports RUN_DIR's model as EXPORT_BASE/NAME/VERSION for TF Serving (or LiteRT).
 
@@ -47,7 +48,7 @@ def run_export(*args, **kwargs) -> str:
     meta = run.to_json()
     meta.update({"precision": cfg.precision, "trained_precision": model_precision(model),
                  "inference": options.to_json()})
-    meta.update({"max_pixels": int(cfg.max_pixels), "run_dir": outputs.normalize(cfg.run_dir), "name": cfg.name,
+    meta.update({"max_pixels": int(cfg.max_pixels), "run_dir": fs.normalize(cfg.run_dir), "name": cfg.name,
                  "version": version, "class_colors": class_colors(run_cfg)})
     if cfg.format == "litert":
         _write_litert(cfg, model, run, run_cfg, meta, model_dir, final)
@@ -64,7 +65,7 @@ def run_export(*args, **kwargs) -> str:
 
 def _read_run(cfg: ExportConfig) -> tuple[dict, rundir.RunInfo]:
     """The run's run.json and facts, checked against the format's options."""
-    from tfseg import litert
+    from tfseg.export import litert
 
     run_cfg = rundir.load_run_config(cfg.run_dir)
     run = rundir.RunInfo.from_json(run_cfg, os.path.join(cfg.run_dir, rundir.RUN_JSON))
@@ -83,18 +84,18 @@ def _claim_version(cfg: ExportConfig) -> tuple[object, str, int, str]:
     Returns:
       (the Keras model, EXPORT_BASE/NAME, the version number, EXPORT_BASE/NAME/VERSION).
     """
-    from tfseg import litert
+    from tfseg.export import litert
 
     # EXPORT_BASE collects every export (NAME/VERSION/ + models.config): it must be new, empty,
     # or an earlier `tfseg export` output; it never overlaps the run it exports.
-    outputs.claim(cfg.export_base, "export", complete_marker=None, overwrite=True, inputs=[("--run", cfg.run_dir)],
+    publish.claim(cfg.export_base, "export", complete_marker=None, overwrite=True, inputs=[("--run", cfg.run_dir)],
                   lock=False)
     model = rundir.load_model(cfg.run_dir)  # a broken model fails before EXPORT_BASE is created
-    outputs.claim_container(cfg.export_base, "export", inputs=[("--run", cfg.run_dir)])
+    publish.claim_container(cfg.export_base, "export", inputs=[("--run", cfg.run_dir)])
     model_dir = os.path.join(cfg.export_base, cfg.name)
     # One writer per model name: a version number is allocated and published under this lock,
     # so two exports never hand out (or replace) the same version.
-    outputs.acquire_lock(model_dir, "export", option="--name")
+    locks.acquire_lock(model_dir, "export", option="--name")
     version = cfg.version
     if version is None:
         existing = list_versions(model_dir)
@@ -103,7 +104,7 @@ def _claim_version(cfg: ExportConfig) -> tuple[object, str, int, str]:
         raise TfsegError(f"--version {version}: must be a positive integer")
     litert.check_one_format(model_dir, cfg.format)
     final = os.path.join(model_dir, str(int(version)))
-    if outputs.exists(final) and not cfg.overwrite:
+    if fs.exists(final) and not cfg.overwrite:
         raise TfsegError(f"{final}: version {version} already exists; pass --overwrite or another --version")
     return model, model_dir, int(version), final
 
@@ -112,19 +113,19 @@ def _write_savedmodel(cfg: ExportConfig, archive, meta: dict, final: str) -> Non
     """Publishes VERSION: the SavedModel, tfseg.json and export.json."""
     # TF Serving watches NAME/ and would load a half-written version: write beside it (a
     # dot-prefixed, non-numeric name it ignores) and rename.
-    with outputs.publish_dir(final, "export", complete_marker="saved_model.pb", overwrite=cfg.overwrite,
+    with publish.publish_dir(final, "export", complete_marker="saved_model.pb", overwrite=cfg.overwrite,
                              option="--version") as tmp:
         archive.write_out(tmp, verbose=False)
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
         with open(os.path.join(tmp, METADATA), "w") as f:
             json.dump(meta, f, indent=2)
-        outputs.atomic_write_json(os.path.join(tmp, CONFIG_JSON), cfg.to_json())
+        fs.atomic_write_json(os.path.join(tmp, CONFIG_JSON), cfg.to_json())
 
 
 def _write_litert(cfg: ExportConfig, model, run: rundir.RunInfo, run_cfg: dict, meta: dict, model_dir: str,
                   final: str) -> None:
-    """Publishes VERSION as a LiteRT model (:func:`tfseg.litert.write_export`) and NAME/README.md."""
-    from tfseg import litert
+    """Publishes VERSION as a LiteRT model (:func:`tfseg.export.litert.write_export`) and NAME/README.md."""
+    from tfseg.export import litert
 
     meta = litert.write_export(
         with_precision(model, "float32"), run, meta, final, overwrite=cfg.overwrite, quantize=cfg.quantize,

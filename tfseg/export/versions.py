@@ -9,24 +9,24 @@ import json
 import os
 import re
 
-from tfseg import outputs
 from tfseg.errors import TfsegError
-from tfseg.outputs import atomic_write_text
+from tfseg.io import fs
+from tfseg.io.fs import atomic_write_text
 
 MODELS_CONFIG = "models.config"
 METADATA = os.path.join("assets.extra", "tfseg.json")
 # The export's settings (tfseg.export.config.ExportConfig), beside tfseg.json.
 CONFIG_JSON = os.path.join("assets.extra", "export.json")
-LITERT_MODEL = "model.tflite"  # what makes a version a LiteRT one (tfseg.litert writes it)
+LITERT_MODEL = "model.tflite"  # what makes a version a LiteRT one (tfseg.export.litert writes it)
 
 
 def list_versions(model_dir: str) -> list[int]:
     """Numbered version subdirectories holding a saved_model.pb (or a LiteRT model.tflite), ascending."""
-    if not outputs.isdir(model_dir):
+    if not fs.isdir(model_dir):
         return []
     out = []
-    for entry in outputs.listdir(model_dir):
-        if entry.isdigit() and any(outputs.isfile(os.path.join(model_dir, entry, f))
+    for entry in fs.listdir(model_dir):
+        if entry.isdigit() and any(fs.isfile(os.path.join(model_dir, entry, f))
                                    for f in ("saved_model.pb", "model.tflite")):
             out.append(int(entry))
     return sorted(out)
@@ -34,14 +34,14 @@ def list_versions(model_dir: str) -> list[int]:
 
 def is_litert_version(version_dir: str) -> bool:
     """Whether ``version_dir`` is a LiteRT export version (holds model.tflite)."""
-    return outputs.isfile(os.path.join(version_dir, LITERT_MODEL))
+    return fs.isfile(os.path.join(version_dir, LITERT_MODEL))
 
 
 def find_version(model_path: str) -> tuple[str, str] | None:
     """``(kind, version_dir)`` for an export version or an export NAME folder (its highest
-    version), kind ``"export"`` (a SavedModel) or ``"litert"`` (:mod:`tfseg.litert`); None for
+    version), kind ``"export"`` (a SavedModel) or ``"litert"`` (:mod:`tfseg.export.litert`); None for
     anything else."""
-    if outputs.isfile(os.path.join(model_path, "saved_model.pb")):
+    if fs.isfile(os.path.join(model_path, "saved_model.pb")):
         return "export", model_path
     if is_litert_version(model_path):
         return "litert", model_path
@@ -55,9 +55,15 @@ def find_version(model_path: str) -> tuple[str, str] | None:
 def read_metadata(version_dir: str) -> dict:
     """The tfseg facts (ndim, channels, binary, sizes, class names) stored with an export."""
     path = os.path.join(version_dir, METADATA)
-    if not outputs.isfile(path):
+    if not fs.isfile(path):
         raise TfsegError(f"{version_dir}: no {METADATA}; not a tfseg export")
-    return json.loads(outputs.read_text(path))
+    try:
+        meta = json.loads(fs.read_text(path))
+    except ValueError as e:
+        raise TfsegError(f"{path}: not valid JSON ({e}); re-run `tfseg export` for this version") from None
+    if not isinstance(meta, dict):
+        raise TfsegError(f"{path}: expected a JSON object; re-run `tfseg export` for this version")
+    return meta
 
 
 _CONFIG_ENTRY = re.compile(r"config\s*\{\s*name:\s*'([^']*)'.*?\}", re.S)
@@ -67,8 +73,8 @@ def update_models_config(export_base: str, name: str) -> None:
     """Adds (or keeps) NAME in EXPORT_BASE/models.config, keeping the other models' entries."""
     path = os.path.join(export_base, MODELS_CONFIG)
     names = []
-    if outputs.isfile(path):
-        names = _CONFIG_ENTRY.findall(outputs.read_text(path))
+    if fs.isfile(path):
+        names = _CONFIG_ENTRY.findall(fs.read_text(path))
     if name not in names:
         names.append(name)
     entries = "".join(

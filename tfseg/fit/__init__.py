@@ -22,7 +22,20 @@ One job a module, in the order a fit runs them:
   callbacks  the Keras callbacks: health guard, history, checkpoints, schedules, backup;
   run        run_fit: the stage from config to a published RUN_DIR.
 
-Callers import the stage's public names from :mod:`tfseg.train`. Command line::
+Callers import the stage's public names from here (``from tfseg.fit import run_fit``). Command line::
 
     tfseg fit --data DATA_DIR --model unet --output RUN_DIR --image-size 256x256 --epochs 30
 """
+
+from tfseg.fit.callbacks import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, LOGS_DIR, TrainingDiverged
+from tfseg.fit.checks import MAX_INPUT_PIXELS
+from tfseg.fit.config import OPTIMIZERS, SCHEDULES, FitConfig, build_config
+from tfseg.fit.history import BACKUP_DIR, backup_epoch, read_history, replay_patience, trim_history
+from tfseg.fit.inputs import validation_plan
+from tfseg.fit.run import run_fit
+
+__all__ = [
+    "BACKUP_DIR", "BEST_CHECKPOINT", "CHECKPOINT_DIR", "LAST_CHECKPOINT", "LOGS_DIR", "MAX_INPUT_PIXELS",
+    "OPTIMIZERS", "SCHEDULES", "FitConfig", "TrainingDiverged", "backup_epoch", "build_config",
+    "read_history", "replay_patience", "run_fit", "trim_history", "validation_plan",
+]

@@ -21,7 +21,8 @@ import logging
 import os
 import tempfile
 
-from tfseg import outputs
+from tfseg import errors
+from tfseg.io import faults, fs
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ PREVIOUS_META = "previous_metadata.json"
 
 def replace_file(src: str, dst: str) -> None:
     """Moves file ``src`` over ``dst`` in one step where the filesystem can (a rename)."""
-    if outputs.is_remote(dst):
+    if fs.is_remote(dst):
         import tensorflow as tf
 
         tf.io.gfile.rename(src, dst, overwrite=True)
@@ -42,7 +43,7 @@ def replace_file(src: str, dst: str) -> None:
 
 
 def _tmp_name(folder: str, name: str) -> str:
-    return outputs.join(folder, f"{outputs.INTERNAL_PREFIX}tmp-{os.getpid()}-{name}")
+    return fs.join(folder, f"{fs.INTERNAL_PREFIX}tmp-{os.getpid()}-{name}")
 
 
 def _digest(data: bytes) -> str:
@@ -54,9 +55,9 @@ def _digest(data: bytes) -> str:
 def check_weights_file(path: str, digest: str | None = None) -> str | None:
     """Why the HDF5 weights file ``path`` cannot be trusted, or None when it reads whole (and,
     given ``digest``, is the file its metadata was written for)."""
-    if not outputs.isfile(path):
+    if not fs.isfile(path):
         return "missing"
-    data = outputs.read_bytes(path)
+    data = fs.read_bytes(path)
     if digest is not None and _digest(data) != digest:
         return "checksum differs from its metadata: torn or replaced"
     import io
@@ -68,13 +69,13 @@ def check_weights_file(path: str, digest: str | None = None) -> str | None:
             # Reading every dataset: a torn file fails here if not at open.
             f.visititems(lambda name, obj: obj[()] if isinstance(obj, h5py.Dataset) else None)
     except Exception as e:  # noqa: BLE001 - h5py raises OSError, KeyError, ValueError on damage
-        return f"unreadable HDF5 ({outputs.safe(str(e).splitlines()[0] if str(e) else type(e).__name__)})"
+        return f"unreadable HDF5 ({errors.first_line(e)})"
     return None
 
 
 def _read_meta(path: str) -> dict | None:
     try:
-        text = outputs.read_text(path).strip()
+        text = fs.read_text(path).strip()
         # TF's ram:// filesystem may not truncate on rewrite: the last JSON object is the current one.
         decoder, record, pos = json.JSONDecoder(), None, 0
         while pos < len(text):
@@ -88,10 +89,10 @@ def _read_meta(path: str) -> dict | None:
 
 def _verify(folder: str, weights: str, meta: str) -> tuple[int | None, str]:
     """(epoch, "") for a pair that reads whole, else (None, why)."""
-    record = _read_meta(outputs.join(folder, meta))
+    record = _read_meta(fs.join(folder, meta))
     if record is None:
         return None, f"{meta} missing or unreadable"
-    why = check_weights_file(outputs.join(folder, weights), record.get("sha256"))
+    why = check_weights_file(fs.join(folder, weights), record.get("sha256"))
     if why:
         return None, f"{weights}: {why}"
     return int(record["epoch"]), ""
@@ -103,11 +104,11 @@ def recover(run_dir: str, backup_dir: str = "backup") -> int:
     A torn latest pair is replaced by the previous one; with neither readable the broken files
     are removed (tfseg's own) and the fit starts over. Each fallback is one warning line.
     """
-    folder = outputs.join(run_dir, backup_dir)
-    if not outputs.isdir(folder):
+    folder = fs.join(run_dir, backup_dir)
+    if not fs.isdir(folder):
         return 0
-    if not outputs.exists(outputs.join(folder, LATEST_WEIGHTS)) and not outputs.exists(
-            outputs.join(folder, LATEST_META)) and not outputs.exists(outputs.join(folder, PREVIOUS_WEIGHTS)):
+    if not fs.exists(fs.join(folder, LATEST_WEIGHTS)) and not fs.exists(
+            fs.join(folder, LATEST_META)) and not fs.exists(fs.join(folder, PREVIOUS_WEIGHTS)):
         return 0
     epoch, why = _verify(folder, LATEST_WEIGHTS, LATEST_META)
     if epoch is not None:
@@ -117,19 +118,19 @@ def recover(run_dir: str, backup_dir: str = "backup") -> int:
     moved, _ = _verify(folder, PREVIOUS_WEIGHTS, LATEST_META)
     if moved is not None:
         logger.warning("%s: the backup was interrupted while being renamed; resuming after epoch %d", run_dir, moved)
-        replace_file(outputs.join(folder, PREVIOUS_WEIGHTS), outputs.join(folder, LATEST_WEIGHTS))
+        replace_file(fs.join(folder, PREVIOUS_WEIGHTS), fs.join(folder, LATEST_WEIGHTS))
         return moved
     prev, prev_why = _verify(folder, PREVIOUS_WEIGHTS, PREVIOUS_META)
     if prev is not None:
         logger.warning("%s: the latest backup cannot be read (%s); resuming from the previous one, after "
                        "epoch %d", run_dir, why, prev)
-        replace_file(outputs.join(folder, PREVIOUS_WEIGHTS), outputs.join(folder, LATEST_WEIGHTS))
-        replace_file(outputs.join(folder, PREVIOUS_META), outputs.join(folder, LATEST_META))
+        replace_file(fs.join(folder, PREVIOUS_WEIGHTS), fs.join(folder, LATEST_WEIGHTS))
+        replace_file(fs.join(folder, PREVIOUS_META), fs.join(folder, LATEST_META))
         return prev
     logger.warning("%s: the backup cannot be read (%s%s); starting over from epoch 1", run_dir, why,
-                   f"; previous: {prev_why}" if outputs.exists(outputs.join(folder, PREVIOUS_WEIGHTS)) else "")
+                   f"; previous: {prev_why}" if fs.exists(fs.join(folder, PREVIOUS_WEIGHTS)) else "")
     for name in (LATEST_WEIGHTS, LATEST_META, PREVIOUS_WEIGHTS, PREVIOUS_META):
-        outputs.remove(outputs.join(folder, name))
+        fs.remove(fs.join(folder, name))
     return 0
 
 
@@ -139,9 +140,9 @@ def make_backup_callback(backup_dir: str):
 
     class CrashSafeBackup(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            weights = outputs.join(backup_dir, LATEST_WEIGHTS)
-            record = _read_meta(outputs.join(backup_dir, LATEST_META))
-            if record is None or not outputs.isfile(weights):
+            weights = fs.join(backup_dir, LATEST_WEIGHTS)
+            record = _read_meta(fs.join(backup_dir, LATEST_META))
+            if record is None or not fs.isfile(weights):
                 return
             if self.model.optimizer is not None and not self.model.optimizer.built:
                 self.model.optimizer.build(self.model.trainable_variables)
@@ -150,7 +151,7 @@ def make_backup_callback(backup_dir: str):
 
         def on_epoch_end(self, epoch, logs=None):
             save(self.model, backup_dir, epoch + 1)
-            outputs.pause_point("epoch")
+            faults.pause_point("epoch")
 
     return CrashSafeBackup()
 
@@ -158,8 +159,8 @@ def make_backup_callback(backup_dir: str):
 def save(model, backup_dir: str, epoch: int) -> None:
     """Writes the backup of ``epoch`` finished epochs: new files under temporary names, then
     latest -> previous and the new pair -> latest, each a rename."""
-    outputs.makedirs(backup_dir)
-    local = not outputs.is_remote(backup_dir)
+    fs.makedirs(backup_dir)
+    local = not fs.is_remote(backup_dir)
     tmp_weights = _tmp_name(backup_dir, LATEST_WEIGHTS) if local else None
     if tmp_weights is None:  # h5py writes local files: stage there, then copy up
         fd, staged = tempfile.mkstemp(suffix=".weights.h5")
@@ -172,18 +173,18 @@ def save(model, backup_dir: str, epoch: int) -> None:
             digest = _digest(f.read())
         if tmp_weights is None:
             tmp_weights = _tmp_name(backup_dir, LATEST_WEIGHTS)
-            outputs.copy_file(staged, tmp_weights)
+            fs.copy_file(staged, tmp_weights)
     finally:
         if staged != tmp_weights and os.path.exists(staged):
             os.unlink(staged)
     tmp_meta = _tmp_name(backup_dir, LATEST_META)
-    outputs.atomic_write_json(tmp_meta, {"epoch": int(epoch), "batch": 0, "sha256": digest})
-    latest_w, latest_m = outputs.join(backup_dir, LATEST_WEIGHTS), outputs.join(backup_dir, LATEST_META)
-    outputs.pause_point("backup")
-    if outputs.isfile(latest_w) and _read_meta(latest_m) is not None:
-        replace_file(latest_w, outputs.join(backup_dir, PREVIOUS_WEIGHTS))
-        outputs.pause_point("backup-rename")
-        replace_file(latest_m, outputs.join(backup_dir, PREVIOUS_META))
+    fs.atomic_write_json(tmp_meta, {"epoch": int(epoch), "batch": 0, "sha256": digest})
+    latest_w, latest_m = fs.join(backup_dir, LATEST_WEIGHTS), fs.join(backup_dir, LATEST_META)
+    faults.pause_point("backup")
+    if fs.isfile(latest_w) and _read_meta(latest_m) is not None:
+        replace_file(latest_w, fs.join(backup_dir, PREVIOUS_WEIGHTS))
+        faults.pause_point("backup-rename")
+        replace_file(latest_m, fs.join(backup_dir, PREVIOUS_META))
     replace_file(tmp_weights, latest_w)
     replace_file(tmp_meta, latest_m)
 
@@ -196,13 +197,13 @@ def atomic_checkpoint(filepath: str, **kwargs):
     class AtomicCheckpoint(keras.callbacks.ModelCheckpoint):
         def _get_file_path(self, epoch, batch, logs):
             final = super()._get_file_path(epoch, batch, logs)
-            return _tmp_name(os.path.dirname(final) if not outputs.is_remote(final) else outputs.dirname(final),
-                             outputs.basename(final))
+            return _tmp_name(os.path.dirname(final) if not fs.is_remote(final) else fs.dirname(final),
+                             fs.basename(final))
 
         def _save_model(self, epoch, batch, logs):
             super()._save_model(epoch, batch, logs)
             tmp = self._get_file_path(epoch, batch, logs)
-            if outputs.exists(tmp):
+            if fs.exists(tmp):
                 replace_file(tmp, super()._get_file_path(epoch, batch, logs))
 
     return AtomicCheckpoint(filepath, **kwargs)
@@ -210,13 +211,6 @@ def atomic_checkpoint(filepath: str, **kwargs):
 
 def remove_torn_files(run_dir: str, folders=("backup", "checkpoints")) -> None:
     """Removes the temporary files (``.tfseg-tmp-PID-*``) that dead fits left half written."""
-    prefix = f"{outputs.INTERNAL_PREFIX}tmp-"
     for folder in folders:
-        path = outputs.join(run_dir, folder)
-        if not outputs.isdir(path):
-            continue
-        for name in outputs.listdir(path):
-            pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
-            if pid.isdigit() and not outputs.pid_alive(int(pid)):
-                logger.info("removing %s, left half written by an interrupted fit", outputs.join(path, name))
-                outputs.remove(outputs.join(path, name))
+        fs.sweep_dead(fs.join(run_dir, folder), f"{fs.INTERNAL_PREFIX}tmp-",
+                      what="left half written by an interrupted fit")

@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import os
 
-from tfseg import outputs, rundir
+from tfseg import rundir
 from tfseg.errors import TfsegError
-from tfseg.fit.config import FitConfig
 from tfseg.fit.backup import atomic_checkpoint, make_backup_callback
+from tfseg.fit.config import FitConfig
 from tfseg.fit.history import BACKUP_DIR, history_writer, monitored_values, replay_patience
+from tfseg.io import fs
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_CHECKPOINT = "best.keras"
@@ -35,7 +36,7 @@ def make_callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, rows: 
     best = stop_state[0]
 
     ckpt = os.path.join(run_dir, CHECKPOINT_DIR)
-    outputs.makedirs(ckpt)
+    fs.makedirs(ckpt)
     # Order matters for a crash between callbacks: the CSV row goes first, the backup last, so
     # a backed-up epoch always has its row (extra rows are trimmed on resume).
     cbs = [

@@ -12,13 +12,11 @@ import os
 
 from tfseg.errors import TfsegError
 from tfseg.fit.config import FitConfig
+from tfseg.preprocess import MAX_INPUT_PIXELS
 from tfseg.schema import DatasetInfo
 
 logger = logging.getLogger(__name__)
 
-# The largest training input (pixels or voxels per example): a typo such as 100000x100000 fails
-# at once instead of running until the kernel kills it.
-MAX_INPUT_PIXELS = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)

@@ -276,8 +276,3 @@ def build_config(config_file: str | None = None, options: dict | None = None, ov
             key = key.strip()[len("fit."):]
         items.append(f"{key}{sep}{value}")
     return apply_overrides(config, items)
-
-
-def resolve_config(config: dict) -> FitConfig:
-    """Public alias of :meth:`FitConfig.from_dict`."""
-    return FitConfig.from_dict(config)

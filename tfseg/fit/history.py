@@ -12,8 +12,9 @@ import json
 import math
 import os
 
-from tfseg import outputs, rundir
-from tfseg.outputs import atomic_write_text
+from tfseg import rundir
+from tfseg.io import fs
+from tfseg.io.fs import atomic_write_text
 
 BACKUP_DIR = "backup"
 _TRAINING_METADATA = "training_metadata.json"  # written by keras.callbacks.BackupAndRestore
@@ -23,7 +24,7 @@ def backup_epoch(run_dir: str) -> int:
     """The number of finished epochs recorded by BackupAndRestore in RUN_DIR (0 if none)."""
     path = os.path.join(run_dir, BACKUP_DIR, _TRAINING_METADATA)
     try:
-        text = outputs.read_text(path).strip()
+        text = fs.read_text(path).strip()
         # TF's ram:// filesystem does not truncate on rewrite, so Keras's rewrites pile up there:
         # the last JSON object is the current one.
         decoder, record, pos = json.JSONDecoder(), None, 0
@@ -45,9 +46,9 @@ def read_history(run_dir: str) -> list[dict]:
 
 def read_csv_rows(path: str) -> list[dict]:
     """The rows of a CSV file on any filesystem (local, gs://, ram://), [] when absent."""
-    if not outputs.isfile(path):
+    if not fs.isfile(path):
         return []
-    return list(csv.DictReader(io.StringIO(outputs.read_text(path), newline="")))
+    return list(csv.DictReader(io.StringIO(fs.read_text(path), newline="")))
 
 
 def trim_history(run_dir: str, finished_epochs: int) -> list[dict]:
@@ -57,9 +58,9 @@ def trim_history(run_dir: str, finished_epochs: int) -> list[dict]:
     for epochs that will run again; they go, so the file ends with one row per epoch.
     """
     path = os.path.join(run_dir, rundir.HISTORY_CSV)
-    if not outputs.isfile(path):
+    if not fs.isfile(path):
         return []
-    with io.StringIO(outputs.read_text(path), newline="") as f:
+    with io.StringIO(fs.read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         by_epoch: dict[int, dict] = {}
@@ -72,7 +73,7 @@ def trim_history(run_dir: str, finished_epochs: int) -> list[dict]:
                 by_epoch[epoch] = row
     rows = [by_epoch[e] for e in sorted(by_epoch)]
     if not rows:
-        outputs.remove(path)
+        fs.remove(path)
         return []
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")

@@ -30,11 +30,9 @@ def make_datasets(cfg: FitConfig, plan: FitPlan, global_batch: int, multi_worker
 
     ``val_plan`` is :func:`validation_plan`'s (examples per pass, batch) for the validation split.
     """
-    import tensorflow as tf
 
     from tfseg.data import make_dataset
     from tfseg.data.input import shard_across_workers
-
     from tfseg.rundir import size_key
 
     common = {size_key(plan.info.ndim): plan.size}

@@ -13,21 +13,28 @@ import sys
 import tempfile
 import time
 
-from tfseg import outputs, rundir, runtime
+import tfseg
+from tfseg import rundir, runtime
 from tfseg.config import parse_duration
 from tfseg.errors import TfsegError
 from tfseg.fit import backup, bnstats
 from tfseg.fit.callbacks import (
-    BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, TrainingDiverged, ema_callbacks, make_callbacks,
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
+    TrainingDiverged,
+    ema_callbacks,
+    make_callbacks,
     set_learning_rate,
 )
 from tfseg.fit.checks import FitPlan, check_against_dataset
 from tfseg.fit.config import FitConfig
 from tfseg.fit.history import BACKUP_DIR, backup_epoch, trim_history
 from tfseg.fit.inputs import make_datasets, validation_plan
-from tfseg.outputs import atomic_write_json
-from tfseg.watchdog import unreachable
+from tfseg.io import fs, locks, publish
+from tfseg.io.fs import atomic_write_json
 from tfseg.schema import load_dataset_info
+from tfseg.watchdog import unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +44,7 @@ _MONITOR_PREFERENCE = ("mean_iou", "iou", "dice")
 _IDENTITY_KEYS = ("model", "model_kwargs", "ndim", "channels", "num_classes", "image_size", "patch_size")
 
 
-@outputs.holding_locks
+@locks.holding_locks
 def run_fit(config: dict, *, callbacks: list | None = None) -> str:
     """Trains a model on a converted dataset; resumable.
 
@@ -118,31 +125,31 @@ def _resume(config: dict) -> _Run:
     started = time.time()
     cfg = FitConfig.from_dict(config)
     plan = check_against_dataset(cfg, load_dataset_info(cfg.data))
-    final_dir = outputs.normalize(cfg.output)
+    final_dir = fs.normalize(cfg.output)
     record = _run_record(cfg, plan)
     chief = runtime.is_chief()
     run_dir = final_dir
     if not chief:
         # Workers other than the chief train in lock-step but keep their files apart.
         task = (runtime.tf_config() or {}).get("task", {})
-        run_dir = os.path.join(final_dir, f"{outputs.INTERNAL_PREFIX}worker-{task.get('type', 'worker')}-"
+        run_dir = os.path.join(final_dir, f"{fs.INTERNAL_PREFIX}worker-{task.get('type', 'worker')}-"
                                           f"{task.get('index', 0)}")
     run_json = os.path.join(run_dir, rundir.RUN_JSON)
     previous = None
     # A new folder or an earlier fit (continued or resumed); never another stage's or a user's
     # folder, never the dataset. Other workers' folders (.tfseg-worker-*) may appear first.
     # Only the chief locks it: the workers of one multi-worker run share the folder.
-    outputs.claim(final_dir, "fit", complete_marker=None, overwrite=True, inputs=[("--data", cfg.data)],
+    publish.claim(final_dir, "fit", complete_marker=None, overwrite=True, inputs=[("--data", cfg.data)],
                   lock=chief)
-    if outputs.isfile(run_json):
-        previous = json.loads(outputs.read_text(run_json))
+    if fs.isfile(run_json):
+        previous = json.loads(fs.read_text(run_json))
         _check_same_run(final_dir, previous, record)
-    if not chief and outputs.isdir(os.path.join(final_dir, BACKUP_DIR)):
+    if not chief and fs.isdir(os.path.join(final_dir, BACKUP_DIR)):
         # Every worker resumes from the chief's backup: the replicas hold the same weights, and
         # workers killed at different moments would otherwise restart at different epochs and
         # wait on each other's collectives forever.
-        outputs.rmtree(os.path.join(run_dir, BACKUP_DIR))
-        outputs.copy_tree(os.path.join(final_dir, BACKUP_DIR), os.path.join(run_dir, BACKUP_DIR))
+        fs.rmtree(os.path.join(run_dir, BACKUP_DIR))
+        fs.copy_tree(os.path.join(final_dir, BACKUP_DIR), os.path.join(run_dir, BACKUP_DIR))
     # A backup torn by a kill or a full disk falls back to the previous epoch's, or to a fresh start.
     backup.remove_torn_files(run_dir)
     run = _Run(cfg, plan, started, final_dir, run_dir, chief, record, previous,
@@ -164,7 +171,7 @@ def _already_done(run: _Run) -> bool:
     completed first if a kill came between publishing model.keras and its last rewrite)."""
     model_path = os.path.join(run.run_dir, rundir.MODEL_FILE)
     previous, finished = run.previous, run.finished
-    if run.chief and outputs.isfile(model_path) and previous is not None:
+    if run.chief and fs.isfile(model_path) and previous is not None:
         if "health" not in previous and previous.get("completed_epochs") != finished:
             previous.update(completed_epochs=finished, stopped_early=finished < run.cfg.epochs)
             atomic_write_json(os.path.join(run.run_dir, rundir.RUN_JSON), previous)
@@ -178,7 +185,7 @@ def _already_done(run: _Run) -> bool:
             logger.info("%s: already trained for %d epoch(s); nothing to do (ask for more --epochs to continue)",
                         run.final_dir, done)
             return True
-    if finished >= run.cfg.epochs and not outputs.isfile(model_path):
+    if finished >= run.cfg.epochs and not fs.isfile(model_path):
         logger.info("%s: all %d epochs finished before an interruption; publishing the model", run.final_dir,
                     finished)
     return False
@@ -238,17 +245,17 @@ def _start_run_dir(run: _Run, strategy, precision: str, jit, monitor: str) -> li
     """Everything is checked: marks RUN_DIR as the fit's, withdraws a model being continued,
     trims the history to the backed-up epochs and writes run.json. Returns the history rows."""
     if run.chief:
-        outputs.mark_owned(run.final_dir, "fit")
-    outputs.makedirs(run.run_dir)
+        publish.mark_owned(run.final_dir, "fit")
+    fs.makedirs(run.run_dir)
     model_path = os.path.join(run.run_dir, rundir.MODEL_FILE)
-    if outputs.isfile(model_path):
+    if fs.isfile(model_path):
         # Continuing a finished run: model.keras means "complete" until the new epochs finish.
-        outputs.remove(model_path)
+        fs.remove(model_path)
     rows = trim_history(run.run_dir, run.finished)
     run.record.update(
         completed_epochs=run.finished, stopped_early=False, precision=precision, jit_compile=jit,
         strategy=runtime.strategy_name(strategy), replicas=strategy.num_replicas_in_sync, monitor=monitor,
-        tfseg_version=_version(), config=run.cfg.to_json(),
+        tfseg_version=tfseg.__version__, config=run.cfg.to_json(),
     )
     if run.budget_record:
         run.record.update(budget=run.budget_record)
@@ -347,9 +354,9 @@ def _train(run: _Run, model, train_ds, val_ds, validation_steps, cbs) -> None:
             + (f" from {', '.join(down)}" if down else "") + "; the same command on every worker resumes "
             "from the last finished epoch") from None
     except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
-        from tfseg.data.input import find_bad_shard
+        from tfseg.data.input import data_error
 
-        raise find_bad_shard(cfg.data, ("train", run.plan.validation_split)) or e from None
+        raise data_error(e, cfg.data, ("train", run.plan.validation_split)) from None
     except TrainingDiverged as e:
         kept = backup_epoch(run.run_dir)
         resume = (f"a re-run resumes after epoch {kept}, the last finite one" if kept
@@ -375,7 +382,7 @@ def _run_record(cfg: FitConfig, plan: FitPlan) -> dict:
     record = rundir.RunInfo.from_dataset(
         info, plan.size, model=cfg.model, model_kwargs=dict(cfg.model_kwargs), flip_axes=flips
     ).to_json()
-    record.update(data_dir=outputs.normalize(cfg.data), loss=plan.loss)
+    record.update(data_dir=fs.normalize(cfg.data), loss=plan.loss)
     return record
 
 
@@ -422,30 +429,24 @@ def _publish_model(run_dir: str, model, use_best: bool, use_last: bool = False) 
     EMA run): a rename on local disks, one object write on object stores."""
     final = os.path.join(run_dir, rundir.MODEL_FILE)
     best = os.path.join(run_dir, CHECKPOINT_DIR, BEST_CHECKPOINT)
-    if not (use_best and outputs.isfile(best)) and use_last:
+    if not (use_best and fs.isfile(best)) and use_last:
         use_best, best = True, os.path.join(run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT)
-    local_dir = None if outputs.is_remote(run_dir) else run_dir
+    local_dir = None if fs.is_remote(run_dir) else run_dir
     fd, tmp = tempfile.mkstemp(prefix=".tfseg-model.", suffix=".keras", dir=local_dir)
     os.close(fd)
     try:
-        if use_best and outputs.isfile(best):
-            outputs.copy_file(best, tmp)
+        if use_best and fs.isfile(best):
+            fs.copy_file(best, tmp)
         else:
             model.save(tmp)
         if local_dir:
-            os.chmod(tmp, 0o666 & ~outputs._umask())  # mkstemp makes 0600
+            os.chmod(tmp, 0o666 & ~fs.umask())  # mkstemp makes 0600
             os.replace(tmp, final)
         else:
-            outputs.copy_file(tmp, final)
+            fs.copy_file(tmp, final)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _version() -> str:
-    import tfseg
-
-    return tfseg.__version__
 
 
 def _keras_verbosity(verbose: int) -> int:

@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 
-from tfseg import outputs
 from tfseg.errors import TfsegError
+from tfseg.io import fs
 
 
 def _components(mask: np.ndarray, cls: int) -> np.ndarray:
@@ -122,7 +122,7 @@ def fingerprint(data_dir: str, *, sample: int = 64) -> dict:
         mirror.append(round(float(np.abs(p - p[::-1]).mean()), 3))
     position = [[round(float(v), 3) for v in (pos_sum[c] / pos_px[c])] if pos_px[c] else None for c in range(k)]
     fp = {
-        "data": outputs.normalize(data_dir),
+        "data": fs.normalize(data_dir),
         "name": info.name,
         "ndim": ndim,
         "channels": info.channels,

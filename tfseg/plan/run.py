@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 
-from tfseg import outputs
 from tfseg.config import parse_duration
 from tfseg.errors import TfsegError
+from tfseg.io import fs
 from tfseg.plan.fingerprint import fingerprint
 from tfseg.plan.rules import DEFAULT_BUDGET, FLIP_CHOICES, make_plan
 
@@ -54,9 +54,9 @@ def run_plan(data_dir: str, *, budget: str = DEFAULT_BUDGET, output: str | None 
     parse_duration(budget)
     if flips not in FLIP_CHOICES:
         raise TfsegError(f"--flips {flips!r}: choose one of {', '.join(FLIP_CHOICES)}")
-    if output and outputs.normalize(output).startswith(outputs.normalize(data_dir).rstrip("/") + "/"):
+    if output and fs.normalize(output).startswith(fs.normalize(data_dir).rstrip("/") + "/"):
         raise TfsegError(f"--output {output}: inside --data {data_dir}; write the plan elsewhere")
-    if output and outputs.isdir(output):
+    if output and fs.isdir(output):
         raise TfsegError(f"--output {output}: is a folder; give the plan's file name (e.g. plan.yaml)")
     fp = fingerprint(data_dir, sample=sample)
     plan = make_plan(fp, budget=budget, flips=flips, measure=measure)
@@ -65,6 +65,6 @@ def run_plan(data_dir: str, *, budget: str = DEFAULT_BUDGET, output: str | None 
         text = ("# tfseg plan: an automatic recipe from the dataset's fingerprint (tfseg/plan/rules.py has the rules).\n"
                 "# tfseg fit --config THIS --output RUN   |   tfseg run THIS --input RAW --workdir W\n"
                 + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=110))
-        outputs.atomic_write_text(output, text)
+        fs.atomic_write_text(output, text)
     doc["table"] = format_table(plan["choices"])
     return doc

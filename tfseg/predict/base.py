@@ -82,6 +82,55 @@ class Predictor(abc.ABC):
         raise ValueError(f"{type(self).__name__} takes encoded images only")
 
 
+class RunPredictor(Predictor):
+    """A model tfseg wrote (a fit run, an export version): its facts are held once, as the
+    :class:`~tfseg.rundir.RunInfo` of its run.json / tfseg.json (as MONAI's inferers hold their
+    settings), and the model file is checked against them when it is loaded."""
+
+    run: "RunInfo"  # noqa: F821 - tfseg.rundir.RunInfo, set by the constructor
+
+    @property
+    def ndim(self) -> int:
+        return self.run.ndim
+
+    @property
+    def channels(self) -> int:
+        return self.run.channels
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.run.class_names)
+
+    @property
+    def ignore_index(self) -> int | None:
+        return self.run.ignore_index
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.run.preprocessing
+
+    @property
+    def binary(self) -> bool:
+        return self.run.binary
+
+
+def check_model_classes(found: int, run, record: str, model_file: str) -> None:
+    """Refuses a model file whose output channels are not what its record says: a 4-class
+    model.tflite in a 5-class export, or a tfseg.json saying 3 classes for a 5-class model, would
+    otherwise predict (and be scored) with class ids the record does not name.
+
+    Raises:
+      TfsegError: naming both files and both counts.
+    """
+    from tfseg.errors import TfsegError
+
+    expected = 1 if run.binary else run.num_classes
+    if int(found) != expected:
+        what = "1 channel (binary)" if run.binary else f"{run.num_classes} classes"
+        raise TfsegError(f"{model_file}: the model outputs {found} channel(s), but {record} says {what}; the "
+                         "model and its record do not belong together (re-export, or restore the file)")
+
+
 def graph_error_line(message: str) -> str:
     """The informative line of a TensorFlow graph error (the assertion or the decoder's message)."""
     skip = ("Graph execution error", "Detected at node", "<stack traces unavailable>")

@@ -40,7 +40,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from tfseg import outputs, volumes
+from tfseg import photos, volumes
+from tfseg.io import fs
 from tfseg.predict.base import NEEDS_3D
 from tfseg.predict.inputs import resolve_model
 from tfseg.predict.predictors import call_image_signature, call_volume_signature, make_predictor
@@ -129,8 +130,12 @@ class PredictorHandler(ModelHandler):
     :func:`tfseg.predict.predictors.make_predictor` per worker."""
 
     def __init__(self, model_path: str, predictor_kwargs: dict, *, max_batch_size: int = 8):
-        super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
+        super().__init__()
         self.model_path, self.predictor_kwargs = model_path, dict(predictor_kwargs)
+        self.max_batch_size = max_batch_size
+
+    def batch_elements_kwargs(self):  # the ModelHandler hook every Beam release since 2.40 reads
+        return {"min_batch_size": 1, "max_batch_size": self.max_batch_size}
 
     def load_model(self):
         return make_predictor(self.model_path, **self.predictor_kwargs)
@@ -164,7 +169,7 @@ def _read_batch(items: Sequence[tuple[str, str, str]], facts, beam_io: bool) -> 
                 # Through tf.io.gfile, like the local job (gs://, s3://, ram://), or Beam's
                 # FileSystems where the launcher uses them (beam_io: gs:// with the runner's
                 # credentials or an emulator).
-                ok.append((key, ("image", _read_input(path, beam_io))))
+                ok.append((key, ("image", photos.as_displayed(_read_input(path, beam_io))[0])))
                 continue
             if facts.ndim != 3:
                 raise ValueError(NEEDS_3D)
@@ -177,22 +182,22 @@ def _read_batch(items: Sequence[tuple[str, str, str]], facts, beam_io: bool) -> 
 
 
 def _read_input(path: str, beam_io: bool) -> bytes:
-    if beam_io and outputs.is_remote(path):
+    if beam_io and fs.is_remote(path):
         from tfseg.convert.shards import open_read
 
         with open_read(path) as f:
             return f.read()
-    return outputs.read_bytes(path)
+    return fs.read_bytes(path)
 
 
 @contextlib.contextmanager
 def _local_input(path: str, beam_io: bool):
     """``path``, or a local copy of it for the libraries that read local files (nibabel)."""
-    if not (beam_io and outputs.is_remote(path)):
+    if not (beam_io and fs.is_remote(path)):
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="tfseg-predict-") as d:
-        local = os.path.join(d, outputs.basename(path))
+        local = os.path.join(d, fs.basename(path))
         with open(local, "wb") as f:
             f.write(_read_input(path, beam_io))
         yield local
@@ -210,7 +215,7 @@ def _write_result(keyed, facts, output_dir: str, overlay: bool, beam_io: bool) -
     mask = result.inference
     if isinstance(mask, dict):
         return json.dumps({"input": path, "error": mask["error"]})
-    remote = beam_io and outputs.is_remote(output_dir)
+    remote = beam_io and fs.is_remote(output_dir)
     with contextlib.ExitStack() as stack:
         target = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfseg-predict-")) if remote else output_dir
         if kind == "image":
@@ -225,7 +230,7 @@ def _write_result(keyed, facts, output_dir: str, overlay: bool, beam_io: bool) -
             from tfseg.convert.shards import upload
 
             for rel in [record["output"]] + ([record["overlay"]] if record.get("overlay") else []):
-                upload(os.path.join(target, rel), outputs.join(output_dir, *rel.split(os.sep)))
+                upload(os.path.join(target, rel), fs.join(output_dir, *rel.split(os.sep)))
     return json.dumps(record)
 
 
@@ -237,7 +242,7 @@ class _WriteResults:
 
     def __call__(self, lines: list[str]) -> str:
         text = "".join(line + "\n" for line in lines).encode("utf-8")
-        if self.beam_io and outputs.is_remote(self.path):
+        if self.beam_io and fs.is_remote(self.path):
             from tfseg.convert.shards import write_bytes
 
             write_bytes(self.path, text)
@@ -267,7 +272,7 @@ def run_pipeline(model_path: str, items: Sequence[tuple[str, str, str]], output_
       facts: :func:`tfseg.predict.predictors.model_facts`: the writer's names and colours, and the
         model's ``ndim``, ``channels`` and ``preprocessing`` (volumes are read with them).
       beam_io: read remote inputs and write remote outputs through Beam's FileSystems (the
-        launcher runs in :func:`tfseg.outputs.beam_filesystems`).
+        launcher runs in :func:`tfseg.io.fs.beam_filesystems`).
 
     Raises:
       TfsegError: an unknown runner or Beam option, or the job failed on the runner (one line).
@@ -293,7 +298,7 @@ def run_pipeline(model_path: str, items: Sequence[tuple[str, str, str]], output_
             handler = PredictorHandler(path, predictor_kwargs, max_batch_size=batch_size)
 
     batches = [[tuple(i) for i in items[k:k + batch_size]] for k in range(0, len(items), batch_size)]
-    results_path = outputs.join(output_dir, RESULTS_FILE) if outputs.is_remote(output_dir) else os.path.join(
+    results_path = fs.join(output_dir, RESULTS_FILE) if fs.is_remote(output_dir) else os.path.join(
         output_dir, RESULTS_FILE)
     options = pipeline_options(["--runner", runner, *beam_args])
     dask_partitions(options, len(batches))
@@ -321,9 +326,9 @@ def run_pipeline(model_path: str, items: Sequence[tuple[str, str, str]], output_
     if state is not None and str(state).split(".")[-1] not in ("DONE", "UNKNOWN"):
         raise TfsegError(f"the Beam job ended {state} on {runner_name(options)}; nothing was published")
     records = []
-    if outputs.exists(results_path):
-        text = outputs.read_text(results_path) if outputs.is_remote(results_path) else open(results_path).read()
+    if fs.exists(results_path):
+        text = fs.read_text(results_path) if fs.is_remote(results_path) else open(results_path).read()
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        outputs.remove(results_path)
+        fs.remove(results_path)
     order = {path: i for i, (path, _, _) in enumerate(items)}
     return sorted(records, key=lambda r: order.get(r["input"], len(order)))

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import os
 
-from tfseg import outputs, rundir
+from tfseg import rundir
 from tfseg.errors import TfsegError
+from tfseg.io import fs
 
 logger = logging.getLogger(__name__)
 
+# What predict reads as images: the photos TensorFlow's decoder takes (a turned photo is sent as PNG).
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 VOLUME_EXTS = (".nii.gz", ".nii")
 
@@ -35,17 +37,17 @@ def list_inputs(input_dir: str) -> list[tuple[str, str, str]]:
     Raises:
       TfsegError: missing directory, no inputs, or two inputs that would write the same mask.
     """
-    if not outputs.isdir(input_dir):
+    if not fs.isdir(input_dir):
         raise TfsegError(f"{input_dir}: input directory not found")
     out, seen = [], {}
-    for name in outputs.listdir(input_dir):
+    for name in fs.listdir(input_dir):
         sk = _stem_kind(name)
         if sk is None or name.startswith("."):
             continue
         stem, kind = sk
         path = os.path.join(input_dir, name)
-        if outputs.is_remote(path):
-            if outputs.isdir(path):
+        if fs.is_remote(path):
+            if fs.isdir(path):
                 logger.warning("%s: skipped, a folder", path)
                 continue
         elif not os.path.isfile(path) or not os.access(path, os.R_OK):
@@ -65,7 +67,7 @@ def list_inputs(input_dir: str) -> list[tuple[str, str, str]]:
 
 def resolve_model(model_path: str) -> tuple[str, str]:
     """Classifies ``model_path`` as ``("export", version_dir)``, ``("litert", version_dir)`` (a LiteRT
-    export, :mod:`tfseg.litert`) or ``("run", run_dir)``.
+    export, :mod:`tfseg.export.litert`) or ``("run", run_dir)``.
 
     Raises:
       TfsegError: none of an export version, an export NAME directory, or a finished run.
@@ -75,7 +77,7 @@ def resolve_model(model_path: str) -> tuple[str, str]:
     found = find_version(model_path)
     if found:
         return found
-    if outputs.isfile(os.path.join(model_path, rundir.RUN_JSON)):
+    if fs.isfile(os.path.join(model_path, rundir.RUN_JSON)):
         return "run", model_path
     raise TfsegError(
         f"{model_path}: not an export version (saved_model.pb or model.tflite), an export NAME directory or a run "

@@ -1,7 +1,7 @@
 """LiteRtPredictor: a LiteRT export (``tfseg export --format litert``) run by the LiteRT interpreter.
 
 The model takes one uint8 image at its input size; the resize to it and back is done here, with
-the functions evaluation uses (:func:`tfseg.litert.model_input`, then
+the functions evaluation uses (:func:`tfseg.export.litert.model_input`, then
 :func:`tfseg.inference.resize_probs` and :func:`tfseg.inference.probs_to_mask`), so
 ``tfseg evaluate --model`` scores and ``tfseg predict --model`` writes what the file computes on
 a device. The interpreter is ``ai_edge_litert.interpreter`` (TensorFlow's ``tf.lite.Interpreter``
@@ -15,9 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
-from tfseg import litert, rundir
+from tfseg import rundir
 from tfseg.errors import TfsegError
-from tfseg.predict.base import NEEDS_3D, Predictor, graph_error_line
+from tfseg.export import litert
+from tfseg.predict.base import NEEDS_3D, RunPredictor, check_model_classes, graph_error_line
 
 
 def interpreter(model_path: str, num_threads: int | None = None):
@@ -37,7 +38,7 @@ def interpreter(model_path: str, num_threads: int | None = None):
         raise TfsegError(f"{model_path}: not a loadable LiteRT model ({str(e).strip().splitlines()[0]})") from None
 
 
-class LiteRtPredictor(Predictor):
+class LiteRtPredictor(RunPredictor):
     """Runs EXPORT_BASE/NAME/VERSION/model.tflite through the LiteRT interpreter.
 
     Args:
@@ -50,19 +51,15 @@ class LiteRtPredictor(Predictor):
         from tfseg.export.versions import METADATA, read_metadata
 
         self.meta = read_metadata(version_dir)
-        run = rundir.RunInfo.from_json(self.meta, os.path.join(version_dir, METADATA))
-        self.run = run
-        self.channels, self.ndim = run.channels, run.ndim
-        self.class_names = list(run.class_names)
-        self.colors = visualize.dataset_colors({"num_classes": run.num_classes,
+        record = os.path.join(version_dir, METADATA)
+        self.run = rundir.RunInfo.from_json(self.meta, record)
+        self.colors = visualize.dataset_colors({"num_classes": self.run.num_classes,
                                                 "class_colors": self.meta.get("class_colors")})
-        self.ignore_index = run.ignore_index
-        self.preprocessing = run.preprocessing
-        self.binary = run.binary
-        self.size = tuple(run.size)
+        self.size = tuple(self.run.size)
         self.path = os.path.join(version_dir, litert.MODEL_FILE)
         self._runner = interpreter(self.path, num_threads).get_signature_runner(litert.SIGNATURE)
         out = self._runner.get_output_details()["probabilities"]
+        check_model_classes(out["shape"][-1], self.run, record, self.path)
         self._dequantize = None
         if np.dtype(out["dtype"]) != np.float32:
             scale, zero = out["quantization"]

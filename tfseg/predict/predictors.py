@@ -21,7 +21,7 @@ import numpy as np
 
 from tfseg import rundir
 from tfseg.errors import TfsegError
-from tfseg.predict.base import ModelFacts, Predictor, graph_error_line
+from tfseg.predict.base import ModelFacts, Predictor, RunPredictor, check_model_classes, graph_error_line
 from tfseg.predict.inputs import resolve_model
 
 
@@ -59,7 +59,7 @@ def call_volume_signature(serve, volume: np.ndarray) -> np.ndarray:
         raise ValueError(graph_error_line(e.message)) from None
 
 
-class SavedModelPredictor(Predictor):
+class SavedModelPredictor(RunPredictor):
     """Runs an export's signatures in-process (the same graph TF Serving runs)."""
 
     def __init__(self, version_dir: str):
@@ -69,15 +69,14 @@ class SavedModelPredictor(Predictor):
         from tfseg.export.versions import METADATA, read_metadata
 
         self.meta = read_metadata(version_dir)
-        run = rundir.RunInfo.from_json(self.meta, os.path.join(version_dir, METADATA))
-        self.channels, self.ndim = run.channels, run.ndim
-        self.class_names = list(run.class_names)
-        self.colors = visualize.dataset_colors({"num_classes": run.num_classes,
+        record = os.path.join(version_dir, METADATA)
+        self.run = rundir.RunInfo.from_json(self.meta, record)
+        self.colors = visualize.dataset_colors({"num_classes": self.run.num_classes,
                                                 "class_colors": self.meta.get("class_colors")})
-        self.ignore_index = run.ignore_index
-        self.preprocessing = run.preprocessing  # 3D: applied as volumes are read (tfseg.volumes)
         self._loaded = tf.saved_model.load(version_dir)
         self._serve = self._loaded.signatures["serving_default"]
+        check_model_classes(self._serve.structured_outputs["probabilities"].shape[-1], self.run, record,
+                            os.path.join(version_dir, "saved_model.pb"))
 
     def predict_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
         if self.ndim != 2:
@@ -100,7 +99,7 @@ class SavedModelPredictor(Predictor):
         return out["mask"][0, :h, :w].numpy()
 
 
-class KerasPredictor(Predictor):
+class KerasPredictor(RunPredictor):
     """Runs a fit run's Keras model through :mod:`tfseg.inference` (resize or tiled)."""
 
     def __init__(self, run_dir: str, *, tile: bool = False, tta: bool = False, overlap: float | None = None,
@@ -109,15 +108,12 @@ class KerasPredictor(Predictor):
         from tfseg.export.graph import with_precision
 
         self.cfg = rundir.load_run_config(run_dir)
-        self.run = rundir.RunInfo.from_json(self.cfg, os.path.join(run_dir, rundir.RUN_JSON))
+        record = os.path.join(run_dir, rundir.RUN_JSON)
+        self.run = rundir.RunInfo.from_json(self.cfg, record)
         # float32 whatever trained it, as evaluate scores it and export serves it by default.
         self.model = with_precision(rundir.load_model(run_dir), "float32")
-        self.channels, self.ndim = self.run.channels, self.run.ndim
-        self.class_names = list(self.run.class_names)
+        check_model_classes(self.model.output_shape[-1], self.run, record, os.path.join(run_dir, rundir.MODEL_FILE))
         self.colors = visualize.run_colors(self.cfg)
-        self.ignore_index = self.run.ignore_index
-        self.binary = self.run.binary
-        self.preprocessing = self.run.preprocessing
         self.options = inference.InferenceOptions.make(self.ndim, tile=tile,
                                                        flips=rundir.test_time_flips(run_dir, self.run, tta))
         if overlap is not None:
@@ -203,15 +199,14 @@ def model_facts(model_path: str, server: str | None = None) -> ModelFacts:
         return served_model_facts()
     kind, path = resolve_model(model_path)
     if kind in ("export", "litert"):
-        from tfseg.export.versions import read_metadata
+        from tfseg.export.versions import METADATA, read_metadata
 
         meta = read_metadata(path)
-        k = int(meta.get("num_classes") or len(meta.get("class_names") or []))
-        colors = visualize.dataset_colors({"num_classes": k, "class_colors": meta.get("class_colors")})
+        run = rundir.RunInfo.from_json(meta, os.path.join(path, METADATA))
+        colors = visualize.dataset_colors({"num_classes": run.num_classes, "class_colors": meta.get("class_colors")})
     else:
         meta = rundir.load_run_config(path)
-        k = int(meta.get("num_classes") or len(meta.get("class_names") or []))
+        run = rundir.RunInfo.from_json(meta, os.path.join(path, rundir.RUN_JSON))
         colors = visualize.run_colors(meta)
-    return ModelFacts(class_names=visualize.class_names_or_default(meta.get("class_names"), k), colors=colors,
-                      ignore_index=meta.get("ignore_index"), ndim=int(meta["ndim"]),
-                      channels=int(meta["channels"]), preprocessing=dict(meta.get("preprocessing") or {}))
+    return ModelFacts(class_names=list(run.class_names), colors=colors, ignore_index=run.ignore_index, ndim=run.ndim,
+                      channels=run.channels, preprocessing=run.preprocessing)

@@ -14,9 +14,10 @@ import os
 import time
 from typing import Callable, Iterable, Sequence
 
-from tfseg import outputs
+from tfseg import photos
 from tfseg import volumes as volume_io
-from tfseg.errors import TfsegError
+from tfseg.errors import TfsegError, first_line
+from tfseg.io import fs, locks, publish
 from tfseg.predict.base import NEEDS_3D, Predictor
 from tfseg.predict.inputs import list_inputs, resolve_model
 from tfseg.predict.predictors import make_predictor, model_facts
@@ -31,12 +32,17 @@ def _predict_batch(predictor: Predictor, batch: Sequence[tuple[str, str, str]], 
                    overlay: bool = False) -> list[dict]:
     """Predicts and writes one batch of inputs; returns a result record per input."""
     results = []
-    images = [item for item in batch if item[1] == "image"]
+    images, datas = [], []
+    for item in batch:
+        if item[1] != "image":
+            continue
+        try:  # as displayed (EXIF orientation): the masks line up with the photo a person sees
+            datas.append(photos.as_displayed(fs.read_bytes(item[0]))[0])
+            images.append(item)
+        except OSError as e:  # deleted or unreadable since it was listed
+            results.append({"input": item[0], "error": f"cannot read the file ({e.strerror or first_line(e)})"})
     volumes = [item for item in batch if item[1] == "volume"]
     if images:
-        datas = []
-        for path, _, _ in images:
-            datas.append(outputs.read_bytes(path))
         try:
             masks = predictor.predict_images(datas)
         except ValueError as e:
@@ -69,13 +75,13 @@ def _beam_predict(model_path, items, output_dir, *, runner, beam_args, batch_siz
     facts = model_facts(model_path, predictor_kwargs.get("server"))
     # Remote inputs and outputs through Beam's FileSystems in the workers too, where the
     # launcher uses them (run_predict enters beam_filesystems for a runner).
-    beam_io = any(outputs.uses_beam(item[0]) for item in items[:1]) or outputs.uses_beam(output_dir)
+    beam_io = any(fs.uses_beam(item[0]) for item in items[:1]) or fs.uses_beam(output_dir)
     return beam.run_pipeline(model_path, items, output_dir, runner=runner, beam_args=beam_args,
                              batch_size=batch_size, predictor_kwargs=predictor_kwargs, facts=facts, overlay=overlay,
                              beam_io=beam_io)
 
 
-@outputs.holding_locks
+@locks.holding_locks
 def run_predict(
     model_path: str,
     input_dir: str,
@@ -122,7 +128,7 @@ def run_predict(
         # Beam's FileSystems, on the launcher (listing, ownership, publishing) and in its
         # workers, like convert: they honour the runner's credentials and STORAGE_EMULATOR_HOST,
         # where TF's gs:// client may not. A remote output is staged on the same store.
-        with outputs.beam_filesystems():
+        with fs.beam_filesystems():
             return _run_predict(model_path, input_dir, output_dir, batch_size=batch_size, server=server, grpc=grpc,
                                 model_version=model_version, runner=runner, beam_args=beam_args, tile=tile, tta=tta,
                                 overlap=overlap, overwrite=overwrite, overlay=overlay, progress=progress)
@@ -139,8 +145,8 @@ def _run_predict(model_path, input_dir, output_dir, *, batch_size, server, grpc,
                             batch_size=batch_size, model_version=model_version)
     owned = dict(complete_marker=SUMMARY_JSON, overwrite=overwrite,
                  inputs=[("--input", input_dir)] + ([] if server else [("--model", model_path)]))
-    outputs.claim(output_dir, "predict", **owned)
-    with outputs.publish_dir(output_dir, "predict", **owned) as tmp:
+    publish.claim(output_dir, "predict", **owned)
+    with publish.publish_dir(output_dir, "predict", **owned) as tmp:
         if runner:
             if not server:
                 resolve_model(model_path)  # fail on a bad path before starting the pipeline
@@ -160,10 +166,10 @@ def _run_predict(model_path, input_dir, output_dir, *, batch_size, server, grpc,
         for r in failed:
             logger.warning("%s: %s", r["input"], r["error"])
         summary = {
-            "model": model_path if server else outputs.normalize(model_path),
+            "model": model_path if server else fs.normalize(model_path),
             "server": server,
-            "input": outputs.normalize(input_dir),
-            "output": outputs.normalize(output_dir),
+            "input": fs.normalize(input_dir),
+            "output": fs.normalize(output_dir),
             "written": len(results) - len(failed),
             "failed": failed,
             "seconds": round(time.time() - start, 3),
@@ -171,8 +177,8 @@ def _run_predict(model_path, input_dir, output_dir, *, batch_size, server, grpc,
         if not summary["written"]:
             raise TfsegError(f"{input_dir}: none of the {len(results)} inputs could be predicted; "
                              f"first: {failed[0]['input']}: {failed[0]['error']}")
-        if outputs.is_remote(tmp):  # staged on the store (a runner's job under beam_filesystems)
-            outputs.atomic_write_text(outputs.join(tmp, SUMMARY_JSON), json.dumps(summary, indent=2))
+        if fs.is_remote(tmp):  # staged on the store (a runner's job under beam_filesystems)
+            fs.atomic_write_text(fs.join(tmp, SUMMARY_JSON), json.dumps(summary, indent=2))
         else:
             with open(os.path.join(tmp, SUMMARY_JSON), "w") as f:
                 json.dump(summary, f, indent=2)

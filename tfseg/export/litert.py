@@ -60,9 +60,10 @@ import tempfile
 
 import numpy as np
 
-from tfseg import outputs, preprocess, rundir
-from tfseg.errors import TfsegError
+from tfseg import preprocess, rundir
+from tfseg.errors import TfsegError, first_line
 from tfseg.export.versions import LITERT_MODEL
+from tfseg.io import fs, publish
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def check_one_format(model_dir: str, format: str) -> None:
     from tfseg.export.versions import list_versions
 
     other = "saved_model.pb" if format == "litert" else MODEL_FILE
-    mixed = [v for v in list_versions(model_dir) if outputs.isfile(os.path.join(model_dir, str(v), other))]
+    mixed = [v for v in list_versions(model_dir) if fs.isfile(os.path.join(model_dir, str(v), other))]
     if mixed:
         kind = "SavedModel" if format == "litert" else "LiteRT"
         raise TfsegError(f"{model_dir}: holds {kind} versions ({', '.join(map(str, mixed))}); give the "
@@ -145,7 +146,9 @@ def _signature(model, run: rundir.RunInfo, int8: bool):
     """The ``serving_default`` concrete function the .tflite gets (module doc), with the model's
     variables frozen into constants."""
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
 
     size, channels, binary = tuple(run.size), run.channels, run.binary
 
@@ -229,12 +232,12 @@ def convert(model, run: rundir.RunInfo, quantize: str = "none", representative: 
                 except Exception as e:  # noqa: BLE001  the converter raises ConverterError and others
                     # Some op has no int8 kernel: keep float kernels for those ops only.
                     logger.warning("full-integer conversion failed (%s); converting with float fallback ops",
-                                   _first_line(e))
+                                   first_line(e))
                     data = converter([tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]).convert()
         except TfsegError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise TfsegError(f"LiteRT conversion ({quantize}) failed: {_first_line(e)}") from None
+            raise TfsegError(f"LiteRT conversion ({quantize}) failed: {first_line(e)}") from None
     info = op_summary(data)
     if int8:
         info["full_integer"] = not info["float_ops"]
@@ -245,10 +248,6 @@ def convert(model, run: rundir.RunInfo, quantize: str = "none", representative: 
     return data, info
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def op_summary(tflite: bytes) -> dict:
@@ -300,7 +299,7 @@ def calibration_images(data_dir: str, run: rundir.RunInfo, count: int, split: st
 
     if count < 1:
         raise TfsegError(f"--calibration-records {count}: must be >= 1")
-    if not data_dir or not outputs.isfile(os.path.join(data_dir, schema.DATASET_JSON)):
+    if not data_dir or not fs.isfile(os.path.join(data_dir, schema.DATASET_JSON)):
         raise TfsegError(f"{data_dir or '(run.json has no data_dir)'}: no {schema.DATASET_JSON}; int8 calibration "
                          "reads the run's training records (pass --calibration-data DATASET_DIR)")
     info = schema.load_dataset_info(data_dir)
@@ -326,7 +325,7 @@ def write_export(model, run: rundir.RunInfo, meta: dict, final: str, *, overwrit
                  calibration_records: int = DEFAULT_CALIBRATION_RECORDS, calibration_data: str | None = None,
                  config: dict | None = None) -> dict:
     """Converts ``model`` and publishes EXPORT_BASE/NAME/VERSION (``final``) through
-    :func:`tfseg.outputs.publish_dir`: tfseg.json first, model.tflite last.
+    :func:`tfseg.io.publish.publish_dir`: tfseg.json first, model.tflite last.
 
     Args:
       model: the run's Keras model, float32.
@@ -348,7 +347,7 @@ def write_export(model, run: rundir.RunInfo, meta: dict, final: str, *, overwrit
     if quantize == "int8":
         data_dir = calibration_data or ""
         representative = calibration_images(data_dir, run, int(calibration_records))
-        calibration = {"data_dir": outputs.normalize(data_dir), "split": "train", "records": int(len(representative))}
+        calibration = {"data_dir": fs.normalize(data_dir), "split": "train", "records": int(len(representative))}
         logger.info("calibrating int8 on %d training records of %s", len(representative), data_dir)
     data, info = convert(model, run, quantize, representative)
     if quantize == "int8" and info["float_ops"]:
@@ -371,13 +370,13 @@ def write_export(model, run: rundir.RunInfo, meta: dict, final: str, *, overwrit
             "input_quantization": list(info["input_quantization"]),
         },
     })
-    with outputs.publish_dir(final, "export", complete_marker=MODEL_FILE, overwrite=overwrite,
+    with publish.publish_dir(final, "export", complete_marker=MODEL_FILE, overwrite=overwrite,
                              option="--version") as tmp:
         os.makedirs(os.path.join(tmp, os.path.dirname(METADATA)), exist_ok=True)
         with open(os.path.join(tmp, METADATA), "w") as f:
             json.dump(meta, f, indent=2)
         if config is not None:
-            outputs.atomic_write_json(os.path.join(tmp, CONFIG_JSON), config)
+            fs.atomic_write_json(os.path.join(tmp, CONFIG_JSON), config)
         with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
             f.write(data)
     return meta
@@ -447,7 +446,7 @@ from ai_edge_litert.interpreter import Interpreter
 runner = Interpreter(model_path="{name}/VERSION/model.tflite").get_signature_runner("{lit['signature']}")
 image = Image.open("photo.jpg").convert("{'RGB' if c == 3 else 'L'}")
 # PIL's bilinear antialiases when shrinking, as `tfseg convert --image-size` does; the exact
-# reference of the steps above is tfseg.litert.model_input(image, size, preprocessing).
+# reference of the steps above is tfseg.export.litert.model_input(image, size, preprocessing).
 x = np.asarray(image.resize(({w}, {h}), Image.BILINEAR), np.uint8).reshape(1, {h}, {w}, {c})
 out = runner({lit['input']['name']}=x)
 mask = Image.fromarray(out["mask"][0]).resize(image.size, Image.NEAREST)

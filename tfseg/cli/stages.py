@@ -1,133 +1,19 @@
-"""The ``tfseg`` command line: thin click commands, each building a config and calling one stage.
-
-TensorFlow and Beam are imported inside the commands, so ``tfseg --help`` answers at once.
-"""
+"""One command a stage: sample, convert, fit, plan, evaluate, export, predict. Each builds the stage's
+config from its options and calls the stage's entry point; TensorFlow and Beam are imported inside
+the commands, so ``tfseg --help`` answers at once."""
 
 from __future__ import annotations
 
-import errno
-import logging
 import os
 import sys
 
 import click
 
 from tfseg import runtime
+from tfseg.cli.app import cli
+from tfseg.cli.show import metric_table
 from tfseg.convert import LAYOUTS
-from tfseg.errors import TfsegError
-from tfseg.pipeline import STAGES
-
-
-class _Group(click.Group):
-    """Turns TfsegError (and a few well-known user errors) into one line and exit code 2."""
-
-    def invoke(self, ctx):
-        from tfseg import interrupts
-
-        interrupts.install()  # SIGTERM / SIGINT: one line, exit 143 / 130, within seconds
-        try:
-            return super().invoke(ctx)
-        except TfsegError as e:
-            if _disk_full(e):  # a runner's failure wrapped in one line (convert's Beam job)
-                _echo_disk_full(e)
-            click.echo(f"error: {safe(e)}", err=True)
-            sys.exit(getattr(e, "exit_code", 2))  # 1 for data failures (nothing converted), 2 for misuse
-        except interrupts.Interrupted as e:
-            click.echo(interrupts.message(e.signum), err=True)
-            sys.exit(e.exit_code)
-        except (KeyboardInterrupt, click.exceptions.Abort):
-            click.echo(interrupts.message(interrupts.signal.SIGINT), err=True)
-            sys.exit(130)
-        except Exception as e:  # noqa: BLE001 - a full disk reaches us as OSError, h5py's, TF's or Beam's error
-            if not _disk_full(e):
-                raise
-            _echo_disk_full(e)
-
-
-def _echo_disk_full(e: BaseException) -> None:
-    from tfseg import outputs
-
-    where = getattr(e, "filename", None) or outputs.last_claimed() or "the output"
-    click.echo(f"error: {safe(where)}: no space left on the device; nothing was published, and the same "
-               "command resumes once space is freed", err=True)
-    sys.exit(1)
-
-
-def _disk_full(e: BaseException) -> bool:
-    """Whether ``e`` (or what caused it) is a full disk or quota."""
-    seen = 0
-    while e is not None and seen < 10:
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
-
-
-def safe(message) -> str:
-    """One line: control characters in names (a file called "a\nerror: b.png") escaped."""
-    from tfseg.outputs import safe as escape
-
-    return escape(str(message))
-
-
-def _setup_logging(verbose: bool) -> None:
-    if not verbose:
-        # TensorFlow's C++ start-up lines are hidden unless -v (tfseg.quiet).
-        from tfseg import quiet
-
-        quiet.quiet_environment()
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("apache_beam", "absl", "tensorflow", "h5py"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Beam's GCP IO warns on the root logger when its optional GCP clients are absent; tfseg
-    # does not use them (install apache-beam[gcp] for Dataflow and the warning goes away).
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(lambda record: "apitools not found" not in record.getMessage())
-        handler.addFilter(_one_line_records(verbose))
-
-
-def _one_line_records(verbose: bool):
-    """A log filter: control characters in messages escaped (a file named "a\nerror: x.png"
-    stays on one line); without -v, Beam's logged tracebacks are dropped, since the command
-    ends with its own one-line error."""
-    from tfseg.outputs import safe
-
-    def keep(record: logging.LogRecord) -> bool:
-        if not verbose and record.exc_info and record.name.startswith("apache_beam"):
-            return False
-        message = record.getMessage()
-        if not message.isprintable():
-            record.msg, record.args = safe(message), ()
-        return True
-
-    return keep
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-@click.version_option(package_name="tfseg")
-def cli(verbose: bool) -> None:
-    """tfseg: semantic segmentation, 2D and 3D, from raw files to a TF Serving model.
-
-    Stages: sample -> convert -> fit -> evaluate -> export -> predict; `tfseg run` chains them
-    for a pipeline, `tfseg demo` runs the Carvana demo end to end on generated data.
-    """
-    _setup_logging(verbose)
-    ctx = click.get_current_context()
-    if not verbose and ctx.invoked_subcommand not in (None, "sample"):
-        # Every other command imports TensorFlow: do it here, with its start-up noise filtered.
-        from tfseg import quiet
-
-        quiet.import_tensorflow()
-
-
-# --- sample/convert commands (owned by the sample/convert stage) ---
+from tfseg.errors import TfsegError, safe
 
 
 @cli.command()
@@ -172,7 +58,7 @@ LAYOUT_OPTIONS = (
 )
 
 
-def _layout_options(command):
+def layout_options(command):
     for option in reversed(LAYOUT_OPTIONS):
         command = option(command)
     return command
@@ -193,7 +79,7 @@ def _layout_options(command):
               type=click.Choice(["none", "gzip"], case_sensitive=False))
 @click.option("--strict", is_flag=True, help="Fail (nothing written) if any case is rejected.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing complete output.")
-@_layout_options
+@layout_options
 @click.pass_context
 def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, compression, strict, overwrite,
             **layout_options) -> None:
@@ -268,7 +154,7 @@ def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, comp
 @click.option("--set", "overrides", multiple=True, help="KEY=VALUE override (repeatable), applied last.")
 def fit_cmd(config_file, overrides, **options):
     """Train a model on a converted dataset into RUN_DIR (resumable)."""
-    from tfseg.train import build_config, run_fit
+    from tfseg.fit import build_config, run_fit
 
     cfg = build_config(config_file, options, overrides)
     run_dir = run_fit(cfg)
@@ -331,7 +217,7 @@ def evaluate(run_dir, export_dir, data_dir, split, output, samples, tile, tta, m
     ))
     with Progress(total, f"evaluating {split}", unit="images") as bar:
         m = run_evaluate(cfg, progress=bar.update)
-    click.echo(_metric_table(m))
+    click.echo(metric_table(m))
     click.echo(safe(f"report:  {os.path.join(output, 'report.md')}"))
 
 
@@ -406,12 +292,12 @@ def predict_cmd(model_path, input_dir, output_dir, batch_size, server, grpc, mod
     """Write a mask (palette PNG of class ids, or NIfTI) for every image or volume in a directory."""
     import contextlib
 
-    from tfseg import outputs
+    from tfseg.io import fs
     from tfseg.predict import list_inputs, run_predict
     from tfseg.progress import Progress
 
     # A Beam job lists remote inputs through Beam's FileSystems, as run_predict does.
-    with outputs.beam_filesystems() if runner else contextlib.nullcontext():
+    with fs.beam_filesystems() if runner else contextlib.nullcontext():
         total = len(list_inputs(input_dir))
     with Progress(total, "predicting", unit="inputs") as bar:
         s = run_predict(
@@ -422,101 +308,3 @@ def predict_cmd(model_path, input_dir, output_dir, batch_size, server, grpc, mod
     click.echo(safe(f"{output_dir}: {s['written']} masks written, {len(s['failed'])} failed, {s['seconds']:.1f} s"
                + (" (+ overlays/)" if overlay and s["written"] else "")
                + (f" (see {os.path.join(output_dir, 'predict_summary.json')})" if s["failed"] else "")))
-
-# --- run/demo commands (owned by the run/demo stage) ---
-
-
-def _echo_stage(stage: str, skipped: bool) -> None:
-    click.secho(f"==> {stage}" + (" (complete output exists, skipped)" if skipped else ""), bold=True)
-
-
-def _echo_summary(summary: dict) -> None:
-    """The end of `tfseg run` / `tfseg demo`: the per-class table, where the report and the model are."""
-    metrics = summary.get("metrics")
-    if metrics:
-        click.echo(_metric_table(metrics))
-    if summary.get("report"):
-        click.echo(safe(f"report:  {summary['report']}"))
-    if summary.get("export"):
-        click.echo(safe(f"export:  {summary['export']}  (serve it with tensorflow/serving; see its README.md)"))
-
-
-def _metric_table(metrics: dict) -> str:
-    """Per-class IoU and precision in both definitions, plus the task's headline scores."""
-    dl, pi = metrics["dataset_level"], metrics["per_image_mean"]
-    _f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731  (NaN is stored as null)
-    lines = [f"{'class':<14} {'IoU':>7} {'prec':>7} {'IoU/img':>8} {'prec/img':>9}"]
-    for name in metrics["class_names"]:
-        row = [dl["per_class"]["iou"].get(name), dl["per_class"]["precision"].get(name),
-               pi["per_class"]["iou"].get(name), pi["per_class"]["precision"].get(name)]
-        lines.append(f"{name[:14]:<14} " + " ".join(
-            f"{v:>{w}.3f}" if isinstance(v, (int, float)) else f"{'-':>{w}}" for v, w in zip(row, (7, 7, 8, 9))))
-    lines.append(f"mean IoU {_f(dl['mean_iou'])} (dataset-level), {_f(pi['mean_iou'])} (per-image mean), "
-                 f"{metrics['num_images']} images of split {metrics['split']!r}")
-    if metrics.get("binary"):
-        b = metrics["binary"]
-        lines.append(f"foreground Dice {_f(b['foreground_dice'])}, "
-                     f"thresholded Jaccard {_f(b['thresholded_jaccard'])}")
-    for region, r in ((metrics.get("regions") or {}).get("mean") or {}).items():
-        lines.append(f"{region}: Dice {_f(r['dice'])}, HD95 {_f(r['hd95_mm'])} mm")
-    return "\n".join(lines)
-
-
-@cli.command("run")
-@click.argument("pipeline", required=False)
-@click.option("--input", "input_dir", required=True, type=click.Path(), help="Raw dataset in its original layout.")
-@click.option("--workdir", required=True, type=click.Path(), help="Where every stage writes; re-running resumes.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a pipeline key, e.g. fit.epochs=5.")
-@click.option("--stage", "stages", multiple=True, type=click.Choice(STAGES),
-              help="Run only these stages (default: all, in order).")
-@click.option("--dataset", "layout", default=None,
-              help="Without PIPELINE: the raw layout (as convert --dataset); the recipe is planned automatically.")
-@click.option("--budget", default=None, help="Without PIPELINE: training wall time for the plan and fit [default: 1h].")
-@click.option("--split", default=None, help="Without PIPELINE: convert's --split.")
-@_layout_options
-def run_cmd(pipeline, input_dir, workdir, overrides, stages, layout, budget, split, **layout_options):
-    """Run PIPELINE (a shipped name like `carvana`, or a YAML file): convert -> fit -> evaluate -> export.
-
-    Without PIPELINE, --dataset LAYOUT (and the layout's convert options) runs
-    convert -> plan -> fit -> evaluate -> export with the automatic recipe (`tfseg plan`) for --budget.
-    """
-    from tfseg.pipeline import auto_pipeline, load_pipeline, run_pipeline
-
-    given = sorted(f"--{k.replace('_', '-')}" for k, v in layout_options.items() if v is not None)
-    if pipeline and layout:
-        raise TfsegError(f"give PIPELINE ({pipeline}) or --dataset ({layout}), not both")
-    if pipeline and (given or budget or split):
-        raise TfsegError(f"{', '.join(given + ['--budget'] * bool(budget) + ['--split'] * bool(split))}: "
-                         "only without PIPELINE (a pipeline file holds these; use --set)")
-    if not pipeline and not layout:
-        raise TfsegError("give a PIPELINE (e.g. carvana or a YAML file) or --dataset LAYOUT for an automatic plan")
-    if pipeline:
-        cfg = load_pipeline(pipeline, overrides)
-    else:
-        cfg = auto_pipeline(layout, budget=budget or "1h", split=split, layout_options=layout_options,
-                            overrides=overrides)
-    if not os.path.isdir(input_dir):
-        raise TfsegError(f"{input_dir}: input directory not found")
-    summary = run_pipeline(cfg, input_dir, workdir, stages=stages or STAGES, on_stage=_echo_stage)
-    _echo_summary(summary)
-
-
-@cli.command("demo")
-@click.option("--workdir", default="tfseg-demo", show_default=True, type=click.Path(),
-              help="Where the generated data and every stage's output go; re-running resumes.")
-@click.option("--pipeline", default="carvana", show_default=True, help="Which pipeline to demo.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a pipeline key.")
-def demo_cmd(workdir, pipeline, overrides):
-    """Generate Carvana-layout sample data and run the carvana pipeline end to end on the CPU."""
-    from tfseg.pipeline import run_demo
-
-    summary = run_demo(workdir, pipeline=pipeline, overrides=overrides, on_stage=_echo_stage)
-    _echo_summary(summary)
-
-
-def main() -> None:
-    cli(prog_name="tfseg")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""``python -m tfseg.cli``: the same as the ``tfseg`` command."""
+
+from tfseg.cli import main
+
+main()
