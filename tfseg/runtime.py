@@ -226,6 +226,30 @@ def set_precision(policy: str) -> str:
     return previous
 
 
+def check_keras_version(installed: str | None = None) -> None:
+    """Refuses a Keras outside the range tfseg's install requirement allows (setup.cfg, read from
+    the installed metadata: the range is written once), before :func:`patch_keras_multi_worker`
+    touches Keras's private trainer, which a newer Keras may have changed.
+
+    Raises:
+      TfsegError: one line naming the installed version and the supported range.
+    """
+    from importlib.metadata import PackageNotFoundError, requires
+
+    import keras
+    from packaging.requirements import Requirement
+
+    installed = installed or keras.__version__
+    try:
+        reqs = [Requirement(r) for r in requires("tfseg") or () if "extra ==" not in r]
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return
+    spec = next((r.specifier for r in reqs if r.name == "keras"), None)
+    if spec is not None and not spec.contains(installed, prereleases=True):
+        raise TfsegError(f"keras {installed}: multi-worker training works around Keras internals tested on "
+                         f"keras{spec} only; install that range (pip install 'keras{spec}')")
+
+
 def patch_keras_multi_worker(model, strategy) -> None:
     """Works around Keras 3 (3.15) failing ``fit`` under MultiWorkerMirroredStrategy.
 
@@ -241,7 +265,9 @@ def patch_keras_multi_worker(model, strategy) -> None:
     Epoch logs are unaffected: Keras computes them from the metrics' aggregated state.
     """
     import tensorflow as tf
-    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    check_keras_version()
+    from keras.src.backend.tensorflow import trainer as tf_trainer  # private: see check_keras_version
 
     def local_value(v):
         if isinstance(v, tf.distribute.DistributedValues):

@@ -21,6 +21,8 @@ import logging
 import os
 import tempfile
 
+import keras
+
 from tfseg import errors
 from tfseg.io import faults, fs
 
@@ -134,26 +136,26 @@ def recover(run_dir: str, backup_dir: str = "backup") -> int:
     return 0
 
 
-def make_backup_callback(backup_dir: str):
-    """A ``BackupAndRestore`` replacement whose files are renamed into place (see the module)."""
-    import keras
+class CrashSafeBackup(keras.callbacks.Callback):
+    """A ``BackupAndRestore`` whose files are renamed into place (see the module). It restores
+    the weights and the optimizer's state at the start; the fit passes the backup's epoch to
+    ``model.fit(initial_epoch=...)`` (the public way; Keras's own callback sets a private field)."""
 
-    class CrashSafeBackup(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            weights = fs.join(backup_dir, LATEST_WEIGHTS)
-            record = _read_meta(fs.join(backup_dir, LATEST_META))
-            if record is None or not fs.isfile(weights):
-                return
-            if self.model.optimizer is not None and not self.model.optimizer.built:
-                self.model.optimizer.build(self.model.trainable_variables)
-            self.model.load_weights(weights)
-            self.model._initial_epoch = int(record["epoch"])  # what Keras's BackupAndRestore sets
+    def __init__(self, backup_dir: str):
+        super().__init__()
+        self.backup_dir = backup_dir
 
-        def on_epoch_end(self, epoch, logs=None):
-            save(self.model, backup_dir, epoch + 1)
-            faults.pause_point("epoch")
+    def on_train_begin(self, logs=None):
+        weights = fs.join(self.backup_dir, LATEST_WEIGHTS)
+        if _read_meta(fs.join(self.backup_dir, LATEST_META)) is None or not fs.isfile(weights):
+            return
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(weights)
 
-    return CrashSafeBackup()
+    def on_epoch_end(self, epoch, logs=None):
+        save(self.model, self.backup_dir, epoch + 1)
+        faults.pause_point("epoch")
 
 
 def save(model, backup_dir: str, epoch: int) -> None:
@@ -189,24 +191,49 @@ def save(model, backup_dir: str, epoch: int) -> None:
     replace_file(tmp_meta, latest_m)
 
 
-def atomic_checkpoint(filepath: str, **kwargs):
-    """``keras.callbacks.ModelCheckpoint`` whose file is written under a temporary name and
-    renamed: a checkpoint on disk is always a whole one."""
-    import keras
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """``keras.callbacks.ModelCheckpoint`` (whole model, every epoch or the best one) whose file
+    is written under a temporary name and renamed: a checkpoint on disk is always a whole one.
 
-    class AtomicCheckpoint(keras.callbacks.ModelCheckpoint):
-        def _get_file_path(self, epoch, batch, logs):
-            final = super()._get_file_path(epoch, batch, logs)
-            return _tmp_name(os.path.dirname(final) if not fs.is_remote(final) else fs.dirname(final),
-                             fs.basename(final))
+    Args:
+      filepath: the ``.keras`` file.
+      monitor, mode: with ``save_best_only``, the log value and whether lower (``min``) or
+        higher (``max``) is better.
+      save_best_only: write only when ``monitor`` improves on the best so far.
+      initial_value_threshold: the best value so far (a resumed run's).
+    """
 
-        def _save_model(self, epoch, batch, logs):
-            super()._save_model(epoch, batch, logs)
-            tmp = self._get_file_path(epoch, batch, logs)
-            if fs.exists(tmp):
-                replace_file(tmp, super()._get_file_path(epoch, batch, logs))
+    def __init__(self, filepath: str, *, monitor: str = "val_loss", mode: str = "min",
+                 save_best_only: bool = False, initial_value_threshold: float | None = None):
+        super().__init__()
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode {mode!r}: expected min or max")
+        self.filepath, self.monitor, self.mode = filepath, monitor, mode
+        self.save_best_only = save_best_only
+        self.best = initial_value_threshold
+        self._warned = False
 
-    return AtomicCheckpoint(filepath, **kwargs)
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.save_best_only:
+            value = (logs or {}).get(self.monitor)
+            if value is None:
+                if not self._warned:
+                    logger.warning("checkpoint %s: no %r in the epoch's logs; not written", self.filepath,
+                                   self.monitor)
+                    self._warned = True
+                return
+            if not self._improved(float(value)):
+                return
+            self.best = float(value)
+        folder = fs.dirname(self.filepath) if fs.is_remote(self.filepath) else os.path.dirname(self.filepath)
+        tmp = _tmp_name(folder, fs.basename(self.filepath))
+        self.model.save(tmp, overwrite=True)
+        replace_file(tmp, self.filepath)
 
 
 def remove_torn_files(run_dir: str, folders=("backup", "checkpoints")) -> None:

@@ -51,6 +51,7 @@ import logging
 import math
 import time
 
+import keras
 import numpy as np
 
 from tfseg import rundir
@@ -164,42 +165,39 @@ class Estimator:
         return time.perf_counter() - start
 
 
-def make_callback(model, dataset, batches: int):
-    """The Keras callback that re-estimates the statistics before validation and at epoch end;
-    None when ``model`` has no batch norm."""
-    import keras
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """Re-estimates batch-norm statistics once per epoch, before validation (module doc), with an
+    :class:`Estimator`."""
 
+    def __init__(self, estimator: "Estimator"):
+        super().__init__()
+        self.estimator = estimator
+        self._done_at = None  # optimizer step of the last estimate
+        self.seconds = 0.0
+
+    def _estimate(self):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step == self._done_at or step == 0:
+            return
+        self.seconds += self.estimator()
+        self._done_at = step
+
+    def on_test_begin(self, logs=None):
+        self._estimate()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._estimate()
+
+    def on_train_end(self, logs=None):
+        logger.info("batch-norm statistics of %d layers re-estimated over %d batches each epoch: %.1f s in all",
+                    len(self.estimator.layers), self.estimator.batches, self.seconds)
+
+
+def make_callback(model, dataset, batches: int) -> PreciseBatchNorm | None:
+    """The callback that re-estimates the statistics before validation and at epoch end; None
+    when ``model`` has no batch norm."""
     estimator = Estimator(model, dataset, batches)
-    if not estimator.layers:
-        return None
-
-    class PreciseBatchNorm(keras.callbacks.Callback):
-        """Re-estimates batch-norm statistics once per epoch, before validation (module doc)."""
-
-        def __init__(self):
-            super().__init__()
-            self.estimator = estimator
-            self._done_at = None  # optimizer step of the last estimate
-            self.seconds = 0.0
-
-        def _estimate(self):
-            step = int(self.model.optimizer.iterations.numpy())
-            if step == self._done_at or step == 0:
-                return
-            self.seconds += self.estimator()
-            self._done_at = step
-
-        def on_test_begin(self, logs=None):
-            self._estimate()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self._estimate()
-
-        def on_train_end(self, logs=None):
-            logger.info("batch-norm statistics of %d layers re-estimated over %d batches each epoch: %.1f s in all",
-                        len(self.estimator.layers), self.estimator.batches, self.seconds)
-
-    return PreciseBatchNorm()
+    return PreciseBatchNorm(estimator) if estimator.layers else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,12 +224,11 @@ def health_check(model, dataset, *, num_classes: int, ignore_index=None, batches
       predict the same class), ``batches``, ``threshold``, ``ok`` (difference <= threshold).
       The model's weights and moving statistics are unchanged.
     """
-    from tfseg.models.norm import batch_norm_layers
+    from tfseg.models.norm import all_layers, batch_norm_layers
 
     bn = batch_norm_layers(model)
     saved = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in bn]
-    dropouts = [layer for layer in model._flatten_layers(include_self=False)
-                if hasattr(layer, "rate") and "Dropout" in type(layer).__name__]
+    dropouts = [layer for layer in all_layers(model) if hasattr(layer, "rate") and "Dropout" in type(layer).__name__]
     rates = [layer.rate for layer in dropouts]
     labels, train_pred, infer_pred = [], [], []
     try:

@@ -45,9 +45,7 @@ class BudgetCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "decay_steps": int(keras.ops.convert_to_numpy(self.decay_steps))}
 
 
-def make_budget_controller(*, budget_seconds: float, started: float, steps_per_epoch: int, first_epoch: int,
-                           resolved: int | None, schedule: "BudgetCosine | None", on_resolved,
-                           reserve: float = 0.05):
+class BudgetController(keras.callbacks.Callback):
     """A Keras callback that fits training into a time budget (``tfseg fit --budget``).
 
     ``started`` is the ``time.time()`` at which the fit stage started. The first epoch this
@@ -56,66 +54,67 @@ def make_budget_controller(*, budget_seconds: float, started: float, steps_per_e
     validation. The following epochs give the final one: the mean cycle from one epoch's end to
     the next (steps, validation, the batch-norm re-estimate, checkpoints, backup), free of
     tracing, over at least one epoch and ``REFINE_FRACTION`` of the budget (short epochs have
-    one-time costs to average out). Each sets the total epochs so that training ends within ``budget_seconds`` of ``started`` less
-    a ``reserve`` fraction (publishing, health check); training stops there and, with a
+    one-time costs to average out). Each sets the total epochs so that training ends within
+    ``budget_seconds`` of ``started`` less a ``reserve`` fraction (publishing, health check); training stops there and, with a
     ``schedule``, its cosine ends at 0 at that epoch's last step. ``on_resolved(record)`` is
     called with each decision (fit writes it to run.json). A resumed run passes ``resolved``:
     the same end, nothing measured again.
     """
-    class BudgetController(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.total = resolved
-            if schedule is not None and resolved is not None:
-                schedule.end_at(resolved * steps_per_epoch)
-            self._batch_ends: list[float] = []
-            self._phase = 2 if resolved is not None else 0  # 0: time epoch 1, 1: time epoch 2, 2: fixed
-            self._last_end = None
-            self._window_start = None
-            self._window_epochs = 0
-            self._record: dict = {}
 
-        def on_train_batch_end(self, batch, logs=None):
-            if self._phase == 0:
-                self._batch_ends.append(time.time())
+    def __init__(self, *, budget_seconds: float, started: float, steps_per_epoch: int, first_epoch: int,
+                 resolved: int | None, schedule: "BudgetCosine | None", on_resolved, reserve: float = 0.05):
+        super().__init__()
+        self.budget_seconds, self.started, self.steps_per_epoch = budget_seconds, started, steps_per_epoch
+        self.first_epoch, self.schedule, self.on_resolved, self.reserve = first_epoch, schedule, on_resolved, reserve
+        self.total = resolved
+        if self.schedule is not None and resolved is not None:
+            self.schedule.end_at(resolved * self.steps_per_epoch)
+        self._batch_ends: list[float] = []
+        self._phase = 2 if resolved is not None else 0  # 0: time epoch 1, 1: time epoch 2, 2: fixed
+        self._last_end = None
+        self._window_start = None
+        self._window_epochs = 0
+        self._record: dict = {}
 
-        def _decide(self, epoch: int, now: float, per_epoch: float, **facts) -> None:
-            left = budget_seconds * (1.0 - reserve) - (now - started)
-            more = int(left // max(per_epoch, 1e-9)) if left > 0 else 0
-            self.total = epoch + 1 + more
-            if schedule is not None:
-                schedule.end_at(self.total * steps_per_epoch)
-            self._record.update(seconds=budget_seconds, epochs=int(self.total), **facts,
-                                measured_after_epoch=int(epoch + 1), seconds_at_decision=round(now - started, 1),
-                                final=self._phase == 2 or self.total <= epoch + 1)
-            logger.info("budget %s: %.1f s per epoch, %.0f s left -> %d epochs in total%s",
-                        format_duration(budget_seconds), per_epoch, left, self.total,
-                        "" if self._record["final"] else " (an estimate; the next epochs refine it)")
-            on_resolved(dict(self._record))
+    def on_train_batch_end(self, batch, logs=None):
+        if self._phase == 0:
+            self._batch_ends.append(time.time())
 
-        def on_epoch_end(self, epoch, logs=None):
-            now = time.time()
-            if self._phase == 0:
-                ends = self._batch_ends
-                gaps = np.diff(ends[1:]) if len(ends) > 3 else np.diff(ends) if len(ends) > 1 else np.zeros(0)
-                step = float(np.median(gaps)) if gaps.size else (now - started)
-                overhead = max(0.0, now - ends[-1]) if ends else 0.0
-                self._phase = 1
-                self._decide(epoch, now, steps_per_epoch * step + overhead, step_seconds=round(step, 4),
-                             epoch_overhead_seconds=round(overhead, 2))
-                if self.total <= epoch + 1:
-                    self._phase = 2
-            elif self._phase == 1:
-                if self._window_start is None:
-                    self._window_start, self._window_epochs = self._last_end, 0
-                self._window_epochs += 1
-                span = now - self._window_start
-                if span >= REFINE_FRACTION * budget_seconds or self.total <= epoch + 2:
-                    self._phase = 2
-                cycle = span / self._window_epochs
-                self._decide(epoch, now, cycle, epoch_seconds=round(cycle, 3))
-            self._last_end = now
-            if self.total is not None and epoch + 1 >= self.total:
-                self.model.stop_training = True
+    def _decide(self, epoch: int, now: float, per_epoch: float, **facts) -> None:
+        left = self.budget_seconds * (1.0 - self.reserve) - (now - self.started)
+        more = int(left // max(per_epoch, 1e-9)) if left > 0 else 0
+        self.total = epoch + 1 + more
+        if self.schedule is not None:
+            self.schedule.end_at(self.total * self.steps_per_epoch)
+        self._record.update(seconds=self.budget_seconds, epochs=int(self.total), **facts,
+                            measured_after_epoch=int(epoch + 1), seconds_at_decision=round(now - self.started, 1),
+                            final=self._phase == 2 or self.total <= epoch + 1)
+        logger.info("budget %s: %.1f s per epoch, %.0f s left -> %d epochs in total%s",
+                    format_duration(self.budget_seconds), per_epoch, left, self.total,
+                    "" if self._record["final"] else " (an estimate; the next epochs refine it)")
+        self.on_resolved(dict(self._record))
 
-    return BudgetController()
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.time()
+        if self._phase == 0:
+            ends = self._batch_ends
+            gaps = np.diff(ends[1:]) if len(ends) > 3 else np.diff(ends) if len(ends) > 1 else np.zeros(0)
+            step = float(np.median(gaps)) if gaps.size else (now - self.started)
+            overhead = max(0.0, now - ends[-1]) if ends else 0.0
+            self._phase = 1
+            self._decide(epoch, now, self.steps_per_epoch * step + overhead, step_seconds=round(step, 4),
+                         epoch_overhead_seconds=round(overhead, 2))
+            if self.total <= epoch + 1:
+                self._phase = 2
+        elif self._phase == 1:
+            if self._window_start is None:
+                self._window_start, self._window_epochs = self._last_end, 0
+            self._window_epochs += 1
+            span = now - self._window_start
+            if span >= REFINE_FRACTION * self.budget_seconds or self.total <= epoch + 2:
+                self._phase = 2
+            cycle = span / self._window_epochs
+            self._decide(epoch, now, cycle, epoch_seconds=round(cycle, 3))
+        self._last_end = now
+        if self.total is not None and epoch + 1 >= self.total:
+            self.model.stop_training = True

@@ -30,7 +30,7 @@ class FitConfig:
       epochs: total number of epochs (a resumed run continues up to it).
       budget: a wall-time budget for the whole fit (``"20m"``, ``"1h"``, seconds): the first
         epochs are timed and the epoch count (and the cosine schedule's end) set so that training
-        ends within it (:func:`tfseg.fit.budget.make_budget_controller`); ``epochs`` is then ignored.
+        ends within it (:class:`tfseg.fit.budget.BudgetController`); ``epochs`` is then ignored.
         The decision is kept in run.json (``budget``), and a resumed run keeps the same end.
       batch_size: global batch size, split evenly across the replicas.
       image_size: (H, W) training size for 2D data; defaults to the dataset's size when all its

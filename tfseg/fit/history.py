@@ -1,5 +1,5 @@
 """What finished epochs leave in RUN_DIR for a resumed fit: history.csv (read, trimmed to the
-finished epochs, rewritten after each epoch by :func:`history_writer`), the epoch count of the
+finished epochs, rewritten after each epoch by :class:`HistoryWriter`), the epoch count of the
 Keras backup (:func:`backup_epoch`), and the patience counters replayed from the history
 (:func:`replay_patience`), so a restart neither repeats rows nor grants a fresh patience.
 """
@@ -11,6 +11,8 @@ import io
 import json
 import math
 import os
+
+import keras
 
 from tfseg import rundir
 from tfseg.io import fs
@@ -117,32 +119,29 @@ def replay_patience(values, mode: str, patience: int) -> tuple[float | None, int
     return best, wait
 
 
-def history_writer(path: str, rows: list[dict]):
+class HistoryWriter(keras.callbacks.Callback):
     """Keras's CSVLogger, rewritten for any filesystem: ``epoch`` then the logs' keys, sorted.
 
     Object stores cannot append, so the whole file is rewritten after each epoch (a few
-    hundred bytes per epoch); the rows of earlier epochs come from :func:`trim_history`.
+    hundred bytes per epoch); the rows of earlier epochs (``rows``) come from :func:`trim_history`.
     """
-    import keras
 
-    class HistoryWriter(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.rows = [dict(r) for r in rows]
+    def __init__(self, path: str, rows: list[dict]):
+        super().__init__()
+        self.path = path
+        self.rows = [dict(r) for r in rows]
 
-        def on_epoch_end(self, epoch, logs=None):
-            row = {"epoch": str(epoch)}
-            for k, v in sorted((logs or {}).items()):
-                try:
-                    row[k] = repr(float(v))
-                except (TypeError, ValueError):
-                    row[k] = str(v)
-            self.rows.append(row)
-            fields = ["epoch"] + sorted({k for r in self.rows for k in r} - {"epoch"})
-            out = io.StringIO()
-            writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n", restval="")
-            writer.writeheader()
-            writer.writerows(self.rows)
-            atomic_write_text(path, out.getvalue())
-
-    return HistoryWriter()
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": str(epoch)}
+        for k, v in sorted((logs or {}).items()):
+            try:
+                row[k] = repr(float(v))
+            except (TypeError, ValueError):
+                row[k] = str(v)
+        self.rows.append(row)
+        fields = ["epoch"] + sorted({k for r in self.rows for k in r} - {"epoch"})
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n", restval="")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, out.getvalue())

@@ -22,10 +22,10 @@ from tfseg.fit.callbacks import (
     BEST_CHECKPOINT,
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
+    SetLearningRate,
     TrainingDiverged,
     ema_callbacks,
     make_callbacks,
-    set_learning_rate,
 )
 from tfseg.fit.checks import FitPlan, check_against_dataset
 from tfseg.fit.config import FitConfig
@@ -284,7 +284,7 @@ def _inputs(run: _Run, strategy):
 
 def _callbacks(run: _Run, model, schedule, monitor: str, mode: str, rows: list[dict], validation: bool):
     """tfseg's callbacks in the order they must run, and the budget controller (or None)."""
-    from tfseg.fit.budget import make_budget_controller
+    from tfseg.fit.budget import BudgetController
 
     cfg = run.cfg
     cbs = make_callbacks(run.run_dir, dataclasses.replace(cfg, epochs=run.planned_epochs), monitor, mode, rows,
@@ -308,7 +308,7 @@ def _callbacks(run: _Run, model, schedule, monitor: str, mode: str, rows: list[d
         # --learning-rate (after a divergence, say) means the new one.
         logger.info("%s: resuming after epoch %d with learning rate %g (was %g)", run.final_dir, run.finished,
                     cfg.learning_rate, old_lr)
-        cbs.append(set_learning_rate(cfg.learning_rate))
+        cbs.append(SetLearningRate(cfg.learning_rate))
     if run.budget_seconds is None:
         return cbs, None
 
@@ -316,7 +316,7 @@ def _callbacks(run: _Run, model, schedule, monitor: str, mode: str, rows: list[d
         run.record.update(budget=decision)
         run.write_record()
 
-    controller = make_budget_controller(
+    controller = BudgetController(
         budget_seconds=run.budget_seconds, started=run.started, steps_per_epoch=run.steps,
         first_epoch=run.finished, resolved=int(run.budget_record["epochs"]) if run.budget_record else None,
         schedule=schedule, on_resolved=on_resolved,
@@ -337,6 +337,7 @@ def _train(run: _Run, model, train_ds, val_ds, validation_steps, cbs) -> None:
     try:
         model.fit(
             train_ds,
+            initial_epoch=run.finished,  # what the crash-safe backup restores (tfseg.fit.backup)
             epochs=cfg.epochs,
             steps_per_epoch=run.steps,
             validation_data=val_ds,

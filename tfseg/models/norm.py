@@ -176,9 +176,29 @@ def is_batch_norm(layer) -> bool:
     return isinstance(layer, (FusedBatchNorm, keras.layers.BatchNormalization))
 
 
+def all_layers(model) -> list:
+    """Every layer of ``model``, nested models' layers included (after the nested model), in the
+    models' layer order: a walk over the public ``layers`` of each model. tfseg's models put no
+    layer inside a custom layer, where only Keras's private ``_flatten_layers`` would look
+    (tests/test_norm.py checks that the two agree on every architecture)."""
+    out, seen = [], set()
+
+    def walk(m):
+        for layer in m.layers:
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            out.append(layer)
+            if isinstance(layer, keras.Model):
+                walk(layer)
+
+    walk(model)
+    return out
+
+
 def batch_norm_layers(model) -> list:
     """Every batch-norm layer of ``model``, nested models included, in a stable order."""
-    return [layer for layer in model._flatten_layers(include_self=False) if is_batch_norm(layer)]
+    return [layer for layer in all_layers(model) if is_batch_norm(layer)]
 
 
 def fuse_batch_norm(model):

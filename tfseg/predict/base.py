@@ -114,7 +114,7 @@ class RunPredictor(Predictor):
         return self.run.binary
 
 
-def check_model_classes(found: int, run, record: str, model_file: str) -> None:
+def check_model_classes(found: int | None, run, record: str, model_file: str) -> None:
     """Refuses a model file whose output channels are not what its record says: a 4-class
     model.tflite in a 5-class export, or a tfseg.json saying 3 classes for a 5-class model, would
     otherwise predict (and be scored) with class ids the record does not name.
@@ -124,6 +124,8 @@ def check_model_classes(found: int, run, record: str, model_file: str) -> None:
     """
     from tfseg.errors import TfsegError
 
+    if found is None:  # not known from the graph's signature (a 3D export's volume signature)
+        return
     expected = 1 if run.binary else run.num_classes
     if int(found) != expected:
         what = "1 channel (binary)" if run.binary else f"{run.num_classes} classes"
