@@ -20,6 +20,7 @@ import numpy as np
 
 from tfseg import photos, preprocess
 from tfseg.errors import first_line
+from tfseg.io import fs
 
 # Label names annotation tools give the background (LabelMe's "_background_", labelme2coco's category
 # 0): class 0, never a class of its own.
@@ -230,70 +231,6 @@ def assign_split(case: Case, spec: list[tuple[str, float]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Input files on any filesystem Beam knows: local paths through os, scheme paths (gs://, s3://,
-# hdfs://) through Beam's FileSystems (which the runner configures; TF's gs:// client is not used).
-# --------------------------------------------------------------------------------------------
-
-
-def is_remote(path: str) -> bool:
-    return "://" in str(path)
-
-
-def join(path: str, *parts: str) -> str:
-    if is_remote(path):
-        return "/".join([str(path).rstrip("/"), *parts])
-    return os.path.join(path, *parts)
-
-
-def _beam_fs():
-    from apache_beam.io.filesystems import FileSystems
-
-    return FileSystems
-
-
-def _objects(prefix: str, pattern: str, limit: int | None = None):
-    result = _beam_fs().match([str(prefix).rstrip("/") + pattern], limits=[limit] if limit else None)[0]
-    return [m for m in result.metadata_list if not m.path.endswith("/")]
-
-
-def is_dir(path: str) -> bool:
-    """A folder (remote: a prefix with at least one object under it)."""
-    if not is_remote(path):
-        return os.path.isdir(path)
-    return bool(_objects(path, "/**", limit=1))
-
-
-def is_file(path: str) -> bool:
-    if not is_remote(path):
-        return os.path.isfile(path)
-    return _beam_fs().exists(path)
-
-
-def list_dir(path: str) -> list[str]:
-    """Names in folder ``path``, sorted (remote: the objects directly inside it)."""
-    if not is_remote(path):
-        return sorted(os.listdir(path))
-    base = str(path).rstrip("/") + "/"
-    return sorted({m.path[len(base):] for m in _objects(path, "/*")} - {""})
-
-
-def file_sizes(root: str) -> dict[str, int]:
-    """{path: bytes} of every file under a remote ``root`` (one listing); {} for a local root."""
-    if not is_remote(root):
-        return {}
-    return {m.path: m.size_in_bytes for m in _objects(root, "/**")}
-
-
-def read_bytes(path: str) -> bytes:
-    """A whole input file (raises OSError when it cannot be read)."""
-    if not is_remote(path):
-        with open(path, "rb") as f:
-            return f.read()
-    with _beam_fs().open(path, compression_type="uncompressed") as f:
-        return f.read()
-
-
-# --------------------------------------------------------------------------------------------
 # 2D file readers shared by the layouts (PIL only, run in the Beam workers).
 # --------------------------------------------------------------------------------------------
 
@@ -382,7 +319,7 @@ def _open_image(path: str, data: bytes | None = None):
     _quiet_pil_bomb_warning()
     if data is None:
         try:
-            data = read_bytes(path)
+            data = fs.read_bytes(path)
         except OSError as e:
             raise BadCase(path, f"cannot read file ({e.strerror or _pil_reason(e)})") from None
     if not data:

@@ -21,15 +21,11 @@ from tfseg.convert.base import (
     Layout,
     LayoutInfo,
     Loaded2D,
-    is_dir,
-    is_file,
-    join,
-    list_dir,
     read_binary_mask,
-    read_bytes,
     read_image,
 )
 from tfseg.errors import TfsegError
+from tfseg.io import fs
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +87,25 @@ class CarvanaLayout(Layout):
 
     def list_cases(self, root: str) -> list[Case]:
         # Through base's file helpers: --input may be local or gs://, s3://, hdfs://.
-        image_dir = next((join(root, d) for d in IMAGE_DIRS if is_dir(join(root, d))), None)
+        image_dir = next((fs.join(root, d) for d in IMAGE_DIRS if fs.isdir(fs.join(root, d))), None)
         if image_dir is None:
             raise TfsegError(
                 f"{root}: not a Carvana layout (expected train/*.jpg with train_masks/*_mask.gif or {MASK_CSV})")
-        images = [n for n in list_dir(image_dir) if n.endswith(".jpg") and not n.startswith(".")]
+        images = [n for n in fs.listdir(image_dir) if n.endswith(".jpg") and not n.startswith(".")]
         if not images:
             raise TfsegError(f"{image_dir}: no .jpg images")
-        mask_dir = join(root, MASK_DIR)
-        csv_path = join(root, MASK_CSV)
-        has_csv = is_file(csv_path)
-        masks = set(list_dir(mask_dir)) if is_dir(mask_dir) else None
+        mask_dir = fs.join(root, MASK_DIR)
+        csv_path = fs.join(root, MASK_CSV)
+        has_csv = fs.isfile(csv_path)
+        masks = set(fs.listdir(mask_dir)) if fs.isdir(mask_dir) else None
         if masks is None and not has_csv:
             raise TfsegError(f"{root}: no masks (expected {MASK_DIR}/*_mask.gif or {MASK_CSV})")
         cases = []
         for name in images:
             stem = os.path.splitext(name)[0]
-            files = [("image", join(image_dir, name))]
+            files = [("image", fs.join(image_dir, name))]
             if masks is not None and f"{stem}_mask.gif" in masks:
-                files.append(("mask", join(mask_dir, f"{stem}_mask.gif")))
+                files.append(("mask", fs.join(mask_dir, f"{stem}_mask.gif")))
             elif has_csv:
                 files.append(("rle", csv_path))
             cases.append(Case(case_id=stem, files=tuple(files), group=car_id(stem)))
@@ -118,7 +114,7 @@ class CarvanaLayout(Layout):
     def _rle_table(self, csv_path: str) -> dict[str, str]:
         if self._rle is None:
             try:
-                text = read_bytes(csv_path).decode("utf-8")
+                text = fs.read_bytes(csv_path).decode("utf-8")
                 rows = csv.DictReader(io.StringIO(text, newline=""))
                 self._rle = {os.path.splitext(r["img"])[0]: r["rle_mask"] for r in rows}
             except (OSError, KeyError, csv.Error, UnicodeDecodeError) as e:

@@ -11,6 +11,7 @@ import os
 
 from tfseg.convert.base import MAX_PIXELS, _pil_reason
 from tfseg.errors import TfsegError
+from tfseg.io import fs
 
 
 def one_line(e: BaseException) -> str:
@@ -42,10 +43,9 @@ def check_remote_path(path: str, option: str) -> None:
 
 
 def check_input(input_dir: str) -> None:
-    from tfseg.convert.base import is_dir, is_remote
-
-    if is_remote(input_dir):
-        if not is_dir(input_dir):
+    """Refuses an input folder that is missing (remote: no object under it) or not a folder."""
+    if fs.is_remote(input_dir):
+        if not fs.isdir(input_dir):
             raise TfsegError(f"{input_dir}: input folder not found (no object under it)")
         return
     if not os.path.exists(input_dir):

@@ -47,15 +47,11 @@ from tfseg.convert.base import (
     Layout,
     LayoutInfo,
     Loaded2D,
-    is_dir,
-    is_remote,
-    join,
-    list_dir,
-    read_bytes,
     read_image,
     read_label_image,
 )
 from tfseg.errors import TfsegError
+from tfseg.io import fs
 
 log = logging.getLogger(__name__)
 
@@ -218,27 +214,27 @@ class FolderLayout(Layout):
 
     def _mask_index(self, mask_dir: str) -> dict[str, str]:
         out = {}
-        for f in list_dir(mask_dir):
+        for f in fs.listdir(mask_dir):
             stem, ext = os.path.splitext(f)
             if ext.lower() not in photos.IMAGE_EXTENSIONS or not stem.endswith(self.mask_suffix):
                 continue
             key = stem[: len(stem) - len(self.mask_suffix)] if self.mask_suffix else stem
-            out.setdefault(key, join(mask_dir, f))
+            out.setdefault(key, fs.join(mask_dir, f))
         return out
 
     def list_cases(self, root: str) -> list[Case]:
-        image_dir = join(root, self.image_dir)
-        mask_dir = join(root, self.mask_dir)
+        image_dir = fs.join(root, self.image_dir)
+        mask_dir = fs.join(root, self.mask_dir)
         for flag, d in (("--image-dir", image_dir), ("--mask-dir", mask_dir)):
-            if not is_dir(d):
+            if not fs.isdir(d):
                 raise TfsegError(f"{d}: {flag} folder not found")
         masks = self._mask_index(mask_dir)
-        if is_remote(root):
+        if fs.is_remote(root):
             same = image_dir.rstrip("/") == mask_dir.rstrip("/")
         else:
             same = os.path.realpath(image_dir) == os.path.realpath(mask_dir)
         cases = []
-        for f in list_dir(image_dir):
+        for f in fs.listdir(image_dir):
             stem, ext = os.path.splitext(f)
             if ext.lower() not in photos.IMAGE_EXTENSIONS:
                 continue
@@ -246,7 +242,7 @@ class FolderLayout(Layout):
                 if not self.mask_suffix:
                     raise TfsegError(f"{image_dir}: images and masks share a folder; pass --mask-suffix")
                 continue
-            files = [("image", join(image_dir, f))]
+            files = [("image", fs.join(image_dir, f))]
             if stem in masks:
                 files.append(("mask", masks[stem]))
             cases.append(Case(case_id=stem, files=tuple(files)))
@@ -369,7 +365,7 @@ def _probe_channels(path: str) -> int:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(read_bytes(path))) as img:
+        with Image.open(io.BytesIO(fs.read_bytes(path))) as img:
             gray = (img.mode in ("L", "LA", "1", "I", "F") or img.mode.startswith("I;16")
                     or (img.mode in ("P", "PA") and not _is_colour_palette(img)))
             return 1 if gray else 3

@@ -202,8 +202,6 @@ def _assign_cases(cfg: ConvertConfig, layout: Layout, spec: dict) -> tuple[Layou
     Returns:
       (the layout's facts, ``[(split, shard, case)]`` in split then id order, shards a split).
     """
-    from tfseg.convert.base import file_sizes
-
     cases = layout.list_cases(cfg.input_dir)
     if not cases:
         raise TfsegError(f"{cfg.input_dir}: no {cfg.layout_name} cases found")
@@ -214,7 +212,7 @@ def _assign_cases(cfg: ConvertConfig, layout: Layout, spec: dict) -> tuple[Layou
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[0]
         raise TfsegError(f"{cfg.input_dir}: two cases share the id {dup!r}; case ids must be unique")
-    sizes = file_sizes(cfg.input_dir)  # one listing for a remote input; {} locally
+    sizes = fs.file_sizes(cfg.input_dir)  # one listing for a remote input; {} locally
     by_split: dict[str, list[Case]] = {}
     for case in sorted(cases, key=lambda c: c.case_id):
         by_split.setdefault(assign_split(case, spec), []).append(case)

@@ -93,7 +93,8 @@ def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Ca
         try:
             if opts.image_size is not None:  # the resized copy counts too (reserved before decoding)
                 reserve_pixels(opts.image_size[0] * opts.image_size[1])
-            record, stats = encode_case(layout.load_case(case), case, opts)
+            with fs.beam_filesystems():  # inputs on gs://, s3://, hdfs:// through Beam, in any worker
+                record, stats = encode_case(layout.load_case(case), case, opts)
         finally:
             release_pixels()
     except BadCase as e:

@@ -427,12 +427,21 @@ def _choose_monitor(cfg: FitConfig, metric_names: list[str], has_validation: boo
 def _publish_model(run_dir: str, model, use_best: bool, use_last: bool = False) -> None:
     """Writes RUN_DIR/model.keras, the run's completion marker, in one step (the best checkpoint
     when there is one, else the last one with ``use_last``: it holds the averaged weights of an
-    EMA run): a rename on local disks, one object write on object stores."""
+    EMA run): a rename on local disks, one object write on object stores. On a local disk the
+    published model is a hard link to that checkpoint: one copy of the state on disk (a later
+    checkpoint replaces the checkpoint's name, never the linked bytes)."""
     final = os.path.join(run_dir, rundir.MODEL_FILE)
     best = os.path.join(run_dir, CHECKPOINT_DIR, BEST_CHECKPOINT)
     if not (use_best and fs.isfile(best)) and use_last:
         use_best, best = True, os.path.join(run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT)
     local_dir = None if fs.is_remote(run_dir) else run_dir
+    if local_dir and use_best and fs.isfile(best):
+        linked = os.path.join(local_dir, f"{fs.INTERNAL_PREFIX}tmp-{os.getpid()}-{rundir.MODEL_FILE}")
+        if os.path.lexists(linked):
+            os.unlink(linked)
+        fs.link_or_copy(best, linked)
+        os.replace(linked, final)
+        return
     fd, tmp = tempfile.mkstemp(prefix=".tfseg-model.", suffix=".keras", dir=local_dir)
     os.close(fd)
     try:

@@ -351,6 +351,27 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def link_or_copy(src: str, dst: str) -> None:
+    """``dst`` as the same file as ``src``: a hard link on a local disk (one copy of the bytes, so
+    a run's published model and its checkpoint cost one file), a copy elsewhere or where the
+    filesystem has no links."""
+    if not is_remote(src) and not is_remote(dst):
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another device, or a filesystem without hard links
+            pass
+    copy_file(src, dst)
+
+
+def file_sizes(root: str) -> dict[str, int]:
+    """{path: bytes} of every file under a remote ``root`` read through Beam's FileSystems (one
+    listing, for convert's shard sizes); {} otherwise (local files are sized one by one)."""
+    if not uses_beam(root):
+        return {}
+    return dict(beam_files_under(root))
+
+
 def sweep_dead(parent: str, prefix: str, *, what: str = "left by an interrupted run", only=None) -> None:
     """Removes the entries ``PREFIX + PID + ...`` of folder ``parent`` whose process (of this host)
     no longer runs: staging folders, temporary files and scratch folders of killed runs.
