@@ -134,3 +134,45 @@ def test_labelme2coco_background_category_is_class_0(tmp_path):
         want = mask_utils.decode(mask_utils.frPyObjects(ann["segmentation"], 20, 30)).any(-1)
         assert np.all(mask[want] == cls)
     assert set(np.unique(mask)) == {0, 1, 2}
+
+
+def test_duplicate_annotation_files_and_identical_photos(tmp_path):
+    """A COCO export copied twice under one input (top level and annotations/) stored every image
+    twice; the same photo under two names with two masks (a real CVAT export has one) could land
+    in train and val. Now: the copy is read once and counted, identical photos share a split, and
+    --strict refuses both."""
+    import pytest
+
+    from tfseg.errors import TfsegError
+
+    raw = tmp_path / "raw"
+    (raw / "images").mkdir(parents=True)
+    (raw / "annotations").mkdir()
+    rng = np.random.default_rng(1)
+    n = 16
+    photos = [rng.integers(0, 255, (12, 16, 3), dtype=np.uint8) for _ in range(n)]
+    photos[5] = photos[2]  # the same photo twice, under another name, annotated differently
+    for i, p in enumerate(photos):
+        Image.fromarray(p).save(raw / "images" / f"p{i:02d}.png")
+    images = [{"id": i, "file_name": f"images/p{i:02d}.png", "height": 12, "width": 16} for i in range(n)]
+    anns = [{"id": i, "image_id": i, "category_id": 1, "iscrowd": 0,
+             "segmentation": [[1, 1, 8 + i % 5, 1, 8 + i % 5, 8, 1, 8]]} for i in range(n)]
+    text = json.dumps(_coco_doc([{"id": 1, "name": "thing"}], images, anns))
+    (raw / "export.json").write_text(text)
+    (raw / "annotations" / "export.json").write_text(text)  # the same file, copied
+    out = str(tmp_path / "out")
+    run_convert("coco", str(raw), out, split="train=0.5,val=0.5")
+    info, recs = _records(out)
+    assert len(recs) == n  # each image once, not twice
+    assert info.duplicates == {"images": 1, "annotation_files": 1}
+    split_of = {}
+    for split in info.splits:
+        import tensorflow as tf
+
+        for r in tf.data.TFRecordDataset(info.split_files(split, out)):
+            split_of[schema.decode_2d(r, 3)["source_id"].numpy().decode()] = split
+    assert split_of["images/p02"] == split_of["images/p05"]
+    assert len(set(split_of.values())) == 2  # both splits used: the pair's agreement is not by chance alone
+    with pytest.raises(TfsegError, match="1 image\\(s\\) identical to another case's and 1 duplicate annotation "
+                                         "file\\(s\\), refused with --strict"):
+        run_convert("coco", str(raw), str(tmp_path / "strict"), split="train=0.5,val=0.5", strict=True)

@@ -275,6 +275,8 @@ class DatasetInfo:
         ``depth`` in 3D).
       exif_oriented: ``{split: N}``, the photos stored turned by their EXIF orientation, as they
         are displayed and were annotated (:mod:`tfseg.photos`); splits with none are left out.
+      duplicates: ``{"images": N, "annotation_files": M}``: cases whose image is byte-identical to
+        another's (kept in one split) and annotation files left out as copies; zeros left out.
       regions: named unions of class ids, e.g. BraTS ``{"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}``.
       label_convention: free-form note (``"brats"``, ``"msd"``) describing the source labels.
       modalities: 3D channel names in order, e.g. ``["flair", "t1", "t1ce", "t2"]``.
@@ -301,6 +303,7 @@ class DatasetInfo:
     class_pixel_counts: dict = dataclasses.field(default_factory=dict)
     size_summary: dict = dataclasses.field(default_factory=dict)
     exif_oriented: dict = dataclasses.field(default_factory=dict)
+    duplicates: dict = dataclasses.field(default_factory=dict)
     regions: dict = dataclasses.field(default_factory=dict)
     label_convention: str | None = None
     modalities: list[str] = dataclasses.field(default_factory=list)
@@ -367,6 +370,7 @@ def _type_errors(d: dict) -> tuple[str, str, Any] | None:
         ("class_pixel_counts", "an object", lambda v: isinstance(v, dict)),
         ("size_summary", "an object", lambda v: isinstance(v, dict)),
         ("exif_oriented", "an object", lambda v: isinstance(v, dict)),
+        ("duplicates", "an object", lambda v: isinstance(v, dict)),
         ("regions", "an object", lambda v: isinstance(v, dict)),
         ("label_convention", "a string or null", lambda v: v is None or isinstance(v, str)),
         ("modalities", "a list of strings", is_str_list),

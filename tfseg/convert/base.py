@@ -150,6 +150,11 @@ class Layout:
 
     name: str = ""
     remote_input: bool = False
+    # Annotation files left out by list_cases as byte-identical copies of another (counted in
+    # dataset.json's ``duplicates``; ``--strict`` refuses them).
+    duplicate_annotation_files: int = 0
+    # Cases whose image is byte-identical to another's (set by the convert pipeline; kept in one split).
+    duplicate_images: int = 0
 
     def info(self) -> LayoutInfo:
         raise NotImplementedError

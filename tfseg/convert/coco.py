@@ -205,6 +205,9 @@ class CocoLayout(Layout):
     def list_cases(self, root: str) -> list[Case]:
         files = self._annotation_files(root)
         docs = [(p, _load_json(p)) for p in files]
+        if not self.annotations:  # found by search: a copy of a file (top level and annotations/) is read once
+            docs = self._without_copies(root, docs)
+            files = [p for p, _ in docs]
         kinds = {_is_panoptic(d) for _, d in docs}
         if len(kinds) > 1:
             raise TfsegError(f"{root}: both instances and panoptic files found ({', '.join(files)}); "
@@ -298,6 +301,38 @@ class CocoLayout(Layout):
             raise TfsegError(f"{len(names)} classes: tfseg's masks hold at most 255 classes (255 is ignore); "
                              "pick fewer with --categories")
         return {c: i + first for i, c in enumerate(order)}, tuple(names)
+
+    def _without_copies(self, root: str, docs: list) -> list:
+        """``docs`` without byte-identical copies of an annotation file that name the same images
+        (the same content in another folder whose images resolve elsewhere, like Roboflow's
+        train/ and valid/, is not a copy); counted in ``duplicate_annotation_files``."""
+        import hashlib
+
+        def resolved_images(path, doc) -> tuple:
+            images = [im for im in doc.get("images") or [] if isinstance(im, dict)]
+            base = self._image_base(root, path, images)
+            return tuple(os.path.realpath(_resolve(base, str(im.get("file_name", ""))) or "") for im in images)
+
+        digests = {}
+        for path, _ in docs:
+            with open(path, "rb") as f:
+                digests[path] = hashlib.sha256(f.read()).hexdigest()
+        shared = {d for d in digests.values() if list(digests.values()).count(d) > 1}
+        seen: dict[tuple, str] = {}
+        kept, copies = [], []
+        for path, doc in docs:
+            digest = digests[path]
+            key = (digest, resolved_images(path, doc) if digest in shared else ())  # only copies are resolved
+            if key in seen:
+                copies.append((path, seen[key]))
+                continue
+            seen[key] = path
+            kept.append((path, doc))
+        self.duplicate_annotation_files = len(copies)
+        if copies:
+            log.warning("coco: %d annotation file(s) are byte-identical copies of another naming the same images, "
+                        "left out (e.g. %s = %s)", len(copies), copies[0][0], copies[0][1])
+        return kept
 
     def _image_base(self, root: str, path: str, images: list[dict]) -> str:
         if self.image_dir:

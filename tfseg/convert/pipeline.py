@@ -213,6 +213,10 @@ def _assign_cases(cfg: ConvertConfig, layout: Layout, spec: dict) -> tuple[Layou
         dup = sorted({i for i in ids if ids.count(i) > 1})[0]
         raise TfsegError(f"{cfg.input_dir}: two cases share the id {dup!r}; case ids must be unique")
     sizes = fs.file_sizes(cfg.input_dir)  # one listing for a remote input; {} locally
+    cases, layout.duplicate_images = same_split_for_identical_images(cases)
+    if cfg.strict and (layout.duplicate_images or layout.duplicate_annotation_files):
+        raise TfsegError(f"{cfg.input_dir}: {layout.duplicate_images} image(s) identical to another case's and "
+                         f"{layout.duplicate_annotation_files} duplicate annotation file(s), refused with --strict")
     by_split: dict[str, list[Case]] = {}
     for case in sorted(cases, key=lambda c: c.case_id):
         by_split.setdefault(assign_split(case, spec), []).append(case)
@@ -302,6 +306,50 @@ def _gather(cfg: ConvertConfig, tmp: str, cases: int, bar) -> tuple[list, dict, 
     return written, stats, rejected
 
 
+def same_split_for_identical_images(cases: list[Case]) -> tuple[list[Case], int]:
+    """Cases whose image files are byte-identical (the same photo listed twice, or annotated
+    twice) put in one group, so that they land in one split and a model is never scored on a photo
+    it trained on; returns the cases and how many were identical to an earlier one (one warning).
+
+    Local 2D images only: files are grouped by size and only those of a size two files share are
+    read and hashed. Cases with an official split keep it; identical photos across official splits
+    are counted and named in the warning.
+    """
+    import hashlib
+
+    by_size: dict[int, list[Case]] = {}
+    for case in cases:
+        image = case.paths.get("image")
+        if image and not fs.is_remote(image) and os.path.isfile(image):
+            by_size.setdefault(os.path.getsize(image), []).append(case)
+    first: dict[str, Case] = {}  # digest -> the first case with that image
+    same: dict[str, Case] = {}  # case id -> the case it duplicates
+    for group in by_size.values():
+        if len(group) < 2:
+            continue
+        for case in sorted(group, key=lambda c: c.case_id):
+            with open(case.paths["image"], "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            if digest in first:
+                same[case.case_id] = first[digest]
+            else:
+                first[digest] = case
+    if not same:
+        return cases, 0
+    across = [(c, o) for c in cases if (o := same.get(c.case_id)) and c.split and o.split and c.split != o.split]
+    example = next(iter(same.items()))
+    log.warning("%d case(s) have an image byte-identical to another case's (e.g. %s = %s); each is kept in the "
+                "split of the first%s", len(same), example[0], example[1].case_id,
+                f"; {len(across)} cross the official splits (e.g. {across[0][0].case_id} in {across[0][0].split}, "
+                f"{across[0][1].case_id} in {across[0][1].split})" if across else "")
+    out = [dataclasses.replace(c, group=(o.group or o.case_id)) if (o := same.get(c.case_id)) and not c.split else c
+           for c in cases]
+    # the first of each set joins the same group key as its copies
+    firsts = {o.case_id for o in same.values()}
+    out = [dataclasses.replace(c, group=c.group or c.case_id) if c.case_id in firsts else c for c in out]
+    return out, len(same)
+
+
 def _dataset_info(cfg: ConvertConfig, info: LayoutInfo, layout: Layout, splits: dict, stats: dict,
                   rejected: int) -> schema.DatasetInfo:
     """dataset.json's content."""
@@ -319,6 +367,8 @@ def _dataset_info(cfg: ConvertConfig, info: LayoutInfo, layout: Layout, splits: 
                             if stats[s]["class_pixel_counts"] is not None},
         size_summary={s: stats[s]["size"] for s in sorted(stats)},
         exif_oriented={s: stats[s]["exif_oriented"] for s in sorted(stats) if stats[s].get("exif_oriented")},
+        duplicates={k: v for k, v in (("images", layout.duplicate_images),
+                                      ("annotation_files", layout.duplicate_annotation_files)) if v},
         regions=dict(info.regions),
         label_convention=info.label_convention,
         modalities=list(info.modalities),

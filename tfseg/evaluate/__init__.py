@@ -13,9 +13,18 @@ Command line::
 
 from tfseg.evaluate.config import CONFIG_JSON, EvaluateConfig  # noqa: F401
 from tfseg.evaluate.run import (  # noqa: F401
-    CONFUSION_PNG, HISTORY_PNG, METRICS_JSON, REPORT_MD, SAMPLES_PNG, run_evaluate,
+    CONFUSION_PNG,
+    HISTORY_PNG,
+    METRICS_JSON,
+    REPORT_MD,
+    SAMPLES_PNG,
+    run_evaluate,
 )
 from tfseg.evaluate.scorer import (  # noqa: F401
-    BINARY_DEFINITION, DATASET_LEVEL_DEFINITION, ISIC_JACCARD_THRESHOLD, PER_IMAGE_DEFINITION,
-    REGION_DEFINITION, SegmentationScorer,
+    BINARY_DEFINITION,
+    DATASET_LEVEL_DEFINITION,
+    ISIC_JACCARD_THRESHOLD,
+    PER_IMAGE_DEFINITION,
+    REGION_DEFINITION,
+    SegmentationScorer,
 )

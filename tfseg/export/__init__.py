@@ -15,7 +15,12 @@ Command line::
 
 from tfseg.export.config import ExportConfig  # noqa: F401
 from tfseg.export.graph import (  # noqa: F401
-    DEFAULT_MAX_PIXELS, DEFAULT_PRECISION, PRECISIONS, build_archive, model_precision, with_precision,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_PRECISION,
+    PRECISIONS,
+    build_archive,
+    model_precision,
+    with_precision,
 )
 from tfseg.export.run import run_export  # noqa: F401
 from tfseg.export.versions import CONFIG_JSON, METADATA, MODELS_CONFIG, find_version, list_versions, read_metadata  # noqa: F401

@@ -134,6 +134,24 @@ def check_not_overlapping(output: str, inputs: Iterable[tuple[str, str]], *, opt
             raise TfsegError(f"{option} {output}: contains {name} {path}; choose a folder that does not")
 
 
+def _check_not_inside_another_output(path: str, stage: str, option: str) -> None:
+    """Refuses an output inside another stage's output (predict's masks inside an export's NAME
+    folder would be a numbered folder TF Serving loads as a version): the nearest folder above
+    ``path`` that tfseg wrote must be this stage's own or a ``tfseg run`` workdir. Local paths."""
+    if is_remote(path):
+        return
+    here = os.path.abspath(path)
+    parent = os.path.dirname(here)
+    while parent != here:
+        written_by = owner(parent)
+        if written_by is not None:
+            if written_by not in (stage, "run"):
+                raise TfsegError(f"{option} {path}: lies inside {parent}, an output of `tfseg {written_by}`; "
+                                 "choose a folder outside it")
+            return
+        here, parent = parent, os.path.dirname(parent)
+
+
 def _check_writable_location(path: str, option: str) -> None:
     """Local paths: a file in the way, or a folder we may not write into, fails now."""
     if is_remote(path):
@@ -182,6 +200,7 @@ def claim(path: str, stage: str, *, complete_marker: str | None, overwrite: bool
     _LAST_CLAIMED[:] = [str(path)]
     check_not_overlapping(path, inputs, option=option)
     _check_writable_location(path, option)
+    _check_not_inside_another_output(path, stage, option)
     if not lock:
         return _claim_state(path, stage, complete_marker, overwrite, option)
     held = locks.holds(path)

@@ -14,6 +14,12 @@ Command line::
 
 from tfseg.plan.fingerprint import fingerprint  # noqa: F401
 from tfseg.plan.rules import (  # noqa: F401
-    DEFAULT_BUDGET, FLIP_CHOICES, TARGET_EPOCHS, choose_flips, depth_for, make_plan, receptive_field,
+    DEFAULT_BUDGET,
+    FLIP_CHOICES,
+    TARGET_EPOCHS,
+    choose_flips,
+    depth_for,
+    make_plan,
+    receptive_field,
 )
 from tfseg.plan.run import format_table, plan_document, run_plan  # noqa: F401

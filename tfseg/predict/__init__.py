@@ -41,8 +41,15 @@ from tfseg.predict.base import ModelFacts, Predictor
 from tfseg.predict.inputs import IMAGE_EXTS, VOLUME_EXTS, list_inputs, resolve_model
 from tfseg.predict.predictors import KerasPredictor, SavedModelPredictor, make_predictor, model_facts
 from tfseg.predict.run import SUMMARY_JSON, run_predict
-from tfseg.predict.serving import (SERVER_SIGNATURE, GrpcClient, RestClient, build_rest_request, decode_png,
-                                   encode_png, parse_rest_response)
+from tfseg.predict.serving import (
+                                   SERVER_SIGNATURE,
+                                   GrpcClient,
+                                   RestClient,
+                                   build_rest_request,
+                                   decode_png,
+                                   encode_png,
+                                   parse_rest_response,
+)
 
 __all__ = [
     "IMAGE_EXTS", "SERVER_SIGNATURE", "SUMMARY_JSON", "VOLUME_EXTS", "GrpcClient", "KerasPredictor", "ModelFacts",
