@@ -133,3 +133,30 @@ def test_predict_writes_masks_in_the_displayed_orientation(tmp_path):
     # class = argmax channel: green 0, red 1, blue 2 in the oracle's channel order
     expected = np.argmax(shown.astype(int), axis=-1)
     assert (predicted == expected).mean() > 0.98
+
+
+def test_predict_writes_its_settings_as_predict_json_and_checks_them(tmp_path):
+    """predict has a typed config like the other stages: predict.json beside the masks, and a bad
+    setting is one line naming it before anything is read."""
+    from helpers import oracle_model, write_run
+
+    from tfseg.errors import TfsegError
+    from tfseg.predict import CONFIG_JSON, PredictConfig, run_predict
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in" / "a.png")
+    run = str(tmp_path / "run")
+    write_run(run, oracle_model(2, 3, 3), ndim=2, channels=3, class_names=["g", "r", "b"], size=(8, 8))
+    out = str(tmp_path / "out")
+    run_predict(run, str(tmp_path / "in"), out, batch_size=2, overlay=True)
+    with open(os.path.join(out, CONFIG_JSON)) as f:
+        written = json.load(f)
+    assert written == PredictConfig(run, str(tmp_path / "in"), out, batch_size=2, overlay=True).to_json()
+    assert written["batch_size"] == 2 and written["overlay"] is True and written["server"] is None
+    with pytest.raises(TfsegError, match="--batch-size 0: must be >= 1"):
+        run_predict(run, str(tmp_path / "in"), str(tmp_path / "o2"), batch_size=0)
+    with pytest.raises(TfsegError, match="predict config: unknown key 'batchsize'"):
+        run_predict(run, str(tmp_path / "in"), str(tmp_path / "o3"), batchsize=2)
+    with pytest.raises(TfsegError, match="--grpc needs --server"):
+        run_predict(run, str(tmp_path / "in"), str(tmp_path / "o4"), grpc=True)
+    assert not any(os.path.exists(tmp_path / o) for o in ("o2", "o3", "o4"))

@@ -13,9 +13,9 @@ import pytest
 keras = pytest.importorskip("keras")
 nib = pytest.importorskip("nibabel")
 from click.testing import CliRunner  # noqa: E402
+from helpers import make_run  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from helpers import make_run  # noqa: E402
 from tfseg import export, inference, predict  # noqa: E402
 from tfseg.cli import cli  # noqa: E402
 from tfseg.errors import TfsegError  # noqa: E402
@@ -63,7 +63,7 @@ def test_run_dir_and_export_dir_write_same_masks(setup2d, tmp_path):
     out_run = str(tmp_path / "from_run")
     summary = predict.run_predict(s["run"], s["images"], out_run, batch_size=2)
     assert summary["written"] == 3 and summary["failed"] == []
-    assert listing(out_run) == ["a.png", "b.png", "c.png", predict.SUMMARY_JSON]
+    assert listing(out_run) == ["a.png", "b.png", "c.png", predict.CONFIG_JSON, predict.SUMMARY_JSON]
     for stem, array in s["arrays"].items():
         np.testing.assert_array_equal(read_png(os.path.join(out_run, stem + ".png")), expected_mask(s["model"], array))
     # The export NAME directory resolves to its latest version and runs the SavedModel.
@@ -91,7 +91,7 @@ def test_bad_file_is_reported_and_others_written(setup2d, tmp_path):
         summary = predict.run_predict(model_path, str(inp), str(out), batch_size=8)
         assert summary["written"] == 2
         assert [os.path.basename(f["input"]) for f in summary["failed"]] == ["broken.jpg"]
-        assert listing(out) == ["good1.png", "good2.png", predict.SUMMARY_JSON]
+        assert listing(out) == ["good1.png", "good2.png", predict.CONFIG_JSON, predict.SUMMARY_JSON]
 
 
 def test_inputs_and_model_resolution_errors(setup2d, tmp_path):
@@ -310,7 +310,8 @@ def test_volume_axes_round_trip_in_the_inputs_orientation(tmp_path):
     """A voxelwise 'model' on read_volume's output, written back, lines up with the input voxels."""
     import nibabel as nib
 
-    from tfseg.volumes import read_volume, write_mask as write_volume_mask
+    from tfseg.volumes import read_volume
+    from tfseg.volumes import write_mask as write_volume_mask
 
     rng = np.random.default_rng(0)
     data = rng.uniform(1, 10, (6, 7, 5, 2)).astype(np.float32)

@@ -13,10 +13,9 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from helpers import dask_cluster as local_dask_cluster
 from helpers import gcs_client, gcs_emulator, gcs_objects, gcs_upload_tree, make_run
+from PIL import Image
 
 pytest.importorskip("distributed")
 
@@ -90,12 +89,13 @@ def predict(model, inp, out, *extra, env=None):
 
 
 def files(folder):
-    """{relative path: bytes} of what predict wrote (the summary and ownership record apart)."""
+    """{relative path: bytes} of what predict wrote (the summary, its settings and the ownership
+    record apart: they name the runner and the paths)."""
     out = {}
     for root, _, names in os.walk(folder):
         for n in names:
             rel = os.path.relpath(os.path.join(root, n), folder)
-            if not n.startswith(".") and n != "predict_summary.json":
+            if not n.startswith(".") and n not in ("predict_summary.json", "predict.json"):
                 out[rel] = open(os.path.join(root, n), "rb").read()
     return out
 
@@ -129,7 +129,7 @@ def test_predict_on_dask_gs_to_gs(model_and_images, dask_cluster, gcs, tmp_path)
             f"--beam-arg=--dask_scheduler_file={dask_cluster}", env={"STORAGE_EMULATOR_HOST": gcs})
     remote = _objects("masks")
     want = files(local)
-    assert {k for k in remote if not k.startswith(".") and k != "predict_summary.json"} == set(want)
+    assert {k for k in remote if not k.startswith(".") and k not in ("predict_summary.json", "predict.json")} == set(want)
     for rel, data in want.items():
         assert remote[rel] == data, rel
     summary = json.loads(remote["predict_summary.json"])

@@ -270,6 +270,13 @@ def stage_config(cls, args: tuple, kwargs: dict, *, what: str):
     return config_from_call(cls, args, kwargs, what=what)
 
 
+def default_of(cls, name: str):
+    """The default of field ``name`` of config dataclass ``cls`` (the CLI's option defaults come
+    from the configs, not from literals of their own)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 class StageConfig:
     """What every stage's frozen config dataclass shares: built from a mapping or from a
     ``run_<stage>(...)`` call and written as JSON beside the stage's output. A subclass sets

@@ -12,8 +12,14 @@ import click
 from tfseg import runtime
 from tfseg.cli.app import cli
 from tfseg.cli.show import metric_table
+from tfseg.config import default_of
 from tfseg.convert import LAYOUTS
 from tfseg.errors import TfsegError, safe
+from tfseg.evaluate.config import EvaluateConfig
+from tfseg.export.config import FORMATS, QUANTIZATIONS, ExportConfig
+from tfseg.fit.config import OPTIMIZERS, SCHEDULES
+from tfseg.plan.rules import FLIP_CHOICES
+from tfseg.predict.config import PredictConfig
 
 
 @cli.command()
@@ -136,9 +142,9 @@ def convert(ctx, dataset, input_dir, output, split, image_size, num_shards, comp
 @click.option("--image-size", help="2D training size HxW.")
 @click.option("--patch-size", help="3D training patch DxHxW.")
 @click.option("--loss", help="bce | dice | bce_dice | ce | focal | tversky | ce_dice.")
-@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "adadelta"]))
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS))
 @click.option("--learning-rate", type=float)
-@click.option("--schedule", type=click.Choice(["none", "cosine", "plateau"]))
+@click.option("--schedule", type=click.Choice(SCHEDULES))
 @click.option(
     "--precision", type=click.Choice(runtime.PRECISIONS)
 )
@@ -172,7 +178,7 @@ def fit_cmd(config_file, overrides, **options):
 @click.option("--budget", default="30m", show_default=True, help="Training wall time the plan is for (20m, 1h, ...).")
 @click.option("--output", default=None, type=click.Path(),
               help="Write the plan here (YAML: fit: and evaluate: sections, the reasons, the fingerprint).")
-@click.option("--flips", default="auto", show_default=True, type=click.Choice(["auto", "none", "lr", "ud", "all"]),
+@click.option("--flips", default=FLIP_CHOICES[0], show_default=True, type=click.Choice(FLIP_CHOICES),
               help="Flips to train and test with: auto decides from the data's symmetry.")
 @click.option("--sample", default=64, show_default=True, type=click.IntRange(1),
               help="Training records read for the fingerprint (3D: at most 8).")
@@ -194,9 +200,10 @@ def plan_cmd(data_dir, budget, output, flips, sample):
 @click.option("--model", "export_dir", default=None, type=click.Path(file_okay=False),
               help="Or an export, EXPORTS/NAME[/VERSION]: scored through its serving signature.")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="A converted dataset.")
-@click.option("--split", default="test", show_default=True, help="The split to score.")
+@click.option("--split", default=default_of(EvaluateConfig, "split"), show_default=True, help="The split to score.")
 @click.option("--output", required=True, type=click.Path(), help="Directory for metrics.json, report.md, PNGs.")
-@click.option("--samples", default=8, show_default=True, type=click.IntRange(0), help="Examples in samples.png.")
+@click.option("--samples", default=default_of(EvaluateConfig, "num_samples"), show_default=True, type=click.IntRange(0),
+              help="Examples in samples.png.")
 @click.option("--tile", is_flag=True, help="2D: tile at the training size instead of resizing to it.")
 @click.option("--tta", is_flag=True, help="Average over the flips the model was trained with.")
 @click.option("--max-examples", type=click.IntRange(1), default=None, help="Score only the first N examples.")
@@ -234,13 +241,14 @@ def evaluate(run_dir, export_dir, data_dir, split, output, samples, tile, tta, m
 @click.option("--max-pixels", type=click.IntRange(1), default=None,
               help="Largest image (height x width) the 2D signatures accept [default: 40000000].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing VERSION directory.")
-@click.option("--precision", type=click.Choice(runtime.POLICIES), default="float32",
+@click.option("--precision", type=click.Choice(runtime.POLICIES), default=default_of(ExportConfig, "precision"),
               show_default=True, help="What the served graph computes in, whatever trained the model.")
 @click.option("--tta", is_flag=True, help="Average over the flips the model was trained with, in the graph.")
 @click.option("--tile", is_flag=True, help="2D: tile the full-resolution image at the training size, in the graph.")
-@click.option("--format", "fmt", type=click.Choice(["savedmodel", "litert"]), default="savedmodel", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=default_of(ExportConfig, "format"), show_default=True,
               help="litert: VERSION/model.tflite for phones and boards (2D; uint8 image at the model size in).")
-@click.option("--quantize", type=click.Choice(["none", "float16", "int8"]), default="none", show_default=True,
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=default_of(ExportConfig, "quantize"),
+              show_default=True,
               help="--format litert: float16 weights, or int8 calibrated on the run's training records.")
 @click.option("--calibration-records", type=click.IntRange(1), default=None,
               help="--quantize int8: training records to calibrate on [default: 200].")
@@ -274,7 +282,8 @@ def export_cmd(run_dir, export_base, name, version, max_pixels, overwrite, preci
               help="Directory of images (.jpg .png .gif .bmp) and/or NIfTI volumes.")
 @click.option("--output", "output_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for STEM.png / STEM.nii.gz masks.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Inputs per model call.")
+@click.option("--batch-size", default=default_of(PredictConfig, "batch_size"), show_default=True, type=click.IntRange(1),
+              help="Inputs per model call.")
 @click.option("--server", default=None, metavar="HOST:PORT", help="Use a running TF Serving server (REST).")
 @click.option("--grpc", is_flag=True, help="With --server: use gRPC (needs tensorflow-serving-api).")
 @click.option("--model-version", type=click.IntRange(1), default=None, help="With --server: the served version.")

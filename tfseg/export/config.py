@@ -11,6 +11,9 @@ from tfseg.config import StageConfig
 from tfseg.errors import TfsegError
 from tfseg.export.graph import DEFAULT_MAX_PIXELS, DEFAULT_PRECISION, PRECISIONS
 
+FORMATS = ("savedmodel", "litert")
+QUANTIZATIONS = ("none", "float16", "int8")  # LiteRT only
+
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig(StageConfig):
@@ -58,3 +61,7 @@ class ExportConfig(StageConfig):
                              "URL part)")
         if self.precision not in PRECISIONS:
             raise TfsegError(f"--precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
+        if self.format not in FORMATS:
+            raise TfsegError(f"--format {self.format!r}: choose from {', '.join(FORMATS)}")
+        if self.quantize not in QUANTIZATIONS:
+            raise TfsegError(f"--quantize {self.quantize!r}: choose from {', '.join(QUANTIZATIONS)}")

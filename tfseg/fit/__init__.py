@@ -27,15 +27,21 @@ Callers import the stage's public names from here (``from tfseg.fit import run_f
     tfseg fit --data DATA_DIR --model unet --output RUN_DIR --image-size 256x256 --epochs 30
 """
 
-from tfseg.fit.callbacks import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, LOGS_DIR, TrainingDiverged
-from tfseg.fit.checks import MAX_INPUT_PIXELS
-from tfseg.fit.config import OPTIMIZERS, SCHEDULES, FitConfig, build_config
-from tfseg.fit.history import BACKUP_DIR, backup_epoch, read_history, replay_patience, trim_history
-from tfseg.fit.inputs import validation_plan
-from tfseg.fit.run import run_fit
+import importlib
 
-__all__ = [
-    "BACKUP_DIR", "BEST_CHECKPOINT", "CHECKPOINT_DIR", "LAST_CHECKPOINT", "LOGS_DIR", "MAX_INPUT_PIXELS",
-    "OPTIMIZERS", "SCHEDULES", "FitConfig", "TrainingDiverged", "backup_epoch", "build_config",
-    "read_history", "replay_patience", "run_fit", "trim_history", "validation_plan",
-]
+# The stage's public names and the module of each, imported when first used: ``tfseg.fit.config``
+# (the settings, used by the CLI and the planner) stays free of TensorFlow and Keras.
+_EXPORTS = {
+    "BEST_CHECKPOINT": "callbacks", "CHECKPOINT_DIR": "callbacks", "LAST_CHECKPOINT": "callbacks",
+    "LOGS_DIR": "callbacks", "TrainingDiverged": "callbacks", "MAX_INPUT_PIXELS": "checks",
+    "OPTIMIZERS": "config", "SCHEDULES": "config", "FitConfig": "config", "build_config": "config",
+    "BACKUP_DIR": "history", "backup_epoch": "history", "read_history": "history", "replay_patience": "history",
+    "trim_history": "history", "validation_plan": "inputs", "run_fit": "run",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"tfseg.fit.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'tfseg.fit' has no attribute {name!r}")

@@ -33,11 +33,13 @@ One job a module, in the order a prediction runs them:
   predictors  the export (SavedModel) and fit-run (Keras) predictors; make_predictor, model_facts;
   serving     the TF Serving REST and gRPC clients (Predictors) and their request/response format;
   writers     the files written for one input: mask PNG / NIfTI, overlay picture;
+  config      PredictConfig: the stage's settings, checked from their annotations (predict.json);
   run         run_predict: the job, local or as a Beam pipeline;
   beam        the Beam pipeline: RunInference handlers, read, write.
 """
 
 from tfseg.predict.base import ModelFacts, Predictor
+from tfseg.predict.config import CONFIG_JSON, PredictConfig
 from tfseg.predict.inputs import IMAGE_EXTS, VOLUME_EXTS, list_inputs, resolve_model
 from tfseg.predict.predictors import KerasPredictor, SavedModelPredictor, make_predictor, model_facts
 from tfseg.predict.run import SUMMARY_JSON, run_predict
@@ -52,7 +54,7 @@ from tfseg.predict.serving import (
 )
 
 __all__ = [
-    "IMAGE_EXTS", "SERVER_SIGNATURE", "SUMMARY_JSON", "VOLUME_EXTS", "GrpcClient", "KerasPredictor", "ModelFacts",
+    "CONFIG_JSON", "IMAGE_EXTS", "PredictConfig", "SERVER_SIGNATURE", "SUMMARY_JSON", "VOLUME_EXTS", "GrpcClient", "KerasPredictor", "ModelFacts",
     "Predictor", "RestClient", "SavedModelPredictor", "build_rest_request", "decode_png", "encode_png",
     "list_inputs", "make_predictor", "model_facts", "parse_rest_response", "resolve_model", "run_predict",
 ]

@@ -8,17 +8,16 @@ a record in ``predict_summary.json``; the rest are still written.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from tfseg import photos
 from tfseg import volumes as volume_io
 from tfseg.errors import TfsegError, first_line
 from tfseg.io import fs, locks, publish
 from tfseg.predict.base import NEEDS_3D, Predictor
+from tfseg.predict.config import CONFIG_JSON, PredictConfig
 from tfseg.predict.inputs import list_inputs, resolve_model
 from tfseg.predict.predictors import make_predictor, model_facts
 from tfseg.predict.writers import write_image_outputs, write_volume_outputs
@@ -82,75 +81,50 @@ def _beam_predict(model_path, items, output_dir, *, runner, beam_args, batch_siz
 
 
 @locks.holding_locks
-def run_predict(
-    model_path: str,
-    input_dir: str,
-    output_dir: str,
-    *,
-    batch_size: int = 8,
-    server: str | None = None,
-    grpc: bool = False,
-    model_version: int | None = None,
-    runner: str | None = None,
-    beam_args: Iterable[str] = (),
-    tile: bool = False,
-    tta: bool = False,
-    overlap: float | None = None,
-    overwrite: bool = False,
-    overlay: bool = False,
-    progress: Callable[[int], None] | None = None,
-) -> dict:
+def run_predict(*args, progress: Callable[[int], None] | None = None, **kwargs) -> dict:
     """Writes a mask for every image and volume in ``input_dir`` to ``output_dir``.
 
     Args:
-      model_path: export version dir, export NAME dir, or RUN_DIR; with ``server``, the served
-        model's NAME (a path's last component is used).
-      input_dir: directory of images and/or NIfTI volumes.
-      output_dir: published atomically; refused when it exists unless ``overwrite``.
-      batch_size: images per model call (per request with ``server``).
-      server: ``HOST:PORT`` of a running TF Serving server (REST port, or gRPC port with ``grpc``).
-      model_version: the served version (default: the server's latest).
-      runner: a Beam runner name to run the job as a Beam pipeline.
-      beam_args: extra Beam pipeline options.
-      tile, tta, overlap: sliding-window / flip-TTA inference (RUN_DIR only).
-      overlay: also write ``overlays/STEM.jpg|png``: the input with its mask blended over it and a
-        legend of the classes present (volumes: the middle axial slice).
+      *args, **kwargs: a :class:`~tfseg.predict.config.PredictConfig` (or a mapping of its keys),
+        or its fields themselves: ``run_predict(model_path, input_dir, output_dir, batch_size=8,
+        server=None, grpc=False, model_version=None, runner=None, beam_args=(), tile=False,
+        tta=False, overlap=None, overwrite=False, overlay=False)``; written beside the masks as
+        ``predict.json``.
       progress: called with the number of inputs finished after each batch.
 
     Returns:
       Summary dict: ``written``, ``failed`` (list of {input, error}), ``output``, ``seconds``,
       ``model``; also written as ``predict_summary.json``.
+
+    Raises:
+      TfsegError: a bad setting (named), no readable input, an output tfseg may not write.
     """
-    if batch_size < 1:
-        raise TfsegError(f"--batch-size {batch_size}: must be >= 1")
-    if runner:
+    cfg = PredictConfig.from_call(args, kwargs)
+    if cfg.runner:
         # A Beam job (DaskRunner, Dataflow, ...) reads and writes gs://, s3://, hdfs:// through
         # Beam's FileSystems, on the launcher (listing, ownership, publishing) and in its
         # workers, like convert: they honour the runner's credentials and STORAGE_EMULATOR_HOST,
         # where TF's gs:// client may not. A remote output is staged on the same store.
         with fs.beam_filesystems():
-            return _run_predict(model_path, input_dir, output_dir, batch_size=batch_size, server=server, grpc=grpc,
-                                model_version=model_version, runner=runner, beam_args=beam_args, tile=tile, tta=tta,
-                                overlap=overlap, overwrite=overwrite, overlay=overlay, progress=progress)
-    return _run_predict(model_path, input_dir, output_dir, batch_size=batch_size, server=server, grpc=grpc,
-                        model_version=model_version, runner=runner, beam_args=beam_args, tile=tile, tta=tta,
-                        overlap=overlap, overwrite=overwrite, overlay=overlay, progress=progress)
+            return _run_predict(cfg, progress)
+    return _run_predict(cfg, progress)
 
 
-def _run_predict(model_path, input_dir, output_dir, *, batch_size, server, grpc, model_version, runner, beam_args,
-                 tile, tta, overlap, overwrite, overlay, progress) -> dict:
+def _run_predict(cfg: PredictConfig, progress) -> dict:
+    model_path, input_dir, output_dir, server = cfg.model_path, cfg.input_dir, cfg.output_dir, cfg.server
+    batch_size, runner, overlay = cfg.batch_size, cfg.runner, cfg.overlay
     items = list_inputs(input_dir)
     start = time.time()
-    predictor_kwargs = dict(server=server, grpc=grpc, tile=tile, tta=tta, overlap=overlap,
-                            batch_size=batch_size, model_version=model_version)
-    owned = dict(complete_marker=SUMMARY_JSON, overwrite=overwrite,
+    predictor_kwargs = dict(server=server, grpc=cfg.grpc, tile=cfg.tile, tta=cfg.tta, overlap=cfg.overlap,
+                            batch_size=batch_size, model_version=cfg.model_version)
+    owned = dict(complete_marker=SUMMARY_JSON, overwrite=cfg.overwrite,
                  inputs=[("--input", input_dir)] + ([] if server else [("--model", model_path)]))
     publish.claim(output_dir, "predict", **owned)
     with publish.publish_dir(output_dir, "predict", **owned) as tmp:
         if runner:
             if not server:
                 resolve_model(model_path)  # fail on a bad path before starting the pipeline
-            results = _beam_predict(model_path, items, tmp, runner=runner, beam_args=beam_args,
+            results = _beam_predict(model_path, items, tmp, runner=runner, beam_args=cfg.beam_args,
                                     batch_size=batch_size, predictor_kwargs=predictor_kwargs, overlay=overlay)
             if progress:
                 progress(len(items))
@@ -177,9 +151,6 @@ def _run_predict(model_path, input_dir, output_dir, *, batch_size, server, grpc,
         if not summary["written"]:
             raise TfsegError(f"{input_dir}: none of the {len(results)} inputs could be predicted; "
                              f"first: {failed[0]['input']}: {failed[0]['error']}")
-        if fs.is_remote(tmp):  # staged on the store (a runner's job under beam_filesystems)
-            fs.atomic_write_text(fs.join(tmp, SUMMARY_JSON), json.dumps(summary, indent=2))
-        else:
-            with open(os.path.join(tmp, SUMMARY_JSON), "w") as f:
-                json.dump(summary, f, indent=2)
+        fs.atomic_write_json(fs.join(tmp, CONFIG_JSON), cfg.to_json())
+        fs.atomic_write_json(fs.join(tmp, SUMMARY_JSON), summary)  # the completion marker, last
     return summary
