@@ -237,3 +237,18 @@ def test_annotation_paths_outside_the_input_are_rejected_per_case(tmp_path):
         rows = list(map(json.loads, f))
     assert [r["case_id"] for r in rows] == ["escape"]
     assert "imagePath '../secret.png' resolves outside --input" in rows[0]["reason"]
+
+
+def test_every_commands_help_and_a_usage_error_are_clicks_own():
+    """--help and usage errors are click's (exit 0 and 2), never the one-line unexpected error."""
+    from click.testing import CliRunner
+
+    from tfseg.cli import cli
+
+    runner = CliRunner()
+    for name in sorted(cli.commands):
+        result = runner.invoke(cli, [name, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output, (name, result.output[-300:])
+        assert "unexpected" not in result.output, name
+    result = runner.invoke(cli, ["fit", "--nosuch"])
+    assert result.exit_code == 2 and "No such option" in result.output and "unexpected" not in result.output

@@ -36,6 +36,8 @@ class _Group(click.Group):
         except (KeyboardInterrupt, click.exceptions.Abort):
             click.echo(interrupts.message(interrupts.signal.SIGINT), err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.exceptions.ClickException):
+            raise  # --help, a usage error: click prints and exits as it should
         except Exception as e:  # noqa: BLE001 - a full disk reaches us as OSError, h5py's, TF's or Beam's error
             if _disk_full(e):
                 _echo_disk_full(e)
