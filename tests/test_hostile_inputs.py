@@ -75,15 +75,22 @@ def test_an_output_that_is_a_symlink_is_refused_and_left_alone(tmp_path):
     """`--output LINK --overwrite` renamed the link aside and published a folder in its place; the
     next run deleted the renamed link. Now refused before any work, the link and its target as
     they were."""
+    from click.testing import CliRunner
+
+    from tfseg.cli import cli
+    from tfseg.convert.pipeline import run_convert
+    from tfseg.pipeline import write_sample
+
     raw, data = tmp_path / "raw", tmp_path / "data"
-    assert _cli("sample", "--dataset", "carvana", "--output", str(raw), "--count", "4").returncode == 0
-    assert _cli("convert", "--dataset", "carvana", "--input", str(raw), "--output", str(data)).returncode == 0
+    write_sample("carvana", str(raw), count=4, seed=0)
+    run_convert("carvana", str(raw), str(data))
     link = tmp_path / "latest"
     os.symlink(data, link)
     before = sorted(os.listdir(data))
-    proc = _cli("convert", "--dataset", "carvana", "--input", str(raw), "--output", str(link), "--overwrite")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    result = CliRunner().invoke(cli, ["convert", "--dataset", "carvana", "--input", str(raw), "--output", str(link),
+                                      "--overwrite"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert f"--output {link}: is a symbolic link (to {data})" in line
     assert os.path.islink(link) and os.readlink(link) == str(data)
     assert sorted(os.listdir(data)) == before
@@ -112,9 +119,13 @@ def test_an_unexpected_error_is_one_line_without_a_traceback(tmp_path):
 def test_env_reports_versions_cpu_and_the_precision_fit_chooses():
     from tfseg import envinfo, runtime
 
-    proc = _cli("env", "--json")
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
+    from click.testing import CliRunner
+
+    from tfseg.cli import cli
+
+    result = CliRunner().invoke(cli, ["env", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
     from importlib.metadata import version
 
     import tensorflow as tf
@@ -127,8 +138,8 @@ def test_env_reports_versions_cpu_and_the_precision_fit_chooses():
     assert report["cpu"]["features"]["avx512_bf16"] == ("avx512_bf16" in flags)
     gpus = len(tf.config.list_physical_devices("GPU"))
     assert report["fit"]["precision"] == runtime.resolve_precision("auto", num_gpus=gpus)
-    text = _cli("env")
-    assert text.returncode == 0 and f"precision {report['fit']['precision']}" in text.stdout
+    text = CliRunner().invoke(cli, ["env"])
+    assert text.exit_code == 0 and f"precision {report['fit']['precision']}" in text.stdout
 
 
 # `tfseg convert` whose first case load sends SIGTERM to its own process: the signal arrives while
