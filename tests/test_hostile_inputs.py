@@ -263,3 +263,27 @@ def test_every_commands_help_and_a_usage_error_are_clicks_own():
         assert "unexpected" not in result.output, name
     result = runner.invoke(cli, ["fit", "--nosuch"])
     assert result.exit_code == 2 and "No such option" in result.output and "unexpected" not in result.output
+
+
+def test_a_file_name_that_is_not_utf8_rejects_its_case_only(tmp_path):
+    """A LabelMe file named in Latin-1 bytes ended the whole conversion in a traceback."""
+    from PIL import Image
+
+    from tfseg import schema
+    from tfseg.convert.pipeline import run_convert
+
+    raw = os.fsencode(str(tmp_path / "raw")) + b"/"
+    os.makedirs(raw)
+    shape = {"label": "a", "points": [[1, 1], [5, 5]], "shape_type": "rectangle"}
+    for stem, value in ((b"caf\xe9", 10), (b"ok", 20)):
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(raw + stem + b".png")
+        with open(raw + stem + b".json", "w") as f:
+            json.dump({"version": "5", "flags": {}, "shapes": [shape], "imagePath": "", "imageData": None,
+                       "imageHeight": 8, "imageWidth": 8}, f)
+    out = str(tmp_path / "out")
+    run_convert("labelme", os.fsdecode(raw), out, split="train=1")
+    assert schema.load_dataset_info(out).splits["train"]["count"] == 1
+    with open(os.path.join(out, schema.REJECTED_JSONL)) as f:
+        (row,) = [json.loads(line) for line in f]
+    assert row["reason"] == "file name is not valid UTF-8 (rename it; its id is stored as UTF-8)"
+    assert row["case_id"] == "caf\udce9"

@@ -182,7 +182,8 @@ class Layout:
 
 def hash_fraction(key: str) -> float:
     """A stable number in [0, 1) from a string: the same on every machine, Python and run."""
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    # surrogateescape: a file name that is not UTF-8 hashes by its bytes (its case is rejected later)
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 

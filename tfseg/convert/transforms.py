@@ -91,6 +91,10 @@ def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Ca
     try:
         begin_case()
         try:
+            try:  # the id is stored as the record's source_id, in UTF-8
+                case.case_id.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadCase(case.main_path, "file name is not valid UTF-8 (rename it; its id is stored as UTF-8)") from None
             if opts.image_size is not None:  # the resized copy counts too (reserved before decoding)
                 reserve_pixels(opts.image_size[0] * opts.image_size[1])
             with fs.beam_filesystems():  # inputs on gs://, s3://, hdfs:// through Beam, in any worker
