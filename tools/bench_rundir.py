@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     for title, (layout, fit_args) in cases.items():
         raw, data, run = (os.path.join(w, f"{layout}-{k}") for k in ("raw", "data", "run"))
         if not os.path.isdir(raw):
-            tfseg("sample", "--dataset", layout, "--output", raw, "--count", "8")
+            tfseg("sample", "--dataset", layout, "--output", raw, "--count", "40")
         if not os.path.isdir(data):
             tfseg("convert", "--dataset", layout, "--input", raw, "--output", data)
         if not os.path.isdir(run):

@@ -214,9 +214,10 @@ def _assign_cases(cfg: ConvertConfig, layout: Layout, spec: dict) -> tuple[Layou
         raise TfsegError(f"{cfg.input_dir}: two cases share the id {dup!r}; case ids must be unique")
     sizes = fs.file_sizes(cfg.input_dir)  # one listing for a remote input; {} locally
     cases, layout.duplicate_images = same_split_for_identical_images(cases)
-    if cfg.strict and (layout.duplicate_images or layout.duplicate_annotation_files):
+    copies = getattr(layout, "duplicate_annotation_files", 0)  # duck-typed layouts have none
+    if cfg.strict and (layout.duplicate_images or copies):
         raise TfsegError(f"{cfg.input_dir}: {layout.duplicate_images} image(s) identical to another case's and "
-                         f"{layout.duplicate_annotation_files} duplicate annotation file(s), refused with --strict")
+                         f"{copies} duplicate annotation file(s), refused with --strict")
     by_split: dict[str, list[Case]] = {}
     for case in sorted(cases, key=lambda c: c.case_id):
         by_split.setdefault(assign_split(case, spec), []).append(case)
@@ -368,7 +369,7 @@ def _dataset_info(cfg: ConvertConfig, info: LayoutInfo, layout: Layout, splits: 
         size_summary={s: stats[s]["size"] for s in sorted(stats)},
         exif_oriented={s: stats[s]["exif_oriented"] for s in sorted(stats) if stats[s].get("exif_oriented")},
         duplicates={k: v for k, v in (("images", layout.duplicate_images),
-                                      ("annotation_files", layout.duplicate_annotation_files)) if v},
+                                      ("annotation_files", getattr(layout, "duplicate_annotation_files", 0))) if v},
         regions=dict(info.regions),
         label_convention=info.label_convention,
         modalities=list(info.modalities),
