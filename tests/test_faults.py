@@ -63,14 +63,22 @@ def _corrupt_shard(p: dict, split: str, key: str) -> None:
     open(shard, "wb").write(data[: len(data) // 2])
 
 
-def _bad_types(p: dict) -> None:
-    if os.path.isdir(p["bad_types"]):
+def _edited_copy(p: dict, src: str, dst: str, json_file: str, change) -> None:
+    """p[dst]: a copy of p[src] whose JSON file ``json_file`` (relative; a ``*`` component matches
+    the one version folder) went through ``change(doc)`` (made once per module)."""
+    if os.path.isdir(p[dst]):
         return
-    shutil.copytree(p["data"], p["bad_types"])
-    path = os.path.join(p["bad_types"], "dataset.json")
-    info = json.load(open(path))
-    info["num_classes"] = "two"
-    json.dump(info, open(path, "w"))
+    shutil.copytree(p[src], p[dst])
+    parts = [next(v for v in os.listdir(os.path.join(p[dst], *json_file.split("/")[:i])) if v.isdigit())
+             if part == "*" else part for i, part in enumerate(json_file.split("/"))]
+    path = os.path.join(p[dst], *parts)
+    doc = json.load(open(path))
+    change(doc)
+    json.dump(doc, open(path, "w"))
+
+
+def _bad_types(p: dict) -> None:
+    _edited_copy(p, "data", "bad_types", "dataset.json", lambda d: d.update(num_classes="two"))
 
 
 def _junk_raw(p: dict) -> None:
@@ -101,38 +109,24 @@ def _only_links(p: dict) -> None:
 
 def _fewer_classes(p: dict) -> None:
     """The VOC sample's dataset.json edited to 3 classes; its records hold labels up to 20."""
-    if os.path.isdir(p["voc_3"]):
-        return
-    shutil.copytree(p["voc_data"], p["voc_3"])
-    path = os.path.join(p["voc_3"], "dataset.json")
-    info = json.load(open(path))
-    info["num_classes"], info["class_names"] = 3, info["class_names"][:3]
-    info["class_pixel_counts"] = {s: c[:3] for s, c in info["class_pixel_counts"].items()}
-    info["class_colors"] = (info.get("class_colors") or [])[:3] or None
-    json.dump(info, open(path, "w"))
+    def three(d):
+        d.update(num_classes=3, class_names=d["class_names"][:3],
+                 class_colors=(d.get("class_colors") or [])[:3] or None,
+                 class_pixel_counts={s: c[:3] for s, c in d["class_pixel_counts"].items()})
+
+    _edited_copy(p, "voc_data", "voc_3", "dataset.json", three)
 
 
 def _export_says_3_classes(p: dict) -> None:
     """A copy of the (binary) export whose tfseg.json was edited to 3 classes."""
-    if os.path.isdir(p["export_3"]):
-        return
-    shutil.copytree(p["export_model"], p["export_3"])
-    (version,) = [v for v in os.listdir(p["export_3"]) if v.isdigit()]
-    path = os.path.join(p["export_3"], version, "assets.extra", "tfseg.json")
-    meta = json.load(open(path))
-    meta.update(num_classes=3, class_names=["a", "b", "c"], binary=False, head="softmax", class_colors=None)
-    json.dump(meta, open(path, "w"))
+    _edited_copy(p, "export_model", "export_3", "*/assets.extra/tfseg.json",
+                 lambda d: d.update(num_classes=3, class_names=["a", "b", "c"], binary=False, head="softmax",
+                                    class_colors=None))
 
 
 def _huge_run(p: dict) -> None:
     """A copy of the run whose run.json says 100000x100000 (ResourceExhaustedError before)."""
-    if os.path.isdir(p["huge_run"]):
-        return
-    shutil.copytree(p["run"], p["huge_run"])
-    path = os.path.join(p["huge_run"], "run.json")
-    cfg = json.load(open(path))
-    cfg["image_size"] = [100000, 100000]
-    json.dump(cfg, open(path, "w"))
+    _edited_copy(p, "run", "huge_run", "run.json", lambda d: d.update(image_size=[100000, 100000]))
 
 
 def _link_to_data(p: dict) -> None:
