@@ -164,7 +164,7 @@ def test_class_names_file_and_palette_names_reach_dataset_json(tmp_path):
     (rgb_root / "masks").mkdir()
     colours = np.array([[0, 0, 255], [128, 128, 128], [255, 0, 0]], np.uint8)
     for i in range(2):
-        Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(rgb_root / "images" / f"p{i}.png")
+        Image.fromarray(np.full((4, 5, 3), i, np.uint8)).save(rgb_root / "images" / f"p{i}.png")  # distinct photos
         Image.fromarray(colours[class_ids(3, i, (4, 5))]).save(rgb_root / "masks" / f"p{i}.png")
     palette = {"0,0,255": {"id": 0, "name": "sky"}, "#808080": {"id": 1, "name": "road"},
                "255,0,0": {"id": 2, "name": "car"}}
