@@ -287,3 +287,45 @@ def test_a_file_name_that_is_not_utf8_rejects_its_case_only(tmp_path):
         (row,) = [json.loads(line) for line in f]
     assert row["reason"] == "file name is not valid UTF-8 (rename it; its id is stored as UTF-8)"
     assert row["case_id"] == "caf\udce9"
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (a decompression bomb's first bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_mask_is_a_rejection_with_a_plain_reason(tmp_path):
+    """A LabelMe mask shape whose PNG PIL refuses as a decompression bomb was rejected with the raw
+    exception text ("DecompressionBombError: Image size ..."); the reason now reads like every
+    other bomb's."""
+    import base64
+
+    from PIL import Image
+
+    from tfseg import schema
+    from tfseg.convert.pipeline import run_convert
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    bomb = base64.b64encode(_png_claiming(20000, 20000)).decode("ascii")
+    for i, shape in enumerate([
+        {"label": "a", "points": [[1, 1], [5, 5]], "shape_type": "rectangle"},
+        {"label": "a", "points": [[0, 0], [7, 7]], "shape_type": "mask", "mask": bomb},
+    ]):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(raw / f"p{i}.png")
+        (raw / f"p{i}.json").write_text(json.dumps({"version": "5.4.1", "flags": {}, "shapes": [shape],
+                                                    "imagePath": f"p{i}.png", "imageData": None,
+                                                    "imageHeight": 8, "imageWidth": 8}))
+    out = tmp_path / "out"
+    run_convert("labelme", str(raw), str(out), split="train=1")
+    with open(out / schema.REJECTED_JSONL) as f:
+        (row,) = [json.loads(line) for line in f]
+    assert row["case_id"] == "p1" and row["reason"].startswith("decompression bomb rejected ("), row
+    assert "DecompressionBombError" not in row["reason"]

@@ -369,7 +369,7 @@ def _probe_channels(path: str) -> int:
             gray = (img.mode in ("L", "LA", "1", "I", "F") or img.mode.startswith("I;16")
                     or (img.mode in ("P", "PA") and not _is_colour_palette(img)))
             return 1 if gray else 3
-    except OSError:
+    except (OSError, Image.DecompressionBombError):
         return 3  # unreadable first image: the worker rejects it; assume RGB for the rest
 
 

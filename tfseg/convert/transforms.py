@@ -84,7 +84,7 @@ def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Ca
     The case's pixels count against the worker's pixel budget (:mod:`tfseg.convert.base`) until
     it is encoded.
     """
-    from tfseg.convert.base import begin_case, release_pixels, reserve_pixels
+    from tfseg.convert.base import _pil_reason, begin_case, release_pixels, reserve_pixels
 
     split, shard, case = element
     t0 = time.perf_counter()
@@ -104,6 +104,9 @@ def convert_one(layout: Layout, opts: EncodeOptions, element: tuple[str, int, Ca
     except BadCase as e:
         return "rejected", {"file": e.path, "reason": e.reason, "case_id": case.case_id, "split": split}, 0
     except Exception as e:  # noqa: BLE001 - one bad file must not kill a many-hour job
+        if type(e).__name__ == "DecompressionBombError":  # PIL's, from a reader that opens a file itself
+            reason = f"decompression bomb rejected ({_pil_reason(e)})"
+            return "rejected", {"file": case.main_path, "reason": reason, "case_id": case.case_id, "split": split}, 0
         # One line in the log (the reason is also in rejected.jsonl); the traceback with -v.
         log.warning("%s: rejected after an unexpected error: %s", case.main_path, one_line(e))
         log.debug("%s: traceback", case.main_path, exc_info=True)
