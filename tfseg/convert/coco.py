@@ -45,6 +45,7 @@ class 0 is ``background`` (every other category) and the picked ones follow.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -317,7 +318,7 @@ class CocoLayout(Layout):
         for path, _ in docs:
             with open(path, "rb") as f:
                 digests[path] = hashlib.sha256(f.read()).hexdigest()
-        shared = {d for d in digests.values() if list(digests.values()).count(d) > 1}
+        shared = {d for d, n in collections.Counter(digests.values()).items() if n > 1}
         seen: dict[tuple, str] = {}
         kept, copies = [], []
         for path, doc in docs:

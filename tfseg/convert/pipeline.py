@@ -343,11 +343,9 @@ def same_split_for_identical_images(cases: list[Case]) -> tuple[list[Case], int]
                 "split of the first%s", len(same), example[0], example[1].case_id,
                 f"; {len(across)} cross the official splits (e.g. {across[0][0].case_id} in {across[0][0].split}, "
                 f"{across[0][1].case_id} in {across[0][1].split})" if across else "")
+    # A copy takes the split key of the first (assign_split hashes ``group or case_id``).
     out = [dataclasses.replace(c, group=(o.group or o.case_id)) if (o := same.get(c.case_id)) and not c.split else c
            for c in cases]
-    # the first of each set joins the same group key as its copies
-    firsts = {o.case_id for o in same.values()}
-    out = [dataclasses.replace(c, group=c.group or c.case_id) if c.case_id in firsts else c for c in out]
     return out, len(same)
 
 

@@ -392,4 +392,7 @@ def sweep_dead(parent: str, prefix: str, *, what: str = "left by an interrupted 
         full = join(parent, name)
         if pid.isdigit() and not pid_alive(int(pid)) and (only is None or only(full)):
             logger.info("removing %s, %s", full, what)
-            rmtree(full) if isdir(full) else remove(full)
+            if isdir(full):
+                rmtree(full)
+            else:
+                remove(full)
