@@ -9,8 +9,12 @@ An arm is ``NAME`` or ``NAME:KEY=VALUE;KEY=VALUE`` (fit keys, YAML values). Ever
 same number of epochs (the cosine ends there), so arms whose steps cost the same get the same CPU
 budget whatever else runs on the machine; the fit log's step times say what each arm cost. Arms run
 one after the other; a finished arm/seed (its metrics.json present) is not run again, so the tool
-can be stopped and restarted. Prints one markdown row per arm: mean and spread (max - min) over
-the seeds of the dataset-level and per-image mean IoU, and writes W/levers.json.
+can be stopped and restarted. Each finished arm/seed is also added to ``--record`` (a file kept in
+the repository, ``tools/levers-ccp.json`` by default) with the overrides, epochs, machine and
+commit it ran on; an arm/seed found there with the same overrides and epochs is not run again, so
+the table grows across sessions whose work directories are gone. Prints one markdown row per arm:
+mean and spread (max - min) over the seeds of the dataset-level and per-image mean IoU, and writes
+W/levers.json.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -31,7 +36,47 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
     return name.strip(), [s.strip() for s in rest.split(";") if s.strip()]
 
 
+def _machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return f"{model}, {os.cpu_count()} cores{', AVX512-BF16' if 'avx512_bf16' in info else ''}"
+
+
+def _commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+def load_record(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def find(record: list[dict], pipeline: str, epochs: int, name: str, sets: list[str], seed: int) -> dict | None:
+    return next((r for r in record if (r["pipeline"], r["epochs"], r["arm"], r["sets"], r["seed"])
+                 == (pipeline, epochs, name, sets, seed)), None)
+
+
+def add_to_record(path: str, entry: dict) -> None:
+    record = load_record(path) + [entry]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def run_arm(name: str, sets: list[str], seed: int, args, pipeline: dict) -> dict:
+    known = find(load_record(args.record), args.pipeline, args.epochs, name, sets, seed)
+    if known is not None:
+        return known
     tag = f"{name}-s{seed}"
     run = os.path.join(args.workdir, f"{tag}-run")
     out = os.path.join(args.workdir, f"{tag}-eval")
@@ -59,8 +104,15 @@ def run_arm(name: str, sets: list[str], seed: int, args, pipeline: dict) -> dict
             json.dump({"fit_seconds": fit_s, "load": os.getloadavg()}, f)
     with open(metrics_path) as f:
         m = json.load(f)
-    return {"dataset": m["dataset_level"]["mean_iou"], "per_image": m["per_image_mean"]["mean_iou"],
-            "per_class": m["dataset_level"]["per_class"]["iou"]}
+    with open(os.path.join(args.workdir, f"{tag}-time.json")) as f:
+        timing = json.load(f)
+    entry = {"pipeline": args.pipeline, "epochs": args.epochs, "arm": name, "sets": sets, "seed": seed,
+             "dataset": m["dataset_level"]["mean_iou"], "per_image": m["per_image_mean"]["mean_iou"],
+             "per_class": m["dataset_level"]["per_class"]["iou"], "fit_seconds": round(timing["fit_seconds"]),
+             "load": [round(x, 2) for x in timing["load"]], "machine": _machine(), "commit": _commit(),
+             "date": time.strftime("%Y-%m-%d")}
+    add_to_record(args.record, entry)
+    return entry
 
 
 def main(argv=None) -> int:
@@ -71,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--seeds", default="1,2")
     ap.add_argument("--arm", action="append", default=[])
+    ap.add_argument("--record", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "levers-ccp.json"))
     args = ap.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     here = os.path.dirname(os.path.abspath(__file__))

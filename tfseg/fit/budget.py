@@ -56,9 +56,12 @@ class BudgetController(keras.callbacks.Callback):
     tracing, over at least one epoch and ``REFINE_FRACTION`` of the budget (short epochs have
     one-time costs to average out). Each sets the total epochs so that training ends within
     ``budget_seconds`` of ``started`` less a ``reserve`` fraction (publishing, health check); training stops there and, with a
-    ``schedule``, its cosine ends at 0 at that epoch's last step. ``on_resolved(record)`` is
-    called with each decision (fit writes it to run.json). A resumed run passes ``resolved``:
-    the same end, nothing measured again.
+    ``schedule``, its cosine ends at 0 at that epoch's last step. Once fixed, the end only moves
+    earlier: when the last epochs ran slower than measured (another job took the cores) and the
+    rest would overrun the budget by more than half an epoch, the total is cut to what still fits
+    at the slower pace (``revised_after_epoch`` in the record). ``on_resolved(record)`` is called
+    with each decision (fit writes it to run.json). A resumed run passes ``resolved``: the same
+    end, nothing measured again.
     """
 
     def __init__(self, *, budget_seconds: float, started: float, steps_per_epoch: int, first_epoch: int,
@@ -74,14 +77,19 @@ class BudgetController(keras.callbacks.Callback):
         self._last_end = None
         self._window_start = None
         self._window_epochs = 0
+        self._resumed = resolved is not None
+        self._cycles: list[float] = []  # epoch-end to epoch-end, once the end is fixed
         self._record: dict = {}
 
     def on_train_batch_end(self, batch, logs=None):
         if self._phase == 0:
             self._batch_ends.append(time.time())
 
+    def _left(self, now: float) -> float:
+        return self.budget_seconds * (1.0 - self.reserve) - (now - self.started)
+
     def _decide(self, epoch: int, now: float, per_epoch: float, **facts) -> None:
-        left = self.budget_seconds * (1.0 - self.reserve) - (now - self.started)
+        left = self._left(now)
         more = int(left // max(per_epoch, 1e-9)) if left > 0 else 0
         self.total = epoch + 1 + more
         if self.schedule is not None:
@@ -115,6 +123,18 @@ class BudgetController(keras.callbacks.Callback):
                 self._phase = 2
             cycle = span / self._window_epochs
             self._decide(epoch, now, cycle, epoch_seconds=round(cycle, 3))
+        elif not self._resumed and self._last_end is not None:
+            self._watch(epoch, now, now - self._last_end)
         self._last_end = now
         if self.total is not None and epoch + 1 >= self.total:
             self.model.stop_training = True
+
+    def _watch(self, epoch: int, now: float, cycle: float) -> None:
+        """Cut the fixed end short when the recent pace would overrun the budget."""
+        self._cycles.append(cycle)
+        pace = float(np.mean(self._cycles[-3:]))
+        remaining = self.total - (epoch + 1)
+        if remaining <= 0 or remaining * pace <= self._left(now) + 0.5 * pace:
+            return
+        self._record["revised_after_epoch"] = int(epoch + 1)
+        self._decide(epoch, now, pace, epoch_seconds=round(pace, 3))
