@@ -138,9 +138,15 @@ def test_parse_augment_validates():
     assert (cfg3.flip3d, cfg3.rot90, cfg3.intensity_scale, cfg3.intensity_shift) == (0.5, 0.5, 0.1, 0.1)
     for bad, ndim, ch, match in [
         ({"hue": 0.1}, 2, 1, "RGB"),
-        ({"hflip": 1.5}, 2, 3, r"augment.hflip: 1.5 is outside"),
-        ({"scale": [1.2, 0.8]}, 2, 3, "lo 1.2 > hi"),
-        ({"blur_kernel": 4}, 2, 3, "odd"),
+        ({"hflip": 1.5}, 2, 3, r"^augment: hflip must be in \[0, 1\], got 1.5$"),
+        ({"rotate": True}, 2, 3, r"^augment: rotate = True is not a valid number$"),
+        ({"noise": float("nan")}, 2, 3, r"^augment: noise must be a finite number"),
+        ({"scale": [1.2, 0.8]}, 2, 3, r"^augment: scale: expected 0.001 <= lo <= hi, got \[1.2, 0.8\]$"),
+        ({"scale": 1.5}, 2, 3, r"^augment: scale: expected a in \(0, 0.999\]"),
+        ({"crop": "big"}, 2, 3, r"^augment: crop: expected \[h, w\]"),
+        ({"blur_kernel": 4}, 2, 3, "^augment: blur_kernel must be odd, got 4$"),
+        ({"blur_kernel": 65}, 2, 3, r"^augment: blur_kernel must be in \[3, 63\] \(odd\), got 65$"),
+        ({"intensity_scale": 2}, 3, 4, r"^augment: intensity_scale must be in \[0, 1\], got 2$"),
         ({"rot90": 0.5}, 2, 3, "not a 2D augmentation"),
         ({"rotate": 10}, 3, 4, "not a 3D augmentation"),
         (["hflip"], 2, 3, "mapping"),
@@ -240,5 +246,5 @@ def test_crop_batches_have_the_crop_size_and_a_crop_larger_than_image_size_is_re
 def test_parse_augment_reads_crop_sizes():
     assert aug.parse_augment({"crop": "24x16"}, ndim=2, channels=3).crop == (24, 16)
     assert aug.parse_augment({"crop": [24, 16]}, ndim=2, channels=1).crop == (24, 16)
-    with pytest.raises(TfsegError, match="augment.crop"):
+    with pytest.raises(TfsegError, match="^augment: crop: expected"):
         aug.parse_augment({"crop": "big"}, ndim=2, channels=3)

@@ -1,6 +1,5 @@
 """The CCP layout: the 59 -> 14 table, real files, the synthetic sample, bad .mat files, end to end."""
 
-import glob
 import os
 
 import numpy as np

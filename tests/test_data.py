@@ -221,7 +221,7 @@ def test_bad_input_raises_one_line_errors(tmp_path):
         (dict(split="test"), "no split"),
         (dict(patch_size="8x8x8"), "patch_size is for 3D"),
         (dict(augment={"zoom": 2}), "augment.zoom"),
-        (dict(augment={"rotate": "a lot"}), "augment.rotate"),
+        (dict(augment={"rotate": "a lot"}), "augment: rotate = .a lot. is not a valid number"),
         (dict(image_size=None), "set image_size"),
         (dict(batch_size=0), "batch_size"),
     ]:

@@ -267,5 +267,5 @@ def test_bf16_run_exports_float32_by_default(tmp_path):
     np.testing.assert_allclose(served, np.asarray(f32_model(x)), atol=1e-5)
     np.testing.assert_allclose(served, np.asarray(bf16_model(x), np.float32), atol=0.05)
     assert np.abs(served - np.asarray(bf16_model(x), np.float32)).max() > 0  # bf16 really differs
-    with pytest.raises(TfsegError, match="--precision"):
+    with pytest.raises(TfsegError, match="export config: precision = .float16. is not one of"):
         export.run_export(run, base, "m", precision="float16")

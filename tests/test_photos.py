@@ -153,7 +153,7 @@ def test_predict_writes_its_settings_as_predict_json_and_checks_them(tmp_path):
         written = json.load(f)
     assert written == PredictConfig(run, str(tmp_path / "in"), out, batch_size=2, overlay=True).to_json()
     assert written["batch_size"] == 2 and written["overlay"] is True and written["server"] is None
-    with pytest.raises(TfsegError, match="--batch-size 0: must be >= 1"):
+    with pytest.raises(TfsegError, match="predict config: batch_size must be >= 1, got 0"):
         run_predict(run, str(tmp_path / "in"), str(tmp_path / "o2"), batch_size=0)
     with pytest.raises(TfsegError, match="predict config: unknown key 'batchsize'"):
         run_predict(run, str(tmp_path / "in"), str(tmp_path / "o3"), batchsize=2)

@@ -1,8 +1,6 @@
 """The shared contracts: record schema round trips, dataset.json, config overrides, atomic outputs, scoring."""
 
 import io
-import json
-import os
 
 import numpy as np
 import pytest

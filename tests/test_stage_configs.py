@@ -82,7 +82,7 @@ def test_entry_points_check_their_config_first(tmp_path):
         run_evaluate(None, str(tmp_path), "test", str(tmp_path / "eval"), tile=True, export_dir=str(tmp_path))
     with pytest.raises(TfsegError, match="evaluate config: num_samples = 'x' is not a valid integer"):
         run_evaluate(str(tmp_path), str(tmp_path), num_samples="x")
-    with pytest.raises(TfsegError, match=r"--precision 'float64': choose from"):
+    with pytest.raises(TfsegError, match=r"export config: precision = 'float64' is not one of float32, "):
         run_export(str(tmp_path), str(tmp_path / "x"), "m", precision="float64")
     with pytest.raises(TfsegError, match=r"--name 'a/b': use letters"):
         run_export(ExportConfig(str(tmp_path), str(tmp_path / "x"), "a/b"))

@@ -11,7 +11,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 import tensorflow as tf
 from helpers import write_2d_dataset
 

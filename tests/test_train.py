@@ -59,12 +59,54 @@ def test_fit_config_defaults_types_and_unknown_keys():
     assert (cfg.epochs, cfg.image_size, cfg.augment, cfg.batch_size) == (3, (64, 32), {"hflip": 0.5}, 8)
     with pytest.raises(TfsegError, match="unknown key 'epoch'"):
         FitConfig.from_dict({"data": "d", "model": "unet", "output": "o", "epoch": 3})
-    with pytest.raises(TfsegError, match="optimizer 'rmsprop'"):
+    with pytest.raises(TfsegError, match="optimizer = 'rmsprop' is not one of adam, adamw, sgd, adadelta"):
         FitConfig.from_dict({"data": "d", "model": "unet", "output": "o", "optimizer": "rmsprop"})
     with pytest.raises(TfsegError, match="epochs = 'many'"):
         FitConfig.from_dict({"data": "d", "model": "unet", "output": "o", "epochs": "many"})
     with pytest.raises(TfsegError, match="'output' is required"):
         FitConfig.from_dict({"data": "d", "model": "unet"})
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(learning_rate=0), "fit config: learning_rate must be > 0, got 0"),
+    (dict(learning_rate="nan"), "fit config: learning_rate must be a finite number, got nan"),
+    (dict(ema=1.0), r"fit config: ema must be in \[0, 1\) \(0 turns it off\), got 1"),
+    (dict(momentum=-0.1), r"fit config: momentum must be in \[0, 1\), got -0.1"),
+    (dict(verbose=3), r"fit config: verbose must be in \[0, 2\], got 3"),
+    (dict(epochs=0), r"fit config: epochs must be in \[1, 100000\], got 0"),
+    (dict(batch_size=10**6), r"fit config: batch_size must be in \[1, 65536\], got 1e\+06"),
+    (dict(steps_per_epoch=0), "fit config: steps_per_epoch must be >= 1, got 0"),
+    (dict(peer_timeout=-1), r"fit config: peer_timeout must be > 0 \(seconds\), got -1"),
+    (dict(jit_compile="maybe"), "fit config: jit_compile = 'maybe' is not one of True, False, auto"),
+    (dict(schedule="linear"), "fit config: schedule = 'linear' is not one of none, cosine, plateau"),
+    (dict(image_size="64"), None),  # a square size
+    (dict(image_size="64xx"), "fit config: image_size: size '64xx': expected HxW with positive integers"),
+    (dict(augment="{hflip"), "fit config: augment: not valid JSON"),
+    (dict(augment=[1]), r"fit config: augment = \[1\] is not a valid mapping"),
+    (dict(budget="soon"), "fit config: budget 'soon': expected a duration"),
+])
+def test_fit_config_checks_come_from_its_fields(values, message):
+    from tfseg.fit import FitConfig
+
+    base = {"data": "d", "model": "unet", "output": "o"}
+    if message is None:
+        assert FitConfig.from_dict({**base, **values}).image_size == (64, 64)
+        return
+    with pytest.raises(TfsegError, match="^" + message) as e:
+        FitConfig.from_dict({**base, **values})
+    assert "\n" not in str(e.value)
+
+
+def test_fit_config_reads_none_as_the_default_and_lowers_names():
+    from tfseg.fit import FitConfig
+
+    cfg = FitConfig.from_dict({"data": "d", "model": "unet", "output": "o", "epochs": None, "model_kwargs": None,
+                               "optimizer": "AdamW", "schedule": "Cosine", "jit_compile": "FALSE",
+                               "validation_split": "", "budget": ""})
+    assert (cfg.epochs, cfg.model_kwargs, cfg.optimizer, cfg.schedule, cfg.jit_compile) == (10, {}, "adamw", "cosine",
+                                                                                              False)
+    assert cfg.validation_split is None and cfg.budget is None
+    assert FitConfig.from_dict(cfg.to_json()) == cfg
 
 
 def test_build_config_precedence_file_then_options_then_set(tmp_path):

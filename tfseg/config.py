@@ -126,9 +126,65 @@ def format_duration(seconds: float) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def setting(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, choices: tuple | None = None,
+            at_least: float | None = None, above: float | None = None, at_most: float | None = None,
+            below: float | None = None, parse=None, note: str = ""):
+    """A config dataclass field with its checks as metadata, which :func:`config_from_mapping` runs:
+
+    Args:
+      default, default_factory: as for :func:`dataclasses.field`.
+      choices: the values allowed (after ``parse``).
+      at_least, above, at_most, below: bounds of a number (closed, open, closed, open).
+      parse: a function run on a given value before the annotation's coercion (``"256x160"`` ->
+        ``(256, 160)``, ``"ADAM"`` -> ``"adam"``); a TfsegError it raises is prefixed with the key.
+      note: added to a bound's message in parentheses (``"0 turns it off"``).
+    """
+    bounds = {k: v for k, v in dict(at_least=at_least, above=above, at_most=at_most, below=below).items()
+              if v is not None}
+    metadata = {"choices": tuple(choices) if choices is not None else None, "bounds": bounds, "parse": parse,
+                "note": note}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def _bound_words(bounds: dict, note: str) -> str:
+    low = ("[", bounds["at_least"]) if "at_least" in bounds else ("(", bounds["above"]) if "above" in bounds else None
+    high = ("]", bounds["at_most"]) if "at_most" in bounds else (")", bounds["below"]) if "below" in bounds else None
+    if low and high:
+        words = f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    elif low:
+        words = f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
+    else:
+        words = f"{'<=' if high[0] == ']' else '<'} {high[1]:g}"
+    return f"{words} ({note})" if note else words
+
+
+def _check_setting(f: dataclasses.Field, value, *, what: str) -> None:
+    meta = f.metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TfsegError(f"{what}: {f.name} must be a finite number, got {value}")
+    if value is None or not meta:
+        return
+    if meta["choices"] is not None and not any(value == c and type(value) is type(c) for c in meta["choices"]):
+        raise TfsegError(f"{what}: {f.name} = {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    bounds = meta["bounds"]
+    if bounds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        inside = (value >= bounds.get("at_least", -math.inf) and value > bounds.get("above", -math.inf)
+                  and value <= bounds.get("at_most", math.inf) and value < bounds.get("below", math.inf))
+        if not inside:
+            raise TfsegError(f"{what}: {f.name} must be {_bound_words(bounds, meta['note'])}, got {value:g}")
+
+
+def _allows_none(annotation) -> bool:
+    return annotation is Any or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                 and type(None) in typing.get_args(annotation))
+
+
 def config_from_mapping(cls, mapping: dict, *, what: str):
-    """An instance of the frozen dataclass ``cls`` from ``mapping``, each value coerced to its
-    field's annotation (:func:`coerce_field`), then ``cls.validate()`` when it has one.
+    """An instance of the frozen dataclass ``cls`` from ``mapping``: each value parsed by its
+    field's ``parse`` (:func:`setting`), coerced to its annotation (:func:`coerce_field`) and
+    checked against its choices and bounds, then ``cls.validate()`` when it has one. None for a
+    field that has a default and whose annotation does not allow None means the default (an
+    empty YAML value, an option not given).
 
     Args:
       cls: a dataclass whose annotations are ``str``, ``int``, ``float``, ``bool``, ``dict``,
@@ -137,7 +193,8 @@ def config_from_mapping(cls, mapping: dict, *, what: str):
       what: how messages name the config, e.g. ``"evaluate config"``.
 
     Raises:
-      TfsegError: an unknown key, a missing required key or a value of the wrong type, named.
+      TfsegError: an unknown key, a missing required key, a value of the wrong type or outside
+        its choices or bounds, named.
     """
     if not isinstance(mapping, dict):
         raise TfsegError(f"{what}: expected a mapping, got {type(mapping).__name__}")
@@ -149,7 +206,21 @@ def config_from_mapping(cls, mapping: dict, *, what: str):
         if name not in mapping and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise TfsegError(f"{what}: {name!r} is required")
     hints = typing.get_type_hints(cls)
-    cfg = cls(**{k: coerce_field(k, v, hints[k], what=what) for k, v in mapping.items()})
+    values = {}
+    for key, value in mapping.items():
+        f = fields[key]
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        if value is None and has_default and not _allows_none(hints[key]):
+            continue
+        parse = f.metadata.get("parse")
+        if parse is not None and value is not None:
+            try:
+                value = parse(value)
+            except TfsegError as e:
+                raise TfsegError(f"{what}: {key}: {e}") from None
+        values[key] = coerce_field(key, value, hints[key], what=what)
+        _check_setting(f, values[key], what=what)
+    cfg = cls(**values)
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg

@@ -6,7 +6,7 @@
 Arguments: policy, height, width, base filters. Prints images/s of one epoch of 64 random
 images at batch 8 after a warm-up epoch (tracing excluded).
 """
-import sys, time, os
+import sys, time
 import numpy as np, keras
 prec, h, w, bf = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 keras.mixed_precision.set_global_policy(prec)

@@ -48,30 +48,67 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import tensorflow as tf
 
+from tfseg.config import StageConfig, coerce_field, setting
 from tfseg.errors import TfsegError
 
 
+def _probability(value):
+    """``true`` means 0.5 for the probabilities of a flip, a rotation or a blur."""
+    return (0.5 if value else 0.0) if isinstance(value, bool) else value
+
+
+def _scale(value) -> tuple:
+    """``[lo, hi]``, or ``a`` for ``[1 - a, 1 + a]`` (0 or 1: no zoom)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise TfsegError(f"expected [lo, hi], got {value!r}")
+        lo, hi = (coerce_field("scale", v, float, what="augment") for v in value)
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 1e-3 or lo > hi:
+            raise TfsegError(f"expected 0.001 <= lo <= hi, got {value!r}")
+        return lo, hi
+    a = coerce_field("scale", value, float, what="augment")
+    if a in (0.0, 1.0):
+        return 1.0, 1.0
+    if not 0 < a <= 0.999:
+        raise TfsegError(f"expected a in (0, 0.999] for [1 - a, 1 + a], or [lo, hi]; got {value!r}")
+    return 1.0 - a, 1.0 + a
+
+
+def _crop(value) -> tuple:
+    from tfseg.config import parse_size
+
+    try:
+        return parse_size(value, 2)
+    except (TfsegError, ValueError, TypeError):
+        raise TfsegError(f"expected [h, w] or \"hxw\", got {value!r}") from None
+
+
 @dataclasses.dataclass(frozen=True)
-class Augment2D:
+class Augment2D(StageConfig):
     """Validated 2D augmentation settings (see the module docstring for meanings)."""
 
-    hflip: float = 0.0
-    vflip: float = 0.0
-    rotate: float = 0.0
-    shift: float = 0.0
-    scale: tuple[float, float] = (1.0, 1.0)
-    brightness: float = 0.0
-    contrast: float = 0.0
-    hue: float = 0.0
-    saturation: float = 0.0
-    noise: float = 0.0
-    blur: float = 0.0
-    blur_kernel: int = 3
-    crop: tuple[int, int] | None = None
+    WHAT = "augment"
+
+    hflip: float = setting(0.0, at_least=0, at_most=1, parse=_probability)
+    vflip: float = setting(0.0, at_least=0, at_most=1, parse=_probability)
+    rotate: float = setting(0.0, at_least=0, at_most=180)
+    shift: float = setting(0.0, at_least=0, at_most=1)
+    scale: tuple[float, float] = setting((1.0, 1.0), parse=_scale)
+    brightness: float = setting(0.0, at_least=0, at_most=1)
+    contrast: float = setting(0.0, at_least=0, at_most=1)
+    hue: float = setting(0.0, at_least=0, at_most=0.5)
+    saturation: float = setting(0.0, at_least=0, at_most=1)
+    noise: float = setting(0.0, at_least=0, at_most=255)
+    blur: float = setting(0.0, at_least=0, at_most=1, parse=_probability)
+    blur_kernel: int = setting(3, at_least=3, at_most=63, note="odd")
+    crop: tuple[int, int] | None = setting(None, parse=_crop)
+
+    def validate(self) -> None:
+        if self.blur_kernel % 2 == 0:
+            raise TfsegError(f"augment: blur_kernel must be odd, got {self.blur_kernel}")
 
     @property
     def geometric(self) -> bool:
@@ -80,41 +117,20 @@ class Augment2D:
 
 
 @dataclasses.dataclass(frozen=True)
-class Augment3D:
+class Augment3D(StageConfig):
     """Validated 3D augmentation settings (see the module docstring for meanings)."""
 
-    flip3d: float = 0.0
-    rot90: float = 0.0
-    intensity_scale: float = 0.0
-    intensity_shift: float = 0.0
-    noise: float = 0.0
+    WHAT = "augment"
+
+    flip3d: float = setting(0.0, at_least=0, at_most=1, parse=_probability)
+    rot90: float = setting(0.0, at_least=0, at_most=1, parse=_probability)
+    intensity_scale: float = setting(0.0, at_least=0, at_most=1)
+    intensity_shift: float = setting(0.0, at_least=0)
+    noise: float = setting(0.0, at_least=0)
 
 
 _KEYS_2D = [f.name for f in dataclasses.fields(Augment2D)]
 _KEYS_3D = [f.name for f in dataclasses.fields(Augment3D)] + ["intensity"]
-
-
-def _number(key: str, value: Any, lo: float, hi: float = math.inf) -> float:
-    if isinstance(value, bool):
-        value = 0.5 if value else 0.0
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TfsegError(f"augment.{key}: expected a number, got {value!r}") from None
-    if not lo <= v <= hi:
-        raise TfsegError(f"augment.{key}: {v} is outside [{lo}, {hi}]")
-    return v
-
-
-def _crop(value) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    from tfseg.config import parse_size
-
-    try:
-        return parse_size(value, 2)
-    except (TfsegError, ValueError, TypeError):
-        raise TfsegError(f"augment.crop: expected [h, w] or \"hxw\", got {value!r}") from None
 
 
 def parse_augment(augment: dict | None, *, ndim: int, channels: int) -> Augment2D | Augment3D | None:
@@ -145,45 +161,9 @@ def parse_augment(augment: dict | None, *, ndim: int, channels: int) -> Augment2
         if both is not None:
             a.setdefault("intensity_scale", both)
             a.setdefault("intensity_shift", both)
-        out3 = Augment3D(
-            flip3d=_number("flip3d", a.get("flip3d", 0), 0, 1),
-            rot90=_number("rot90", a.get("rot90", 0), 0, 1),
-            intensity_scale=_number("intensity_scale", a.get("intensity_scale", 0), 0, 1),
-            intensity_shift=_number("intensity_shift", a.get("intensity_shift", 0), 0),
-            noise=_number("noise", a.get("noise", 0), 0),
-        )
+        out3 = Augment3D.from_dict(a)
         return out3 if out3 != Augment3D() else None
-
-    scale = augment.get("scale", 1.0)
-    if isinstance(scale, (list, tuple)):
-        if len(scale) != 2:
-            raise TfsegError(f"augment.scale: expected [lo, hi], got {scale!r}")
-        lo, hi = (_number("scale", s, 1e-3) for s in scale)
-        if lo > hi:
-            raise TfsegError(f"augment.scale: lo {lo} > hi {hi}")
-    elif scale in (1, 1.0, 0, None):
-        lo = hi = 1.0
-    else:
-        a = _number("scale", scale, 0, 0.999)
-        lo, hi = 1.0 - a, 1.0 + a
-    kernel = int(_number("blur_kernel", augment.get("blur_kernel", 3), 2, 63))
-    if kernel % 2 == 0:
-        raise TfsegError(f"augment.blur_kernel: must be odd, got {kernel}")
-    out = Augment2D(
-        hflip=_number("hflip", augment.get("hflip", 0), 0, 1),
-        vflip=_number("vflip", augment.get("vflip", 0), 0, 1),
-        rotate=_number("rotate", augment.get("rotate", 0), 0, 180),
-        shift=_number("shift", augment.get("shift", 0), 0, 1),
-        scale=(lo, hi),
-        brightness=_number("brightness", augment.get("brightness", 0), 0, 1),
-        contrast=_number("contrast", augment.get("contrast", 0), 0, 1),
-        hue=_number("hue", augment.get("hue", 0), 0, 0.5),
-        saturation=_number("saturation", augment.get("saturation", 0), 0, 1),
-        noise=_number("noise", augment.get("noise", 0), 0, 255),
-        blur=_number("blur", augment.get("blur", 0), 0, 1),
-        blur_kernel=kernel,
-        crop=_crop(augment.get("crop")),
-    )
+    out = Augment2D.from_dict(dict(augment))
     if (out.hue or out.saturation) and channels != 3:
         raise TfsegError(f"augment.hue/saturation: need RGB images, this dataset has {channels} channel(s)")
     return out if out != Augment2D(blur_kernel=out.blur_kernel) else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from tfseg.config import StageConfig
+from tfseg.config import StageConfig, setting
 from tfseg.errors import TfsegError
 from tfseg.export.graph import DEFAULT_MAX_PIXELS, DEFAULT_PRECISION, PRECISIONS
 
@@ -46,22 +46,16 @@ class ExportConfig(StageConfig):
     version: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     overwrite: bool = False
-    precision: str = DEFAULT_PRECISION
+    precision: str = setting(DEFAULT_PRECISION, choices=PRECISIONS)
     tta: bool = False
     tile: bool = False
-    format: str = "savedmodel"
-    quantize: str = "none"
+    format: str = setting("savedmodel", choices=FORMATS)
+    quantize: str = setting("none", choices=QUANTIZATIONS)
     calibration_records: int | None = None
     calibration_data: str | None = None
 
     def validate(self) -> None:
-        """Raises: TfsegError: a name that cannot be a folder and URL part, an unknown precision."""
+        """Raises: TfsegError: a name that cannot be a folder and URL part."""
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name or ""):
             raise TfsegError(f"--name {self.name!r}: use letters, digits, '_', '.', '-' (it becomes a directory and "
                              "URL part)")
-        if self.precision not in PRECISIONS:
-            raise TfsegError(f"--precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
-        if self.format not in FORMATS:
-            raise TfsegError(f"--format {self.format!r}: choose from {', '.join(FORMATS)}")
-        if self.quantize not in QUANTIZATIONS:
-            raise TfsegError(f"--quantize {self.quantize!r}: choose from {', '.join(QUANTIZATIONS)}")

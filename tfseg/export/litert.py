@@ -62,14 +62,13 @@ import numpy as np
 
 from tfseg import preprocess, rundir
 from tfseg.errors import TfsegError, first_line
+from tfseg.export.config import QUANTIZATIONS
 from tfseg.export.versions import LITERT_MODEL
 from tfseg.io import fs, publish
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = LITERT_MODEL
-FORMATS = ("savedmodel", "litert")
-QUANTIZE = ("none", "float16", "int8")
 DEFAULT_CALIBRATION_RECORDS = 200
 SIGNATURE = "serving_default"
 INPUT = "image"
@@ -86,8 +85,8 @@ def check_exportable(run: rundir.RunInfo, *, quantize: str, tile: bool = False, 
     Raises:
       TfsegError: a 3D run, an unknown ``quantize``, ``tile``/``tta``, or a mixed ``precision``.
     """
-    if quantize not in QUANTIZE:
-        raise TfsegError(f"--quantize {quantize!r}: choose from {', '.join(QUANTIZE)}")
+    if quantize not in QUANTIZATIONS:
+        raise TfsegError(f"--quantize {quantize!r}: choose from {', '.join(QUANTIZATIONS)}")
     if run.ndim != 2:
         raise TfsegError("--format litert: 3D models are not exported to LiteRT (their volumes are predicted by "
                          "a Gaussian-weighted sliding window and the RAS+/z-score volume record, outside any single "
@@ -202,8 +201,8 @@ def convert(model, run: rundir.RunInfo, quantize: str = "none", representative: 
     """
     import tensorflow as tf
 
-    if quantize not in QUANTIZE:
-        raise TfsegError(f"--quantize {quantize!r}: choose from {', '.join(QUANTIZE)}")
+    if quantize not in QUANTIZATIONS:
+        raise TfsegError(f"--quantize {quantize!r}: choose from {', '.join(QUANTIZATIONS)}")
     int8 = quantize == "int8"
     if int8 and (representative is None or len(representative) == 0):
         raise TfsegError("--quantize int8 needs calibration images (the run's training records)")

@@ -69,8 +69,6 @@ def _read_run(cfg: ExportConfig) -> tuple[dict, rundir.RunInfo]:
 
     run_cfg = rundir.load_run_config(cfg.run_dir)
     run = rundir.RunInfo.from_json(run_cfg, os.path.join(cfg.run_dir, rundir.RUN_JSON))
-    if cfg.format not in litert.FORMATS:
-        raise TfsegError(f"--format {cfg.format!r}: choose from {', '.join(litert.FORMATS)}")
     if cfg.format == "litert":
         litert.check_exportable(run, quantize=cfg.quantize, tile=cfg.tile, tta=cfg.tta, precision=cfg.precision)
     elif cfg.quantize != "none" or cfg.calibration_records or cfg.calibration_data:

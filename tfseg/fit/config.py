@@ -7,19 +7,40 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any
 
 from tfseg import runtime
-from tfseg.config import parse_duration, parse_size
+from tfseg.config import StageConfig, parse_duration, parse_size, setting
 from tfseg.errors import TfsegError
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adadelta")
 SCHEDULES = ("none", "cosine", "plateau")
 
 
+def _lower(value):
+    return value.lower() if isinstance(value, str) else value
+
+
+def _blank_is_none(value):
+    return None if value == "" else value
+
+
+def _jit_compile(value):
+    return {"true": True, "false": False, "auto": "auto"}.get(value.lower(), value) if isinstance(value, str) else value
+
+
+def _json_mapping(value):
+    """``augment`` given as JSON text (an environment variable, a shell)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise TfsegError(f"not valid JSON ({e})") from None
+
+
 @dataclasses.dataclass(frozen=True)
-class FitConfig:
+class FitConfig(StageConfig):
     """Every setting of the fit stage (the ``fit:`` section of a config file).
 
     Attributes:
@@ -71,67 +92,61 @@ class FitConfig:
         2 = one line per epoch; 0 = silent).
     """
 
+    WHAT = "fit config"
+
     data: str = ""
     model: str = ""
     output: str = ""
-    model_kwargs: dict = dataclasses.field(default_factory=dict)
-    epochs: int = 10
-    budget: Any = None
-    batch_size: int = 8
-    image_size: tuple | None = None
-    patch_size: tuple | None = None
+    model_kwargs: dict = setting(default_factory=dict)
+    epochs: int = setting(10, at_least=1, at_most=100_000)
+    budget: Any = setting(None, parse=_blank_is_none)
+    batch_size: int = setting(8, at_least=1, at_most=65_536)
+    image_size: tuple | None = setting(None, parse=lambda v: parse_size(v, 2))
+    patch_size: tuple | None = setting(None, parse=lambda v: parse_size(v, 3))
     loss: str | None = None
-    loss_kwargs: dict = dataclasses.field(default_factory=dict)
+    loss_kwargs: dict = setting(default_factory=dict)
     class_weights: Any = None
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    schedule: str = "none"
-    ema: float = 0.0
-    plateau_factor: float = 0.5
-    plateau_patience: int = 3
-    min_learning_rate: float = 1e-6
-    precision: str = "auto"
-    cpu_replicas: int = 0
-    jit_compile: Any = "auto"
-    steps_per_epoch: int | None = None
-    validation_split: str | None = "val"
-    validation_steps: int | None = None
-    augment: dict | None = None
-    early_stopping: int = 0
+    optimizer: str = setting("adam", choices=OPTIMIZERS, parse=_lower)
+    learning_rate: float = setting(1e-3, above=0)
+    weight_decay: float = setting(1e-4, at_least=0)
+    momentum: float = setting(0.9, at_least=0, below=1)
+    schedule: str = setting("none", choices=SCHEDULES, parse=_lower)
+    ema: float = setting(0.0, at_least=0, below=1, note="0 turns it off")
+    plateau_factor: float = setting(0.5, above=0, below=1)
+    plateau_patience: int = setting(3, at_least=0)
+    min_learning_rate: float = setting(1e-6, at_least=0)
+    precision: str = setting("auto", choices=runtime.PRECISIONS, parse=_lower)
+    cpu_replicas: int = setting(0, at_least=0)
+    jit_compile: Any = setting("auto", choices=(True, False, "auto"), parse=_jit_compile)
+    steps_per_epoch: int | None = setting(None, at_least=1)
+    validation_split: str | None = setting("val", parse=_blank_is_none)
+    validation_steps: int | None = setting(None, at_least=1)
+    augment: dict | None = setting(None, parse=_json_mapping)
+    early_stopping: int = setting(0, at_least=0, note="0 turns it off")
     monitor: str = "auto"
     num_classes: int | None = None
     seed: int | None = None
-    peer_timeout: float = 300.0
+    peer_timeout: float = setting(300.0, above=0, note="seconds")
     deterministic: bool = False
     cache: bool = False
     tensorboard: bool = True
-    verbose: int = 1
+    verbose: int = setting(1, at_least=0, at_most=2)
 
     @classmethod
     def from_dict(cls, config: dict) -> "FitConfig":
         """Builds a FitConfig from a flat mapping or one with a ``fit`` section.
 
         Raises:
-          TfsegError: unknown keys, missing required keys or values of the wrong type.
+          TfsegError: unknown keys, missing required keys, values of the wrong type or out of range.
         """
-        if not isinstance(config, dict):
-            raise TfsegError(f"fit config: expected a mapping, got {type(config).__name__}")
-        section = config.get("fit") if isinstance(config.get("fit"), dict) else config
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - set(names))
-        if unknown:
-            raise TfsegError(
-                f"fit config: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(names))})"
-            )
-        values = {k: _coerce(k, v, names[k].default) for k, v in section.items()}
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
+        if isinstance(config, dict) and isinstance(config.get("fit"), dict):
+            config = config["fit"]
+        return super().from_dict(config)
 
     def validate(self) -> None:
-        """Checks values that need no dataset.
+        """Checks what the fields' own checks cannot: the required paths and the budget's duration
+        (the augmentation settings are checked against the dataset's dimensionality when its input
+        pipeline is built, :func:`tfseg.data.augment.parse_augment`).
 
         Raises:
           TfsegError: the first invalid value, named by its key.
@@ -139,117 +154,8 @@ class FitConfig:
         for key in ("data", "model", "output"):
             if not getattr(self, key):
                 raise TfsegError(f"fit config: {key!r} is required (--{key})")
-        if self.epochs < 1:
-            raise TfsegError(f"fit config: epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise TfsegError(f"fit config: batch_size must be >= 1, got {self.batch_size}")
         if self.budget is not None:
             parse_duration(self.budget, option="fit config: budget")
-        if self.optimizer not in OPTIMIZERS:
-            raise TfsegError(f"fit config: optimizer {self.optimizer!r} not in {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise TfsegError(f"fit config: schedule {self.schedule!r} not in {', '.join(SCHEDULES)}")
-        if self.precision not in runtime.PRECISIONS:
-            raise TfsegError(
-                f"fit config: precision {self.precision!r} not in {', '.join(runtime.PRECISIONS)}"
-            )
-        for key in sorted(_FLOAT_KEYS):
-            value = getattr(self, key)
-            if not math.isfinite(value):
-                raise TfsegError(f"fit config: {key} must be a finite number, got {value}")
-        for key, low, high, what in _RANGES:
-            value = getattr(self, key)
-            if value is not None and not (low(value) and high(value)):
-                raise TfsegError(f"fit config: {key} must be {what}, got {value}")
-        if self.cpu_replicas < 0:
-            raise TfsegError(f"fit config: cpu_replicas must be >= 0, got {self.cpu_replicas}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise TfsegError(f"fit config: steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
-        if self.jit_compile not in (True, False, "auto", None):
-            raise TfsegError(f"fit config: jit_compile must be true, false or auto, got {self.jit_compile!r}")
-        if self.augment is not None and not isinstance(self.augment, dict):
-            raise TfsegError(f"fit config: augment must be a mapping, got {self.augment!r}")
-        if not isinstance(self.model_kwargs, dict) or not isinstance(self.loss_kwargs, dict):
-            raise TfsegError("fit config: model_kwargs and loss_kwargs must be mappings")
-
-    def to_json(self) -> dict:
-        """A JSON-ready dict (sizes as lists)."""
-        d = dataclasses.asdict(self)
-        for key in ("image_size", "patch_size"):
-            if d[key] is not None:
-                d[key] = list(d[key])
-        return d
-
-
-_INT_KEYS = {
-    "epochs", "batch_size", "plateau_patience", "cpu_replicas", "steps_per_epoch",
-    "validation_steps", "early_stopping", "num_classes", "seed", "verbose",
-}
-_FLOAT_KEYS = {"ema", "peer_timeout", "learning_rate", "weight_decay", "momentum", "plateau_factor", "min_learning_rate"}
-_BOOL_KEYS = {"deterministic", "cache", "tensorboard"}
-_ANY = lambda v: True  # noqa: E731
-# (key, lower check, upper check, wording) for numbers whose sign or range matters.
-_RANGES = (
-    ("learning_rate", lambda v: v > 0, _ANY, "> 0"),
-    ("peer_timeout", lambda v: v > 0, _ANY, "> 0 seconds"),
-    ("weight_decay", lambda v: v >= 0, _ANY, ">= 0"),
-    ("momentum", lambda v: v >= 0, lambda v: v < 1, "in [0, 1)"),
-    ("ema", lambda v: v >= 0, lambda v: v < 1, "in [0, 1) (0 turns it off)"),
-    ("plateau_factor", lambda v: v > 0, lambda v: v < 1, "in (0, 1)"),
-    ("min_learning_rate", lambda v: v >= 0, _ANY, ">= 0"),
-    ("plateau_patience", lambda v: v >= 0, _ANY, ">= 0"),
-    ("early_stopping", lambda v: v >= 0, _ANY, ">= 0 (0 turns it off)"),
-    ("validation_steps", lambda v: v >= 1, _ANY, ">= 1"),
-    ("verbose", lambda v: v >= 0, lambda v: v <= 2, "0, 1 or 2"),
-    ("epochs", _ANY, lambda v: v <= 100_000, "<= 100000"),
-    ("batch_size", _ANY, lambda v: v <= 65_536, "<= 65536"),
-)
-
-
-def _coerce(key: str, value, default):
-    """Converts one config value to its field's type (YAML and --set give ints/strings)."""
-    if value is None:
-        if key in ("data", "model", "output") or key in _FLOAT_KEYS or key in _BOOL_KEYS or key in (
-            "epochs", "batch_size", "plateau_patience", "early_stopping", "cpu_replicas", "verbose"
-        ):
-            return default
-        return None
-    try:
-        if key in _INT_KEYS:
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if key in _FLOAT_KEYS:
-            return float(value)
-        if key in _BOOL_KEYS:
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if not isinstance(value, (bool, int)):
-                raise ValueError
-            return bool(value)
-    except (TypeError, ValueError):
-        raise TfsegError(f"fit config: {key} = {value!r} is not a valid {type(default).__name__}") from None
-    if key == "image_size":
-        return parse_size(value, 2)
-    if key == "patch_size":
-        return parse_size(value, 3)
-    if key == "jit_compile" and isinstance(value, str):
-        low = value.lower()
-        return {"true": True, "false": False, "auto": "auto"}.get(low, value)
-    if key in ("data", "model", "output", "optimizer", "schedule", "precision", "monitor"):
-        return str(value).lower() if key in ("optimizer", "schedule", "precision") else str(value)
-    if key == "validation_split":
-        return str(value) if value != "" else None
-    if key == "budget":
-        return value if value != "" else None
-    if key == "augment" and isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise TfsegError(f"fit config: augment is not valid JSON ({e})") from None
-    if key in ("model_kwargs", "loss_kwargs") and value is None:
-        return {}
-    return value
 
 
 def build_config(config_file: str | None = None, options: dict | None = None, overrides=()) -> dict:

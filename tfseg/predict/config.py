@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tfseg.config import StageConfig
+from tfseg.config import StageConfig, setting
 from tfseg.errors import TfsegError
 
 CONFIG_JSON = "predict.json"
@@ -36,7 +36,7 @@ class PredictConfig(StageConfig):
     model_path: str
     input_dir: str
     output_dir: str
-    batch_size: int = 8
+    batch_size: int = setting(8, at_least=1)
     server: str | None = None
     grpc: bool = False
     model_version: int | None = None
@@ -44,16 +44,12 @@ class PredictConfig(StageConfig):
     beam_args: tuple = ()
     tile: bool = False
     tta: bool = False
-    overlap: float | None = None
+    overlap: float | None = setting(None, at_least=0, below=1)
     overwrite: bool = False
     overlay: bool = False
 
     def validate(self) -> None:
-        """Raises: TfsegError: a batch size under 1, an overlap outside [0, 1), gRPC without a server."""
-        if self.batch_size < 1:
-            raise TfsegError(f"--batch-size {self.batch_size}: must be >= 1")
-        if self.overlap is not None and not 0 <= self.overlap < 1:
-            raise TfsegError(f"overlap {self.overlap}: must be in [0, 1)")
+        """Raises: TfsegError: gRPC or a model version without a server."""
         if self.grpc and not self.server:
             raise TfsegError("--grpc needs --server HOST:PORT")
         if self.model_version is not None and not self.server:
