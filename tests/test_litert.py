@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from tfseg import rundir
+from tfseg import preprocess, rundir
 from tfseg.errors import TfsegError
 from tfseg.export import litert
 
@@ -122,10 +122,10 @@ def test_model_input_is_the_recorded_preprocessing():
                          "size": [30, 26]}}
     stored = np.clip(np.round(tf.image.resize(image.astype(np.float32), (30, 26), antialias=True).numpy()), 0, 255)
     want = np.clip(np.round(tf.image.resize(stored, SIZE).numpy()), 0, 255).astype(np.uint8)
-    np.testing.assert_array_equal(litert.model_input(image, SIZE, record), want)
+    np.testing.assert_array_equal(preprocess.uint8_model_input(image, SIZE, record), want)
     # At the model's size already (records converted at the training size): the pixels as they are.
     same = image[:40, :36]
-    np.testing.assert_array_equal(litert.model_input(same, SIZE, None), same)
+    np.testing.assert_array_equal(preprocess.uint8_model_input(same, SIZE, None), same)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_predictor_resizes_like_evaluation(trained):
     assert isinstance(predictor, LiteRtPredictor)
     model = with_precision(rundir.load_model(trained["run"]), "float32")  # as exported
     image = np.random.default_rng(5).integers(0, 256, (45, 27, 3)).astype(np.uint8)
-    x = litert.model_input(image, (32, 32), None)
+    x = preprocess.uint8_model_input(image, (32, 32), None)
     probs = model(x[None].astype(np.float32), training=False).numpy()[0]
     want = tf.image.resize(probs, (45, 27), method="bilinear").numpy()
     np.testing.assert_allclose(predictor.probabilities(image), want, atol=1e-4)

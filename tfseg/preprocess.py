@@ -134,6 +134,16 @@ def model_input(image, size, preprocessing: dict | None = None):
     return to_model_size(source_resize(image, preprocessing), size)
 
 
+def uint8_model_input(image, size, preprocessing: dict | None = None):
+    """An (H, W, C) image as the LiteRT and ONNX exports take it: (h, w, C) uint8 at the model's
+    size, :func:`model_input` rounded to uint8 (their input is uint8 pixels). At the model's
+    size already (records converted at the training size), the pixels are unchanged."""
+    import numpy as np
+
+    x = model_input(np.asarray(image), tuple(int(s) for s in size), preprocessing)
+    return np.clip(np.round(np.asarray(x)), 0, 255).astype(np.uint8)
+
+
 def resize_mask(mask, size):
     """(H, W, 1) labels resized with nearest neighbour to ``size`` (a no-op at equal size)."""
     import tensorflow as tf

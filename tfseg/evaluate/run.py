@@ -144,7 +144,7 @@ def _export_version(model_dir: str) -> str:
     found = find_version(model_dir)
     if not found:
         raise TfsegError(f"--model {model_dir}: not a `tfseg export` NAME or NAME/VERSION directory "
-                         "(no saved_model.pb or model.tflite)")
+                         "(no saved_model.pb, model.tflite or model.onnx)")
     return found[1]
 
 

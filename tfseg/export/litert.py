@@ -63,6 +63,7 @@ import numpy as np
 from tfseg import preprocess, rundir
 from tfseg.errors import TfsegError, first_line
 from tfseg.export.config import QUANTIZATIONS
+from tfseg.export.graph import model_size_signature
 from tfseg.export.versions import LITERT_MODEL
 from tfseg.io import fs, publish
 
@@ -98,87 +99,9 @@ def check_exportable(run: rundir.RunInfo, *, quantize: str, tile: bool = False, 
         raise TfsegError(f"--format litert: --precision {precision} is for SavedModels; use --quantize float16|int8")
 
 
-def check_one_format(model_dir: str, format: str) -> None:
-    """Refuses a LiteRT version beside SavedModel versions under one NAME, and the reverse.
-
-    TF Serving serves NAME's highest version and cannot load a model.tflite; and ``--model NAME``
-    (evaluate, predict) takes the highest version, whatever its format.
-
-    Raises:
-      TfsegError: NAME holds versions of the other format.
-    """
-    from tfseg.export.versions import list_versions
-
-    other = "saved_model.pb" if format == "litert" else MODEL_FILE
-    mixed = [v for v in list_versions(model_dir) if fs.isfile(os.path.join(model_dir, str(v), other))]
-    if mixed:
-        kind = "SavedModel" if format == "litert" else "LiteRT"
-        raise TfsegError(f"{model_dir}: holds {kind} versions ({', '.join(map(str, mixed))}); give the "
-                         f"{'LiteRT' if format == 'litert' else 'SavedModel'} export its own --name "
-                         f"(TF Serving serves a NAME's highest version and cannot load a .tflite)")
-
-
-# --------------------------------------------------------------------------------------------
-# Pre- and post-processing outside the model (what an app does; the predictor's, tested equal
-# to evaluation's).
-# --------------------------------------------------------------------------------------------
-
-
-def model_input(image: np.ndarray, size, preprocessing: dict | None) -> np.ndarray:
-    """An (H, W, C) image as the LiteRT model takes it: (h, w, C) uint8 at the model's size.
-
-    The recorded preprocessing (:func:`tfseg.preprocess.model_input`: convert's resize, then the
-    bilinear resize to the model size), rounded to uint8 because the model's input is uint8
-    pixels. At the model's size already (records converted at the training size), the pixels
-    are unchanged.
-    """
-    x = preprocess.model_input(np.asarray(image), tuple(int(s) for s in size), preprocessing)
-    return np.clip(np.round(np.asarray(x)), 0, 255).astype(np.uint8)
-
-
 # --------------------------------------------------------------------------------------------
 # Conversion.
 # --------------------------------------------------------------------------------------------
-
-
-def _signature(model, run: rundir.RunInfo, int8: bool):
-    """The ``serving_default`` concrete function the .tflite gets (module doc), with the model's
-    variables frozen into constants."""
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
-
-    size, channels, binary = tuple(run.size), run.channels, run.binary
-
-    def serve(image):
-        x = tf.cast(image, tf.float32)
-        if int8:
-            # Pins the input's quantization to scale 1, zero point 0: the uint8 input is the pixel
-            # value itself, whatever range the calibration images happened to cover.
-            x = tf.quantization.fake_quant_with_min_max_args(x, min=0.0, max=255.0, num_bits=8)
-        probs = tf.cast(model(x, training=False), tf.float32)
-        if binary:
-            mask = tf.cast(probs[..., 0] > 0.5, tf.uint8)
-        else:
-            mask = tf.cast(tf.argmax(probs, axis=-1), tf.uint8)
-        return {"mask": mask, "probabilities": probs}
-
-    # int8: a float32 input that the converter turns into uint8 (inference_input_type); a uint8
-    # input cast inside would leave the cast outside the quantized graph.
-    spec = tf.TensorSpec((1,) + size + (channels,), tf.float32 if int8 else tf.uint8, name=INPUT)
-    traced = tf.function(serve).get_concrete_function(spec)
-    # Frozen before conversion: Keras 3's variables would otherwise stay READ_VARIABLE ops (that
-    # nothing initializes on a device), and converting the frozen graph is 3-5x faster than
-    # letting the converter freeze a Keras SavedModel (MobileNetV2-U-Net: 4 s instead of 21 s).
-    frozen = convert_variables_to_constants_v2(traced)
-
-    @tf.function(input_signature=[spec])
-    def signature(image):
-        # The frozen function returns a flat list; give the outputs their names back.
-        return tf.nest.pack_sequence_as(traced.structured_outputs, frozen(image))
-
-    return signature.get_concrete_function()
 
 
 def convert(model, run: rundir.RunInfo, quantize: str = "none", representative: np.ndarray | None = None
@@ -208,7 +131,7 @@ def convert(model, run: rundir.RunInfo, quantize: str = "none", representative: 
         raise TfsegError("--quantize int8 needs calibration images (the run's training records)")
     with tempfile.TemporaryDirectory(prefix="tfseg-litert-") as tmp:
         # Through a (scratch) SavedModel: the converter's path that keeps the signature's names.
-        tf.saved_model.save(tf.Module(), tmp, signatures={SIGNATURE: _signature(model, run, int8)})
+        tf.saved_model.save(tf.Module(), tmp, signatures={SIGNATURE: model_size_signature(model, run, batch=1, float_input=int8, input_name=INPUT)})
 
         def converter(ops):
             c = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])
@@ -309,7 +232,7 @@ def calibration_images(data_dir: str, run: rundir.RunInfo, count: int, split: st
         raise TfsegError(f"{os.path.join(data_dir, schema.DATASET_JSON)}: no split {split!r} to calibrate on")
     out = []
     for ex in data.read_examples(data_dir, split).take(count).as_numpy_iterator():
-        out.append(model_input(ex["image"], run.size, None))  # records: convert's resize is done
+        out.append(preprocess.uint8_model_input(ex["image"], run.size, None))  # records: convert's resize is done
     if not out:
         raise TfsegError(f"{data_dir}: split {split!r} has no records to calibrate on")
     return np.stack(out)
@@ -445,7 +368,7 @@ from ai_edge_litert.interpreter import Interpreter
 runner = Interpreter(model_path="{name}/VERSION/model.tflite").get_signature_runner("{lit['signature']}")
 image = Image.open("photo.jpg").convert("{'RGB' if c == 3 else 'L'}")
 # PIL's bilinear antialiases when shrinking, as `tfseg convert --image-size` does; the exact
-# reference of the steps above is tfseg.export.litert.model_input(image, size, preprocessing).
+# reference of the steps above is tfseg.preprocess.uint8_model_input(image, size, preprocessing).
 x = np.asarray(image.resize(({w}, {h}), Image.BILINEAR), np.uint8).reshape(1, {h}, {w}, {c})
 out = runner({lit['input']['name']}=x)
 mask = Image.fromarray(out["mask"][0]).resize(image.size, Image.NEAREST)

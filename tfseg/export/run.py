@@ -13,7 +13,7 @@ from tfseg.errors import TfsegError
 from tfseg.export.config import ExportConfig
 from tfseg.export.graph import build_archive, model_precision, with_precision
 from tfseg.export.readme import class_colors, colour_table, readme_text
-from tfseg.export.versions import CONFIG_JSON, METADATA, list_versions, update_models_config
+from tfseg.export.versions import CONFIG_JSON, METADATA, check_one_format, list_versions, update_models_config
 from tfseg.io import fs, locks, publish
 from tfseg.io.fs import atomic_write_text
 
@@ -100,7 +100,7 @@ def _claim_version(cfg: ExportConfig) -> tuple[object, str, int, str]:
         version = (existing[-1] + 1) if existing else 1
     if int(version) < 1:
         raise TfsegError(f"--version {version}: must be a positive integer")
-    litert.check_one_format(model_dir, cfg.format)
+    check_one_format(model_dir, cfg.format)
     final = os.path.join(model_dir, str(int(version)))
     if fs.exists(final) and not cfg.overwrite:
         raise TfsegError(f"{final}: version {version} already exists; pass --overwrite or another --version")

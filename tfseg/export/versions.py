@@ -17,39 +17,57 @@ MODELS_CONFIG = "models.config"
 METADATA = os.path.join("assets.extra", "tfseg.json")
 # The export's settings (tfseg.export.config.ExportConfig), beside tfseg.json.
 CONFIG_JSON = os.path.join("assets.extra", "export.json")
-LITERT_MODEL = "model.tflite"  # what makes a version a LiteRT one (tfseg.export.litert writes it)
+LITERT_MODEL = "model.tflite"  # a LiteRT version's model (tfseg.export.litert writes it)
+ONNX_MODEL = "model.onnx"  # an ONNX version's model (tfseg.export.onnx writes it)
+# The file that makes a version directory one of each format (ExportConfig.format), written last.
+VERSION_FILES = {"savedmodel": "saved_model.pb", "litert": LITERT_MODEL, "onnx": ONNX_MODEL}
+FORMAT_NAMES = {"savedmodel": "SavedModel", "litert": "LiteRT", "onnx": "ONNX"}
+
+
+def version_format(version_dir: str) -> str | None:
+    """The format of an export version directory (a key of :data:`VERSION_FILES`), or None."""
+    return next((fmt for fmt, marker in VERSION_FILES.items() if fs.isfile(os.path.join(version_dir, marker))), None)
 
 
 def list_versions(model_dir: str) -> list[int]:
-    """Numbered version subdirectories holding a saved_model.pb (or a LiteRT model.tflite), ascending."""
+    """Numbered version subdirectories of any export format, ascending."""
     if not fs.isdir(model_dir):
         return []
-    out = []
-    for entry in fs.listdir(model_dir):
-        if entry.isdigit() and any(fs.isfile(os.path.join(model_dir, entry, f))
-                                   for f in ("saved_model.pb", "model.tflite")):
-            out.append(int(entry))
-    return sorted(out)
-
-
-def is_litert_version(version_dir: str) -> bool:
-    """Whether ``version_dir`` is a LiteRT export version (holds model.tflite)."""
-    return fs.isfile(os.path.join(version_dir, LITERT_MODEL))
+    return sorted(int(e) for e in fs.listdir(model_dir) if e.isdigit() and version_format(os.path.join(model_dir, e)))
 
 
 def find_version(model_path: str) -> tuple[str, str] | None:
-    """``(kind, version_dir)`` for an export version or an export NAME folder (its highest
-    version), kind ``"export"`` (a SavedModel) or ``"litert"`` (:mod:`tfseg.export.litert`); None for
-    anything else."""
-    if fs.isfile(os.path.join(model_path, "saved_model.pb")):
-        return "export", model_path
-    if is_litert_version(model_path):
-        return "litert", model_path
+    """``(format, version_dir)`` for an export version or an export NAME folder (its highest
+    version), format ``"savedmodel"``, ``"litert"`` (:mod:`tfseg.export.litert`) or ``"onnx"``
+    (:mod:`tfseg.export.onnx`); None for anything else."""
+    fmt = version_format(model_path)
+    if fmt:
+        return fmt, model_path
     versions = list_versions(model_path)
     if not versions:
         return None
     path = os.path.join(model_path, str(versions[-1]))
-    return ("litert" if is_litert_version(path) else "export"), path
+    return version_format(path), path
+
+
+def check_one_format(model_dir: str, fmt: str) -> None:
+    """Refuses a version of one format beside versions of another under one NAME.
+
+    TF Serving serves NAME's highest version and loads only SavedModels; and ``--model NAME``
+    (evaluate, predict) takes the highest version, whatever its format.
+
+    Raises:
+      TfsegError: NAME holds versions of another format.
+    """
+    others = {}
+    for v in list_versions(model_dir):
+        other = version_format(os.path.join(model_dir, str(v)))
+        if other != fmt:
+            others.setdefault(other, []).append(str(v))
+    if others:
+        held = "; ".join(f"{FORMAT_NAMES[k]} versions {', '.join(v)}" for k, v in others.items())
+        raise TfsegError(f"{model_dir}: holds {held}; give the {FORMAT_NAMES[fmt]} export its own --name "
+                         "(--model NAME takes the highest version, and TF Serving serves it and loads SavedModels only)")
 
 
 def read_metadata(version_dir: str) -> dict:

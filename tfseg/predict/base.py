@@ -9,6 +9,7 @@ which one they hold. :class:`ModelFacts` is the description alone, read without 
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -112,6 +113,69 @@ class RunPredictor(Predictor):
     @property
     def binary(self) -> bool:
         return self.run.binary
+
+
+class ModelSizePredictor(RunPredictor):
+    """An export that takes one uint8 image at the model's size (LiteRT, ONNX): the resize to it and
+    back is done here, with the functions evaluation uses (:func:`tfseg.preprocess.uint8_model_input`,
+    then :func:`tfseg.inference.resize_probs` and :func:`tfseg.inference.probs_to_mask`), so
+    ``tfseg evaluate --model`` scores and ``tfseg predict --model`` writes what the file computes
+    where it is deployed. A subclass loads its file in ``__init__`` after ``super().__init__`` and
+    implements :meth:`model_probabilities`.
+
+    Args:
+      version_dir: the export version (its model file + assets.extra/tfseg.json).
+    """
+
+    def __init__(self, version_dir: str):
+        from tfseg import rundir, visualize
+        from tfseg.export.versions import METADATA, read_metadata
+
+        self.meta = read_metadata(version_dir)
+        self.record = os.path.join(version_dir, METADATA)
+        self.run = rundir.RunInfo.from_json(self.meta, self.record)
+        self.colors = visualize.dataset_colors({"num_classes": self.run.num_classes,
+                                                "class_colors": self.meta.get("class_colors")})
+        self.size = tuple(self.run.size)
+
+    @abc.abstractmethod
+    def model_probabilities(self, x: np.ndarray) -> np.ndarray:
+        """(h, w, K) float32 probabilities of one (h, w, C) uint8 image at the model's size."""
+
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, K) float32 probabilities of one (H, W, C) uint8 image at its own size."""
+        from tfseg import inference, preprocess
+
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = image[..., None]
+        x = preprocess.uint8_model_input(image, self.size, self.preprocessing)
+        return inference.resize_probs(self.model_probabilities(x), image.shape[:2])
+
+    def mask(self, image: np.ndarray) -> np.ndarray:
+        """(H, W) uint8 class ids of one decoded (H, W, C) image (evaluate's predictor call)."""
+        from tfseg import inference
+
+        return inference.probs_to_mask(self.probabilities(image), self.binary)
+
+    def predict_images(self, images: Sequence[bytes]) -> list[np.ndarray]:
+        import tensorflow as tf
+
+        from tfseg import preprocess
+
+        out = []
+        for data in images:
+            # The SavedModel export's decoder, run eagerly: same pixels and the same input checks.
+            try:
+                arr = preprocess.decode_image(tf.constant(data), self.channels,
+                                              int(self.meta.get("max_pixels") or preprocess.DEFAULT_MAX_PIXELS)).numpy()
+            except tf.errors.InvalidArgumentError as e:
+                raise ValueError(graph_error_line(e.message)) from None
+            out.append(self.mask(arr))
+        return out
+
+    def predict_volume(self, volume: np.ndarray) -> np.ndarray:
+        raise ValueError(NEEDS_3D)
 
 
 def check_model_classes(found: int | None, run, record: str, model_file: str) -> None:

@@ -292,7 +292,7 @@ def run_pipeline(model_path: str, items: Sequence[tuple[str, str, str]], output_
         handler = PredictorHandler(model_path, predictor_kwargs, max_batch_size=batch_size)
     else:
         kind, path = resolve_model(model_path)
-        if kind == "export":
+        if kind == "savedmodel":
             handler = SavedModelHandler(path, max_batch_size=batch_size)
         else:
             handler = PredictorHandler(path, predictor_kwargs, max_batch_size=batch_size)

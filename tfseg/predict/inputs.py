@@ -66,8 +66,8 @@ def list_inputs(input_dir: str) -> list[tuple[str, str, str]]:
 
 
 def resolve_model(model_path: str) -> tuple[str, str]:
-    """Classifies ``model_path`` as ``("export", version_dir)``, ``("litert", version_dir)`` (a LiteRT
-    export, :mod:`tfseg.export.litert`) or ``("run", run_dir)``.
+    """Classifies ``model_path`` as ``(FORMAT, version_dir)`` for an export (FORMAT ``savedmodel``,
+    ``litert`` or ``onnx``, :func:`tfseg.export.versions.find_version`) or ``("run", run_dir)``.
 
     Raises:
       TfsegError: none of an export version, an export NAME directory, or a finished run.
@@ -80,6 +80,6 @@ def resolve_model(model_path: str) -> tuple[str, str]:
     if fs.isfile(os.path.join(model_path, rundir.RUN_JSON)):
         return "run", model_path
     raise TfsegError(
-        f"{model_path}: not an export version (saved_model.pb or model.tflite), an export NAME directory or a run "
+        f"{model_path}: not an export version (saved_model.pb, model.tflite or model.onnx), an export NAME directory or a run "
         "directory (run.json)"
     )

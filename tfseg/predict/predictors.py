@@ -176,7 +176,7 @@ def make_predictor(model_path: str, *, server: str | None = None, grpc: bool = F
         cls = GrpcClient if grpc else RestClient
         return cls(server, os.path.basename(os.path.normpath(model_path)), version=model_version)
     kind, path = resolve_model(model_path)
-    if kind in ("export", "litert"):
+    if kind != "run":
         if tile or tta:
             raise TfsegError(f"{model_path}: --tile/--tta are an export's own (its graph runs them); "
                              "export with `tfseg export --tile/--tta`, or predict from the run directory")
@@ -198,7 +198,7 @@ def model_facts(model_path: str, server: str | None = None) -> ModelFacts:
 
         return served_model_facts()
     kind, path = resolve_model(model_path)
-    if kind in ("export", "litert"):
+    if kind != "run":
         from tfseg.export.versions import METADATA, read_metadata
 
         meta = read_metadata(path)
