@@ -117,6 +117,21 @@ def run_fresh(version_dir, calls, tmp_path):
         return pickle.load(f)
 
 
+def test_each_weight_is_stored_once(exported):
+    """The SavedModel's variables hold the model's weights once (Keras's ExportArchive stored a
+    tracked model's variables a second time, under ``variables/`` beside ``_all_variables/``);
+    the fresh-process test below serves from the same files."""
+    version = exported["version_dir"]
+    reader = tf.train.load_checkpoint(os.path.join(version, "variables", "variables"))
+    stored = [k for k in reader.get_variable_to_shape_map() if k != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    weights = exported["model"].weights
+    assert len(stored) == len(weights)
+    values = sorted(float(np.sum(reader.get_tensor(k))) for k in stored)
+    np.testing.assert_allclose(values, sorted(float(np.sum(w.numpy())) for w in weights), rtol=1e-6)
+    folder = sum(os.path.getsize(os.path.join(version, "variables", f)) for f in os.listdir(os.path.join(version, "variables")))
+    assert folder < 1.25 * sum(w.numpy().nbytes for w in weights) + 4096
+
+
 def test_fresh_process_outputs_equal_keras(exported, tmp_path):
     model = exported["model"]
     rng = np.random.default_rng(0)

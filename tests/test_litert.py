@@ -129,14 +129,12 @@ def test_model_input_is_the_recorded_preprocessing():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny U-Net trained 8 epochs on 48 squares (foreground IoU ~1 on val), exported float32 and int8."""
+def trained(trained_squares, tmp_path_factory):
+    """The session's tiny U-Net trained on squares (conftest), exported float32 and int8."""
     from tfseg.export import run_export
 
-    root = tmp_path_factory.mktemp("litert")
-    data = helpers.write_2d_dataset(str(root / "data"), {"train": 48, "val": 8}, size=32)
-    run = helpers.fit(helpers.tiny_fit_config(data, str(root / "run"), epochs=8, learning_rate=0.01))
-    exports = str(root / "exports")
+    data, run = trained_squares["data"], trained_squares["run"]
+    exports = str(tmp_path_factory.mktemp("litert") / "exports")
     f32 = run_export(run, exports, "sq", format="litert")
     i8 = run_export(run, exports, "sq", format="litert", quantize="int8", calibration_records=32)
     return {"data": data, "run": run, "exports": exports, "float32": f32, "int8": i8}

@@ -103,7 +103,7 @@ def test_inputs_and_model_resolution_errors(setup2d, tmp_path):
         predict.list_inputs(str(tmp_path))
     with pytest.raises(TfsegError, match="not an export version"):
         predict.resolve_model(str(tmp_path))
-    assert predict.resolve_model(setup2d["base"] + "/tiny") == ("export", setup2d["base"] + "/tiny/1")
+    assert predict.resolve_model(setup2d["base"] + "/tiny") == ("savedmodel", setup2d["base"] + "/tiny/1")
     assert predict.resolve_model(setup2d["run"]) == ("run", setup2d["run"])
 
 

@@ -158,9 +158,23 @@ def run_pipeline(
     else:
         publish.claim_container(workdir, "run", option="--workdir")
     locks.acquire_lock(workdir, "run", option="--workdir")  # one `tfseg run` per workdir
-    paths = stage_paths(workdir, cfg)
+    summary = run_stages(cfg, input_dir, stage_paths(workdir, cfg), stages, on_stage=on_stage)
+    summary["workdir"] = workdir
+    return summary
+
+
+def run_stages(cfg: dict, input_dir: str, paths: dict[str, str], stages: Iterable[str] = STAGES,
+               on_stage: Callable[[str, bool], None] | None = None) -> dict:
+    """Runs ``stages`` (in pipeline order) with the stage outputs at ``paths`` (:func:`stage_paths`'
+    keys), skipping each whose complete output exists; the automatic plan first where ``cfg`` has
+    one. :func:`run_pipeline` runs them in one work directory; a compiled KFP pipeline runs one
+    stage per component, each with its artifacts' paths (:mod:`tfseg.kfp_pipeline`).
+
+    Returns:
+      A summary: the stage paths, the evaluation metrics and the export version directory.
+    """
     wanted = [s for s in STAGES if s in set(stages)]
-    summary: dict = {"workdir": workdir, "paths": paths, "skipped": []}
+    summary: dict = {"paths": paths, "skipped": []}
     planned = False
     for stage in wanted:
         if stage != "convert" and "plan" in cfg and not planned:  # the automatic recipe, once
@@ -176,7 +190,7 @@ def run_pipeline(
             summary["skipped"].append(stage)
             continue
         getattr(_Stages, stage)(cfg, input_dir, paths)
-    if _stage_done("evaluate", paths):
+    if paths.get("eval") and _stage_done("evaluate", paths):
         import json
 
         from tfseg.evaluate import METRICS_JSON
@@ -185,7 +199,7 @@ def run_pipeline(
         summary["report"] = os.path.join(paths["eval"], "report.md")
     from tfseg.export.versions import find_version
 
-    found = find_version(paths["export_model"])
+    found = find_version(paths["export_model"]) if paths.get("export") else None
     if found:
         summary["export"] = found[1]
     return summary

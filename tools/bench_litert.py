@@ -136,7 +136,9 @@ def _worker(spec_path: str, threads: int) -> dict:
 
     from tfseg import data as tfdata
     from tfseg import rundir
-    from tfseg.export import litert, with_precision
+    from tfseg import preprocess
+    from tfseg.export import with_precision
+    from tfseg.export.graph import model_size_signature
     from tfseg.predict.litert import LiteRtPredictor
 
     spec = json.load(open(spec_path))
@@ -144,11 +146,11 @@ def _worker(spec_path: str, threads: int) -> dict:
     out = {}
     for name, exports in spec["models"].items():
         run = rundir.load_run_info(spec["runs"][name])
-        x = litert.model_input(image, run.size, None)[None]
+        x = preprocess.uint8_model_input(image, run.size, None)[None]
         # The float32 graph the converter reads (uint8 in, mask + probabilities out), as a SavedModel.
         model = with_precision(rundir.load_model(spec["runs"][name]), "float32")
         graph_dir = tempfile.mkdtemp(prefix="bench-litert-graph-")
-        tf.saved_model.save(tf.Module(), graph_dir, signatures={"serving_default": litert._signature(model, run, False)})
+        tf.saved_model.save(tf.Module(), graph_dir, signatures={"serving_default": model_size_signature(model, run, batch=1).get_concrete_function()})
         graph = tf.saved_model.load(graph_dir).signatures["serving_default"]
         served = tf.saved_model.load(exports["savedmodel"]["path"]).signatures["predict_images"]
         xt, imt = tf.constant(x), tf.constant(image[None])

@@ -246,7 +246,8 @@ def evaluate(run_dir, export_dir, data_dir, split, output, samples, tile, tta, m
 @click.option("--tta", is_flag=True, help="Average over the flips the model was trained with, in the graph.")
 @click.option("--tile", is_flag=True, help="2D: tile the full-resolution image at the training size, in the graph.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=default_of(ExportConfig, "format"), show_default=True,
-              help="litert: VERSION/model.tflite for phones and boards (2D; uint8 image at the model size in).")
+              help="litert: VERSION/model.tflite for phones and boards; onnx: VERSION/model.onnx for ONNX Runtime, "
+                   "OpenVINO, Triton (both 2D; uint8 images at the model size in).")
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=default_of(ExportConfig, "quantize"),
               show_default=True,
               help="--format litert: float16 weights, or int8 calibrated on the run's training records.")
@@ -257,7 +258,7 @@ def evaluate(run_dir, export_dir, data_dir, split, output, samples, tile, tta, m
 def export_cmd(run_dir, export_base, name, version, max_pixels, overwrite, precision, tta, tile, fmt, quantize,
                calibration_records, calibration_data):
     """Export a fit run as a TF Serving SavedModel (decode, resize or tile, TTA, threshold in the graph),
-    or with --format litert as a LiteRT model."""
+    or with --format litert / onnx as a LiteRT or ONNX model."""
     from tfseg.export import ExportConfig, run_export
 
     cfg = ExportConfig.from_dict(dict(
@@ -267,8 +268,9 @@ def export_cmd(run_dir, export_base, name, version, max_pixels, overwrite, preci
         **({"max_pixels": max_pixels} if max_pixels else {}),
     ))
     path = run_export(cfg)
-    if fmt == "litert":
-        click.echo(safe(f"{path}: exported {name} version {os.path.basename(path)} as LiteRT ({quantize}); how to call "
+    if fmt != "savedmodel":
+        what = f"LiteRT ({quantize})" if fmt == "litert" else "ONNX"
+        click.echo(safe(f"{path}: exported {name} version {os.path.basename(path)} as {what}; how to call "
                    f"it: {os.path.join(export_base, name, 'README.md')}"))
         return
     click.echo(safe(f"{path}: exported {name} version {os.path.basename(path)}; serve it with the command in "

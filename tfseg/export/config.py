@@ -11,7 +11,7 @@ from tfseg.config import StageConfig, setting
 from tfseg.errors import TfsegError
 from tfseg.export.graph import DEFAULT_MAX_PIXELS, DEFAULT_PRECISION, PRECISIONS
 
-FORMATS = ("savedmodel", "litert")
+FORMATS = ("savedmodel", "litert", "onnx")
 QUANTIZATIONS = ("none", "float16", "int8")  # LiteRT only
 
 
@@ -33,8 +33,9 @@ class ExportConfig(StageConfig):
         ``tfseg evaluate --tta`` scores it).
       tile: 2D: tile at the training size over the full-resolution image instead of resizing
         it (as ``tfseg evaluate --tile``); 3D volumes are always tiled.
-      format: ``savedmodel`` (TF Serving) or ``litert`` (VERSION/model.tflite, :mod:`tfseg.export.litert`;
-        2D only, no tile/TTA/precision; not added to models.config).
+      format: ``savedmodel`` (TF Serving), ``litert`` (VERSION/model.tflite, :mod:`tfseg.export.litert`)
+        or ``onnx`` (VERSION/model.onnx, :mod:`tfseg.export.onnx`); the last two 2D only, with no
+        tile/TTA/precision, and not added to models.config.
       quantize, calibration_records, calibration_data: LiteRT only (:func:`tfseg.export.litert.write_export`).
     """
 

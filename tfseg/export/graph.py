@@ -346,7 +346,9 @@ def build_archive(model, cfg, max_pixels: int = DEFAULT_MAX_PIXELS, options=None
     run = cfg if isinstance(cfg, rundir.RunInfo) else rundir.RunInfo.from_json(cfg)
     g = _Graphs(model, run, max_pixels, options or InferenceOptions.make(run.ndim))
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    # Not archive.track(model): the endpoints track every variable they use already (as the
+    # underlying tf.Variables), and tracking the model adds its Keras variables as a second
+    # set of objects, so the SavedModel stored each weight twice (variables/ and _all_variables/).
     c = g.channels
     if run.ndim == 2:
         # The first endpoint added becomes serving_default as well; name it explicitly anyway.
@@ -389,7 +391,7 @@ def model_size_signature(model, run, *, batch: int | None, float_input: bool = F
       input_name: the input's name.
 
     Returns:
-      A concrete function.
+      A ``tf.function`` with that input signature.
     """
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
@@ -421,4 +423,4 @@ def model_size_signature(model, run, *, batch: int | None, float_input: bool = F
         # The frozen function returns a flat list; give the outputs their names back.
         return tf.nest.pack_sequence_as(traced.structured_outputs, frozen(image))
 
-    return signature.get_concrete_function()
+    return signature

@@ -131,7 +131,7 @@ def convert(model, run: rundir.RunInfo, quantize: str = "none", representative: 
         raise TfsegError("--quantize int8 needs calibration images (the run's training records)")
     with tempfile.TemporaryDirectory(prefix="tfseg-litert-") as tmp:
         # Through a (scratch) SavedModel: the converter's path that keeps the signature's names.
-        tf.saved_model.save(tf.Module(), tmp, signatures={SIGNATURE: model_size_signature(model, run, batch=1, float_input=int8, input_name=INPUT)})
+        tf.saved_model.save(tf.Module(), tmp, signatures={SIGNATURE: model_size_signature(model, run, batch=1, float_input=int8, input_name=INPUT).get_concrete_function()})
 
         def converter(ops):
             c = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])

@@ -1,5 +1,5 @@
 """The export stage itself: :func:`run_export` takes a completed RUN_DIR to a published
-``EXPORT_BASE/NAME/VERSION`` (a TF Serving SavedModel, or a LiteRT model), with its README and
+``EXPORT_BASE/NAME/VERSION`` (a TF Serving SavedModel, a LiteRT model or an ONNX model), with its README and
 the ``models.config`` entry."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 @locks.holding_locks
 def run_export(*args, **kwargs) -> str:
-    """Exports RUN_DIR's model as EXPORT_BASE/NAME/VERSION for TF Serving (or LiteRT).
+    """Exports RUN_DIR's model as EXPORT_BASE/NAME/VERSION for TF Serving (or LiteRT, or ONNX).
 
     Args:
       *args, **kwargs: an :class:`~tfseg.export.config.ExportConfig` (or a mapping of its keys),
@@ -54,6 +54,14 @@ def run_export(*args, **kwargs) -> str:
         _write_litert(cfg, model, run, run_cfg, meta, model_dir, final)
         logger.info("exported %s version %s (LiteRT, %s) to %s", cfg.name, version, cfg.quantize, final)
         return final
+    if cfg.format == "onnx":
+        from tfseg.export import onnx
+
+        meta = onnx.write_export(with_precision(model, "float32"), run, meta, final, overwrite=cfg.overwrite,
+                                 config=cfg.to_json())
+        atomic_write_text(os.path.join(model_dir, "README.md"), onnx.readme(cfg.name, meta, colour_table(run_cfg)))
+        logger.info("exported %s version %s (ONNX) to %s", cfg.name, version, final)
+        return final
     _write_savedmodel(cfg, build_archive(with_precision(model, cfg.precision), run, cfg.max_pixels, options),
                       meta, final)
     atomic_write_text(os.path.join(model_dir, "README.md"),
@@ -71,7 +79,11 @@ def _read_run(cfg: ExportConfig) -> tuple[dict, rundir.RunInfo]:
     run = rundir.RunInfo.from_json(run_cfg, os.path.join(cfg.run_dir, rundir.RUN_JSON))
     if cfg.format == "litert":
         litert.check_exportable(run, quantize=cfg.quantize, tile=cfg.tile, tta=cfg.tta, precision=cfg.precision)
-    elif cfg.quantize != "none" or cfg.calibration_records or cfg.calibration_data:
+    elif cfg.format == "onnx":
+        from tfseg.export import onnx
+
+        onnx.check_exportable(run, quantize=cfg.quantize, tile=cfg.tile, tta=cfg.tta, precision=cfg.precision)
+    if cfg.format != "litert" and (cfg.quantize != "none" or cfg.calibration_records or cfg.calibration_data):
         raise TfsegError("--quantize/--calibration-records/--calibration-data: for --format litert only")
     return run_cfg, run
 

@@ -2,6 +2,7 @@
 
   SavedModelPredictor  an export's ``serving_default`` signature in-process (the graph TF Serving runs);
   LiteRtPredictor      a LiteRT export through the LiteRT interpreter (:mod:`tfseg.predict.litert`);
+  OnnxPredictor        an ONNX export through ONNX Runtime (:mod:`tfseg.predict.onnx`);
   KerasPredictor       a fit run's Keras model through :mod:`tfseg.inference` (resize or tiled, flip TTA);
   make_predictor       the predictor for a ``--model`` (with ``server``: a TF Serving client,
                        :mod:`tfseg.predict.serving`);
@@ -184,6 +185,10 @@ def make_predictor(model_path: str, *, server: str | None = None, grpc: bool = F
             from tfseg.predict.litert import LiteRtPredictor
 
             return LiteRtPredictor(path)
+        if kind == "onnx":
+            from tfseg.predict.onnx import OnnxPredictor
+
+            return OnnxPredictor(path)
         return SavedModelPredictor(path)
     return KerasPredictor(path, tile=tile, tta=tta, overlap=overlap, batch_size=batch_size)
 
