@@ -32,6 +32,7 @@ No ``from __future__ import annotations`` here: KFP reads the components' annota
 
 import json
 import os
+import re
 
 RESOURCES = {
     "convert": {"cpu": "4", "memory": "16G"},  # a Beam DirectRunner; --runner=DataflowRunner moves the work out
@@ -163,9 +164,10 @@ def build_pipeline(cfg: dict, *, image: str, input_dir: str | None = None, overr
     from kfp import dsl
 
     convert_op, fit_op, evaluate_op, export_op = _components(image)
-    name = PIPELINE_NAME_PREFIX + str(cfg["dataset"]).replace("_", "-")
-    config_json = json.dumps({k: v for k, v in cfg.items() if k != "source"}, sort_keys=True)
     source = cfg.get("source", "")
+    stem = os.path.splitext(os.path.basename(source))[0] if source.endswith((".yaml", ".yml")) else cfg["dataset"]
+    name = PIPELINE_NAME_PREFIX + (re.sub(r"[^a-z0-9]+", "-", str(stem).lower()).strip("-") or "pipeline")
+    config_json = json.dumps({k: v for k, v in cfg.items() if k != "source"}, sort_keys=True)
 
     def tfseg_pipeline(input_dir: str, workdir: str = "", overrides: list = list(overrides),
                        beam_args: list = [], pipeline_config: str = config_json):

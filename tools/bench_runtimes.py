@@ -56,12 +56,18 @@ def _size_bytes(path: str) -> int:
 
 def _resized_run(run_dir: str, size: tuple[int, int], out: str) -> str:
     """RUN_DIR's weights at another input size (a fully convolutional model takes it)."""
-    if os.path.isdir(out):
+    from tfseg import models, rundir
+
+    if os.path.isfile(os.path.join(out, "run.json")):
         return out
-    os.makedirs(out)
-    shutil.copy(os.path.join(run_dir, "model.keras"), os.path.join(out, "model.keras"))
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(run_dir, "run.json")) as f:
         cfg = json.load(f)
+    # The same architecture built for the new size, with the trained weights.
+    model = models.build_model(cfg["model"], input_shape=tuple(size) + (cfg["channels"],),
+                               num_classes=cfg["num_classes"], **cfg.get("model_kwargs", {}))
+    model.set_weights(rundir.load_model(run_dir).get_weights())
+    model.save(os.path.join(out, "model.keras"))
     cfg["image_size"] = list(size)
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump(cfg, f)

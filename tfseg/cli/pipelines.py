@@ -71,7 +71,7 @@ def run_cmd(pipeline, input_dir, workdir, overrides, stages, layout, budget, spl
                              "is set when the run is submitted")
         compile_pipeline(cfg, compile_output, image=image, input_dir=input_dir,
                          overrides=list(overrides) if pipeline else [], accelerator=accelerator)
-        click.echo(safe(f"{compile_output}: Kubeflow Pipelines v2 pipeline {cfg['dataset']} (convert -> fit -> "
+        click.echo(safe(f"{compile_output}: Kubeflow Pipelines v2 pipeline for {cfg['source']} (convert -> fit -> "
                         f"evaluate -> export) in {image}"))
         return
     if image or accelerator or compile_output:

@@ -84,7 +84,7 @@ def stats_dataset(cfg, plan, *, multi_worker: bool = False):
     ds = make_dataset(
         cfg.data, "train", batch_size=cfg.batch_size, training=True, augment=cfg.augment,
         seed=None if cfg.seed is None else cfg.seed + 1, repeat=-1, shuffle_buffer=max(8, 2 * cfg.batch_size),
-        **{rundir.size_key(plan.info.ndim): plan.size},
+        deterministic=cfg.deterministic, **{rundir.size_key(plan.info.ndim): plan.size},
     )
     return shard_across_workers(ds) if multi_worker else ds
 

@@ -85,7 +85,8 @@ class FitConfig(StageConfig):
       seed: random seed for shuffling, augmentation and weight initialization.
       peer_timeout: multi-worker (TF_CONFIG): seconds to wait for the other workers at start-up
         and in each collective before exiting with a line naming those that did not answer.
-      deterministic: deterministic input order (slower).
+      deterministic: deterministic input order and TensorFlow ops (``enable_op_determinism``): the
+        same seed gives the same weights in another process (slower).
       cache: cache decoded training examples in memory.
       tensorboard: write TensorBoard logs to RUN_DIR/logs.
       verbose: Keras verbosity (1 = progress bar on a terminal, one line per epoch otherwise;

@@ -217,6 +217,12 @@ def _compile(run: _Run, strategy, jit):
     cfg, info = run.cfg, run.plan.info
     if cfg.seed is not None:
         keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        # The same seed then gives the same weights in another process: deterministic kernels
+        # (TensorFlow raises where an op has none) beside the deterministic input order.
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     input_shape = tuple(run.plan.size) + (info.channels,)
     if info.ndim == 2 and (cfg.augment or {}).get("crop"):
         # Trained on crops, run at image_size: the model takes any size (its convolutions do).
