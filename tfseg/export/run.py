@@ -94,7 +94,6 @@ def _claim_version(cfg: ExportConfig) -> tuple[object, str, int, str]:
     Returns:
       (the Keras model, EXPORT_BASE/NAME, the version number, EXPORT_BASE/NAME/VERSION).
     """
-    from tfseg.export import litert
 
     # EXPORT_BASE collects every export (NAME/VERSION/ + models.config): it must be new, empty,
     # or an earlier `tfseg export` output; it never overlaps the run it exports.
