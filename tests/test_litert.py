@@ -218,8 +218,9 @@ def test_cli_round_trip_export_evaluate_predict(trained, tmp_path):
     from tfseg.predict.litert import LiteRtPredictor
 
     exports = str(tmp_path / "exports")
-    _tfseg("export", "--run", trained["run"], "--output", exports, "--name", "sq", "--format", "litert",
-           "--quantize", "int8", "--calibration-records", "16")
+    proc = _tfseg("export", "--run", trained["run"], "--output", exports, "--name", "sq", "--format", "litert",
+                  "--quantize", "int8", "--calibration-records", "16")
+    assert "fully_quantize" not in proc.stderr  # the quantizer's C++ settings line stays hidden
     version = os.path.join(exports, "sq", "1")
     _tfseg("evaluate", "--model", os.path.join(exports, "sq"), "--data", trained["data"], "--split", "val",
            "--output", str(tmp_path / "eval_lite"))

@@ -78,3 +78,18 @@ def test_fit_writes_one_line_per_epoch_into_a_pipe(tmp_path):
     assert "\x1b[" not in out.stdout and "\r" not in out.stdout
     epoch_lines = [line for line in out.stdout.splitlines() if "val_loss" in line]
     assert len(epoch_lines) == 3, out.stdout
+
+
+def test_filtered_stderr_drops_only_the_matching_c_lines(capfd):
+    """What C++ writes straight to fd 2 inside the block (the LiteRT int8 quantizer's settings
+    line) is dropped when it matches, and everything else on fd 2 comes back, in order."""
+    import os
+
+    from tfseg import runtime
+
+    with runtime.filtered_stderr(lambda line: line.startswith("fully_quantize:")):
+        os.write(2, b"fully_quantize: 0, inference_type: 6, input_inference_type: UINT8\n")
+        os.write(2, b"a real warning\n")
+    os.write(2, b"after\n")
+    err = capfd.readouterr().err
+    assert err == "a real warning\nafter\n"

@@ -18,9 +18,13 @@ Logical CPU devices can only be configured before TensorFlow initializes its dev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
+import tempfile
+from typing import Callable
 
 from tfseg.errors import TfsegError
 
@@ -317,3 +321,33 @@ def strategy_name(strategy) -> str:
     if isinstance(strategy, tf.distribute.MirroredStrategy):
         return "MirroredStrategy"
     return "default" if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy() else type(strategy).__name__
+
+
+@contextlib.contextmanager
+def filtered_stderr(is_noise: Callable[[str], bool]):
+    """Runs the block with file descriptor 2 captured, then writes back every line that
+    ``is_noise`` does not match: C++ code (TensorFlow's start-up, the LiteRT converter) writes
+    straight to fd 2, where no logging setting reaches. Without a real fd 2 (an embedding host)
+    the block runs as is."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not is_noise(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()

@@ -4,15 +4,16 @@ Importing TensorFlow writes lines from C++ straight to file descriptor 2 before 
 stop them (absl's "All log messages before absl::InitializeLog() is called ...", oneDNN's
 "custom operations are on", cudart's "Could not find cuda drivers"); ``TF_CPP_MIN_LOG_LEVEL=3``
 silences the later ones (cuInit, cpu_feature_guard) but not these. :func:`import_tensorflow`
-imports TensorFlow with fd 2 captured and writes back every line that is not such noise, so
-real warnings and errors still reach the user.
+imports TensorFlow with fd 2 captured (:func:`tfseg.runtime.filtered_stderr`) and writes back every
+line that is not such noise, so real warnings and errors still reach the user.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
+
+from tfseg import runtime
 
 # Substrings of the start-up lines hidden by default.
 NOISE = (
@@ -46,26 +47,5 @@ def import_tensorflow() -> None:
     """Imports TensorFlow with its start-up lines on fd 2 filtered out (see module doc)."""
     if "tensorflow" in sys.modules:
         return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real fd 2 (an embedding host): import as is
+    with runtime.filtered_stderr(is_noise):
         import tensorflow  # noqa: F401
-
-        return
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        finally:
-            try:
-                sys.stderr.flush()
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
-            captured.seek(0)
-            kept = [line for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
-                    if not is_noise(line)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()

@@ -60,7 +60,7 @@ import tempfile
 
 import numpy as np
 
-from tfseg import preprocess, rundir
+from tfseg import preprocess, rundir, runtime
 from tfseg.errors import TfsegError, first_line
 from tfseg.export.config import QUANTIZATIONS
 from tfseg.export.graph import model_size_signature
@@ -77,6 +77,7 @@ INPUT = "image"
 PRECISION = {"none": "float32", "float16": "float16", "int8": "int8"}
 # Ops at the int8 model's edges that are float by design (the dequantized probabilities).
 _BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")
+_QUANTIZER_LINE = "fully_quantize:"  # the int8 quantizer's settings, printed from C++ to fd 2
 
 
 def check_exportable(run: rundir.RunInfo, *, quantize: str, tile: bool = False, tta: bool = False,
@@ -150,12 +151,16 @@ def convert(model, run: rundir.RunInfo, quantize: str = "none", representative: 
                 data = converter(None).convert()
             else:
                 try:
-                    data = converter([tf.lite.OpsSet.TFLITE_BUILTINS_INT8]).convert()
+                    # The quantizer prints its settings from C++ ("fully_quantize: 0, ...").
+                    with runtime.filtered_stderr(lambda line: line.startswith(_QUANTIZER_LINE)):
+                        data = converter([tf.lite.OpsSet.TFLITE_BUILTINS_INT8]).convert()
                 except Exception as e:  # noqa: BLE001  the converter raises ConverterError and others
                     # Some op has no int8 kernel: keep float kernels for those ops only.
                     logger.warning("full-integer conversion failed (%s); converting with float fallback ops",
                                    first_line(e))
-                    data = converter([tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]).convert()
+                    with runtime.filtered_stderr(lambda line: line.startswith(_QUANTIZER_LINE)):
+                        data = converter([tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                          tf.lite.OpsSet.TFLITE_BUILTINS]).convert()
         except TfsegError:
             raise
         except Exception as e:  # noqa: BLE001
