@@ -93,3 +93,17 @@ def test_filtered_stderr_drops_only_the_matching_c_lines(capfd):
     os.write(2, b"after\n")
     err = capfd.readouterr().err
     assert err == "a real warning\nafter\n"
+
+
+def test_a_decoder_error_is_its_own_line():
+    """Eager TensorFlow errors wrap the decoder's message in the function node and the op name;
+    predict reports the message alone (a truncated JPEG)."""
+    from tfseg.predict.base import graph_error_line
+
+    eager = ("{{function_node __wrapped__DecodeImage_device_/job:localhost/replica:0/task:0/device:CPU:0}} "
+             "jpeg::Uncompress failed. Invalid JPEG data or crop window. [Op:DecodeImage] name: ")
+    assert graph_error_line(eager) == "jpeg::Uncompress failed. Invalid JPEG data or crop window."
+    graph = ("Graph execution error:\n\nDetected at node decode/Assert defined at (most recent call last):\n"
+             "<stack traces unavailable>\nassertion failed: [image too large] [Condition x (bool) = ] [0]\n"
+             "\t [[{{node decode/Assert}}]]")
+    assert graph_error_line(graph) == "[image too large]"

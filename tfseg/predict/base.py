@@ -198,10 +198,14 @@ def check_model_classes(found: int | None, run, record: str, model_file: str) ->
 
 
 def graph_error_line(message: str) -> str:
-    """The informative line of a TensorFlow graph error (the assertion or the decoder's message)."""
+    """The informative line of a TensorFlow error (the assertion or the decoder's message), without
+    a graph error's node lines or an eager error's ``{{function_node ...}}`` and ``[Op:...]`` wrapping."""
+    import re
+
     skip = ("Graph execution error", "Detected at node", "<stack traces unavailable>")
     for line in message.splitlines():
-        line = line.strip()
+        line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line.strip())
+        line = re.sub(r"\s*\[Op:[^\]]*\].*$", "", line)
         if line and not line.startswith(skip) and not line.startswith("[["):
             return line.replace("assertion failed: ", "").split(" [Condition")[0]
     return message.strip().splitlines()[0] if message.strip() else "invalid input"

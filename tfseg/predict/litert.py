@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from tfseg import runtime
 from tfseg.errors import TfsegError
 from tfseg.export import litert
 from tfseg.predict.base import ModelSizePredictor, check_model_classes
@@ -28,7 +29,11 @@ def interpreter(model_path: str, num_threads: int | None = None):
         raise TfsegError("LiteRT exports need the LiteRT runtime: pip install ai-edge-litert") from None
     threads = int(num_threads) if num_threads else (os.cpu_count() or 1)
     try:
-        return Interpreter(model_path=model_path, num_threads=threads)
+        # LiteRT announces its CPU delegate from C++ on fd 2 ("INFO: Created TensorFlow Lite XNNPACK ...").
+        with runtime.filtered_stderr(lambda line: "Created TensorFlow Lite XNNPACK delegate" in line):
+            interp = Interpreter(model_path=model_path, num_threads=threads)
+            interp.allocate_tensors()
+        return interp
     except (ValueError, RuntimeError) as e:
         raise TfsegError(f"{model_path}: not a loadable LiteRT model ({str(e).strip().splitlines()[0]})") from None
 
