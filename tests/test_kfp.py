@@ -75,6 +75,9 @@ def test_every_shipped_pipeline_compiles_to_its_graph(name, tmp_path):
     _check_graph(spec, cfg, ["fit.epochs=2"], None)
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"example.org/tfseg:1"}
+    # The image holds tfseg[kfp]: a task installs nothing when it starts (no network needed).
+    assert not any("pip install" in " ".join(e["container"].get("command", []) + e["container"].get("args", []))
+                   for e in spec["deploymentSpec"]["executors"].values())
     assert not [p for p in os.listdir(tmp_path) if p != f"{name}.yaml"]  # no temporary file left
 
 

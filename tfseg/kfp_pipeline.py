@@ -132,7 +132,8 @@ def _components(image: str):
         run_stage("export", pipeline_config, overrides, input_dir, workdir, {"model": model.path},
                   {"exported": exported.path})
 
-    make = dsl.component(base_image=image)
+    # The image holds tfseg[kfp] (README: Dockerfile): no pip install when a task starts.
+    make = dsl.component(base_image=image, install_kfp_package=False)
     return make(convert), make(fit), make(evaluate), make(export)
 
 
