@@ -227,6 +227,20 @@ def make_run(path, *, ndim=2, num_classes=3, channels=3, size=(16, 16), seed=2):
     return str(path), model
 
 
+def randomize_weights(model, seed: int = 0) -> None:
+    """Random weights everywhere, moving variances positive: the batch norm's statistics count."""
+    rng = np.random.default_rng(seed)
+    for w in model.weights:
+        shape = tuple(w.shape)
+        if "moving_variance" in w.path:
+            value = rng.uniform(0.5, 2.0, shape)
+        elif "moving_mean" in w.path:
+            value = rng.normal(0, 0.2, shape)
+        else:
+            value = w.numpy() + rng.normal(0, 0.05, shape)
+        w.assign(value.astype(np.float32))
+
+
 def oracle_model(ndim, channels, num_classes):
     """Built-in layers only, so model.keras loads in safe mode.
 

@@ -34,20 +34,6 @@ MODELS = [
 INT8_AGREEMENT = 0.98  # int8 mask == float32 mask on at least this fraction of the pixels
 
 
-def _randomize(model, seed: int = 0) -> None:
-    """Random weights everywhere, moving variances positive: the batch norm's statistics count."""
-    rng = np.random.default_rng(seed)
-    for w in model.weights:
-        shape = tuple(w.shape)
-        if "moving_variance" in w.path:
-            value = rng.uniform(0.5, 2.0, shape)
-        elif "moving_mean" in w.path:
-            value = rng.normal(0, 0.2, shape)
-        else:
-            value = w.numpy() + rng.normal(0, 0.05, shape)
-        w.assign(value.astype(np.float32))
-
-
 def _run_info(num_classes: int, size=SIZE, ndim: int = 2, **kw) -> rundir.RunInfo:
     return rundir.RunInfo(ndim=ndim, channels=3, num_classes=num_classes,
                           head="sigmoid" if num_classes == 2 else "softmax",
@@ -68,7 +54,7 @@ def test_float32_file_computes_the_keras_model(name, kwargs):
     if name == "unet":
         assert norm.batch_norm_layers(model) and all(isinstance(b, norm.FusedBatchNorm)
                                                      for b in norm.batch_norm_layers(model))
-    _randomize(model)
+    helpers.randomize_weights(model)
     data, info = litert.convert(model, _run_info(4), "none")
     x = np.random.default_rng(1).integers(0, 256, (1,) + SIZE + (3,)).astype(np.uint8)
     out = _runner(data)(image=x)
@@ -90,7 +76,7 @@ def test_binary_mask_thresholds_the_foreground_probability():
     from tfseg.models import build_model
 
     model = build_model("unet", input_shape=SIZE + (3,), num_classes=2, depth=2, base_filters=4)
-    _randomize(model, 3)
+    helpers.randomize_weights(model, 3)
     out = _runner(litert.convert(model, _run_info(2), "none")[0])(
         image=np.random.default_rng(2).integers(0, 256, (1,) + SIZE + (3,)).astype(np.uint8))
     assert out["probabilities"].shape == (1,) + SIZE + (1,)

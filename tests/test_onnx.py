@@ -33,20 +33,6 @@ IOU_PARITY = 0.001  # per-class IoU of the ONNX export against the SavedModel's
 PIXEL_PARITY = 0.999  # masks equal on at least this fraction of the pixels
 
 
-def _randomize(model, seed: int = 0) -> None:
-    """Random weights everywhere, moving variances positive: the batch norm's statistics count."""
-    rng = np.random.default_rng(seed)
-    for w in model.weights:
-        shape = tuple(w.shape)
-        if "moving_variance" in w.path:
-            value = rng.uniform(0.5, 2.0, shape)
-        elif "moving_mean" in w.path:
-            value = rng.normal(0, 0.2, shape)
-        else:
-            value = w.numpy() + rng.normal(0, 0.05, shape)
-        w.assign(value.astype(np.float32))
-
-
 def _run_info(num_classes: int, size=SIZE, ndim: int = 2) -> rundir.RunInfo:
     return rundir.RunInfo(ndim=ndim, channels=3, num_classes=num_classes,
                           head="sigmoid" if num_classes == 2 else "softmax",
@@ -62,7 +48,7 @@ def test_graph_computes_the_keras_model_at_any_batch(name, kwargs):
     from tfseg.models import build_model
 
     model = build_model(name, input_shape=SIZE + (3,), num_classes=4, **kwargs)
-    _randomize(model)
+    helpers.randomize_weights(model)
     session = _session(onnx_export.convert(model, _run_info(4)))
     assert [(i.name, i.type) for i in session.get_inputs()] == [("image", "tensor(uint8)")]
     x = np.random.default_rng(1).integers(0, 256, (3,) + SIZE + (3,)).astype(np.uint8)
@@ -83,7 +69,7 @@ def test_binary_mask_thresholds_the_foreground_probability():
     from tfseg.models import build_model
 
     model = build_model("unet", input_shape=SIZE + (3,), num_classes=2, depth=2, base_filters=4)
-    _randomize(model, 3)
+    helpers.randomize_weights(model, 3)
     x = np.random.default_rng(2).integers(0, 256, (1,) + SIZE + (3,)).astype(np.uint8)
     mask, probs = _session(onnx_export.convert(model, _run_info(2))).run(["mask", "probabilities"], {"image": x})
     assert probs.shape == (1,) + SIZE + (1,)
@@ -231,7 +217,7 @@ def test_parity_gate_for_every_architecture(name, kwargs, tmp_path):
     data = helpers.write_dataset(str(tmp_path / "data"), examples, ndim=2, channels=3,
                                  class_names=["a", "b", "c"], split="val")
     model = build_model(name, input_shape=SIZE + (3,), num_classes=3, **kwargs)
-    _randomize(model, 11)
+    helpers.randomize_weights(model, 11)
     run = helpers.write_run(str(tmp_path / "run"), model, ndim=2, channels=3, class_names=["a", "b", "c"], size=SIZE)
     exports = str(tmp_path / "exports")
     sm, ox = run_export(run, exports, "sm"), run_export(run, exports, "ox", format="onnx")

@@ -53,7 +53,6 @@ would leave all of that to each app.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -64,8 +63,8 @@ from tfseg import preprocess, rundir, runtime
 from tfseg.errors import TfsegError, first_line
 from tfseg.export.config import QUANTIZATIONS
 from tfseg.export.graph import model_size_signature
-from tfseg.export.versions import LITERT_MODEL
-from tfseg.io import fs, publish
+from tfseg.export.versions import LITERT_MODEL, publish_model_file
+from tfseg.io import fs
 
 logger = logging.getLogger(__name__)
 
@@ -268,8 +267,6 @@ def write_export(model, run: rundir.RunInfo, meta: dict, final: str, *, overwrit
     Returns:
       The tfseg.json written.
     """
-    from tfseg.export.versions import CONFIG_JSON, METADATA
-
     representative, calibration = None, None
     if quantize == "int8":
         data_dir = calibration_data or ""
@@ -297,15 +294,7 @@ def write_export(model, run: rundir.RunInfo, meta: dict, final: str, *, overwrit
             "input_quantization": list(info["input_quantization"]),
         },
     })
-    with publish.publish_dir(final, "export", complete_marker=MODEL_FILE, overwrite=overwrite,
-                             option="--version") as tmp:
-        os.makedirs(os.path.join(tmp, os.path.dirname(METADATA)), exist_ok=True)
-        with open(os.path.join(tmp, METADATA), "w") as f:
-            json.dump(meta, f, indent=2)
-        if config is not None:
-            fs.atomic_write_json(os.path.join(tmp, CONFIG_JSON), config)
-        with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
-            f.write(data)
+    publish_model_file(final, MODEL_FILE, data, meta, config, overwrite=overwrite)
     return meta
 
 

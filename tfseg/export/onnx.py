@@ -41,13 +41,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 from tfseg import rundir
 from tfseg.errors import TfsegError, first_line
 from tfseg.export.graph import model_size_signature
-from tfseg.export.versions import ONNX_MODEL
-from tfseg.io import fs, publish
+from tfseg.export.versions import ONNX_MODEL, publish_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +131,6 @@ def write_export(model, run: rundir.RunInfo, meta: dict, final: str, *, overwrit
     import tensorflow as tf
     import tf2onnx
 
-    from tfseg.export.versions import CONFIG_JSON, METADATA
-
     proto = convert(model, run)
     h, w = run.size
     k = 1 if run.binary else run.num_classes
@@ -151,15 +147,7 @@ def write_export(model, run: rundir.RunInfo, meta: dict, final: str, *, overwrit
     onnx.helper.set_model_props(proto, _metadata_props(meta))
     data = proto.SerializeToString()
     meta["onnx"]["bytes"] = len(data)
-    with publish.publish_dir(final, "export", complete_marker=MODEL_FILE, overwrite=overwrite,
-                             option="--version") as tmp:
-        os.makedirs(os.path.join(tmp, os.path.dirname(METADATA)), exist_ok=True)
-        with open(os.path.join(tmp, METADATA), "w") as f:
-            json.dump(meta, f, indent=2)
-        if config is not None:
-            fs.atomic_write_json(os.path.join(tmp, CONFIG_JSON), config)
-        with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
-            f.write(data)
+    publish_model_file(final, MODEL_FILE, data, meta, config, overwrite=overwrite)
     return meta
 
 

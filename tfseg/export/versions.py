@@ -70,6 +70,23 @@ def check_one_format(model_dir: str, fmt: str) -> None:
                          "(--model NAME takes the highest version, and TF Serving serves it and loads SavedModels only)")
 
 
+def publish_model_file(final: str, model_file: str, data: bytes, meta: dict, config: dict | None, *,
+                       overwrite: bool) -> None:
+    """Publishes a one-file export version (LiteRT, ONNX) through :func:`tfseg.io.publish.publish_dir`:
+    tfseg.json and export.json first, the model file last (its presence marks the version complete)."""
+    from tfseg.io import publish
+
+    with publish.publish_dir(final, "export", complete_marker=model_file, overwrite=overwrite,
+                             option="--version") as tmp:
+        os.makedirs(os.path.join(tmp, os.path.dirname(METADATA)), exist_ok=True)
+        with open(os.path.join(tmp, METADATA), "w") as f:
+            json.dump(meta, f, indent=2)
+        if config is not None:
+            fs.atomic_write_json(os.path.join(tmp, CONFIG_JSON), config)
+        with open(os.path.join(tmp, model_file), "wb") as f:
+            f.write(data)
+
+
 def read_metadata(version_dir: str) -> dict:
     """The tfseg facts (ndim, channels, binary, sizes, class names) stored with an export."""
     path = os.path.join(version_dir, METADATA)
