@@ -512,6 +512,45 @@ def test_a_main_thread_that_cannot_unwind_is_ended_by_the_watcher():
     assert len(stderr.strip().splitlines()) == 1, stderr
 
 
+class _Ended(Exception):
+    pass
+
+
+@pytest.mark.parametrize("signals,ends_with", [((signal.SIGTERM,), signal.SIGTERM),
+                                               ((signal.SIGINT, signal.SIGTERM), signal.SIGTERM)])
+def test_the_watcher_starts_no_thread(monkeypatch, signals, ends_with):
+    # The watcher can still be running while the interpreter shuts down after a normal unwind,
+    # when a new thread cannot start (CI, Python 3.12: "can't create new thread at interpreter
+    # shutdown" under the one line): it keeps the grace period itself.
+    from tfseg import interrupts
+
+    def no_threads(*args, **kwargs):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    ended = []
+
+    def exit_now(signum):
+        ended.append((signum, time.monotonic()))
+        raise _Ended
+
+    monkeypatch.setattr(interrupts.threading, "Thread", no_threads)
+    monkeypatch.setattr(interrupts, "_exit_now", exit_now)
+    monkeypatch.setattr(interrupts, "GRACE_SECONDS", 0.3)
+    r, w = os.pipe()
+    try:
+        os.write(w, bytes(signals))
+        started = time.monotonic()
+        with pytest.raises(_Ended):
+            interrupts._watch(r)
+    finally:
+        os.close(r)
+        os.close(w)
+    [(signum, when)] = ended
+    assert signum == ends_with
+    waited = when - started
+    assert (0.25 < waited < 5) if len(signals) == 1 else waited < 0.25
+
+
 # A process that has created the lock file (O_EXCL) and not yet written its record: the state every
 # writer is in for a moment; its record follows after argv[2] seconds.
 _CREATING = """

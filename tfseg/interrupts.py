@@ -14,6 +14,7 @@ locks taken over, fit resumes from its crash-safe backup).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import threading
@@ -61,25 +62,28 @@ def check() -> None:
 
 
 def _watch(fd: int) -> None:
-    seen = 0
+    """Waits for signal bytes; after the first, gives the main thread :data:`GRACE_SECONDS` to
+    unwind, ending the process sooner on a second signal. One thread does both: starting another
+    one can fail once the interpreter is shutting down (the normal unwinding ends the process
+    while this thread still runs)."""
+    first = None
+    deadline = None
     while True:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            data = os.read(fd, 64)
-        except OSError:
+            ready, _, _ = select.select([fd], [], [], timeout)
+            data = os.read(fd, 64) if ready else b""
+        except (OSError, ValueError):
             return
+        if not ready:
+            _exit_now(first)
         for signum in data:
             if signum not in EXIT_CODES:
                 continue
-            seen += 1
-            if seen == 1:
-                threading.Thread(target=_deadline, args=(signum,), daemon=True).start()
+            if first is None:
+                first, deadline = signum, time.monotonic() + GRACE_SECONDS
             else:
                 _exit_now(signum)
-
-
-def _deadline(signum: int) -> None:
-    time.sleep(GRACE_SECONDS)
-    _exit_now(signum)
 
 
 def _exit_now(signum: int) -> None:
