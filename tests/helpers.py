@@ -296,6 +296,26 @@ def write_run(
 # --------------------------------------------------------------------------------------------
 
 
+def run_readme_python(readme: str, exports: str, version: int, shown_hw: tuple[int, int]) -> tuple[int, int]:
+    """Runs the README's ```python block as written, from EXPORTS (its paths are relative to the
+    export base), on a phone photo ``photo.jpg``: pixels stored turned, EXIF orientation 6. Returns
+    the (height, width) of the mask the snippet computes: the displayed photo's when the snippet
+    turns it."""
+    from PIL import Image
+
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0].replace("VERSION", str(version))
+    h, w = shown_hw
+    sensor = Image.fromarray(np.random.default_rng(0).integers(0, 256, (w, h, 3), dtype=np.uint8))
+    exif = sensor.getexif()
+    exif[0x0112] = 6  # a viewer turns the stored (w, h) pixels clockwise into (h, w)
+    sensor.save(os.path.join(exports, "photo.jpg"), exif=exif)
+    out = subprocess.run([sys.executable, "-c", code + "\nprint(mask.size[1], mask.size[0])"], cwd=exports,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows, cols = out.stdout.split()[-2:]
+    return int(rows), int(cols)
+
+
 def free_ports(n: int) -> list[int]:
     """n TCP ports free on loopback right now (for worker clusters and emulators)."""
     socks = [socket.socket() for _ in range(n)]

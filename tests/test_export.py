@@ -199,6 +199,24 @@ def test_bad_inputs_raise_invalid_argument(exported, tmp_path):
         images_fn(images=tf.zeros((1, 40, 40, 3), tf.uint8))
 
 
+def test_served_photos_are_read_as_displayed(exported):
+    """A client sending a phone photo's bytes as they are (EXIF orientation 6, turned by viewers)
+    gets the mask of the displayed photo: the same as sending the displayed pixels."""
+    fn = tf.saved_model.load(exported["version_dir"]).signatures["serving_default"]
+    rng = np.random.default_rng(3)
+    shown = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    sensor = np.rot90(shown, 1)  # what the phone stored; orientation 6 turns it back clockwise
+    img = Image.fromarray(np.ascontiguousarray(sensor))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "PNG", exif=exif)
+    out = fn(image_bytes=tf.constant([buf.getvalue(), encode(shown, "PNG")]))
+    assert out["mask"].shape == (2, 20, 30)
+    np.testing.assert_array_equal(out["mask"][0].numpy(), out["mask"][1].numpy())
+    np.testing.assert_array_equal(out["probabilities"][0].numpy(), out["probabilities"][1].numpy())
+
+
 def test_binary_grayscale_model_gif_bmp(tmp_path):
     run, model = make_run(tmp_path / "run", num_classes=2, channels=1)
     fn = tf.saved_model.load(export.run_export(run, str(tmp_path / "m"), "bin")).signatures["serving_default"]

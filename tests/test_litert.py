@@ -143,6 +143,9 @@ def test_export_layout_facts_and_versions(trained):
     assert os.path.isfile(os.path.join(trained["int8"], METADATA))
     readme = open(os.path.join(trained["exports"], "sq", "README.md")).read()
     assert "```kotlin" in readme and "```python" in readme and "uint8 (1, 32, 32, 3)" in readme
+    assert "exif_transpose" in readme
+    version = int(os.path.basename(trained["int8"]))
+    assert helpers.run_readme_python(readme, trained["exports"], version, (30, 50)) == (30, 50)
     # A SavedModel under the same NAME is refused (TF Serving would serve a .tflite version).
     with pytest.raises(TfsegError, match="holds LiteRT versions"):
         run_export(trained["run"], trained["exports"], "sq")

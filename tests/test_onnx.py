@@ -121,7 +121,8 @@ def test_export_layout_facts_in_the_file_and_one_format_per_name(exported):
     assert props["image_size"] == "32x32" and props["channels"] == "3" and props["head"] == run["head"]
     assert json.loads(props["tfseg"]) == {k: v for k, v in meta.items() if k not in ("onnx",)}
     readme = open(os.path.join(exported["exports"], "sq", "README.md")).read()
-    assert "onnxruntime" in readme and "uint8 (N, 32, 32, 3)" in readme
+    assert "onnxruntime" in readme and "uint8 (N, 32, 32, 3)" in readme and "exif_transpose" in readme
+    assert helpers.run_readme_python(readme, exported["exports"], 1, (30, 50)) == (30, 50)
     # The next export of the same NAME is version 2; a SavedModel under an ONNX NAME is refused.
     assert os.path.basename(run_export(exported["run"], exported["exports"], "sq", format="onnx")) == "2"
     with pytest.raises(TfsegError, match="holds ONNX versions 1, 2; give the SavedModel export its own --name"):

@@ -74,6 +74,68 @@ def test_bad_or_absent_tags_read_as_stored():
     assert photos.as_displayed(b"not an image") == (b"not an image", 1)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_the_graph_decoder_turns_like_the_photo_readers(fmt):
+    """The serving signature's decoder (TensorFlow ignores EXIF) reads the tag itself: the same
+    orientation as PIL and the pixels turned by the hand rule, for all eight values."""
+    import tensorflow as tf
+
+    from tfseg import preprocess
+
+    stored = np.arange(H * W * 3, dtype=np.uint8).reshape(H, W, 3)
+    for value in range(1, 9):
+        data = with_orientation(stored, value, fmt)
+        with Image.open(io.BytesIO(data)) as img:
+            assert int(preprocess.exif_orientation(tf.constant(data))) == photos.orientation(img) == value
+        as_stored = tf.io.decode_image(data, channels=3).numpy()  # TensorFlow's own decode, no turn
+        np.testing.assert_array_equal(preprocess.decode_image(tf.constant(data), 3, 10**6).numpy(),
+                                      displayed_by_hand(as_stored, value))
+
+
+def _tiff(value: int, little: bool, kind: int = 3, tag: int = photos.ORIENTATION_TAG) -> bytes:
+    """A TIFF block by hand (EXIF 2.32 section 4.6): header, IFD0 with two entries, no next IFD."""
+    import struct
+
+    e = "<" if little else ">"
+    field = struct.pack(e + "H", value) + b"\0\0" if kind == 3 else struct.pack(e + "I", value)
+    entries = struct.pack(e + "HHI", 0x010F, 2, 4) + b"Cam\0" + struct.pack(e + "HHI", tag, kind, 1) + field
+    return (b"II" if little else b"MM") + struct.pack(e + "HI", 42, 8) + struct.pack(e + "H", 2) + entries + b"\0" * 4
+
+
+def _jpeg_with_segments(*segments: tuple[int, bytes]) -> bytes:
+    """A real JPEG with APPn segments inserted after SOI (as cameras order them)."""
+    import struct
+
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(H * W * 3, dtype=np.uint8).reshape(H, W, 3)).save(buf, "JPEG")
+    body = buf.getvalue()
+    inserted = b"".join(struct.pack(">BBH", 0xFF, m, len(p) + 2) + p for m, p in segments)
+    assert body[:2] == b"\xff\xd8" and body[2:4] == b"\xff\xe0"  # PIL's JFIF APP0 stays first
+    return body[:2] + inserted + body[2:]
+
+
+@pytest.mark.parametrize("segments,expected", [
+    ([(0xE1, b"Exif\0\0" + _tiff(6, little=False))], 6),  # big-endian ("MM"), as many cameras write
+    ([(0xE1, b"Exif\0\0" + _tiff(8, little=True, kind=4))], 8),  # LONG instead of SHORT
+    ([(0xE2, b"ICC_PROFILE\0" + b"\1" * 300), (0xE1, b"Exif\0\0" + _tiff(3, little=False))], 3),  # after another APPn
+    ([(0xE1, b"Exif\0\0" + _tiff(6, little=True, tag=0x0110))], 1),  # no orientation tag
+    ([(0xE1, b"Exif\0\0" + _tiff(9, little=True))], 1),  # out of range
+    ([(0xE1, b"Exif\0\0" + b"XX" + _tiff(6, little=True)[2:])], 1),  # neither II nor MM
+    ([(0xE1, b"http://ns.adobe.com/xap/1.0/\0<x/>")], 1),  # XMP, not EXIF
+])
+def test_the_graph_reads_orientation_as_pil_does_from_hand_built_files(segments, expected):
+    import tensorflow as tf
+
+    from tfseg import preprocess
+
+    data = _jpeg_with_segments(*segments)
+    with Image.open(io.BytesIO(data)) as img:
+        assert photos.orientation(img) == expected
+    assert int(preprocess.exif_orientation(tf.constant(data))) == expected
+    decoded = preprocess.decode_image(tf.constant(data), 3, 10**6).numpy()
+    assert decoded.shape[:2] == ((W, H) if expected >= 5 else (H, W))
+
+
 def _blocks(h, w, rng):
     """A photo of flat 8x8 blocks (JPEG keeps them to within a few levels) and its 3-class mask."""
     classes = rng.integers(0, 3, (h // 8, w // 8))

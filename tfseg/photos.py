@@ -5,8 +5,9 @@ A phone stores a JPEG as its sensor read it and writes the rotation a viewer mus
 ``Orientation`` tag (1-8). Annotation tools (LabelMe, CVAT, COCO tools) show the rotated image and
 store polygons and masks in its coordinates, so a reader that ignores the tag pairs a sideways or
 upside-down image with its mask. Every tfseg reader of photos (convert's layouts, predict,
-evaluate, the serving signature's decoder) applies the tag through :func:`oriented`, and a file
-read with a tag other than 1 is said so in the record (``exif_orientation``).
+evaluate) applies the tag through :func:`oriented`, the serving signature's decoder through its
+graph twin :func:`tfseg.preprocess.exif_orientation`, and a file read with a tag other than 1 is
+said so in the record (``exif_orientation``).
 """
 
 from __future__ import annotations

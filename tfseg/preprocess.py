@@ -286,6 +286,97 @@ def _header_check(data, max_pixels: int):
     return [not_empty, known, size_ok], is_gif | is_bmp
 
 
+# How far into a file the EXIF orientation is looked for: a JPEG's APP1 segment is at most 64 KiB and
+# comes before the image data; a PNG's eXIf chunk comes before its first IDAT.
+_EXIF_SCAN_BYTES = 1 << 18
+_EXIF_MAX_SEGMENTS = 64  # JPEG segments / PNG chunks walked before giving up
+_EXIF_MAX_ENTRIES = 64  # IFD0 entries read (a phone writes about a dozen)
+
+
+def exif_orientation(data):
+    """The EXIF orientation (1-8) of encoded image bytes, in the graph: a JPEG's APP1 ``Exif``
+    segment or a PNG's ``eXIf`` chunk, IFD0 tag 0x0112 in either byte order; 1 when absent, out
+    of range or unreadable (the pixels are still the image). The graph twin of
+    :func:`tfseg.photos.orientation`, for the serving signature's decoder: TensorFlow's decoders
+    ignore the tag."""
+    import tensorflow as tf
+
+    padded = tf.strings.join([tf.strings.substr(data, 0, _EXIF_SCAN_BYTES), tf.constant(b"\0" * 16)])
+    b = tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)  # 4-byte offsets overflow int32
+    last = tf.shape(b, out_type=tf.int64)[0] - 1
+
+    def i64(v):
+        return tf.constant(v, tf.int64)
+
+    def uint(pos, n, little):
+        idx = tf.clip_by_value(pos[..., None] + tf.range(n, dtype=tf.int64), 0, last)
+        v = tf.gather(b, idx)
+        weights = tf.where(little, i64([256**k for k in range(n)]), i64([256**k for k in range(n - 1, -1, -1)]))
+        return tf.reduce_sum(v * weights, axis=-1)
+
+    def tag_at(pos, text: bytes):
+        return tf.reduce_all(tf.gather(b, tf.clip_by_value(pos + tf.range(len(text), dtype=tf.int64), 0, last))
+                             == i64(list(text)))
+
+    big = tf.constant(False)
+    is_jpeg = tag_at(i64(0), b"\xff\xd8")
+    is_png = tag_at(i64(0), b"\x89PNG\r\n\x1a\n")
+
+    def step(i, pos, found):
+        # JPEG: FF marker, 2-byte length (counting itself); APP1 "Exif\0\0" holds a TIFF block.
+        jpeg_next = pos + 2 + uint(pos + 2, 2, big)
+        jpeg_found = (uint(pos, 2, big) == 0xFFE1) & tag_at(pos + 4, b"Exif\0\0")
+        jpeg_stop = (b[tf.minimum(pos, last)] != 0xFF) | (uint(pos, 2, big) == 0xFFDA)
+        # PNG: 4-byte length, 4-byte type, data, 4-byte CRC; eXIf's data is the TIFF block.
+        png_next = pos + 12 + uint(pos, 4, big)
+        png_found = tag_at(pos + 4, b"eXIf")
+        png_stop = tag_at(pos + 4, b"IDAT") | tag_at(pos + 4, b"IEND")
+        found_here = tf.where(is_jpeg, jpeg_found, png_found)
+        stop = tf.where(is_jpeg, jpeg_stop, png_stop)
+        tiff = tf.where(is_jpeg, pos + 10, pos + 8)
+        found = tf.where(found_here & ~stop, tiff, tf.where(stop, i64(-2), found))
+        return i + 1, tf.where(is_jpeg, jpeg_next, png_next), found
+
+    def more(i, pos, found):
+        return (i < _EXIF_MAX_SEGMENTS) & (found == -1) & (pos < last)
+
+    start = tf.where(is_jpeg, i64(2), i64(8))
+    _, _, tiff = tf.while_loop(more, step, (tf.constant(0), start, tf.where(is_jpeg | is_png, i64(-1), i64(-2))))
+    order = uint(tiff, 2, big)
+    little = tf.equal(order, 0x4949)  # "II"; "MM" is big-endian
+    valid = (tiff >= 0) & (little | tf.equal(order, 0x4D4D)) & tf.equal(uint(tiff + 2, 2, little), 42)
+    ifd = tiff + uint(tiff + 4, 4, little)
+    count = uint(ifd, 2, little)
+    entries = ifd + 2 + 12 * tf.range(_EXIF_MAX_ENTRIES, dtype=tf.int64)
+    tags = uint(entries, 2, little)
+    kinds = uint(entries + 2, 2, little)
+    values = tf.where(kinds == 4, uint(entries + 8, 4, little), uint(entries + 8, 2, little))
+    hit = (tf.range(_EXIF_MAX_ENTRIES, dtype=tf.int64) < count) & tf.equal(tags, 0x0112)
+    value = tf.reduce_max(tf.where(hit, values, i64(0)))
+    return tf.cast(tf.where(valid & (value >= 1) & (value <= 8), value, i64(1)), tf.int32)
+
+
+def orient(image, orientation):
+    """(H, W, C) pixels turned as EXIF ``orientation`` says (the graph twin of
+    :func:`tfseg.photos.orient_array`): H and W swap for orientations 5-8."""
+    import tensorflow as tf
+
+    flipped = tf.reverse(image, [0, 1])
+    branches = [
+        lambda: image,
+        lambda: tf.reverse(image, [1]),
+        lambda: flipped,
+        lambda: tf.reverse(image, [0]),
+        lambda: tf.transpose(image, [1, 0, 2]),
+        lambda: tf.image.rot90(image, 3),  # 90 degrees clockwise
+        lambda: tf.transpose(flipped, [1, 0, 2]),
+        lambda: tf.image.rot90(image, 1),
+    ]
+    out = tf.switch_case(tf.cast(orientation, tf.int32) - 1, branches)
+    out.set_shape([None, None, image.shape[-1]])
+    return out
+
+
 def decode_image(data, channels: int, max_pixels: int):
     """Validated decode of one encoded image (graph or eager).
 
@@ -313,6 +404,7 @@ def decode_image(data, channels: int, max_pixels: int):
             )
         else:
             image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+    image = orient(image, exif_orientation(data))  # as displayed, like every tfseg reader of photos
     image.set_shape([None, None, channels])
     shape = tf.shape(image)
     decoded_ok = tf.debugging.assert_less_equal(

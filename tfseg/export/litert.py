@@ -63,6 +63,7 @@ from tfseg import preprocess, rundir, runtime
 from tfseg.errors import TfsegError, first_line
 from tfseg.export.config import QUANTIZATIONS
 from tfseg.export.graph import model_size_signature
+from tfseg.export.readme import caller_steps
 from tfseg.export.versions import LITERT_MODEL, publish_model_file
 from tfseg.io import fs
 
@@ -304,13 +305,6 @@ def readme(name: str, meta: dict, colour_table: str) -> str:
     h, w = meta["image_size"]
     c = meta["channels"]
     k = lit["outputs"]["probabilities"]["shape"][-1]
-    pre = meta.get("preprocessing") or {}
-    resize = pre.get("resize")
-    source = ""
-    if resize:
-        source = (f"1. Resize the original image as `tfseg convert --image-size` stored the training records: "
-                  f"{resize.get('method')} with antialiasing to {'x'.join(map(str, resize.get('size') or []))}, "
-                  "rounded to uint8.\n")
     if lit["quantize"] == "int8":
         calib = lit.get("calibration") or {}
         quant = (f"int8 post-training quantization calibrated on {calib.get('records')} training records; "
@@ -345,10 +339,7 @@ LiteRT interpreter; `tfseg predict --model {name}/VERSION --input DIR --output D
 
 The model takes one image at its input size; the app resizes:
 
-{source}{'2' if resize else '1'}. Resize to {h}x{w} (height x width), bilinear without antialiasing, round to uint8.
-{'3' if resize else '2'}. Run the model; to get the mask at the image's size, resize `probabilities` back
-   bilinearly and take the {rule} (or resize `mask` with nearest neighbour, slightly coarser).
-
+{caller_steps(meta, binary)}
 ## Classes
 
 {colour_table}
@@ -356,11 +347,11 @@ The model takes one image at its input size; the app resizes:
 
 ```python
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from ai_edge_litert.interpreter import Interpreter
 
 runner = Interpreter(model_path="{name}/VERSION/model.tflite").get_signature_runner("{lit['signature']}")
-image = Image.open("photo.jpg").convert("{'RGB' if c == 3 else 'L'}")
+image = ImageOps.exif_transpose(Image.open("photo.jpg")).convert("{'RGB' if c == 3 else 'L'}")
 # PIL's bilinear antialiases when shrinking, as `tfseg convert --image-size` does; the exact
 # reference of the steps above is tfseg.preprocess.uint8_model_input(image, size, preprocessing).
 x = np.asarray(image.resize(({w}, {h}), Image.BILINEAR), np.uint8).reshape(1, {h}, {w}, {c})

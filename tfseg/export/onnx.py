@@ -45,6 +45,7 @@ import logging
 from tfseg import rundir
 from tfseg.errors import TfsegError, first_line
 from tfseg.export.graph import model_size_signature
+from tfseg.export.readme import caller_steps
 from tfseg.export.versions import ONNX_MODEL, publish_model_file
 
 logger = logging.getLogger(__name__)
@@ -159,13 +160,6 @@ def readme(name: str, meta: dict, colour_table: str) -> str:
     k = spec["outputs"]["probabilities"]["shape"][-1]
     binary = meta.get("head") == "sigmoid"
     rule = "foreground probability > 0.5" if binary else "arg-max over the classes"
-    resize = (meta.get("preprocessing") or {}).get("resize")
-    source = ""
-    if resize:
-        source = (f"1. Resize the original image as `tfseg convert --image-size` stored the training records: "
-                  f"{resize.get('method')} with antialiasing to {'x'.join(map(str, resize.get('size') or []))}, "
-                  "rounded to uint8.\n")
-    n = 2 if resize else 1
     return f"""# {name}: tfseg segmentation model for ONNX runtimes
 
 Exported by `tfseg export --format onnx` from a `{meta.get('model', '?')}` run, float32, ONNX opset
@@ -184,10 +178,7 @@ Runtime; `tfseg predict --model {name}/VERSION --input DIR --output DIR` runs it
 
 The model takes images at its input size; the caller resizes:
 
-{source}{n}. Resize to {h}x{w} (height x width), bilinear without antialiasing (half-pixel centres), round to uint8.
-{n + 1}. Run the model; to get the mask at the image's size, resize `probabilities` back
-   bilinearly and take the {rule} (or resize `mask` with nearest neighbour, slightly coarser).
-
+{caller_steps(meta, binary, ' (half-pixel centres)')}
 ## Classes
 
 {colour_table}
@@ -195,10 +186,10 @@ The model takes images at its input size; the caller resizes:
 
 ```python
 import numpy as np, onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 
 session = ort.InferenceSession("{name}/VERSION/model.onnx", providers=["CPUExecutionProvider"])
-image = Image.open("photo.jpg").convert("{'RGB' if c == 3 else 'L'}")
+image = ImageOps.exif_transpose(Image.open("photo.jpg")).convert("{'RGB' if c == 3 else 'L'}")
 # PIL's bilinear antialiases when shrinking, as `tfseg convert --image-size` does; the exact
 # reference of the steps above is tfseg.preprocess.uint8_model_input(image, size, preprocessing).
 x = np.asarray(image.resize(({w}, {h}), Image.BILINEAR), np.uint8).reshape(1, {h}, {w}, {c})

@@ -54,6 +54,24 @@ def _inference_lines(meta: dict) -> str:
             f"predicts from {how}; {tta}.{source} `tfseg evaluate --model` scores exactly this graph.\n")
 
 
+def caller_steps(meta: dict, binary: bool, antialias_note: str = "") -> str:
+    """The numbered steps a LiteRT or ONNX caller takes around a model that takes decoded pixels
+    at its input size (the SavedModel's graph does them itself)."""
+    h, w = meta["image_size"]
+    rule = "foreground probability > 0.5" if binary else "arg-max over the classes"
+    steps = ["Turn the photo as it is displayed (EXIF orientation: PIL's `ImageOps.exif_transpose`, "
+             "Android's `ExifInterface`); the model was trained on photos as displayed."]
+    resize = (meta.get("preprocessing") or {}).get("resize")
+    if resize:
+        steps.append("Resize the original image as `tfseg convert --image-size` stored the training records: "
+                     f"{resize.get('method')} with antialiasing to {'x'.join(map(str, resize.get('size') or []))}, "
+                     "rounded to uint8.")
+    steps.append(f"Resize to {h}x{w} (height x width), bilinear without antialiasing{antialias_note}, round to uint8.")
+    steps.append("Run the model; to get the mask at the image's size, resize `probabilities` back\n"
+                 f"   bilinearly and take the {rule} (or resize `mask` with nearest neighbour, slightly coarser).")
+    return "\n".join(f"{n}. {text}" for n, text in enumerate(steps, 1)) + "\n"
+
+
 def readme_text(name: str, export_base: str, cfg: dict, max_pixels: int, meta: dict | None = None) -> str:
     base = fs.normalize(export_base)
     if int(cfg["ndim"]) == 2:
