@@ -3,6 +3,7 @@ never moved, one line instead of a traceback. Each test reproduces a case that f
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -287,6 +288,33 @@ def test_a_file_name_that_is_not_utf8_rejects_its_case_only(tmp_path):
         (row,) = [json.loads(line) for line in f]
     assert row["reason"] == "file name is not valid UTF-8 (rename it; its id is stored as UTF-8)"
     assert row["case_id"] == "caf\udce9"
+
+
+@pytest.mark.parametrize("layout", ["cvat-mask", "voc"])
+def test_a_list_file_naming_a_non_utf8_file_rejects_that_case_only(tmp_path, layout):
+    """CVAT's and VOC's ImageSets lists with a Latin-1 name ended convert in a UnicodeDecodeError
+    ("error: UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9", exit 1): now the name
+    still opens its files, and its case alone is rejected by the UTF-8 rule, on the CLI."""
+    from tfseg.convert import get_layout_class
+
+    raw = tmp_path / "raw"
+    get_layout_class(layout)().make_sample(str(raw), 4)
+    root = next(os.path.dirname(d) for d, _, _ in os.walk(raw) if d.endswith("JPEGImages"))
+    lists = os.path.join(root, "ImageSets", "Segmentation")
+    first = os.path.splitext(sorted(os.listdir(os.path.join(root, "JPEGImages")))[0])[0]
+    root_b = os.fsencode(root)
+    for d, ext in ((b"JPEGImages", b".jpg"), (b"SegmentationClass", b".png")):
+        shutil.copy(os.path.join(root_b, d, os.fsencode(first) + ext), os.path.join(root_b, d, b"caf\xe9" + ext))
+    for name in os.listdir(lists):
+        with open(os.path.join(lists, name), "ab") as f:
+            f.write(b"caf\xe9\n")
+    out = tmp_path / "out"
+    proc = _cli("convert", "--dataset", layout, "--input", str(raw), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "rejected 1" in proc.stdout and "Traceback" not in proc.stderr
+    with open(out / "rejected.jsonl") as f:
+        (row,) = [json.loads(line) for line in f]
+    assert row["reason"] == "file name is not valid UTF-8 (rename it; its id is stored as UTF-8)"
 
 
 def _png_claiming(width: int, height: int) -> bytes:

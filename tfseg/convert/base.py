@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from tfseg import photos, preprocess
-from tfseg.errors import first_line
+from tfseg.errors import TfsegError, first_line
 from tfseg.io import fs
 
 # Label names annotation tools give the background (LabelMe's "_background_", labelme2coco's category
@@ -178,6 +178,17 @@ class Layout:
         """Writes ``count`` synthetic cases in this layout's original file formats to ``output``,
         with shapes a model can learn (``tfseg sample``; used by tests and the demo)."""
         raise NotImplementedError
+
+
+def read_list_file(path: str) -> list[str]:
+    """The non-blank lines of an id list (VOC's and CVAT's ``ImageSets/Segmentation/*.txt``),
+    stripped. A name that is not UTF-8 keeps the bytes it has on disk (surrogate escapes), so it
+    still opens its files; its case is then rejected by the rule for stored ids (UTF-8)."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise TfsegError(f"{path}: cannot read ({e.strerror or first_line(e)})") from None
 
 
 def hash_fraction(key: str) -> float:

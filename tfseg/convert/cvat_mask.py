@@ -26,7 +26,7 @@ import os
 import numpy as np
 
 from tfseg import photos
-from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, read_image
+from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, read_image, read_list_file
 from tfseg.convert.coco import official_split
 from tfseg.errors import TfsegError
 
@@ -101,8 +101,7 @@ class CvatMaskLayout(Layout):
         subsets = sorted(f for f in os.listdir(sets) if f.endswith(".txt")) if os.path.isdir(sets) else []
         lists = []
         for f in subsets:
-            with open(os.path.join(sets, f), encoding="utf-8") as fh:
-                lists.append((f[:-4], [line.strip() for line in fh if line.strip()]))
+            lists.append((f[:-4], read_list_file(os.path.join(sets, f))))
         if not lists:  # no subset files: every mask is a case
             masks = []
             for d, subdirs, files in os.walk(os.path.join(root, "SegmentationClass")):

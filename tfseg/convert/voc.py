@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, read_image, read_label_image
+from tfseg.convert.base import BadCase, Case, Layout, LayoutInfo, Loaded2D, read_image, read_label_image, read_list_file
 from tfseg.errors import TfsegError
 from tfseg.schema import IGNORE_INDEX
 
@@ -74,8 +74,7 @@ class VocLayout(Layout):
             lists, official = [(None, os.path.join(sets, "trainval.txt"))], False
         cases, seen = [], set()
         for split, path in lists:
-            with open(path) as f:
-                ids = [line.split()[0] for line in f if line.strip()]
+            ids = [line.split()[0] for line in read_list_file(path)]
             for i in ids:
                 if i in seen:
                     continue
