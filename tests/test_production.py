@@ -512,6 +512,46 @@ def test_a_main_thread_that_cannot_unwind_is_ended_by_the_watcher():
     assert len(stderr.strip().splitlines()) == 1, stderr
 
 
+# A `tfseg` command that publishes its output, then (argv[1]) is still printing its summary or,
+# its work done, is in a slow interpreter exit (TensorFlow's teardown takes seconds).
+_PUBLISHING_COMMAND = """
+import atexit, os, sys, time
+from tfseg.io import publish
+from tfseg.cli import cli
+
+@cli.command("make")
+def make():
+    with publish.publish_dir(os.environ["OUT"], "convert", complete_marker="done") as staging:
+        open(os.path.join(staging, "done"), "w").close()
+    if sys.argv[1] == "exit":
+        atexit.register(lambda: (print("ready", flush=True), time.sleep(600)))
+        return
+    print("ready", flush=True)
+    time.sleep(600)
+
+cli(["make"])
+"""
+
+
+@pytest.mark.parametrize("phase", ["summary", "exit"])
+def test_a_signal_after_the_publish_says_the_output_is_complete(tmp_path, phase):
+    """SIGTERM after the version was published said "nothing was published" (while the command
+    printed its summary) or, in the interpreter's exit, ended with 143 and no line (issue 32)."""
+    out = str(tmp_path / "out")
+    proc = _start_ready([_PUBLISHING_COMMAND, phase], env=dict(os.environ, OUT=out))
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert os.path.isfile(os.path.join(out, "done"))
+    if phase == "summary":
+        assert proc.returncode == 143
+        assert stderr.strip() == (f"error: interrupted by SIGTERM after {out} was published (it is complete); "
+                                  "the command stopped before its end"), stderr
+    else:
+        assert proc.returncode == 0
+        assert stderr.strip() == ("tfseg: SIGTERM arrived after the command finished; its output is complete "
+                                  "as reported (exit 0)"), stderr
+
+
 class _Ended(Exception):
     pass
 

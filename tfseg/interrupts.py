@@ -24,6 +24,8 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 GRACE_SECONDS = 10.0
 
 _installed = False
+_finished = False
+_published: list[str] = []  # outputs published whole by this process
 _first_signal: list[float] = []
 _signums: list[int] = []  # the signal that arrived (the first), kept however its exception fared
 
@@ -40,11 +42,39 @@ class Interrupted(BaseException):
 
 def message(signum: int) -> str:
     name = signal.Signals(signum).name
+    if _published:  # between the publish and the end of the command (its summary)
+        from tfseg.errors import safe
+
+        return (f"error: interrupted by {name} after {safe(_published[-1])} was published (it is complete); "
+                "the command stopped before its end")
     return (f"error: interrupted by {name}; nothing was published, and the same command resumes "
             "(or starts over) where this one stopped")
 
 
+def published(path: str) -> None:
+    """Notes an output published whole (:func:`tfseg.io.publish.publish_dir`), so that a signal
+    from now on does not say nothing was."""
+    _published.append(path)
+
+
+def finished_message(signum: int) -> str:
+    return (f"tfseg: {signal.Signals(signum).name} arrived after the command finished; its output is "
+            "complete as reported (exit 0)")
+
+
+def finished() -> None:
+    """Marks the command done (its output published, its summary printed): a signal from now on
+    ends the process at once, exit 0, with :func:`finished_message` instead of raising into the
+    interpreter's exit (TensorFlow's teardown can take seconds; an exception raised there printed
+    "Exception ignored" or nothing, and exit 143 said a complete output had failed: a supervisor
+    would run the command again, and an export would publish a second version)."""
+    global _finished
+    _finished = True
+
+
 def _handler(signum, frame):  # noqa: ARG001 - signal handler signature
+    if _finished:
+        _exit_now(signum)
     if _first_signal:
         return  # the watcher ends the process; unwinding is under way
     _first_signal.append(time.monotonic())
@@ -88,15 +118,18 @@ def _watch(fd: int) -> None:
 
 def _exit_now(signum: int) -> None:
     try:
-        sys.stderr.write(message(signum) + "\n")
+        sys.stderr.write((finished_message(signum) if _finished else message(signum)) + "\n")
         sys.stderr.flush()
     finally:
-        os._exit(EXIT_CODES[signum])
+        os._exit(0 if _finished else EXIT_CODES[signum])
 
 
 def install() -> None:
-    """Installs the handlers and the watcher (main thread only; once per process)."""
-    global _installed
+    """Installs the handlers and the watcher (main thread only; once per process) for a command
+    that starts now."""
+    global _installed, _finished
+    _finished = False
+    _published.clear()
     if _installed or threading.current_thread() is not threading.main_thread():
         return
     r, w = os.pipe()

@@ -24,7 +24,9 @@ class _Group(click.Group):
 
         interrupts.install()  # SIGTERM / SIGINT: one line, exit 143 / 130, within seconds
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            interrupts.finished()
+            return result
         except TfsegError as e:
             if _disk_full(e):  # a runner's failure wrapped in one line (convert's Beam job)
                 _echo_disk_full(e)

@@ -373,6 +373,7 @@ def _staged(final: str, stage: str, state: str, seen: frozenset[str], complete_m
     if is_remote(final):
         _publish_by_copy(staging, final, complete_marker, seen=seen if state != "absent" else frozenset())
         rmtree(staging)
+        interrupts.published(final)
         return
     final = os.path.abspath(final)
     if os.path.lexists(final):
@@ -391,6 +392,7 @@ def _staged(final: str, stage: str, state: str, seen: frozenset[str], complete_m
             os.rename(staging, final)
         except OSError:  # a folder with content appeared this instant
             _refuse_publish(final, staging, stage, _appeared(final, seen) or [basename(final)], option)
+    interrupts.published(final)
 
 
 def _publish_by_copy(staging: str, final: str, complete_marker: str | None, *, seen: frozenset[str]) -> None:
