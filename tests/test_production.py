@@ -517,19 +517,22 @@ def test_a_main_thread_that_cannot_unwind_is_ended_by_the_watcher():
 _PUBLISHING_COMMAND = """
 import atexit, os, sys, time
 from tfseg.io import publish
-from tfseg.cli import cli
+from tfseg.cli import cli, main
+
+PHASE = sys.argv[1]
 
 @cli.command("make")
 def make():
     with publish.publish_dir(os.environ["OUT"], "convert", complete_marker="done") as staging:
         open(os.path.join(staging, "done"), "w").close()
-    if sys.argv[1] == "exit":
+    if PHASE == "exit":
         atexit.register(lambda: (print("ready", flush=True), time.sleep(600)))
         return
     print("ready", flush=True)
     time.sleep(600)
 
-cli(["make"])
+sys.argv = ["tfseg", "make"]
+main()
 """
 
 

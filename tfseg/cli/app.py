@@ -24,9 +24,7 @@ class _Group(click.Group):
 
         interrupts.install()  # SIGTERM / SIGINT: one line, exit 143 / 130, within seconds
         try:
-            result = super().invoke(ctx)
-            interrupts.finished()
-            return result
+            return super().invoke(ctx)
         except TfsegError as e:
             if _disk_full(e):  # a runner's failure wrapped in one line (convert's Beam job)
                 _echo_disk_full(e)
@@ -144,4 +142,12 @@ def env_cmd(as_json: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name="tfseg")
+    """The ``tfseg`` command (a process of its own: in-process callers use :data:`cli`)."""
+    from tfseg import interrupts
+
+    try:
+        cli(prog_name="tfseg")
+    except SystemExit as e:
+        if e.code in (0, None):
+            interrupts.finished()  # what is left is the interpreter's exit
+        raise
