@@ -48,4 +48,8 @@ def import_tensorflow() -> None:
     if "tensorflow" in sys.modules:
         return
     with runtime.filtered_stderr(is_noise):
-        import tensorflow  # noqa: F401
+        import tensorflow
+
+        # The GPU platform starts on the first device listing, whenever a command makes it: its
+        # "failed call to cuInit" (an ERROR-level line on machines without a GPU driver) comes here.
+        tensorflow.config.list_physical_devices("GPU")
