@@ -28,7 +28,12 @@ def test_filter_keeps_real_lines_and_drops_noise(tmp_path):
         os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
         os.write(2, b"I0000 00:00:1 port.cc:153] oneDNN custom operations are on.\\n")
         os.write(2, b"a real warning the user must see\\n")
-        os.write(2, b"E0000 00:00:1 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)\\n")
+
+        class config:  # the GPU platform starts on the first device listing
+            @staticmethod
+            def list_physical_devices(kind):
+                os.write(2, b"E0000 00:00:1 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)\\n")
+                return []
     """))
     code = "from tfseg.cli import quiet; quiet.import_tensorflow(); import sys; print('after', file=sys.stderr)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
