@@ -76,6 +76,7 @@ print(keras.backend.backend(), "tensorflow" in sys.modules,
 """
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_unet_is_the_same_function_under_jax(tmp_path):
     pytest.importorskip("jax")
     from tfseg.models import build_model

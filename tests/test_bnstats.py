@@ -246,6 +246,7 @@ def _stack(examples):
     return np.stack([e[0] for e in examples]), np.stack([e[1] for e in examples])
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_published_model_works_in_inference_mode(thin_run):
     """Fails before issue 13 (measured: training mode 0.882, inference mode 0.381)."""
     from tfseg import rundir
@@ -263,6 +264,7 @@ def test_published_model_works_in_inference_mode(thin_run):
     assert abs(health["train_mode_mean_iou"] - train_iou) < 0.05
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_validation_metrics_are_the_published_models(thin_run):
     """The best epoch's val_mean_iou is what the published model (best.keras) scores on val."""
     import csv
@@ -281,6 +283,7 @@ def test_validation_metrics_are_the_published_models(thin_run):
     assert abs(got - best) < 2e-3, (got, best)
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_health_check_flags_statistics_that_do_not_fit(thin_run):
     from tfseg import rundir
     from tfseg.data import make_dataset

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 # sha256 over "name\0bytes\0" of every shard of `tfseg sample --dataset folder --count 6 --seed 7`
 # converted with --split train=0.5,val=0.5 --num-shards 2. It depends on the sample's PNG bytes
 # (Pillow's zlib) and the mask PNGs tfseg writes (zlib level 3): a different zlib build changes
@@ -32,6 +34,7 @@ def _digest(shards):
     return h.hexdigest()
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_shards_identical_across_processes_and_pinned(tmp_path):
     raw = str(tmp_path / "raw")
     res = subprocess.run(_tfseg("sample", "--dataset", "folder", "--output", raw, "--count", "6", "--seed", "7"),

@@ -56,6 +56,7 @@ def raw(tmp_path_factory):
     return str(root)
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_misuse_is_one_line_exit_2_before_any_work(raw, tmp_path):
     out = str(tmp_path / "out")
     base = ["convert", "--dataset", "folder", "--input", raw, "--output", out]

@@ -65,6 +65,7 @@ def carvana(gcs, tmp_path_factory):
     return raw, local_out
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_cli_convert_gs_to_gs_matches_local(gcs, carvana):
     raw, local_out = carvana
     env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs, "TF_CPP_MIN_LOG_LEVEL": "3"}

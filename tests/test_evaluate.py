@@ -448,7 +448,8 @@ def _agreement(tmp_path, *, ndim, tile=False, tta=False):
 
 @pytest.mark.parametrize("ndim, tile, tta", [
     pytest.param(2, False, False, marks=pytest.mark.slow), pytest.param(2, True, False, marks=pytest.mark.slow),
-    pytest.param(2, False, True, marks=pytest.mark.slow), (2, True, True), (3, False, True)])
+    pytest.param(2, False, True, marks=pytest.mark.slow), pytest.param(2, True, True, marks=pytest.mark.slow),
+    (3, False, True)])
 def test_evaluate_run_and_model_agree(tmp_path, ndim, tile, tta):
     m_run, m_model, meta = _agreement(tmp_path, ndim=ndim, tile=tile, tta=tta)
     mode = "sliding_window" if ndim == 3 else ("tile" if tile else "resize")

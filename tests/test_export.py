@@ -132,6 +132,7 @@ def test_each_weight_is_stored_once(exported):
     assert folder < 1.25 * sum(w.numpy().nbytes for w in weights) + 4096
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_fresh_process_outputs_equal_keras(exported, tmp_path):
     model = exported["model"]
     rng = np.random.default_rng(0)
@@ -235,6 +236,7 @@ def test_binary_grayscale_model_gif_bmp(tmp_path):
         assert set(np.unique(out["mask"][k].numpy())) <= {0, 1}
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_volume_signature_tiles_like_predict_volume(tmp_path):
     run, model = make_run(tmp_path / "run", ndim=3, num_classes=4, channels=2, size=(8, 8, 8))
     version_dir = export.run_export(run, str(tmp_path / "m"), "vol")
@@ -271,6 +273,7 @@ def _has_bfloat16(version_dir):
     return ops or variables
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_bf16_run_exports_float32_by_default(tmp_path):
     """A run trained under mixed_bfloat16 serves in float32 unless --precision keeps bfloat16."""
     old = keras.mixed_precision.global_policy()

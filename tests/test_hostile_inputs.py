@@ -183,6 +183,7 @@ app.main()
 """
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_a_signal_inside_the_beam_job_exits_143_and_publishes_nothing(tmp_path):
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
     assert _cli("sample", "--dataset", "carvana", "--output", raw, "--count", "8").returncode == 0

@@ -213,6 +213,7 @@ _REPLICA_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_mirrored_strategy_sums_confusion_matrices():
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run(

@@ -71,6 +71,7 @@ def test_cli_stderr_has_no_tensorflow_startup_lines(tmp_path, level):
     assert "exported m version 1" in out.stdout
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_fit_writes_one_line_per_epoch_into_a_pipe(tmp_path):
     """Keras's progress bar redraws with ANSI escapes; into a pipe or log file fit prints plain
     per-epoch lines instead (the bar stays on a terminal)."""

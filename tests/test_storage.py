@@ -11,6 +11,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from helpers import write_2d_dataset
 
@@ -24,6 +25,7 @@ def _copy_tree(src: str, dst: str) -> None:
             tf.io.gfile.copy(os.path.join(root, f), f"{target}/{f}", overwrite=True)
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_fit_evaluate_export_predict_on_ram_filesystem(tmp_path, monkeypatch):
     from PIL import Image
 

@@ -108,6 +108,7 @@ def test_3d_middle_slices(tmp_path):
     assert np.array_equal(truth[4, 4], image[4, 4].astype(np.uint8))  # class 0 "bg" left unpainted
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_fit_writes_predictions_to_the_runs_logs(squares, tmp_path):
     out = str(tmp_path / "run")
     fit(tiny_fit_config(squares, out, tensorboard=True, epochs=2))

@@ -253,6 +253,7 @@ def test_model_of_the_wrong_dimensionality_is_refused(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_fit_writes_run_dir_then_noop_then_continues(tmp_path, squares_data, caplog):
     import logging
 
@@ -299,6 +300,7 @@ def test_fit_writes_run_dir_then_noop_then_continues(tmp_path, squares_data, cap
         fit(tiny_fit_config(squares_data, out, epochs=4, model_kwargs={"depth": 1, "base_filters": 4}))
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_short_fit_learns_squares(tmp_path):
     from tfseg import rundir
 
@@ -330,6 +332,7 @@ def test_mixed_float16_wraps_the_optimizer_in_loss_scaling(tmp_path, squares_dat
     assert keras.config.dtype_policy().name == "float32"
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_resume_after_kill_9_continues_at_the_right_epoch(tmp_path, squares_data):
     out = str(tmp_path / "run")
     cfg = tiny_fit_config(squares_data, out, epochs=3)
@@ -431,6 +434,7 @@ def test_cli_fit_end_to_end(tmp_path, squares_data):
     assert bad.exit_code == 2 and "unknown key 'epoch'" in bad.output
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_fit_3d_patches_writes_a_3d_model(tmp_path):
     from tfseg import rundir
 
@@ -461,6 +465,7 @@ class _PoisonAt:
         return Poison()
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_divergence_is_not_kept_and_a_rerun_resumes_from_the_last_finite_epoch(tmp_path, squares_data):
     from tfseg import rundir
     from tfseg.fit import backup_epoch
@@ -483,6 +488,7 @@ def test_divergence_is_not_kept_and_a_rerun_resumes_from_the_last_finite_epoch(t
     rundir.load_model(out)  # finite
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_a_model_with_nan_weights_is_refused_by_evaluate_and_export(tmp_path, squares_data):
     from tfseg import export, rundir
 
