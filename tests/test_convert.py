@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tfseg import schema
-from tfseg.convert import transforms
+from tfseg.convert import samples, transforms
 from tfseg.convert.base import BadCase, Case, Loaded2D, Loaded3D
 from tfseg.convert.encode import CaseStats, EncodeOptions, count_classes, encode_case, encode_png_gray
 from tfseg.convert.folder import FolderLayout
@@ -40,7 +40,7 @@ def rejected_rows(data_dir):
 @pytest.fixture(scope="module")
 def folder_sample(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("folder") / "sample")
-    FolderLayout.make_sample(root, 8, seed=3, image_size=(24, 40))
+    samples.write("folder", root, 8, seed=3, image_size=(24, 40))
     return root
 
 

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tfseg.convert import brats
+from tfseg.convert import brats, samples
 from tfseg.convert.base import BadCase
 from tfseg.errors import TfsegError
 
@@ -64,7 +64,7 @@ def _write(path, data, zooms=(1.0, 1.0, 1.5)):
 
 
 def test_brats_sample_and_2023_naming(tmp_path):
-    brats.BratsLayout.make_sample(str(tmp_path / "s"), 2)
+    samples.write("brats", str(tmp_path / "s"), 2)
     layout = brats.BratsLayout()
     cases = layout.list_cases(str(tmp_path / "s"))
     assert [c.case_id for c in cases] == ["BraTS2021_00000", "BraTS2021_00001"]
@@ -94,8 +94,8 @@ def test_brats_sample_and_2023_naming(tmp_path):
 
 
 def test_msd_sample_matches_brats_sample_and_honours_modality_order(tmp_path):
-    brats.MsdBrainLayout.make_sample(str(tmp_path / "msd"), 2, seed=3)
-    brats.BratsLayout.make_sample(str(tmp_path / "b"), 2, seed=3)
+    samples.write("msd-brain", str(tmp_path / "msd"), 2, seed=3)
+    samples.write("brats", str(tmp_path / "b"), 2, seed=3)
     msd = brats.MsdBrainLayout()
     cases = msd.list_cases(str(tmp_path / "msd"))
     loaded = msd.load_case(cases[0])
@@ -128,9 +128,9 @@ def test_msd_sample_matches_brats_sample_and_honours_modality_order(tmp_path):
 
 
 def test_msd_unlabelled_and_missing_label(tmp_path):
-    brats.MsdBrainLayout.make_sample(str(tmp_path), 1)
+    samples.write("msd-brain", str(tmp_path), 1)
     os.rename(tmp_path / "imagesTr" / "BRATS_001.nii.gz", tmp_path / "imagesTs" / "BRATS_900.nii.gz")
-    brats.MsdBrainLayout.make_sample(str(tmp_path / "x"), 1)
+    samples.write("msd-brain", str(tmp_path / "x"), 1)
     os.rename(tmp_path / "x" / "imagesTr" / "BRATS_001.nii.gz", tmp_path / "imagesTr" / "BRATS_002.nii.gz")
     (tmp_path / "imagesTr" / "._BRATS_002.nii.gz").write_bytes(b"macOS resource fork")
     layout = brats.MsdBrainLayout()
@@ -143,7 +143,7 @@ def test_msd_unlabelled_and_missing_label(tmp_path):
 
 
 def _brats_case(tmp_path):
-    brats.BratsLayout.make_sample(str(tmp_path), 1)
+    samples.write("brats", str(tmp_path), 1)
     layout = brats.BratsLayout()
     return layout, layout.list_cases(str(tmp_path))[0]
 
@@ -195,7 +195,7 @@ def test_sample_converts_end_to_end(tmp_path, name):
     from tfseg.convert.pipeline import run_convert
 
     cls = get_layout_class(name)
-    cls.make_sample(str(tmp_path / "raw"), 3)
+    samples.write(name, str(tmp_path / "raw"), 3)
     run_convert(name, str(tmp_path / "raw"), str(tmp_path / "out"), split="train=0.5,val=0.5")
     info = schema.load_dataset_info(str(tmp_path / "out"))
     assert info.ndim == 3 and info.channels == 4 and info.num_classes == 4

@@ -7,7 +7,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from tfseg.convert import ccp
+from tfseg.convert import ccp, samples
 from tfseg.convert.base import BadCase
 from tfseg.errors import TfsegError
 
@@ -61,7 +61,7 @@ def test_real_files_load_with_seed_and_full_labels(shared_data):
 
 
 def test_sample_loads_and_covers_several_classes(tmp_path):
-    ccp.CcpLayout.make_sample(str(tmp_path), 10, seed=1)
+    samples.write("ccp", str(tmp_path), 10, seed=1)
     layout = ccp.CcpLayout()
     cases = layout.list_cases(str(tmp_path))
     assert len(cases) == 10 and {c.split for c in cases} == {"train", "val"}
@@ -76,7 +76,7 @@ def test_sample_loads_and_covers_several_classes(tmp_path):
 
 
 def _one_case(tmp_path):
-    ccp.CcpLayout.make_sample(str(tmp_path), 1)
+    samples.write("ccp", str(tmp_path), 1)
     layout = ccp.CcpLayout()
     return layout, layout.list_cases(str(tmp_path))[0]
 
@@ -111,7 +111,7 @@ def test_mat_without_groundtruth_or_wrong_size_or_values_is_a_bad_case(tmp_path)
 def test_wrong_folder_or_label_list_is_a_user_error(tmp_path):
     with pytest.raises(TfsegError, match="not a CCP dataset"):
         ccp.CcpLayout().list_cases(str(tmp_path))
-    ccp.CcpLayout.make_sample(str(tmp_path), 1)
+    samples.write("ccp", str(tmp_path), 1)
     cells = np.empty((1, 3), dtype=object)
     cells[0, :] = ["null", "a", "b"]
     scipy.io.savemat(str(tmp_path / "label_list.mat"), {"label_list": cells})
@@ -125,7 +125,7 @@ def test_sample_converts_end_to_end_losslessly(tmp_path):
     from tfseg import schema
     from tfseg.convert.pipeline import run_convert
 
-    ccp.CcpLayout.make_sample(str(tmp_path / "raw"), 6)
+    samples.write("ccp", str(tmp_path / "raw"), 6)
     run_convert("ccp", str(tmp_path / "raw"), str(tmp_path / "out"))
     info = schema.load_dataset_info(str(tmp_path / "out"))
     assert info.num_classes == 14 and info.class_names == list(ccp.SEED_CLASSES)

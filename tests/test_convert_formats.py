@@ -21,6 +21,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from tfseg import schema
+from tfseg.convert import samples
 from tfseg.convert.pipeline import run_convert
 from tfseg.errors import TfsegError
 
@@ -94,10 +95,9 @@ def coco_oracle(coco, image_id, class_of):
 def test_coco_sample_equals_pycocotools_oracle(tmp_path):
     from pycocotools.coco import COCO
 
-    from tfseg.convert.coco import CocoLayout
 
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
-    CocoLayout.make_sample(raw, 15, seed=3, image_size=(40, 56))
+    samples.write("coco", raw, 15, seed=3, image_size=(40, 56))
     summary = run_convert("coco", raw, out)
     assert summary["rejected"] == 0 and summary["splits"] == {"train": 12, "val": 3}  # the JSON files' splits
     info, records = read_records(out)
@@ -134,7 +134,7 @@ def _coco_file(root, images, annotations, categories):
 
 
 def _uncompressed(mask):
-    from tfseg.convert.coco import _rle_counts
+    from tfseg.convert.samples.coco import _rle_counts
 
     return {"size": list(mask.shape), "counts": _rle_counts(mask)}
 
@@ -314,10 +314,9 @@ def cityscapes_oracle(label_ids):
 def test_cityscapes_sample_equals_label_table(tmp_path):
     from cityscapesscripts.helpers.labels import trainId2label
 
-    from tfseg.convert.cityscapes import CityscapesLayout
 
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
-    CityscapesLayout.make_sample(raw, 10, seed=1, image_size=(32, 64))
+    samples.write("cityscapes", raw, 10, seed=1, image_size=(32, 64))
     # awkward: a value outside the table, a labels PNG of another size, and the test split
     gt = os.path.join(raw, "gtFine", "train", "aachen")
     bad = np.array(Image.open(os.path.join(gt, "aachen_000000_000019_gtFine_labelIds.png")))
@@ -347,10 +346,9 @@ def test_cityscapes_sample_equals_label_table(tmp_path):
 def test_cityscapes_sample_has_the_benchmarks_file_modes_and_16bit_label_ids_read_alike(tmp_path):
     """The sample writes what the benchmark ships (labelIds 8-bit gray, instanceIds 16-bit gray,
     colour RGB), and a labelIds PNG saved 16-bit converts to the same masks as the 8-bit one."""
-    from tfseg.convert.cityscapes import CityscapesLayout
 
     raw = str(tmp_path / "raw")
-    CityscapesLayout.make_sample(raw, 5, seed=3, image_size=(32, 64))
+    samples.write("cityscapes", raw, 5, seed=3, image_size=(32, 64))
     gt = os.path.join(raw, "gtFine", "train", "aachen")
     stem = os.path.join(gt, "aachen_000000_000019")
     with Image.open(stem + "_gtFine_labelIds.png") as im:
@@ -382,10 +380,10 @@ def test_cityscapes_sample_has_the_benchmarks_file_modes_and_16bit_label_ids_rea
 
 
 def test_ade20k_sample_names_and_zero_ignore(tmp_path):
-    from tfseg.convert.ade20k import OBJECT_NAMES, Ade20kLayout
+    from tfseg.convert.ade20k import OBJECT_NAMES
 
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
-    Ade20kLayout.make_sample(raw, 6, seed=2, image_size=(24, 48))
+    samples.write("ade20k", raw, 6, seed=2, image_size=(24, 48))
     base = os.path.join(raw, "ADEChallengeData2016")
     info_file = os.path.join(base, "objectInfo150.txt")
     with open(info_file) as f:
@@ -446,10 +444,9 @@ def labelme_oracle(doc, h, w, table):
 
 
 def test_labelme_sample_equals_imagedraw_oracle(tmp_path):
-    from tfseg.convert.labelme import LabelmeLayout
 
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
-    LabelmeLayout.make_sample(raw, 10, seed=4, image_size=(40, 56))
+    samples.write("labelme", raw, 10, seed=4, image_size=(40, 56))
     # awkward: a 2-point polygon, an unknown label, an image of another size than the JSON says
     with open(os.path.join(raw, "img_0000.json")) as f:
         doc = json.load(f)
@@ -519,10 +516,9 @@ def test_labelme_polygon_hand_checked(tmp_path):
 
 
 def test_cvat_mask_sample_colours_and_splits(tmp_path):
-    from tfseg.convert.cvat_mask import CvatMaskLayout
 
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
-    CvatMaskLayout.make_sample(raw, 8, seed=5, image_size=(32, 40))
+    samples.write("cvat-mask", raw, 8, seed=5, image_size=(32, 40))
     colours = {}
     with open(os.path.join(raw, "labelmap.txt")) as f:
         for line in f:

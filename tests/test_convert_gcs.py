@@ -14,8 +14,9 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import gcs_client, gcs_emulator, gcs_objects, gcs_upload_tree
+
+from tfseg.convert import samples
 
 pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("google.cloud.storage")
@@ -54,11 +55,10 @@ def _no_staging_left() -> bool:
 @pytest.fixture(scope="module")
 def carvana(gcs, tmp_path_factory):
     """12 Carvana-layout cases, local and uploaded to gs://BUCKET/raw; and their local conversion."""
-    from tfseg.convert.carvana import CarvanaLayout
     from tfseg.convert.pipeline import run_convert
 
     raw = str(tmp_path_factory.mktemp("carvana") / "raw")
-    CarvanaLayout.make_sample(raw, 12, seed=3, image_size=(24, 32))
+    samples.write("carvana", raw, 12, seed=3, image_size=(24, 32))
     _upload_tree(raw, "raw")
     local_out = str(tmp_path_factory.mktemp("carvana") / "local")
     run_convert("carvana", raw, local_out, num_shards=2)
@@ -153,11 +153,10 @@ def test_foreign_and_bad_remote_paths_are_refused(gcs, carvana):
 
 
 def test_folder_layout_from_gs_matches_local(gcs, tmp_path):
-    from tfseg.convert.folder import FolderLayout
     from tfseg.convert.pipeline import run_convert
 
     raw = str(tmp_path / "veins")
-    FolderLayout.make_sample(raw, 6, seed=1, image_size=(16, 24))
+    samples.write("folder", raw, 6, seed=1, image_size=(16, 24))
     _upload_tree(raw, "veins")
     local_out = str(tmp_path / "local")
     run_convert("folder", raw, local_out, num_shards=1, split="train=1")

@@ -9,11 +9,10 @@ import pytest
 from PIL import Image
 
 from tfseg import schema
-from tfseg.convert.carvana import CarvanaLayout, rle_decode, rle_encode
-from tfseg.convert.folder import FolderLayout
-from tfseg.convert.isic import IsicLayout
+from tfseg.convert import samples
+from tfseg.convert.carvana import rle_decode, rle_encode
 from tfseg.convert.pipeline import run_convert
-from tfseg.convert.voc import VocLayout, voc_colormap
+from tfseg.convert.voc import voc_colormap
 
 
 def read_records(data_dir):
@@ -58,8 +57,8 @@ def test_rle_hand_computed():
 
 def test_carvana_gif_and_rle(tmp_path):
     gif_root, rle_root = str(tmp_path / "gif"), str(tmp_path / "rle")
-    CarvanaLayout.make_sample(gif_root, 12, seed=5, image_size=(32, 48))
-    CarvanaLayout.make_sample(rle_root, 12, seed=5, image_size=(32, 48), rle=True)
+    samples.write("carvana", gif_root, 12, seed=5, image_size=(32, 48))
+    samples.write("carvana", rle_root, 12, seed=5, image_size=(32, 48), rle=True)
     assert not os.path.exists(os.path.join(rle_root, "train_masks"))
     out = str(tmp_path / "out")
     run_convert("carvana", gif_root, out, split="train=0.5,val=0.5")
@@ -91,7 +90,7 @@ def test_carvana_gif_and_rle(tmp_path):
 
 def test_isic_sample_and_official_splits(tmp_path):
     root = str(tmp_path / "isic")
-    IsicLayout.make_sample(root, 6, seed=2, image_size=(24, 32))
+    samples.write("isic", root, 6, seed=2, image_size=(24, 32))
     # A validation folder in the 2018 names switches to the official split.
     os.makedirs(os.path.join(root, "ISIC2018_Task1-2_Validation_Input"))
     os.makedirs(os.path.join(root, "ISIC2018_Task1_Validation_GroundTruth"))
@@ -144,7 +143,7 @@ def test_isic_real_files(shared_data, tmp_path):
 
 def test_voc_sample_official_split_and_labels(tmp_path):
     root = str(tmp_path / "voc")
-    VocLayout.make_sample(root, 6, seed=4, image_size=(24, 32))
+    samples.write("voc", root, 6, seed=4, image_size=(24, 32))
     voc = os.path.join(root, "VOCdevkit", "VOC2012")
     # One mask saved as RGB (colour-coded) converts to the same indices; one gets an
     # index (30) outside the 21 classes and is rejected.
@@ -185,7 +184,7 @@ def test_voc_sample_official_split_and_labels(tmp_path):
 
 def test_folder_sample_grayscale_lossless(tmp_path):
     root = str(tmp_path / "veins")
-    FolderLayout.make_sample(root, 5, seed=1, image_size=(20, 36))
+    samples.write("folder", root, 5, seed=1, image_size=(20, 36))
     out = str(tmp_path / "out")
     run_convert("folder", root, out, split="train=1")
     info, records = read_records(out)

@@ -5,6 +5,7 @@ import io
 import os
 import re
 
+from tfseg.convert import samples
 from tfseg.convert.pipeline import run_convert
 from tfseg.convert.transforms import REJECTED, ConvertProgress
 
@@ -44,10 +45,9 @@ def test_terminal_redraws_one_line():
 
 
 def test_run_convert_reports_progress(tmp_path):
-    from tfseg.convert.carvana import CarvanaLayout
 
     raw = str(tmp_path / "raw")
-    CarvanaLayout.make_sample(raw, 8, seed=2, image_size=(16, 24))
+    samples.write("carvana", raw, 8, seed=2, image_size=(16, 24))
     broken = sorted(os.listdir(os.path.join(raw, "train")))[0]
     with open(os.path.join(raw, "train", broken), "wb") as f:
         f.write(b"not a jpeg")

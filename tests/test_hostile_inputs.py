@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from tfseg.convert import samples
 from tfseg.convert.coco import clip_polygon, rasterize
 
 _RASTERIZE_UNDER_LIMIT = """
@@ -118,10 +119,9 @@ def test_an_unexpected_error_is_one_line_without_a_traceback(tmp_path):
 
 
 def test_env_reports_versions_cpu_and_the_precision_fit_chooses():
-    from tfseg import envinfo, runtime
-
     from click.testing import CliRunner
 
+    from tfseg import envinfo, runtime
     from tfseg.cli import cli
 
     result = CliRunner().invoke(cli, ["env", "--json"])
@@ -296,10 +296,9 @@ def test_a_list_file_naming_a_non_utf8_file_rejects_that_case_only(tmp_path, lay
     """CVAT's and VOC's ImageSets lists with a Latin-1 name ended convert in a UnicodeDecodeError
     ("error: UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9", exit 1): now the name
     still opens its files, and its case alone is rejected by the UTF-8 rule, on the CLI."""
-    from tfseg.convert import get_layout_class
 
     raw = tmp_path / "raw"
-    get_layout_class(layout)().make_sample(str(raw), 4)
+    samples.write(layout, str(raw), 4)
     root = next(os.path.dirname(d) for d, _, _ in os.walk(raw) if d.endswith("JPEGImages"))
     lists = os.path.join(root, "ImageSets", "Segmentation")
     first = os.path.splitext(sorted(os.listdir(os.path.join(root, "JPEGImages")))[0])[0]

@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from tfseg.cli import cli
+from tfseg.convert import samples
 from tfseg.pipeline import demo_overrides, load_pipeline, pipeline_names, run_pipeline
-from tfseg.convert import get_layout_class
 
 TINY = {
     "brats": ["fit.steps_per_epoch=2"],
@@ -36,7 +36,7 @@ def test_pipeline_runs_on_sample_data(name, tmp_path):
     base = load_pipeline(name)
     cfg = load_pipeline(name, [*demo_overrides(base), "fit.epochs=1", *TINY.get(name, [])])
     raw = tmp_path / "raw"
-    get_layout_class(cfg["dataset"]).make_sample(str(raw), count=cfg["demo"]["sample_count"], seed=0)
+    samples.write(cfg["dataset"], str(raw), cfg["demo"]["sample_count"])
     summary = run_pipeline(cfg, str(raw), str(tmp_path / "work"))
     assert os.path.isfile(os.path.join(summary["export"], "saved_model.pb"))
     with open(summary["paths"]["eval"] + "/metrics.json") as f:

@@ -17,6 +17,8 @@ from helpers import dask_cluster as local_dask_cluster
 from helpers import gcs_client, gcs_emulator, gcs_objects, gcs_upload_tree, make_run
 from PIL import Image
 
+from tfseg.convert import samples
+
 pytest.importorskip("distributed")
 
 pytestmark = pytest.mark.slow
@@ -142,10 +144,9 @@ def test_predict_on_dask_gs_to_gs(model_and_images, dask_cluster, gcs, tmp_path)
 def test_convert_on_dask_gs_to_gs(dask_cluster, gcs, tmp_path):
     if gcs is None:
         pytest.skip("gcp-storage-emulator / google-cloud-storage not installed")
-    from tfseg.convert.carvana import CarvanaLayout
 
     raw = str(tmp_path / "raw")
-    CarvanaLayout.make_sample(raw, 12, seed=3, image_size=(24, 32))
+    samples.write("carvana", raw, 12, seed=3, image_size=(24, 32))
     with open(os.path.join(raw, "train", sorted(os.listdir(os.path.join(raw, "train")))[5]), "wb") as f:
         f.write(b"not a jpeg")
     _upload_tree(raw, "raw")

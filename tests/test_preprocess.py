@@ -17,7 +17,7 @@ from helpers import fit, tiny_fit_config
 from PIL import Image
 
 from tfseg import inference, preprocess, rundir, schema
-from tfseg.convert.isic import IsicLayout
+from tfseg.convert import samples
 from tfseg.convert.pipeline import run_convert
 
 
@@ -60,7 +60,7 @@ def test_served_graph_of_an_original_equals_evaluation_on_its_record(tmp_path):
     from tfseg import export
 
     raw, data = str(tmp_path / "raw"), str(tmp_path / "data")
-    IsicLayout.make_sample(raw, 4, seed=3, image_size=(48, 64))
+    samples.write("isic", raw, 4, seed=3, image_size=(48, 64))
     run_convert("isic", raw, data, split="train=1", image_size=(24, 32))
     info = schema.load_dataset_info(data)
     assert info.preprocessing == {"resize": {"size": [24, 32], "method": "bilinear", "antialias": True,

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from tfseg import schema
+from tfseg.convert import samples
 from tfseg.convert.pipeline import run_convert
 
 
@@ -82,10 +83,10 @@ def test_ade20k_object_list_as_the_csv_writes_it(tmp_path):
     """objectInfo150.csv (Idx,Ratio,Train,Val,Name) writes every separator in Name as ';':
     ``screen;door;screen`` is "screen door, screen". Its names must be the .txt list's, none cut
     at the first ';' (14 were, and 'screen' came out twice, refusing the file)."""
-    from tfseg.convert.ade20k import OBJECT_NAMES, Ade20kLayout
+    from tfseg.convert.ade20k import OBJECT_NAMES
 
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
-    Ade20kLayout.make_sample(raw, 4, seed=1, image_size=(24, 32))
+    samples.write("ade20k", raw, 4, seed=1, image_size=(24, 32))
     base = os.path.join(raw, "ADEChallengeData2016")
     os.remove(os.path.join(base, "objectInfo150.txt"))
     rows = ["Idx,Ratio,Train,Val,Name"] + [

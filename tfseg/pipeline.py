@@ -305,7 +305,7 @@ def _inside_demo_workdir(input_dir: str, workdir: str) -> bool:
 @locks.holding_locks
 def write_sample(layout: str, output: str, *, count: int, seed: int) -> None:
     """`tfseg sample`: a layout's synthetic dataset, published as a whole or not at all."""
-    from tfseg.convert import get_layout_class
+    from tfseg.convert import samples
 
     with publish.publish_dir(output, "sample", complete_marker=None) as tmp:
-        get_layout_class(layout).make_sample(tmp, count=count, seed=seed)
+        samples.write(layout, tmp, count, seed)

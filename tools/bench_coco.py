@@ -1,7 +1,7 @@
 """Benchmark: ``tfseg convert --dataset coco`` vs a plain pycocotools loop, on a COCO-format sample.
 
 Both sides read the same N images + ``annotations/instances_{train,val}2017.json`` (written once by
-``CocoLayout.make_sample`` at COCO's usual 480x640, 1-3 objects, crowds, RLE) in the same
+``samples.write("coco", ...)`` at COCO's usual 480x640, 1-3 objects, crowds, RLE) in the same
 invocation:
 
 - baseline: what a user writes by hand: ``COCO(json)``, then for each image PIL-decode the JPEG,
@@ -109,7 +109,6 @@ def main(argv=None) -> None:
     quiet.quiet_environment()
     import tensorflow as tf  # noqa: F401  (imported once, outside the timings)
 
-    from tfseg.convert.coco import CocoLayout
     from tfseg.convert.pipeline import run_convert
 
     h, w = (int(v) for v in args.size.split("x"))
@@ -117,7 +116,9 @@ def main(argv=None) -> None:
     raw = os.path.join(root, "raw")
     t0 = time.time()
     if not os.path.isdir(raw):
-        CocoLayout.make_sample(raw, args.count, seed=0, image_size=(h, w))
+        from tfseg.convert import samples
+
+        samples.write("coco", raw, args.count, seed=0, image_size=(h, w))
     n_ann = sum(len(json.load(open(os.path.join(raw, "annotations", f)))["annotations"])
                 for f in os.listdir(os.path.join(raw, "annotations")))
     print(f"data: {args.count} images {w}x{h}, {n_ann} annotations ({time.time() - t0:.1f} s to generate)")

@@ -45,11 +45,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def make_data(root: str, count: int, distinct: int, image_size: tuple[int, int] = (1280, 1918)) -> None:
-    from tfseg.convert.carvana import CarvanaLayout
 
     seed_dir = os.path.join(root, "_distinct")
     # noise=1 gives ~190 KiB JPEGs, like Carvana's train_hq photos (its train/ ones are ~80 KiB).
-    CarvanaLayout.make_sample(seed_dir, distinct, seed=0, image_size=image_size, noise=1.0)
+    from tfseg.convert import samples
+
+    samples.write("carvana", seed_dir, distinct, seed=0, image_size=image_size, noise=1.0)
     os.makedirs(os.path.join(root, "train"))
     os.makedirs(os.path.join(root, "train_masks"))
     stems = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(seed_dir, "train")))

@@ -592,11 +592,11 @@ name, mode, work, extra = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.
 from tfseg.fit import bnstats
 if mode == "before":
     bnstats.make_callback = lambda *a, **k: None  # Keras's moving averages alone, as before issue 13
-from tfseg.convert import get_layout_class
+from tfseg.convert import samples
 from tfseg.pipeline import demo_overrides, load_pipeline, run_pipeline
 cfg = load_pipeline(name, [*demo_overrides(load_pipeline(name)), *extra, "fit.verbose=0"])
 raw = os.path.join(work, "raw")
-get_layout_class(cfg["dataset"]).make_sample(raw, count=cfg["demo"]["sample_count"], seed=0)
+samples.write(cfg["dataset"], raw, cfg["demo"]["sample_count"])
 summary = run_pipeline(cfg, raw, os.path.join(work, "work"), stages=("convert", "fit", "evaluate"))
 m = json.load(open(os.path.join(summary["paths"]["eval"], "metrics.json")))
 run = json.load(open(os.path.join(summary["paths"]["run"], "run.json")))

@@ -2,7 +2,7 @@
 
     python tools/make_docs_pictures.py [--workdir /tmp/tfseg-docs] [--epochs 30]   # ~3-5 min on 2 cores
 
-Steps: `VocLayout.make_sample` (100 images of 256x320, objects in class-specific colours and
+Steps: `samples.write("voc", ...)` (100 images of 256x320, objects in class-specific colours and
 shapes), `tfseg convert --dataset voc`, `tfseg fit` (U-Net depth 3, 16 filters, 64x80, CE loss),
 `tfseg export`, then `tfseg predict --overlay` on the val images. Writes
 
@@ -63,10 +63,11 @@ def main(argv=None) -> int:
     work = args.workdir
     if os.path.exists(work):
         raise SystemExit(f"{work}: exists; give a new --workdir")
-    from tfseg.convert.voc import VocLayout
 
     raw = os.path.join(work, "raw")
-    VocLayout.make_sample(raw, 100, seed=0, image_size=(256, 320))
+    from tfseg.convert import samples
+
+    samples.write("voc", raw, 100, seed=0, image_size=(256, 320))
     data, run, exports = (os.path.join(work, n) for n in ("data", "run", "exports"))
     tfseg("convert", "--dataset", "voc", "--input", raw, "--output", data)
     tfseg("fit", "--data", data, "--model", "unet", "--output", run, "--image-size", "64x80",

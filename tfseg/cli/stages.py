@@ -13,7 +13,7 @@ from tfseg import runtime
 from tfseg.cli.app import cli
 from tfseg.cli.show import metric_table
 from tfseg.config import default_of
-from tfseg.convert import LAYOUTS
+from tfseg.convert import LAYOUTS, samples
 from tfseg.errors import TfsegError, safe
 from tfseg.evaluate.config import EvaluateConfig
 from tfseg.export.config import FORMATS, QUANTIZATIONS, ExportConfig
@@ -23,16 +23,15 @@ from tfseg.predict.config import PredictConfig
 
 
 @cli.command()
-@click.option("--dataset", "dataset", required=True, help=f"Layout: {', '.join(LAYOUTS)}.")
+@click.option("--dataset", "dataset", required=True, help=f"Layout: {', '.join(samples.SAMPLES)}.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder to write the sample to.")
 @click.option("--count", default=32, show_default=True, type=click.IntRange(min=1), help="Number of cases.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
 def sample(dataset: str, output: str, count: int, seed: int) -> None:
     """Write a small synthetic dataset in a layout's original file formats."""
-    from tfseg.convert import get_layout_class
     from tfseg.pipeline import write_sample
 
-    get_layout_class(dataset)  # an unknown layout fails before anything is written
+    samples.writer(dataset)  # an unknown layout fails before anything is written
     write_sample(dataset, output, count=count, seed=seed)
     click.echo(safe(f"wrote {count} {dataset} sample cases to {output}"))
 

@@ -173,12 +173,6 @@ class Layout:
         its own ``--image-size`` resize)."""
         return {}
 
-    @classmethod
-    def make_sample(cls, output: str, count: int, seed: int = 0) -> None:
-        """Writes ``count`` synthetic cases in this layout's original file formats to ``output``,
-        with shapes a model can learn (``tfseg sample``; used by tests and the demo)."""
-        raise NotImplementedError
-
 
 def read_list_file(path: str) -> list[str]:
     """The non-blank lines of an id list (VOC's and CVAT's ``ImageSets/Segmentation/*.txt``),
