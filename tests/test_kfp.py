@@ -81,6 +81,7 @@ def test_every_shipped_pipeline_compiles_to_its_graph(name, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p != f"{name}.yaml"]  # no temporary file left
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
 def test_cli_compiles_a_planned_pipeline_with_an_accelerator(tmp_path):
     out = tmp_path / "coco.yaml"
     proc = _compile("--dataset", "coco", "--budget", "20m", "--split", "train=0.9,val=0.1", "--categories", "cat,dog",
