@@ -361,15 +361,14 @@ def orient(image, orientation):
     :func:`tfseg.photos.orient_array`): H and W swap for orientations 5-8."""
     import tensorflow as tf
 
-    flipped = tf.reverse(image, [0, 1])
-    branches = [
+    branches = [  # each computed only when taken (eager callers decode one photo at a time)
         lambda: image,
         lambda: tf.reverse(image, [1]),
-        lambda: flipped,
+        lambda: tf.reverse(image, [0, 1]),
         lambda: tf.reverse(image, [0]),
         lambda: tf.transpose(image, [1, 0, 2]),
         lambda: tf.image.rot90(image, 3),  # 90 degrees clockwise
-        lambda: tf.transpose(flipped, [1, 0, 2]),
+        lambda: tf.transpose(tf.reverse(image, [0, 1]), [1, 0, 2]),
         lambda: tf.image.rot90(image, 1),
     ]
     out = tf.switch_case(tf.cast(orientation, tf.int32) - 1, branches)
