@@ -192,8 +192,10 @@ def test_budget_fit_ends_in_time_and_a_resumed_run_keeps_the_end(tmp_path):
 
     class Rates(keras.callbacks.Callback):
         seen: list = []
+        ends: list = []  # the test's own clock at each epoch's end
 
         def on_epoch_end(self, epoch, logs=None):
+            self.ends.append(time.time())
             self.seen.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
 
     start = time.time()
@@ -205,9 +207,16 @@ def test_budget_fit_ends_in_time_and_a_resumed_run_keeps_the_end(tmp_path):
     assert budget["seconds"] == 40 and budget["epochs"] >= 2
     assert rec["completed_epochs"] == budget["epochs"] and not rec["stopped_early"]
     assert len(history_rows(run)) == budget["epochs"]
-    # Used the budget and ended within it (+ publishing, health check); 25% for epochs that slow
-    # down after the first were timed, as they do with another test process on the cores (-n 2).
-    assert 40 * 0.6 < elapsed < 40 * 1.25 + 8
+    # Used the budget and stopped training within it: the controller may overrun by the epoch
+    # that was running when the budget ran out, at the pace of the last epochs (another test
+    # process on the cores slows them: tests/test_budget.py checks that rule on a fake clock).
+    # Wall time beyond that (publishing, health check) is bounded, not timed: CI's co-tenants
+    # once made this run take 86 s with no record of where.
+    timeline = [round(t - start, 1) for t in Rates.ends]
+    last_cycles = np.diff([start] + Rates.ends)[-3:]
+    assert 40 * 0.6 < elapsed, timeline
+    assert Rates.ends[-1] - start <= 40 + max(last_cycles) + 2, timeline
+    assert elapsed - Rates.ends[-1] < 30, (elapsed, timeline)
     # The cosine decays to 0 at the budget's last step: the last epoch trains at under
     # (1 - cos(pi / epochs)) / 2 of the base rate.
     last = Rates.seen[-1]
