@@ -51,3 +51,24 @@ def test_validation_and_checkpoints_see_the_average_and_the_backup_the_raw_weigh
         for got, want in zip(at_backup[epoch], raw):  # Keras swaps by adding and subtracting
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         assert not np.allclose(at_backup[epoch][0], at_checkpoint[epoch][0])
+
+
+def test_an_ema_run_without_validation_publishes_its_last_average_once(tmp_path):
+    """Without validation an EMA run publishes its last epoch's average: `checkpoints/last.keras`,
+    which model.keras links to; the backup keeps the raw weights it resumes from."""
+    import os
+
+    from helpers import fit, tiny_fit_config, write_2d_dataset
+
+    from tfseg import rundir
+
+    data = write_2d_dataset(str(tmp_path / "sq"), {"train": 8})
+    out = fit(tiny_fit_config(data, str(tmp_path / "run"), validation_split="", ema=0.5, epochs=2))
+    last = os.path.join(out, "checkpoints", "last.keras")
+    assert os.stat(os.path.join(out, "model.keras")).st_ino == os.stat(last).st_ino
+    published = rundir.load_model(out)
+    raw = rundir.load_model(out)
+    raw.load_weights(os.path.join(out, "backup", "latest.weights.h5"))
+    kernels = [(p, r) for p, r in zip(published.trainable_weights, raw.trainable_weights) if "kernel" in p.path]
+    assert kernels and any(not np.allclose(np.asarray(p), np.asarray(r)) for p, r in kernels)
+    assert not os.path.exists(os.path.join(out, "checkpoints", "best.keras"))

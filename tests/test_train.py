@@ -271,8 +271,13 @@ def test_fit_writes_run_dir_then_noop_then_continues(tmp_path, squares_data, cap
     assert info["config"]["epochs"] == 2 and info["monitor"] == "val_mean_iou"
     assert info["precision"] == runtime.resolve_precision("auto", num_gpus=0)
     assert [r["epoch"] for r in history_rows(out)] == ["0", "1"]
-    for name in ("model.keras", "checkpoints/best.keras", "checkpoints/last.keras"):
+    for name in ("model.keras", "checkpoints/best.keras", "backup/latest.weights.h5"):
         assert os.path.isfile(os.path.join(out, name)), name
+    # Each state once: the last epoch lives in the backup alone, the epoch before it is gone.
+    for name in ("checkpoints/last.keras", "backup/previous.weights.h5", "backup/previous_metadata.json"):
+        assert not os.path.exists(os.path.join(out, name)), name
+    assert os.stat(os.path.join(out, "model.keras")).st_ino == os.stat(
+        os.path.join(out, "checkpoints/best.keras")).st_ino
     # model.keras is the best epoch by val_mean_iou: it scores that on the val split.
     model = rundir.load_model(out)
     assert model.output_shape == (None, 32, 32, 1)

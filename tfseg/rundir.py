@@ -6,8 +6,10 @@
                              image_size or patch_size, binary); written before training starts
       model.keras            the final model (best by validation metric when there is one);
                              its presence means the fit is complete
-      checkpoints/best.keras, checkpoints/last.keras
-      backup/                Keras BackupAndRestore state (resume after a crash)
+      checkpoints/best.keras the best epoch (model.keras is a hard link to it on a local disk);
+                             checkpoints/last.keras only for an EMA run without validation
+      backup/                the last epoch's weights and optimizer state (resume, continue);
+                             while training, also the epoch before (tfseg.fit.backup)
       history.csv            one row per finished epoch
       logs/                  TensorBoard
 

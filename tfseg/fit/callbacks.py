@@ -53,7 +53,10 @@ def make_callbacks(run_dir: str, cfg: FitConfig, monitor: str, mode: str, rows: 
                 initial_value_threshold=best,
             )
         )
-    cbs.append(AtomicCheckpoint(os.path.join(ckpt, LAST_CHECKPOINT)))
+    if cfg.ema and not validation:
+        # What such a run publishes: the averaged weights of its last epoch (swapped in before
+        # this callback). Other runs keep their last epoch once, in the backup.
+        cbs.append(AtomicCheckpoint(os.path.join(ckpt, LAST_CHECKPOINT)))
     if cfg.schedule == "plateau":
         cbs.append(
             ResumableReduceLROnPlateau(

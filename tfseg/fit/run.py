@@ -380,6 +380,7 @@ def _publish(run: _Run, model, *, use_best: bool, completed: int, stopped_early:
     run.record.update(health=bnstats.fit_health(run.run_dir, run.cfg, run.plan))
     run.record.update(completed_epochs=completed, stopped_early=stopped_early)
     run.write_record()
+    backup.drop_previous(os.path.join(run.run_dir, BACKUP_DIR))
 
 
 def _run_record(cfg: FitConfig, plan: FitPlan) -> dict:
