@@ -20,11 +20,26 @@ def shared_data():
 
 @pytest.fixture(scope="session")
 def trained_squares(tmp_path_factory):
-    """One tiny U-Net trained once per test process: 8 epochs on 48 'squares' (foreground IoU about
-    1 on val). Returns {"data", "run"}; tests write their exports and evaluations elsewhere."""
+    """One tiny U-Net trained once per test session: 8 epochs on 48 'squares' (foreground IoU
+    about 1 on val). Returns {"data", "run"}; tests only read them and write their exports and
+    evaluations elsewhere. Under pytest-xdist the workers share it: the first to ask trains it
+    (holding a lock in the session's common temporary folder), the others wait and reuse it."""
+    import fcntl
+
     from tests import helpers
 
-    root = tmp_path_factory.mktemp("trained_squares")
-    data = helpers.write_2d_dataset(str(root / "data"), {"train": 48, "val": 8}, size=32)
-    run = helpers.fit(helpers.tiny_fit_config(data, str(root / "run"), epochs=8, learning_rate=0.01))
-    return {"data": data, "run": run}
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root = shared / "trained_squares"
+    done = shared / "trained_squares.done"
+    with open(shared / "trained_squares.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the worker dies
+        if not done.exists():
+            if root.exists():  # a worker died while training: start over
+                import shutil
+
+                shutil.rmtree(root)
+            data = helpers.write_2d_dataset(str(root / "data"), {"train": 48, "val": 8}, size=32)
+            helpers.fit(helpers.tiny_fit_config(data, str(root / "run"), epochs=8, learning_rate=0.01))
+            done.write_text("trained\n")
+    return {"data": str(root / "data"), "run": str(root / "run")}
