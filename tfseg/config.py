@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import re
 import types
 import typing
@@ -23,11 +22,12 @@ def load_config(path: str) -> dict:
     """
     import yaml
 
-    if not os.path.isfile(path):
+    from tfseg.io import fs
+
+    if not fs.isfile(path):
         raise TfsegError(f"{path}: config file not found")
     try:
-        with open(path) as f:
-            text = f.read()
+        text = fs.read_text(path)
         data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise TfsegError(f"{path}: cannot parse config ({first_line(e)})") from None

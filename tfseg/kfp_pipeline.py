@@ -73,9 +73,10 @@ def run_stage(stage: str, pipeline_config: str, overrides: list, input_dir: str,
 
 def _run_stage(stage: str, cfg: dict, input_dir: str, workdir: str, inputs: dict, outputs: dict) -> dict:
     from tfseg import pipeline
+    from tfseg.io import fs
 
-    if workdir and not os.path.isdir(workdir):
-        os.makedirs(workdir, exist_ok=True)
+    if workdir:
+        fs.makedirs(workdir)  # a shared folder: gs:// on Vertex AI
 
     if workdir:
         paths = pipeline.stage_paths(workdir, cfg)
@@ -116,14 +117,16 @@ def _components(image: str):
                  evaluation: Output[Artifact]):
         import os
 
+        from tfseg.io import fs
         from tfseg.kfp_pipeline import log_metrics, run_stage
 
         found = run_stage("evaluate", pipeline_config, overrides, input_dir, workdir,
                           {"data": data.path, "model": model.path}, {"evaluation": evaluation.path})
         log_metrics(found, metrics.log_metric)
         source = os.path.join(workdir, "eval", "report.md") if workdir else os.path.join(evaluation.path, "report.md")
-        with open(source) as f, open(report.path, "w") as out:
-            out.write(f.read())
+        text = fs.read_text(source)
+        with open(report.path, "w") as out:  # the artifact: a local file KFP uploads
+            out.write(text)
 
     def export(pipeline_config: str, overrides: list, input_dir: str, workdir: str, model: Input[Model],
                exported: Output[Model]):

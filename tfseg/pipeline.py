@@ -46,9 +46,9 @@ def load_pipeline(name_or_path: str, overrides: Iterable[str] = ()) -> dict:
     Raises:
       TfsegError: unknown name, unreadable file, or a file without ``dataset``.
     """
-    if os.path.isfile(name_or_path):
+    if fs.isfile(name_or_path):
         cfg = config_lib.load_config(name_or_path)
-        source = os.path.abspath(name_or_path)
+        source = name_or_path if fs.is_remote(name_or_path) else os.path.abspath(name_or_path)
     else:
         if name_or_path not in pipeline_names():
             raise TfsegError(
@@ -94,7 +94,7 @@ def _plan_stage(cfg: dict, paths: dict) -> None:
     from tfseg.plan import run_plan
 
     section = cfg.get("plan") or {}
-    if not os.path.isfile(paths["plan"]):
+    if not fs.isfile(paths["plan"]):
         doc = run_plan(paths["data"], budget=str(section.get("budget", "1h")), output=paths["plan"],
                        flips=str(section.get("flips", "auto")))
         log.info("plan (%s):\n%s", paths["plan"], doc["table"])
@@ -152,7 +152,7 @@ def run_pipeline(
     Returns:
       A summary: the stage paths, the evaluation metrics and the export version directory.
     """
-    workdir = os.path.abspath(workdir)
+    workdir = workdir if fs.is_remote(workdir) else os.path.abspath(workdir)
     if not _inside_demo_workdir(input_dir, workdir):
         publish.claim_container(workdir, "run", inputs=[("--input", input_dir)], option="--workdir")
     else:
@@ -179,7 +179,7 @@ def run_stages(cfg: dict, input_dir: str, paths: dict[str, str], stages: Iterabl
     for stage in wanted:
         if stage != "convert" and "plan" in cfg and not planned:  # the automatic recipe, once
             if on_stage:
-                on_stage("plan", os.path.isfile(paths["plan"]))
+                on_stage("plan", fs.isfile(paths["plan"]))
             _plan_stage(cfg, paths)
             planned = True
         done = _stage_done(stage, paths)

@@ -20,7 +20,6 @@ import colorsys
 import io
 import json
 import logging
-import os
 from typing import Sequence
 
 import numpy as np
@@ -134,12 +133,14 @@ def run_colors(run_cfg: dict) -> np.ndarray:
         return dataset_colors({"num_classes": k, "class_colors": run_cfg["class_colors"]})
     data_dir = run_cfg.get("data_dir")
     if data_dir:
+        from tfseg import schema
+        from tfseg.io import fs
+
         try:
-            with open(os.path.join(data_dir, "dataset.json")) as f:
-                info = json.load(f)
+            info = json.loads(fs.read_text(fs.join(data_dir, schema.DATASET_JSON)))
             if int(info.get("num_classes", -1)) == k:
                 return dataset_colors(info)
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001 - gone, unreadable (tf.errors on remote paths): the fixed map
             pass
     return default_colors(k)
 

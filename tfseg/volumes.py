@@ -98,9 +98,14 @@ def read_volume(path: str, channels: int, record: dict | None = None):
     """
     import nibabel as nib
 
+    from tfseg.io import fs
+
     try:
-        img = nib.load(path)
-        data = np.asarray(nib.as_closest_canonical(img).dataobj, dtype=np.float32)
+        with fs.local_copy(path) as local:  # nibabel reads local files
+            img = nib.load(local)
+            data = np.asarray(nib.as_closest_canonical(img).dataobj, dtype=np.float32)
+            if local != path:  # the copy goes on exit: the image keeps its array, not the file
+                img = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header)
     except Exception as e:  # nibabel raises many types for broken files
         raise ValueError(f"cannot read NIfTI ({type(e).__name__}: {e})") from None
     if data.ndim == 3:

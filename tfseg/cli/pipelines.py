@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from tfseg.cli.app import cli
 from tfseg.cli.show import echo_stage, echo_summary
 from tfseg.cli.stages import layout_options
 from tfseg.errors import TfsegError, safe
+from tfseg.io import fs
 from tfseg.pipeline import STAGES
 
 
@@ -78,7 +77,7 @@ def run_cmd(pipeline, input_dir, workdir, overrides, stages, layout, budget, spl
         raise TfsegError("--output/--image/--accelerator: only with --compile kfp")
     if not input_dir or not workdir:
         raise TfsegError("tfseg run needs --input DIR and --workdir DIR")
-    if not os.path.isdir(input_dir):
+    if not fs.isdir(input_dir):
         raise TfsegError(f"{input_dir}: input directory not found")
     summary = run_pipeline(cfg, input_dir, workdir, stages=stages or STAGES, on_stage=echo_stage)
     echo_summary(summary)

@@ -287,6 +287,22 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+@contextlib.contextmanager
+def local_copy(path: str, read=None) -> Iterator[str]:
+    """``path`` itself when local; else a temporary local copy of it (``read(path)`` gives its
+    bytes, :func:`read_bytes` by default), for libraries that read local files only (nibabel,
+    h5py). The copy is removed on exit; its name keeps ``path``'s (``.nii.gz`` matters)."""
+    if not is_remote(path):
+        yield path
+        return
+    data = (read or read_bytes)(path)
+    with tempfile.TemporaryDirectory(prefix="tfseg-local-") as folder:
+        local = os.path.join(folder, basename(path) or "file")
+        with open(local, "wb") as f:
+            f.write(data)
+        yield local
+
+
 def copy_file(src: str, dst: str) -> None:
     if is_remote(src) or is_remote(dst):
         gfile().copy(src, dst, overwrite=True)

@@ -190,17 +190,9 @@ def _read_input(path: str, beam_io: bool) -> bytes:
     return fs.read_bytes(path)
 
 
-@contextlib.contextmanager
 def _local_input(path: str, beam_io: bool):
-    """``path``, or a local copy of it for the libraries that read local files (nibabel)."""
-    if not (beam_io and fs.is_remote(path)):
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="tfseg-predict-") as d:
-        local = os.path.join(d, fs.basename(path))
-        with open(local, "wb") as f:
-            f.write(_read_input(path, beam_io))
-        yield local
+    """``path``, or a local copy of it read through Beam's filesystems (for nibabel)."""
+    return fs.local_copy(path, read=lambda p: _read_input(p, beam_io))
 
 
 def _write_result(keyed, facts, output_dir: str, overlay: bool, beam_io: bool) -> str:

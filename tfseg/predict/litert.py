@@ -14,6 +14,7 @@ import numpy as np
 from tfseg import runtime
 from tfseg.errors import TfsegError
 from tfseg.export import litert
+from tfseg.io import fs
 from tfseg.predict.base import ModelSizePredictor, check_model_classes
 
 
@@ -31,7 +32,10 @@ def interpreter(model_path: str, num_threads: int | None = None):
     try:
         # LiteRT announces its CPU delegate from C++ on fd 2 ("INFO: Created TensorFlow Lite XNNPACK ...").
         with runtime.filtered_stderr(lambda line: "Created TensorFlow Lite XNNPACK delegate" in line):
-            interp = Interpreter(model_path=model_path, num_threads=threads)
+            # A remote model (gs://, ram://) is read whole: the interpreter maps local files only.
+            source = ({"model_content": fs.read_bytes(model_path)} if fs.is_remote(model_path)
+                      else {"model_path": model_path})
+            interp = Interpreter(**source, num_threads=threads)
             interp.allocate_tensors()
         return interp
     except (ValueError, RuntimeError) as e:

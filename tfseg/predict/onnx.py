@@ -13,6 +13,7 @@ import numpy as np
 
 from tfseg.errors import TfsegError, first_line
 from tfseg.export import onnx as onnx_export
+from tfseg.io import fs
 from tfseg.predict.base import ModelSizePredictor, check_model_classes
 
 
@@ -30,7 +31,9 @@ def session(model_path: str, num_threads: int | None = None):
     options.intra_op_num_threads = int(num_threads) if num_threads else (os.cpu_count() or 1)
     options.log_severity_level = 3  # errors only: its graph-optimizer notes are not the user's concern
     try:
-        return ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+        # A remote model (gs://, ram://) is passed as bytes: ONNX Runtime opens local files only.
+        source = fs.read_bytes(model_path) if fs.is_remote(model_path) else model_path
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001  onnxruntime raises its own Fail/InvalidGraph/... types
         raise TfsegError(f"{model_path}: not a loadable ONNX model ({first_line(e)})") from None
 
