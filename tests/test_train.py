@@ -278,6 +278,16 @@ def test_fit_writes_run_dir_then_noop_then_continues(tmp_path, squares_data, cap
         assert not os.path.exists(os.path.join(out, name)), name
     assert os.stat(os.path.join(out, "model.keras")).st_ino == os.stat(
         os.path.join(out, "checkpoints/best.keras")).st_ino
+    # The optimizer's state lives in the backup alone: the published model holds the weights.
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(os.path.join(out, "model.keras")) as z, h5py.File(z.open("model.weights.h5"), "r") as h:
+        published = set(h.keys())
+    with h5py.File(os.path.join(out, "backup/latest.weights.h5"), "r") as h:
+        backed_up = set(h.keys())
+    assert "optimizer" in backed_up and "optimizer" not in published, (published, backed_up)
     # model.keras is the best epoch by val_mean_iou: it scores that on the val split.
     model = rundir.load_model(out)
     assert model.output_shape == (None, 32, 32, 1)

@@ -263,9 +263,18 @@ def save(model, backup_dir: str, epoch: int) -> None:
     replace_file(tmp_meta, latest_m)
 
 
+def inference_view(model):
+    """``model``'s layers (the same weights, nothing copied) as an uncompiled model: what a
+    checkpoint or the published model holds. The optimizer's state (two Adam moments a weight:
+    2/3 of a saved state) lives once, in the backup, where resuming and continuing read it;
+    tfseg loads models with ``compile=False`` (a Keras user compiles before training on)."""
+    return keras.Model(model.inputs, model.outputs, name=model.name)
+
+
 class AtomicCheckpoint(keras.callbacks.Callback):
-    """``keras.callbacks.ModelCheckpoint`` (whole model, every epoch or the best one) whose file
-    is written under a temporary name and renamed: a checkpoint on disk is always a whole one.
+    """``keras.callbacks.ModelCheckpoint`` (the model without its optimizer, :func:`inference_view`;
+    every epoch or the best one) whose file is written under a temporary name and renamed: a
+    checkpoint on disk is always a whole one.
 
     Args:
       filepath: the ``.keras`` file.
@@ -304,7 +313,7 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             self.best = float(value)
         folder = fs.dirname(self.filepath) if fs.is_remote(self.filepath) else os.path.dirname(self.filepath)
         tmp = _tmp_name(folder, fs.basename(self.filepath))
-        self.model.save(tmp, overwrite=True)
+        inference_view(self.model).save(tmp, overwrite=True)
         replace_file(tmp, self.filepath)
 
 

@@ -455,7 +455,7 @@ def _publish_model(run_dir: str, model, use_best: bool, use_last: bool = False) 
         if use_best and fs.isfile(best):
             fs.copy_file(best, tmp)
         else:
-            model.save(tmp)
+            backup.inference_view(model).save(tmp)
         if local_dir:
             os.chmod(tmp, 0o666 & ~fs.umask())  # mkstemp makes 0600
             os.replace(tmp, final)
