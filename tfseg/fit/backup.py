@@ -268,7 +268,7 @@ def inference_view(model):
     checkpoint or the published model holds. The optimizer's state (two Adam moments a weight:
     2/3 of a saved state) lives once, in the backup, where resuming and continuing read it;
     tfseg loads models with ``compile=False`` (a Keras user compiles before training on)."""
-    return keras.Model(model.inputs, model.outputs, name=model.name)
+    return keras.Model(model.input, model.output, name=model.name)  # the same input structure
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
