@@ -193,6 +193,7 @@ def test_loss_curve_matches_keras_bn(policy):
     np.testing.assert_allclose(fused16, ref, rtol=0.05)
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): two replicas, 13 s
 def test_mirrored_replicas_keep_one_moving_average():
     """Two logical CPUs (a fresh TensorFlow): the moving statistics are the replicas' mean."""
     script = textwrap.dedent("""

@@ -329,6 +329,7 @@ def test_short_fit_learns_squares(tmp_path):
     assert dice > 0.9, dice
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): a 21 s fit in a GPU-only precision
 def test_mixed_float16_wraps_the_optimizer_in_loss_scaling(tmp_path, squares_data):
     import keras
 
