@@ -3,6 +3,7 @@ backups see, against an average computed independently in numpy from the raw wei
 
 import keras
 import numpy as np
+import pytest
 
 from tfseg.fit.callbacks import ema_callbacks
 
@@ -53,6 +54,7 @@ def test_validation_and_checkpoints_see_the_average_and_the_backup_the_raw_weigh
         assert not np.allclose(at_backup[epoch][0], at_checkpoint[epoch][0])
 
 
+@pytest.mark.slow  # fast tier at about 3 minutes (issue 31): a 2-epoch fit, 9 s
 def test_an_ema_run_without_validation_publishes_its_last_average_once(tmp_path):
     """Without validation an EMA run publishes its last epoch's average: `checkpoints/last.keras`,
     which model.keras links to; the backup keeps the raw weights it resumes from."""
