@@ -92,3 +92,18 @@ def test_litert_and_onnx_exports_predict_from_a_remote_folder(trained_squares, t
         want = make_predictor(os.path.dirname(version)).probabilities(image)
         got = make_predictor(remote).probabilities(image)
         np.testing.assert_allclose(got, want, atol=1e-6, err_msg=fmt)
+
+
+def test_the_folder_layouts_option_files_read_from_a_remote_folder(tmp_path):
+    """`tfseg convert --dataset folder --input gs://... --palette gs://.../palette.json`."""
+    from tfseg.convert.folder import FolderLayout, load_class_names
+    from tfseg.errors import TfsegError
+
+    (tmp_path / "palette.json").write_text(json.dumps({"0,0,0": 0, "255,0,0": {"id": 1, "name": "car"}}))
+    (tmp_path / "names.txt").write_text("background\ncar\n")
+    remote = _put_tree(str(tmp_path), "ram://tfseg-remote-paths/options")
+    assert load_class_names(f"{remote}/names.txt") == ["background", "car"]
+    layout = FolderLayout(palette=f"{remote}/palette.json")
+    assert layout.palette == {(0, 0, 0): 0, (255, 0, 0): 1}
+    with pytest.raises(TfsegError, match=r"^ram://tfseg-remote-paths/options/none.json: cannot read palette \("):
+        FolderLayout(palette=f"{remote}/none.json")

@@ -50,20 +50,29 @@ from tfseg.convert.base import (
     read_image,
     read_label_image,
 )
-from tfseg.errors import TfsegError
+from tfseg.errors import TfsegError, first_line
 from tfseg.io import fs
 
 log = logging.getLogger(__name__)
 
 
+def _read_option_file(path: str, what: str) -> str:
+    """The text of an option's file (``--palette``, ``--class-names``), local or remote (gs://, as
+    ``--input`` may be); any failure is one line naming the file."""
+    try:
+        return fs.read_text(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise TfsegError(f"{path}: cannot read {what} ({getattr(e, 'strerror', None) or e})") from None
+    except Exception as e:  # noqa: BLE001 - tf.errors.* from a remote filesystem
+        raise TfsegError(f"{path}: cannot read {what} ({first_line(e)})") from None
+
+
 def _read_palette(path: str) -> tuple[dict[tuple[int, int, int], int], dict[int, str]]:
     """``--palette`` -> ({(r, g, b): class id}, {class id: name} for entries that name one)."""
+    text = _read_option_file(path, "palette")
     try:
-        with open(path) as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise TfsegError(f"{path}: cannot read palette ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
         raise TfsegError(f"{path}: palette is not valid JSON ({getattr(e, 'msg', e)})") from None
     if not isinstance(raw, dict) or not raw:
         raise TfsegError(f"{path}: palette must be a JSON object mapping colours to class ids")
@@ -102,11 +111,7 @@ def load_class_names(path: str) -> list[str]:
     Raises:
       TfsegError: unreadable file, bad JSON, empty or duplicate names.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise TfsegError(f"{path}: cannot read --class-names ({getattr(e, 'strerror', None) or e})") from None
+    text = _read_option_file(path, "--class-names")
     if text.lstrip().startswith("["):
         try:
             names = json.loads(text)
@@ -143,7 +148,7 @@ class FolderLayout(Layout):
     """
 
     name = "folder"
-    remote_input = True  # lists and reads through base's helpers (--palette/--class-names: local files)
+    remote_input = True  # lists and reads through base's helpers; --palette/--class-names through tfseg.io.fs
 
     def __init__(self, image_dir: str = "images", mask_dir: str = "masks", mask_suffix: str = "",
                  num_classes: int | None = None, ignore_index: int | None = None, palette: str | None = None,
