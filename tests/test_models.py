@@ -258,3 +258,25 @@ def test_batch_norm_is_the_fused_layer_everywhere(name):
     model = build_model(name, input_shape=shape, num_classes=3, **TINY[name])
     layers = batch_norm_layers(model)
     assert layers and all(isinstance(layer, FusedBatchNorm) for layer in layers)
+
+
+def test_a_padded_model_loads_in_a_fresh_process(tmp_path):
+    """evaluate, export and predict load model.keras in a new process: the padding layers must be
+    known there without a model having been built first (a 320x208 fit at depth 5 could not be
+    evaluated: "Could not locate class 'SpatialPad'")."""
+    import subprocess
+    import sys
+
+    shape = (40, 26, 3)  # not a multiple of 2**depth
+    model = build_model("unet", input_shape=shape, num_classes=3, depth=3, base_filters=4)
+    assert any(layer.__class__.__name__ == "SpatialPad" for layer in model.layers)
+    os.makedirs(tmp_path / "run")
+    model.save(str(tmp_path / "run" / "model.keras"))
+    x = np.random.default_rng(0).uniform(0, 255, (1, *shape)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys, numpy as np; from tfseg import rundir; m = rundir.load_model(sys.argv[1]); "
+            "np.save(sys.argv[2], np.asarray(m(np.load(sys.argv[3]), training=False)))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run"), str(tmp_path / "y.npy"),
+                           str(tmp_path / "x.npy")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(model(x, training=False)), atol=1e-6)

@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from tfseg.models import dense_unet, improved_unet, mobilenetv2_unet, unet
+# padding too: its layers wrap any model whose size the network cannot take, and must be known
+# when a .keras file is loaded in a process that built no model.
+from tfseg.models import dense_unet, improved_unet, mobilenetv2_unet, padding, unet  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
