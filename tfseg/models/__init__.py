@@ -20,7 +20,7 @@ from typing import Callable
 
 # padding too: its layers wrap any model whose size the network cannot take, and must be known
 # when a .keras file is loaded in a process that built no model.
-from tfseg.models import dense_unet, improved_unet, mobilenetv2_unet, padding, unet  # noqa: F401
+from tfseg.models import dense_unet, improved_unet, mobilenetv2_unet, padding, unet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +119,6 @@ def build_model(name: str, *, input_shape, num_classes: int, **kwargs):
     check_input_shape(name, input_shape, **kwargs)
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2 (background included), got {num_classes}")
-    from tfseg.models import padding
 
     spec = _spec(name)
     return padding.wrap(lambda shape: spec.build(shape, int(num_classes), **kwargs), tuple(input_shape),
