@@ -41,6 +41,20 @@ def venv_tool(name: str) -> str:
     return beside if os.path.exists(beside) else name
 
 
+def copy_to_filesystem(src: str, dst: str) -> str:
+    """Copies local folder ``src`` to ``dst`` on any TF filesystem (ram://, gs://) with tf.io.gfile
+    itself, not tfseg's layer under test; returns ``dst``."""
+    import tensorflow as tf
+
+    for root, _, files in os.walk(src):
+        rel = os.path.relpath(root, src)
+        target = dst if rel == "." else f"{dst}/{rel}"
+        tf.io.gfile.makedirs(target)
+        for f in files:
+            tf.io.gfile.copy(os.path.join(root, f), f"{target}/{f}", overwrite=True)
+    return dst
+
+
 def png(array: np.ndarray) -> bytes:
     """``array`` (uint8, HxW or HxWxC) encoded as PNG bytes."""
     from PIL import Image

@@ -10,22 +10,13 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import copy_to_filesystem
 
 
 def _put(local: str, remote: str) -> str:
     tf.io.gfile.makedirs(remote.rsplit("/", 1)[0])
     tf.io.gfile.copy(local, remote, overwrite=True)
     return remote
-
-
-def _put_tree(src: str, dst: str) -> str:
-    for root, _, files in os.walk(src):
-        rel = os.path.relpath(root, src)
-        target = dst if rel == "." else f"{dst}/{rel}"
-        tf.io.gfile.makedirs(target)
-        for f in files:
-            tf.io.gfile.copy(os.path.join(root, f), f"{target}/{f}", overwrite=True)
-    return dst
 
 
 def test_a_plan_or_pipeline_file_on_a_remote_folder_loads(tmp_path, monkeypatch):
@@ -70,7 +61,7 @@ def test_run_colors_read_a_remote_dataset_json(tmp_path):
 
     colors = [[10, 20, 30], [200, 100, 0], [1, 2, 3]]
     (tmp_path / "dataset.json").write_text(json.dumps({"num_classes": 3, "class_colors": colors}))
-    data = _put_tree(str(tmp_path), "ram://tfseg-remote-paths/colors-data")
+    data = copy_to_filesystem(str(tmp_path), "ram://tfseg-remote-paths/colors-data")
     got = run_colors({"num_classes": 3, "data_dir": data})
     np.testing.assert_array_equal(got[:3], np.array(colors, dtype=got.dtype))
     assert not np.array_equal(default_colors(3)[:3], got[:3])  # the dataset's, not the fixed map
@@ -88,7 +79,7 @@ def test_litert_and_onnx_exports_predict_from_a_remote_folder(trained_squares, t
     image = np.random.default_rng(3).integers(0, 256, (40, 36, 3)).astype(np.uint8)
     for fmt in ("litert", "onnx"):
         version = run_export(trained_squares["run"], exports, fmt, format=fmt)
-        remote = _put_tree(os.path.dirname(version), f"ram://tfseg-remote-paths/exports/{fmt}")
+        remote = copy_to_filesystem(os.path.dirname(version), f"ram://tfseg-remote-paths/exports/{fmt}")
         want = make_predictor(os.path.dirname(version)).probabilities(image)
         got = make_predictor(remote).probabilities(image)
         np.testing.assert_allclose(got, want, atol=1e-6, err_msg=fmt)
@@ -101,7 +92,7 @@ def test_the_folder_layouts_option_files_read_from_a_remote_folder(tmp_path):
 
     (tmp_path / "palette.json").write_text(json.dumps({"0,0,0": 0, "255,0,0": {"id": 1, "name": "car"}}))
     (tmp_path / "names.txt").write_text("background\ncar\n")
-    remote = _put_tree(str(tmp_path), "ram://tfseg-remote-paths/options")
+    remote = copy_to_filesystem(str(tmp_path), "ram://tfseg-remote-paths/options")
     assert load_class_names(f"{remote}/names.txt") == ["background", "car"]
     layout = FolderLayout(palette=f"{remote}/palette.json")
     assert layout.palette == {(0, 0, 0): 0, (255, 0, 0): 1}

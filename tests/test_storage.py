@@ -13,16 +13,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import write_2d_dataset
-
-
-def _copy_tree(src: str, dst: str) -> None:
-    for root, _, files in os.walk(src):
-        rel = os.path.relpath(root, src)
-        target = dst if rel == "." else f"{dst}/{rel}"
-        tf.io.gfile.makedirs(target)
-        for f in files:
-            tf.io.gfile.copy(os.path.join(root, f), f"{target}/{f}", overwrite=True)
+from helpers import copy_to_filesystem, write_2d_dataset
 
 
 @pytest.mark.slow  # fast tier at about 3 minutes (issue 31): runs in CI's slow tier
@@ -39,7 +30,7 @@ def test_fit_evaluate_export_predict_on_ram_filesystem(tmp_path, monkeypatch):
     local = write_2d_dataset(str(tmp_path / "data"), {"train": 8, "val": 4})
     root = "ram://tfseg-storage-test"
     data = f"{root}/data"
-    _copy_tree(local, data)
+    copy_to_filesystem(local, data)
 
     run = f"{root}/run"
     cfg = {"data": data, "output": run, "model": "unet", "epochs": 2, "batch_size": 4, "image_size": "32x32",
