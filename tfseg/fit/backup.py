@@ -158,38 +158,6 @@ class CrashSafeBackup(keras.callbacks.Callback):
         faults.pause_point("epoch")
 
 
-def _save_weights(model, path: str) -> None:
-    """``model.save_weights(path)``, whose failure (a full disk) stays one exception: h5py reports
-    each object it cannot close on a file it could not write as an "Exception ignored" traceback
-    on stderr (through ``sys.excepthook``, then ``sys.unraisablehook``), while the save unwinds
-    and when its frames are freed. Those reports are dropped here (the frames freed before the
-    hooks are put back), and a plain exception of the same type and message goes on."""
-    import gc
-    import sys
-    import traceback
-
-    def from_h5py(tb) -> bool:
-        return any("h5py" in frame.filename for frame in traceback.extract_tb(tb))
-
-    old_hook, old_excepthook = sys.unraisablehook, sys.excepthook
-    sys.unraisablehook = lambda u: None if "h5py" in repr(u.object) else old_hook(u)
-    sys.excepthook = lambda t, v, tb: None if from_h5py(tb) else old_excepthook(t, v, tb)
-    try:
-        try:
-            model.save_weights(path, overwrite=True)
-            return
-        except Exception as e:  # noqa: BLE001 - h5py raises OSError or RuntimeError; re-raised below
-            failure = e
-        clean = _plain_copy(failure)
-        failure.__traceback__ = None  # frees the frames holding h5py's objects
-        failure.__context__ = failure.__cause__ = None
-        del failure
-        gc.collect()
-    finally:
-        sys.unraisablehook, sys.excepthook = old_hook, old_excepthook
-    raise clean
-
-
 def _check_room(model, folder: str) -> None:
     """Raises ENOSPC when ``folder``'s disk lacks room for the model's weights file.
     HDF5 cannot fail a write cleanly: after a write that ran out of space it crashed the process
@@ -206,16 +174,6 @@ def _check_room(model, folder: str) -> None:
     need = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables) + 2048 * len(variables) + 65536
     if shutil.disk_usage(folder).free < need:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # the CLI names the output
-
-
-def _plain_copy(e: BaseException) -> BaseException:
-    """An exception of ``e``'s type and message (errno and file name kept) without its frames."""
-    if isinstance(e, OSError):
-        return type(e)(e.errno, e.strerror, e.filename) if e.errno is not None else OSError(str(e))
-    try:
-        return type(e)(*e.args)
-    except Exception:  # noqa: BLE001 - a type whose constructor wants other arguments
-        return RuntimeError(str(e))
 
 
 def drop_previous(backup_dir: str) -> None:
@@ -238,7 +196,7 @@ def save(model, backup_dir: str, epoch: int) -> None:
         staged = tmp_weights
     try:
         _check_room(model, os.path.dirname(staged))
-        _save_weights(model, staged)
+        model.save_weights(staged, overwrite=True)
         with open(staged, "rb") as f:
             digest = _digest(f.read())
         if tmp_weights is None:
